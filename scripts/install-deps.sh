@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs every Debian package the build, the tests and the labs use. Idempotent; needs root.
+# Debian 12 ships QEMU 7.2; some images carry a newer qemu-utils from backports that conflicts
+# with qemu-system 7.2, so qemu-utils is pinned to the qemu-system-x86 candidate version.
+set -euo pipefail
+
+packages=(
+  # build
+  build-essential pkg-config libvirt-dev libfuse3-dev
+  # libvirt lab
+  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-guest-agent
+  linux-image-amd64 busybox-static ovmf libnbd-bin jq e2fsprogs cpio xz-utils
+  # tests: share simulation, ssh appliance, misc tools
+  fuse3 openssh-server openssh-client sqlite3 time python3 curl iproute2 util-linux
+  # Bacula lab
+  bacula-director bacula-director-sqlite3 bacula-sd bacula-fd bacula-console
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+qemu_ver=""
+if ! dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed"; then
+  need_update=1
+fi
+if [ "${#missing[@]}" -gt 0 ] || [ -n "${need_update:-}" ]; then
+  echo "install-deps: installing ${missing[*]}"
+  apt-get update -qq
+  qemu_ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    --allow-downgrades "qemu-utils=${qemu_ver}" "${missing[@]}" >/dev/null
+fi
+echo "install-deps: all packages present"

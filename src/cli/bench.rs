@@ -1,0 +1,16 @@
+//! `vm-backup bench`.
+
+use super::common::{self, TargetArgs};
+
+/// Arguments of `vm-backup bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    common: TargetArgs,
+}
+
+/// Runs `vm-backup bench`.
+pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
+    let _ = args.common;
+    common::not_yet("bench")
+}

@@ -1,0 +1,53 @@
+//! What every command shares: the target/config/json options, logging, progress rendering and
+//! signal handling.
+
+use std::path::PathBuf;
+
+use vm_backup::progress::CancelToken;
+
+/// Options of every command that touches backups.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// The backup target (overrides the configuration file).
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// The configuration file.
+    #[arg(long, value_name = "FILE", env = "VM_BACKUP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sends `tracing` output to stderr; `RUST_LOG` overrides the level.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A cancel token set by SIGINT and SIGTERM, so that guards run before the process exits.
+#[allow(dead_code)] // used by the commands that run long jobs
+pub fn cancel_on_signals() -> CancelToken {
+    let token = CancelToken::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(signal, token.flag());
+    }
+    token
+}
+
+/// A command that is not built yet.
+pub fn not_yet(command: &str) -> Result<i32, vm_backup::Error> {
+    Err(vm_backup::Error::Other(format!(
+        "`vm-backup {command}` is not built yet"
+    )))
+}

@@ -1,0 +1,97 @@
+//! Argument parsing and dispatch. One file per command; each turns its arguments into a call of
+//! the library and its result into an exit code.
+
+mod backup;
+mod bacula_config;
+mod bench;
+mod catalog;
+mod check;
+mod common;
+mod copy;
+mod list;
+mod orphans;
+mod prune;
+mod report;
+mod restore;
+mod test_restore;
+mod verify;
+mod verify_file;
+
+use clap::{Parser, Subcommand};
+
+/// Backup engine for KVM/libvirt virtual machines, driven by Bacula.
+#[derive(Debug, Parser)]
+#[command(name = "vm-backup", version, about, long_about = None)]
+struct Cli {
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Back up one VM to the target.
+    Backup(backup::Args),
+    /// Restore a VM from a backup.
+    Restore(restore::Args),
+    /// List backups.
+    List(list::Args),
+    /// Verify backups against their checksums and manifests.
+    Verify(verify::Args),
+    /// Remove old backups according to the retention in the inventory.
+    Prune(prune::Args),
+    /// Run the pre- or post-checks of a VM.
+    Check(check::Args),
+    /// Restore a backup under a temporary name, boot it, and record the verdict.
+    TestRestore(test_restore::Args),
+    /// Find (and with --cleanup repair) what interrupted backups left behind.
+    Orphans(orphans::Args),
+    /// Copy one file with the copy engine, hashing it on the way.
+    Copy(copy::Args),
+    /// Re-hash a file and compare it with a chunk manifest.
+    VerifyFile(verify_file::Args),
+    /// Measure throughput against baselines.
+    Bench(bench::Args),
+    /// Generate Bacula Director resources from the inventory.
+    BaculaConfig(bacula_config::Args),
+    /// Maintain the catalog on the share.
+    Catalog(catalog::Args),
+    /// Send a run summary.
+    Report(report::Args),
+}
+
+/// Parses the command line, runs the command and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    common::init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Backup(a) => backup::run(a),
+        Command::Restore(a) => restore::run(a),
+        Command::List(a) => list::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Prune(a) => prune::run(a),
+        Command::Check(a) => check::run(a),
+        Command::TestRestore(a) => test_restore::run(a),
+        Command::Orphans(a) => orphans::run(a),
+        Command::Copy(a) => copy::run(a),
+        Command::VerifyFile(a) => verify_file::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BaculaConfig(a) => bacula_config::run(a),
+        Command::Catalog(a) => catalog::run(a),
+        Command::Report(a) => report::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vm-backup: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            2
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! `backup-metadata.json`: the record every published backup carries. Restore, verify, the
+//! catalog, the Bacula plugin and retention read it; only the backup workflow writes it (and
+//! `verify` / `test-restore` add their verdicts). Documented with an example in
+//! `docs/backup-metadata.md`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::copier::ChunkManifest;
+use crate::ExitStatus;
+
+/// The schema version written by this build.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How consistency was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Pick per domain: quiesce (agent), snapshot (no agent), offline (shut off).
+    #[default]
+    Auto,
+    /// Freeze through the guest agent, external disk-only snapshot, thaw: application-consistent.
+    Quiesce,
+    /// External disk-only snapshot without freeze: crash-consistent.
+    Snapshot,
+    /// Copy the images of a shut-off domain.
+    Offline,
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Method::Auto),
+            "quiesce" => Ok(Method::Quiesce),
+            "snapshot" => Ok(Method::Snapshot),
+            "offline" => Ok(Method::Offline),
+            other => Err(format!(
+                "unknown method {other:?} (expected auto, quiesce, snapshot or offline)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Auto => "auto",
+            Method::Quiesce => "quiesce",
+            Method::Snapshot => "snapshot",
+            Method::Offline => "offline",
+        })
+    }
+}
+
+/// One disk that was copied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// The target device in the guest (`vda`).
+    pub target: String,
+    /// The image the domain uses (the base, not our overlay).
+    pub source: String,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    /// The file name inside the backup folder.
+    pub file: String,
+    /// Virtual size of the disk, bytes.
+    pub virtual_size: u64,
+    /// Allocated size on the source, bytes.
+    pub allocated_size: u64,
+    /// Size of the copied image file (logical), bytes.
+    pub file_size: u64,
+    /// Whole-file SHA-256 of the copy.
+    pub sha256: String,
+    /// Per-chunk digests of the copy.
+    pub manifest: ChunkManifest,
+    /// Seconds spent copying this disk.
+    pub copy_seconds: f64,
+    /// Logical bytes per second of the copy.
+    pub bytes_per_sec: f64,
+    /// The I/O engine that ran.
+    pub io_path: String,
+}
+
+/// A disk that was deliberately not copied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedDisk {
+    /// The target device (`hdc`).
+    pub target: String,
+    /// Why: cdrom, read-only, shareable, network…
+    pub reason: String,
+}
+
+/// A verdict of `verify` or `test-restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// When it was reached (RFC 3339).
+    pub at: String,
+    /// Whether the check passed.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+/// The whole `backup-metadata.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupMetadata {
+    /// [`SCHEMA_VERSION`] at the time of writing.
+    pub schema_version: u32,
+    /// vm-backup version that wrote it.
+    pub tool_version: String,
+    /// Domain name as libvirt knows it.
+    pub vm_name: String,
+    /// Domain UUID.
+    pub vm_uuid: String,
+    /// Hypervisor host name.
+    pub host: String,
+    /// Backup stamp (`YYYY-MM-DD-HHMMSS`), the folder name.
+    pub stamp: String,
+    /// Method asked for.
+    pub method_requested: Method,
+    /// Method used.
+    pub method: Method,
+    /// Why a weaker method was used, if one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method_note: Option<String>,
+    /// Start time (RFC 3339).
+    pub started_at: String,
+    /// End time (RFC 3339).
+    pub finished_at: String,
+    /// How long the guest filesystems were frozen, milliseconds (quiesce only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<f64>,
+    /// Seconds spent in each phase (`checks`, `snapshot`, `copy`, `commit`, `publish`, `post-checks`).
+    pub phases: BTreeMap<String, f64>,
+    /// Disks copied.
+    pub disks: Vec<DiskRecord>,
+    /// Disks skipped, with reasons.
+    pub skipped_disks: Vec<SkippedDisk>,
+    /// Other files of the backup (XML, NVRAM, configs) relative to the folder.
+    pub files: Vec<String>,
+    /// Total bytes of disk images copied.
+    pub total_bytes: u64,
+    /// Whole-run throughput of the copy phase, bytes per second.
+    pub bytes_per_sec: f64,
+    /// Outcome.
+    pub result: ExitStatus,
+    /// Warnings raised (post-checks, appliance capture…).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Appliance type from the inventory (`asav`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appliance: Option<String>,
+    /// The latest `verify` verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verdict>,
+    /// The latest `test-restore` verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_restore: Option<Verdict>,
+}
+
+impl BackupMetadata {
+    /// Reads `backup-metadata.json` from a backup folder.
+    pub fn read(backup_dir: &Path) -> io::Result<Self> {
+        let path = backup_dir.join(crate::layout::METADATA_FILE);
+        let text = fs::read_to_string(&path)?;
+        serde_json::from_str(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })
+    }
+
+    /// Writes it into a backup folder atomically (temporary file, fsync, rename).
+    pub fn write(&self, backup_dir: &Path) -> io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
+        write_atomic(&backup_dir.join(crate::layout::METADATA_FILE), text.as_bytes())
+    }
+}
+
+/// Writes a small file atomically: `<path>.tmp`, fsync, rename, fsync of the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp~");
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

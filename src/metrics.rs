@@ -1,0 +1,2 @@
+//! The Prometheus textfile for node_exporter's textfile collector.
+

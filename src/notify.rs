@@ -1,0 +1,2 @@
+//! Slack incoming-webhook alerts and run summaries.
+
