@@ -19,7 +19,7 @@ cargo build --all-targets
 echo "== unit and integration tests (lab tests skip themselves here)"
 cargo test --no-fail-fast
 
-echo "== libvirt lab tests (real libvirt + TCG guests; prefix \${VMB_LAB_PREFIX:-vmb})"
+echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-vmb})"
 (
   export VMB_LAB_PREFIX="${VMB_LAB_PREFIX:-vmb}"
   trap 'lab/libvirt-lab.sh down "$VMB_LAB_PREFIX"' EXIT
