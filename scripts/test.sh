@@ -7,7 +7,6 @@ root=$PWD
 
 scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== fmt and clippy"
 cargo fmt --all -- --check
