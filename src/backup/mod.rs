@@ -53,6 +53,7 @@
 //! folder; [`BackupSession::close`] does the same and reports what could not be released.
 
 pub mod checks;
+mod commit;
 mod direct;
 pub mod journal;
 pub mod orphans;
