@@ -21,11 +21,8 @@ impl RunLog {
 
     /// Records a line at `level` and forwards it.
     pub fn log(&self, progress: &dyn Progress, level: Level, text: &str) {
-        match level {
-            Level::Info => tracing::info!("{text}"),
-            Level::Warning => tracing::warn!("{text}"),
-            Level::Error => tracing::error!("{text}"),
-        }
+        // The progress sink is the operator's channel; tracing gets a debug copy.
+        tracing::debug!(?level, "{text}");
         progress.message(level, text);
         let word = match level {
             Level::Info => "INFO",
