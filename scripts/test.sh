@@ -18,4 +18,12 @@ cargo build --all-targets
 echo "== unit and integration tests (lab tests skip themselves here)"
 cargo test --no-fail-fast
 
+echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-vmb})"
+(
+  export VMB_LAB_PREFIX="${VMB_LAB_PREFIX:-vmb}"
+  trap 'lab/libvirt-lab.sh down "$VMB_LAB_PREFIX"' EXIT
+  lab/libvirt-lab.sh up "$VMB_LAB_PREFIX"
+  VMB_LAB_LIBVIRT=1 cargo test --test 'lab_*' -- --test-threads=1
+)
+
 echo "== all tests passed"
