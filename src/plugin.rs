@@ -121,8 +121,8 @@ impl std::fmt::Display for Mode {
 pub struct PluginArgs {
     /// The domain to back up.
     pub vm: String,
-    /// The consistency method (default `auto`).
-    pub method: Method,
+    /// The consistency method; unset: the inventory's, else `auto` (as `vm-backup backup`).
+    pub method: Option<Method>,
     /// The target, overriding the configuration file.
     pub target: Option<PathBuf>,
     /// Direct (default) or stream.
@@ -174,7 +174,7 @@ impl PluginArgs {
         }
         Ok(Self {
             vm: vm.ok_or(PluginError::MissingVm)?,
-            method: method.unwrap_or_default(),
+            method,
             target,
             mode: mode.unwrap_or_default(),
             config,
@@ -308,7 +308,7 @@ mod tests {
     fn minimal_string_takes_defaults() {
         let a = PluginArgs::parse("vm-backup: vm=web01").unwrap();
         assert_eq!(a.vm, "web01");
-        assert_eq!(a.method, Method::Auto);
+        assert_eq!(a.method, None);
         assert_eq!(a.mode, Mode::Direct);
         assert_eq!(a.target, None);
         assert_eq!(a.config, None);
@@ -320,13 +320,13 @@ mod tests {
             "vm-backup: vm=asa1 method=snapshot target=/mnt/backup mode=stream config=/etc/vb.conf",
         )
         .unwrap();
-        assert_eq!(a.method, Method::Snapshot);
+        assert_eq!(a.method, Some(Method::Snapshot));
         assert_eq!(a.mode, Mode::Stream);
         assert_eq!(a.target.as_deref(), Some(Path::new("/mnt/backup")));
         assert_eq!(a.config.as_deref(), Some(Path::new("/etc/vb.conf")));
         // no space after the colon, extra spaces between words
         let b = PluginArgs::parse("vm-backup:vm=x   method=offline").unwrap();
-        assert_eq!((b.vm.as_str(), b.method), ("x", Method::Offline));
+        assert_eq!((b.vm.as_str(), b.method), ("x", Some(Method::Offline)));
     }
 
     #[test]

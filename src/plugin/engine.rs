@@ -1,11 +1,13 @@
-//! The plugin's two calls into the engine: the backup of `vm-backup backup` (direct mode) and the
-//! restore of `vm-backup restore`. Kept in one place so the plugin never grows a second code path.
+//! The plugin's calls into the engine: the backup of `vm-backup backup` ([`run_backup`], direct
+//! mode) and the restore of `vm-backup restore` ([`crate::restore::restore`]). Kept in one place
+//! so the plugin never grows a second code path.
 
 use std::path::PathBuf;
 
 use super::{PluginArgs, PluginError};
-use crate::config::Settings;
-use crate::metadata::BackupMetadata;
+use crate::backup::{run_backup, BackupRequest};
+use crate::config::{Inventory, Settings};
+use crate::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
@@ -20,18 +22,50 @@ pub struct DirectBackup {
     pub warnings: Vec<String>,
 }
 
+/// The engine's request for a plugin string, built as `vm-backup backup` builds it: the method
+/// from the string, else from the inventory, else auto; the inventory entry for appliances.
+pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, PluginError> {
+    let inventory = Inventory::load(&settings.inventory)
+        .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?;
+    let entry = inventory.vm(&args.vm).cloned();
+    let mut request = BackupRequest::new(&args.vm, settings.clone());
+    request.method = args
+        .method
+        .or(entry.as_ref().map(|e| e.method))
+        .unwrap_or(Method::Auto);
+    request.vm_entry = entry;
+    Ok(request)
+}
+
 /// Runs the engine's backup exactly as `vm-backup backup` does. Failures (exit 1 and 2) come back
-/// as errors worded for the job log.
+/// as errors worded for the job log, naming the exit status, VM, phase and cause.
 pub fn backup_direct(
     args: &PluginArgs,
     settings: &Settings,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<DirectBackup, PluginError> {
-    let _ = (args, settings, progress, cancel);
-    Err(PluginError::Engine(
-        "vm-backup: the backup engine is not built into this library yet".into(),
-    ))
+    let request = request(args, settings)?;
+    let outcome = run_backup(&request, progress, cancel);
+    match (outcome.status, outcome.backup_dir) {
+        (ExitStatus::Success | ExitStatus::Warning, Some(dir)) => Ok(DirectBackup {
+            status: outcome.status,
+            dir,
+            warnings: outcome.warnings,
+        }),
+        (status, _) => {
+            if cancel.is_cancelled() {
+                return Err(PluginError::Canceled);
+            }
+            Err(PluginError::Engine(format!(
+                "vm-backup: backup of {} {} (exit {}): {}",
+                args.vm,
+                status,
+                status.code(),
+                outcome.error.unwrap_or_else(|| "no backup folder".into())
+            )))
+        }
+    }
 }
 
 /// Restores the VM of a direct-mode backup from the target named in the plugin string (or the

@@ -273,7 +273,8 @@ impl Job {
             &format!(
                 "vm-backup: backing up {} (method {}, mode {}, target {})",
                 args.vm,
-                args.method,
+                args.method
+                    .map_or_else(|| "from inventory or auto".to_string(), |m| m.to_string()),
                 args.mode,
                 settings.target.display()
             ),
