@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "bacula_fd_plugin.h"
@@ -98,6 +99,7 @@ static int bacula_type(enum VmbMessageLevel level) {
 
 static void on_message(void *opaque, enum VmbMessageLevel level, const char *text) {
     bpContext *ctx = (bpContext *)opaque;
+    if (getenv("VMB_SHIM_TRACE")) { fprintf(stderr, "%ld vmb: %s\n", (long)time(NULL), text ? text : ""); fflush(stderr); }
     if (bfuncs && bfuncs->JobMessage && ctx && text) {
         bfuncs->JobMessage(ctx, __FILE__, __LINE__, bacula_type(level), 0, "%s\n", text);
     }

@@ -211,15 +211,16 @@ cmd_up() {
 cmd_ensure() {
   local want
   want=$(sha256sum "${VMB_FD_PLUGIN_SO:-$BUILD_DIR/vm-backup-fd.so}" "$BUILD_DIR/libvm_backup.so" | awk '{print $1}' | tr '\n' ' ')
-  if pid_alive dir && pid_alive sd && pid_alive fd && listening "$DIR_PORT"; then
-    if [ "$(cat "$LAB/plugins/.installed" 2>/dev/null)" != "$want" ]; then
-      log "plugin changed: reinstalling and restarting the File Daemon"
-      cmd_install_plugin
-      cmd_restart_fd
-    fi
-    return 0
+  if [ ! -s "$LAB/work/dir/bacula.db" ] || [ ! -f "$LAB/etc/bacula-dir.conf" ]; then
+    cmd_up "$@"
+    return
   fi
-  cmd_up "$@"
+  if [ "$(cat "$LAB/plugins/.installed" 2>/dev/null)" != "$want" ]; then
+    log "plugin changed: reinstalling it and restarting the File Daemon"
+    cmd_install_plugin
+    stop_one fd
+  fi
+  cmd_start   # starts whichever daemon is not running
 }
 
 console() { timeout "$BCONSOLE_TIMEOUT" /usr/sbin/bconsole -c "$LAB/etc/bconsole.conf"; }
