@@ -132,6 +132,38 @@ pub fn domstate(dom: &str) -> String {
     virsh_ok(&["domstate", dom]).trim().to_string()
 }
 
+/// Waits until `virsh domstate DOM` reads `state` (e.g. `shut off`), at most `timeout`;
+/// panics with the last state otherwise.
+pub fn wait_state(dom: &str, state: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = domstate(dom);
+        if now == state {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dom} still '{now}' after {timeout:?}, expected '{state}'"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts a shut-off domain and, when it has an agent, waits for `guest-ping` (60 s).
+pub fn start_and_wait(dom: &str) {
+    virsh_ok(&["start", dom]);
+    if virsh_ok(&["dumpxml", dom]).contains("org.qemu.guest_agent.0") {
+        wait_agent(dom, Duration::from_secs(60));
+    }
+}
+
+/// Shuts a guest down cleanly through its agent (`virsh shutdown --mode agent`: the lab guest
+/// stops its writer, syncs and unmounts) and waits until it is shut off (30 s).
+pub fn shutdown_wait(dom: &str) {
+    virsh_ok(&["shutdown", dom, "--mode", "agent"]);
+    wait_state(dom, "shut off", Duration::from_secs(30));
+}
+
 /// True when the domain's guest agent answers `guest-ping` within 5 s.
 pub fn agent_ping(dom: &str) -> bool {
     virsh(&[
@@ -164,6 +196,8 @@ pub struct Gexec {
 }
 
 /// Runs `/bin/sh -c CMD` in the guest through qemu-ga (guest-exec + guest-exec-status).
+/// To leave something running in the guest, detach its output: `cmd >/dev/null 2>&1 &`
+/// (the agent waits for the captured output pipes to close).
 pub fn gexec(dom: &str, cmd: &str) -> Gexec {
     let out = run_lab(&["gexec", dom, cmd]);
     Gexec {
@@ -176,7 +210,11 @@ pub fn gexec(dom: &str, cmd: &str) -> Gexec {
 /// Like [`gexec`] but panics unless the command exits 0; returns its stdout.
 pub fn gexec_ok(dom: &str, cmd: &str) -> String {
     let r = gexec(dom, cmd);
-    assert_eq!(r.code, 0, "guest command on {dom} failed: {cmd}\n{}", r.stderr);
+    assert_eq!(
+        r.code, 0,
+        "guest command on {dom} failed: {cmd}\n{}",
+        r.stderr
+    );
     r.stdout
 }
 
