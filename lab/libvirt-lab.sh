@@ -13,6 +13,9 @@
 #                               --fill: put a file of SIZE random bytes (/fill.bin) on that disk (bench);
 #                               --only: create only these kinds (agent,noagent,uefi,multi)
 #   down [PREFIX] | down --all [--daemons] | down --daemons
+#                               destroy + undefine PREFIX's domains (and any other "PREFIX-*" domain),
+#                               delete its disks; --all: every prefix on the machine (other users' too!);
+#                               --daemons: then stop the daemons started by this script (by pid)
 #   status
 #   wait-agent DOM [TIMEOUT_S]  wait until guest-ping answers (default 60 s)
 #   gexec DOM 'CMD' [TIMEOUT_S] run /bin/sh -c CMD in the guest; prints stdout (stderr to stderr), exits with its code
@@ -197,7 +200,8 @@ cmd_guest() {
 
 # ---------------------------------------------------------------- domains
 check_prefix() {
-  [[ "$1" =~ ^[a-z0-9][a-z0-9_-]{0,30}$ ]] || die "bad prefix '$1' (want [a-z0-9][a-z0-9_-]*)"
+  # No "-": `down a` removes every "a-*" domain, which must never catch another prefix "a-b".
+  [[ "$1" =~ ^[a-z0-9][a-z0-9_]{0,30}$ ]] || die "bad prefix '$1' (want [a-z0-9][a-z0-9_]*, no '-')"
   case "$1" in daemons|guest|tmp) die "reserved prefix '$1'" ;; esac
 }
 
@@ -397,7 +401,12 @@ cmd_down() {
     log "libvirtd not answering: removing disk directories only"
     [ -n "$p" ] && rm -rf "${LAB_ROOT:?}/$p"
   fi
-  if [ -n "$daemons" ]; then stop_daemons; fi
+  if [ -n "$daemons" ]; then
+    local others
+    others=$(daemons_up && virsh list --name 2>/dev/null | grep . | tr '\n' ' ' || true)
+    [ -z "$others" ] || log "warning: domains still running (QEMU keeps them; a restarted libvirtd reconnects): $others"
+    stop_daemons
+  fi
 }
 
 cmd_status() {
