@@ -363,6 +363,70 @@ impl Drop for Frozen {
     }
 }
 
+/// A small or failing backup target mounted by `lab/share.sh` (root); unmounted and deleted
+/// when dropped.
+pub struct Share {
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+impl Share {
+    fn script(args: &[&str]) -> Output {
+        let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/share.sh"));
+        cmd.args(args);
+        run(cmd, &format!("lab/share.sh {args:?}"))
+    }
+
+    fn script_ok(args: &[&str]) {
+        let out = Share::script(args);
+        assert!(
+            out.status.success(),
+            "lab/share.sh {args:?} failed: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// Mounts a filesystem of `size` (e.g. `"20M"`) on `dir`: loop ext4, or tmpfs with `tmpfs`.
+    /// Writing more than it holds fails with ENOSPC.
+    pub fn full(dir: &Path, size: &str, tmpfs: bool) -> Share {
+        let d = dir.to_string_lossy();
+        let mut args = vec!["mkfull", &*d, size];
+        if tmpfs {
+            args.push("--tmpfs");
+        }
+        Share::script_ok(&args);
+        Share {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Mounts the FUSE pass-through share on `dir` with fault options such as
+    /// `["--fail-after", "1048576", "--errno", "EIO"]` or `["--fail-fsync"]` (none: healthy).
+    pub fn faulty(dir: &Path, fault: &[&str]) -> Share {
+        let d = dir.to_string_lossy();
+        let mut args = vec!["faulty", &*d];
+        args.extend_from_slice(fault);
+        Share::script_ok(&args);
+        Share {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Changes the fault of a faulty share (`["--off"]` to heal it); byte counts start now.
+    pub fn set_fault(&self, fault: &[&str]) {
+        let d = self.dir.to_string_lossy();
+        let mut args = vec!["fault", &*d];
+        args.extend_from_slice(fault);
+        Share::script_ok(&args);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let _ = Share::script(&["umount", &self.dir.to_string_lossy()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::SeqCheck;
