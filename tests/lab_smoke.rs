@@ -19,7 +19,10 @@ fn agent_domain_answers_guest_ping() {
     assert_eq!(domstate(&d), "running");
     wait_agent(&d, Duration::from_secs(60));
     assert!(agent_ping(&d));
-    let out = gexec_ok(&d, "cat /mnt/data/seed.txt; grep ' /mnt/data ' /proc/mounts");
+    let out = gexec_ok(
+        &d,
+        "cat /mnt/data/seed.txt; grep ' /mnt/data ' /proc/mounts",
+    );
     assert!(out.contains(&format!("seed of {d}")), "{out}");
     assert!(out.contains("ext4"), "{out}");
     // A failing guest command reports its exit code.
@@ -39,7 +42,10 @@ fn writer_sequence_grows_without_gap() {
     assert_eq!(b.first, 1, "{b:?}");
     assert_eq!(b.gaps, 0, "{b:?}");
     assert_eq!(b.lines, b.last, "{b:?}");
-    assert!(b.last > a.last + 3, "writer too slow or stopped: {a:?} then {b:?}");
+    assert!(
+        b.last > a.last + 3,
+        "writer too slow or stopped: {a:?} then {b:?}"
+    );
 }
 
 #[test]
@@ -68,7 +74,10 @@ fn freeze_hook_logs_freeze_and_thaw_and_writer_survives() {
     sleep(Duration::from_millis(500));
     let seq_after = seq_check(&d);
     assert_eq!(seq_after.gaps, 0, "{seq_after:?}");
-    assert!(seq_after.last > seq_before.last, "writer stopped after thaw");
+    assert!(
+        seq_after.last > seq_before.last,
+        "writer stopped after thaw"
+    );
 }
 
 #[test]
@@ -166,7 +175,89 @@ fn running_domains_are_on_their_base_images() {
         assert!(!has_backing_store(&d, false), "{d} runs on an overlay");
         assert!(!has_backing_store(&d, true), "{d} defined on an overlay");
         for (_, src) in disk_sources(&d) {
-            assert!(src.starts_with(&lab_dir().to_string_lossy().into_owned()), "{src}");
+            assert!(
+                src.starts_with(&lab_dir().to_string_lossy().into_owned()),
+                "{src}"
+            );
         }
     }
+}
+
+#[test]
+fn multi_shuts_down_through_the_agent_and_restarts_with_its_sequence() {
+    if !lab_enabled("multi_shuts_down_through_the_agent_and_restarts_with_its_sequence") {
+        return;
+    }
+    let d = multi_dom();
+    let before = seq_check(&d);
+    shutdown_wait(&d);
+    // Offline, the image holds what the writer wrote (flushed by the guest's shutdown script).
+    let img = lab_dir().join("multi-vda.qcow2");
+    let log = ext4_cat(&img, "/seq.log").expect("seq.log on the data disk");
+    let offline_last: u64 = String::from_utf8_lossy(&log)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a number on the last line");
+    assert!(offline_last >= before.last, "{offline_last} < {before:?}");
+    start_and_wait(&d);
+    sleep(Duration::from_secs(1));
+    let after = seq_check(&d);
+    assert_eq!(after.first, 1, "{after:?}");
+    assert_eq!(
+        after.gaps, 0,
+        "the writer resumes after the last number: {after:?}"
+    );
+    assert!(after.last > offline_last, "{after:?} vs {offline_last}");
+}
+
+#[test]
+fn full_and_faulty_shares_fail_writes_as_told() {
+    use std::io::Write;
+    if !lab_enabled("full_and_faulty_shares_fail_writes_as_told") {
+        return;
+    }
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("temp dir");
+    let block = vec![0x5au8; 1 << 20];
+    let write_mib = |path: &Path, mib: usize| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(path)?;
+        for _ in 0..mib {
+            f.write_all(&block)?;
+        }
+        f.sync_all()
+    };
+
+    for tmpfs in [false, true] {
+        let dir = tmp.path().join(format!("full-{tmpfs}"));
+        let share = Share::full(&dir, "8M", tmpfs);
+        write_mib(&share.dir.join("small"), 2).expect("2 MiB fit");
+        let err = write_mib(&share.dir.join("big"), 16).expect_err("16 MiB must not fit");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    }
+
+    let dir = tmp.path().join("faulty");
+    let share = Share::faulty(&dir, &["--fail-after", "3145728", "--errno", "EIO"]);
+    write_mib(&share.dir.join("a"), 2).expect("2 MiB pass");
+    let err = write_mib(&share.dir.join("b"), 2).expect_err("past 3 MiB writes fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    share.set_fault(&["--off"]);
+    write_mib(&share.dir.join("c"), 4).expect("healed share takes writes");
+    std::fs::rename(share.dir.join("c"), share.dir.join("d")).expect("rename");
+    assert_eq!(
+        std::fs::metadata(share.dir.join("d")).unwrap().len(),
+        4 << 20
+    );
+    share.set_fault(&["--fail-after", "0", "--errno", "ENOSPC"]);
+    let err = write_mib(&share.dir.join("e"), 1).expect_err("full now");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    share.set_fault(&["--fail-fsync"]);
+    let err = write_mib(&share.dir.join("f"), 1).expect_err("fsync fails");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(share);
+    assert!(
+        !std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .contains(&*dir.to_string_lossy()),
+        "faulty share still mounted"
+    );
 }
