@@ -420,7 +420,9 @@ cmd_down() {
     fi
   else
     log "libvirtd not answering: removing disk directories only"
-    [ -n "$p" ] && rm -rf "${LAB_ROOT:?}/$p"
+    if [ -z "$all" ] && { [ -n "$p" ] || [ -z "$daemons" ]; }; then
+      p=${p:-${VMB_LAB_PREFIX:-vmb}}; check_prefix "$p"; rm -rf "${LAB_ROOT:?}/$p"
+    fi
   fi
   if [ -n "$daemons" ]; then
     local others
