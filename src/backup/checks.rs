@@ -10,7 +10,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::layout;
-use crate::libvirt::{self, AgentChannel, DomState, Dom, Hypervisor};
+use crate::libvirt::{self, AgentChannel, Dom, DomState, Hypervisor};
 use crate::metadata::{BackupMetadata, Method, SkippedDisk};
 use crate::progress::{CancelToken, Progress};
 
@@ -69,7 +69,11 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
     let state = dom.state().map_err(|e| e.to_string())?;
     match state {
         DomState::Running | DomState::Paused | DomState::ShutOff => {}
-        other => return Err(format!("domain is {other}: it must be running, paused or shut off")),
+        other => {
+            return Err(format!(
+                "domain is {other}: it must be running, paused or shut off"
+            ))
+        }
     }
     let uuid = dom.uuid().map_err(|e| e.to_string())?;
     let inactive_xml = dom.xml(true).map_err(|e| e.to_string())?;
@@ -226,8 +230,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
         disks.push(SessionDisk {
             target: d.target.clone(),
             source,
-            file_name: layout::disk_file_name(vm, &d.target, &format)
-                .map_err(|e| e.to_string())?,
+            file_name: layout::disk_file_name(vm, &d.target, &format).map_err(|e| e.to_string())?,
             format,
             virtual_size,
             allocated_size,
@@ -265,8 +268,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
 
     // Target.
     let target = &settings.target;
-    let meta = fs::metadata(target)
-        .map_err(|e| format!("target {}: {e}", target.display()))?;
+    let meta = fs::metadata(target).map_err(|e| format!("target {}: {e}", target.display()))?;
     if !meta.is_dir() {
         return Err(format!("target {} is not a folder", target.display()));
     }
@@ -310,8 +312,8 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
 pub fn run_pre_checks(request: &BackupRequest) -> Result<PreCheck, BackupError> {
     let vm = request.vm.as_str();
     layout::safe_component(vm).map_err(|e| BackupError::pre(vm, e))?;
-    let hv = Hypervisor::connect(&request.settings.libvirt_uri)
-        .map_err(|e| BackupError::pre(vm, e))?;
+    let hv =
+        Hypervisor::connect(&request.settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
     let dom = hv.domain(vm).map_err(|e| BackupError::pre(vm, e))?;
     if let Some(rec) = super::journal::read_record(&super::journal::journal_path(
         &request.settings.journal_dir,
@@ -450,7 +452,10 @@ pub fn post_check_folder(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| vec!["a verification thread panicked".into()]))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec!["a verification thread panicked".into()])
+            })
             .collect()
     });
     problems.extend(disk_problems.into_iter().flatten());
@@ -502,7 +507,11 @@ pub fn post_check_domain(dom: &Dom, md: &BackupMetadata) -> Vec<String> {
         }
         if state.is_live() {
             if let Ok(Some(job)) = dom.block_job(&d.target) {
-                problems.push(format!("disk {} has a {} block job", d.target, job.kind_name()));
+                problems.push(format!(
+                    "disk {} has a {} block job",
+                    d.target,
+                    job.kind_name()
+                ));
             }
         }
     }

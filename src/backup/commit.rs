@@ -161,13 +161,8 @@ pub(crate) fn commit_offline(
         }
     }
     let inactive = dom.xml(true).map_err(|e| e.to_string())?;
-    let fixed = xml::point_disk_at(
-        &inactive,
-        target,
-        &base.to_string_lossy(),
-        base_format,
-    )
-    .map_err(|e| format!("cannot rewrite the domain XML: {e}"))?;
+    let fixed = xml::point_disk_at(&inactive, target, &base.to_string_lossy(), base_format)
+        .map_err(|e| format!("cannot rewrite the domain XML: {e}"))?;
     hv.define(dom.name(), &fixed).map_err(|e| e.to_string())?;
     if !on_source(dom, target, base)? {
         return Err(format!(

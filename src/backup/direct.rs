@@ -61,10 +61,7 @@ impl BackupSession<'_> {
                 format!("cannot create {}: {e}", partial.display()),
             )
         })?;
-        self.log(
-            Level::Info,
-            &format!("writing into {}", partial.display()),
-        );
+        self.log(Level::Info, &format!("writing into {}", partial.display()));
         Ok(())
     }
 
@@ -113,8 +110,9 @@ impl BackupSession<'_> {
                 ),
             );
             let dst = partial.join(&d.file_name);
-            let report = copier::copy_file(&d.source, &dst, &options, self.progress(), &self.cancel)
-                .map_err(|e| self.failed(Phase::Copy, format!("disk {}: {e}", d.target)))?;
+            let report =
+                copier::copy_file(&d.source, &dst, &options, self.progress(), &self.cancel)
+                    .map_err(|e| self.failed(Phase::Copy, format!("disk {}: {e}", d.target)))?;
             for note in &report.notes {
                 self.log(Level::Info, &format!("copier: {note}"));
             }
@@ -168,8 +166,9 @@ impl BackupSession<'_> {
         files.push((xml_name, hex_sha256(self.inactive_xml.as_bytes())));
         if let Some(nvram) = self.nvram.clone() {
             let name = layout::nvram_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
-            let bytes = fs::read(&nvram)
-                .map_err(|e| self.failed(Phase::Publish, format!("NVRAM {}: {e}", nvram.display())))?;
+            let bytes = fs::read(&nvram).map_err(|e| {
+                self.failed(Phase::Publish, format!("NVRAM {}: {e}", nvram.display()))
+            })?;
             let dst = partial.join(&name);
             write_synced(&dst, &bytes)
                 .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", dst.display())))?;
@@ -271,8 +270,12 @@ impl BackupSession<'_> {
         self.log(Level::Info, "publishing the backup folder");
         write_synced(&partial.join(layout::LOG_FILE), self.log.text().as_bytes())
             .map_err(|e| self.failed(Phase::Publish, format!("backup.log: {e}")))?;
-        sync_tree(&partial)
-            .map_err(|e| self.failed(Phase::Publish, format!("fsync of {}: {e}", partial.display())))?;
+        sync_tree(&partial).map_err(|e| {
+            self.failed(
+                Phase::Publish,
+                format!("fsync of {}: {e}", partial.display()),
+            )
+        })?;
         if self.cancel.is_cancelled() {
             return Err(self.failed(Phase::Publish, "cancelled"));
         }
@@ -280,7 +283,11 @@ impl BackupSession<'_> {
         fs::rename(&partial, &final_dir).map_err(|e| {
             self.failed(
                 Phase::Publish,
-                format!("cannot rename {} to {}: {e}", partial.display(), final_dir.display()),
+                format!(
+                    "cannot rename {} to {}: {e}",
+                    partial.display(),
+                    final_dir.display()
+                ),
             )
         })?;
         self.partial = None;

@@ -210,7 +210,12 @@ pub fn list_journals(journal_dir: &Path) -> Result<Vec<PathBuf>, JournalError> {
     let read = match fs::read_dir(&folder) {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(JournalError::Io { path: folder, source }),
+        Err(source) => {
+            return Err(JournalError::Io {
+                path: folder,
+                source,
+            })
+        }
     };
     let mut out: Vec<PathBuf> = read
         .flatten()

@@ -317,10 +317,7 @@ fn outcome_from_error(
 ) -> BackupOutcome {
     let mut error = e.to_string();
     if !warnings.is_empty() {
-        error.push_str(&format!(
-            " (and while releasing: {})",
-            warnings.join("; ")
-        ));
+        error.push_str(&format!(" (and while releasing: {})", warnings.join("; ")));
     }
     BackupOutcome {
         status: e.status,

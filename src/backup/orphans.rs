@@ -101,7 +101,14 @@ pub(crate) fn repair_record(
                         o.base.display()
                     ));
                 } else {
-                    commit::commit_offline(hv, dom, &o.target, &o.overlay, &o.base, &o.base_format)?;
+                    commit::commit_offline(
+                        hv,
+                        dom,
+                        &o.target,
+                        &o.overlay,
+                        &o.base,
+                        &o.base_format,
+                    )?;
                     actions.push(format!(
                         "{}: overlay {} committed offline into {} and the definition restored",
                         o.target,
@@ -113,7 +120,11 @@ pub(crate) fn repair_record(
                 // Not on the overlay (pivot done, or snapshot never taken): a stale job?
                 if let Ok(Some(job)) = dom.block_job(&o.target) {
                     dom.abort_job(&o.target).map_err(|e| e.to_string())?;
-                    actions.push(format!("{}: stale {} block job aborted", o.target, job.kind_name()));
+                    actions.push(format!(
+                        "{}: stale {} block job aborted",
+                        o.target,
+                        job.kind_name()
+                    ));
                 }
             }
             if o.overlay.exists() {
@@ -165,6 +176,7 @@ pub fn scan(
     let mut report = OrphanReport::default();
     let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| e.to_string())?;
     let mut journaled_overlays = std::collections::BTreeSet::new();
+    let mut journaled_partials = std::collections::BTreeSet::new();
 
     // 1. Journals.
     for path in journal::list_journals(&settings.journal_dir).map_err(|e| e.to_string())? {
@@ -184,6 +196,9 @@ pub fn scan(
         };
         for o in &rec.overlays {
             journaled_overlays.insert(o.overlay.clone());
+        }
+        if let Some(p) = &rec.partial_dir {
+            journaled_partials.insert(p.clone());
         }
         let lock = match VmLock::acquire(&settings.journal_dir, &rec.vm) {
             Ok(l) => l,
@@ -252,7 +267,9 @@ pub fn scan(
     for name in hv.domain_names().map_err(|e| e.to_string())? {
         let Ok(dom) = hv.domain(&name) else { continue };
         let live = dom.state().is_ok_and(DomState::is_live);
-        let Ok(parsed) = dom.parsed(!live) else { continue };
+        let Ok(parsed) = dom.parsed(!live) else {
+            continue;
+        };
         for d in &parsed.disks {
             if let Some(src) = &d.source {
                 if src.to_string_lossy().contains(OVERLAY_MARKER)
@@ -278,7 +295,9 @@ pub fn scan(
     // 3. Partial folders on the target whose VM has no run holding its lock.
     if let Ok(vm_dirs) = layout::vm_dirs(&settings.target, &settings.host()) {
         for (name, vm_dir) in vm_dirs {
-            let Ok(partials) = vm_dir.partial_dirs() else { continue };
+            let Ok(partials) = vm_dir.partial_dirs() else {
+                continue;
+            };
             if partials.is_empty() {
                 continue;
             }
@@ -287,6 +306,9 @@ pub fn scan(
                 Err(_) => continue, // a backup is writing it
             };
             for p in partials {
+                if journaled_partials.contains(&p) {
+                    continue; // reported (and repaired) with its journal
+                }
                 let mut orphan = Orphan {
                     vm: name.clone(),
                     kind: "partial".into(),
@@ -316,5 +338,8 @@ pub fn scan(
 
 /// Whether `path` is inside `dir` (lexically; both absolute).
 pub fn is_inside(path: &Path, dir: &Path) -> bool {
-    path.starts_with(dir) && !path.components().any(|c| c == std::path::Component::ParentDir)
+    path.starts_with(dir)
+        && !path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
 }

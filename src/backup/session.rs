@@ -9,7 +9,7 @@ use chrono::{DateTime, Local};
 
 use crate::config::VmEntry;
 use crate::layout::{self, VmDir};
-use crate::libvirt::{DomState, Dom, Hypervisor};
+use crate::libvirt::{Dom, DomState, Hypervisor};
 use crate::metadata::{BackupMetadata, DiskRecord, Method, SkippedDisk};
 use crate::progress::{CancelToken, Level, Progress};
 
@@ -113,7 +113,8 @@ impl<'a> BackupSession<'a> {
             ),
         );
         let host = settings.host();
-        let vm_dir = VmDir::new(&settings.target, &host, vm).map_err(|e| BackupError::pre(vm, e))?;
+        let vm_dir =
+            VmDir::new(&settings.target, &host, vm).map_err(|e| BackupError::pre(vm, e))?;
         let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
         let dom = hv.domain(vm).map_err(|e| BackupError::pre(vm, e))?;
         let (mut journal, previous) =
@@ -148,19 +149,26 @@ impl<'a> BackupSession<'a> {
                     Ok(()) => log.log(
                         progress.get(),
                         Level::Warning,
-                        &format!("removed the partial backup {} left by an interrupted run", p.display()),
+                        &format!(
+                            "removed the partial backup {} left by an interrupted run",
+                            p.display()
+                        ),
                     ),
                     Err(e) => {
                         return Err(BackupError::pre(
                             vm,
-                            format!("cannot remove the leftover partial backup {}: {e}", p.display()),
+                            format!(
+                                "cannot remove the leftover partial backup {}: {e}",
+                                p.display()
+                            ),
                         ))
                     }
                 }
             }
         }
 
-        let pre: PreCheck = checks::pre_check(&dom, request).map_err(|e| BackupError::pre(vm, e))?;
+        let pre: PreCheck =
+            checks::pre_check(&dom, request).map_err(|e| BackupError::pre(vm, e))?;
         for note in &pre.notes {
             log.log(progress.get(), Level::Info, note);
         }
@@ -355,8 +363,12 @@ impl<'a> BackupSession<'a> {
     pub fn finish(&mut self) -> Result<(), BackupError> {
         let t = Instant::now();
         if self.overlays_active {
-            self.log(Level::Info, "committing the overlays back into the base images");
-            self.commit_overlays().map_err(|c| self.failed(Phase::Commit, c))?;
+            self.log(
+                Level::Info,
+                "committing the overlays back into the base images",
+            );
+            self.commit_overlays()
+                .map_err(|c| self.failed(Phase::Commit, c))?;
             self.phases
                 .insert("commit".into(), t.elapsed().as_secs_f64());
         }
@@ -459,7 +471,11 @@ impl<'a> BackupSession<'a> {
             Level::Info,
             &format!(
                 "shutting the domain down cleanly ({}; at most {} s)",
-                if agent { "guest agent, then ACPI" } else { "ACPI" },
+                if agent {
+                    "guest agent, then ACPI"
+                } else {
+                    "ACPI"
+                },
                 bound.as_secs()
             ),
         );
@@ -583,7 +599,11 @@ impl<'a> BackupSession<'a> {
                 Ok(false) => {
                     return Err(self.failed(
                         Phase::Snapshot,
-                        format!("after the snapshot, disk {} is not on {}", d.target, o.display()),
+                        format!(
+                            "after the snapshot, disk {} is not on {}",
+                            d.target,
+                            o.display()
+                        ),
                     ))
                 }
                 Err(e) => return Err(self.failed(Phase::Snapshot, e)),
@@ -804,7 +824,10 @@ mod tests {
             .descendants()
             .find(|n| n.has_tag_name("source"))
             .unwrap();
-        assert_eq!(src.attribute("file"), Some("/i/a'b.qcow2.vmb-overlay-s.qcow2"));
+        assert_eq!(
+            src.attribute("file"),
+            Some("/i/a'b.qcow2.vmb-overlay-s.qcow2")
+        );
         assert_eq!(d[1].attribute("name"), Some("hdc"));
         assert_eq!(d[1].attribute("snapshot"), Some("no"));
     }

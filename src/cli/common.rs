@@ -74,7 +74,9 @@ impl vm_backup::progress::Progress for LineProgress {
         if !self.verbose {
             return;
         }
-        let Ok(mut last) = self.last.lock() else { return };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
         if last.elapsed() < std::time::Duration::from_secs(2) && t.done < t.total {
             return;
         }

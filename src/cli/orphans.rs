@@ -34,7 +34,11 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             if let Some(r) = &o.repair {
                 println!(
                     "  {}: {r}",
-                    if o.repaired == Some(true) { "repaired" } else { "NOT repaired" }
+                    if o.repaired == Some(true) {
+                        "repaired"
+                    } else {
+                        "NOT repaired"
+                    }
                 );
             }
         }

@@ -105,7 +105,9 @@ pub struct Hypervisor {
 
 impl std::fmt::Debug for Hypervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hypervisor").field("uri", &self.uri).finish()
+        f.debug_struct("Hypervisor")
+            .field("uri", &self.uri)
+            .finish()
     }
 }
 
@@ -144,11 +146,14 @@ impl Hypervisor {
 
     /// The names of every defined domain.
     pub fn domain_names(&self) -> Result<Vec<String>, LibvirtError> {
-        let doms = self.conn.list_all_domains(0).map_err(|e| LibvirtError::Call {
-            vm: String::new(),
-            op: "listing domains".into(),
-            message: e.message().to_string(),
-        })?;
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| LibvirtError::Call {
+                vm: String::new(),
+                op: "listing domains".into(),
+                message: e.message().to_string(),
+            })?;
         let mut names: Vec<String> = doms.iter().filter_map(|d| d.name().ok()).collect();
         names.sort();
         Ok(names)

@@ -130,14 +130,7 @@ pub fn block_job_abort(dom: &Domain, disk: &str, pivot: bool) -> Result<(), Erro
 /// Thaws every frozen guest filesystem through the agent; returns how many were thawed.
 pub fn fs_thaw(dom: &Domain) -> Result<u32, Error> {
     // SAFETY: `dom` is a valid domain handle; a NULL mountpoint list with count 0 means "all".
-    let rc = unsafe {
-        sys::virDomainFSThaw(
-            dom.as_ptr(),
-            ptr::null_mut::<*const c_char>(),
-            0,
-            0,
-        )
-    };
+    let rc = unsafe { sys::virDomainFSThaw(dom.as_ptr(), ptr::null_mut::<*const c_char>(), 0, 0) };
     if rc < 0 {
         return Err(Error::last_error());
     }
