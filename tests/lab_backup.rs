@@ -316,7 +316,7 @@ fn auto_backup_of_every_lab_domain() {
             "uefi" => {
                 assert!(dir.join(format!("{d}-nvram.fd")).is_file());
                 let files = json["metadata"]["files"].as_array().unwrap();
-                assert!(files.iter().any(|f| f == &format!("{d}-nvram.fd").as_str()));
+                assert!(files.iter().any(|f| f == format!("{d}-nvram.fd").as_str()));
             }
             "multi" => {
                 let md = &json["metadata"];
