@@ -267,6 +267,13 @@ fn auto_backup_of_every_lab_domain() {
     }
     let _g = serial();
     let env = Env::new();
+    let pre = env
+        .cmd(&["check", &agent_dom(), "--pre", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(pre.status.code(), Some(0), "{}", text(&pre.stderr));
+    let pre: Value = serde_json::from_slice(&pre.stdout).unwrap();
+    assert_eq!(pre["pre"]["method"], "quiesce", "{pre:#}");
     for (kind, method) in [
         ("agent", "quiesce"),
         ("noagent", "snapshot"),
@@ -717,9 +724,63 @@ fn hung_agent_fails_within_its_bound_and_leaves_nothing() {
     assert!(env.partials(&d).is_empty());
     assert!(list(&env.vm_dir(&d)).is_empty());
     assert!(!env.journal_file(&d).exists());
+    // Only when asked: a crash-consistent fallback, recorded as such (the agent still hangs).
+    let (out, json) = env.backup(&d, &["--method", "quiesce", "--allow-crash-consistent"]);
+    let json = json.unwrap_or_else(|| panic!("{}", text(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    assert_eq!(json["metadata"]["method"], "snapshot");
+    assert_eq!(json["metadata"]["method_requested"], "quiesce");
+    let note = json["metadata"]["method_note"].as_str().unwrap();
+    assert!(
+        note.contains("agent") && note.contains("fallback"),
+        "{note}"
+    );
+    assert!(json["metadata"]["frozen_ms"].is_null());
+    assert_on_original_images(&d, &before);
     // The agent comes back; nothing is frozen.
     wait_agent(&d, Duration::from_secs(40));
     gexec_ok(&d, "true");
+}
+
+#[test]
+fn kill9_then_domain_stopped_is_repaired_offline() {
+    if !lab_enabled("kill9_then_domain_stopped_is_repaired_offline") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = noagent_dom();
+    let before = disk_sources(&d);
+    kill9_during_copy(&env, &d);
+    // The domain stops while on our overlay: libvirt cannot blockcommit a shut-off domain.
+    virsh_ok(&["destroy", &d]);
+    assert!(
+        has_backing_store(&d, true),
+        "the definition should name the overlay"
+    );
+    let out = env
+        .cmd(&["orphans", "--cleanup", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report.to_string().contains("committed offline"),
+        "{report:#}"
+    );
+    assert!(!has_backing_store(&d, true));
+    assert!(overlays_left().is_empty(), "{:?}", overlays_left());
+    assert!(env.partials(&d).is_empty());
+    assert_eq!(backing_chain_len(&lab_dir().join("noagent-vda.qcow2")), 1);
+    virsh_ok(&["start", &d]);
+    assert_eq!(disk_sources(&d), before);
+    assert_eq!(domstate(&d), "running");
 }
 
 #[test]
