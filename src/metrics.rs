@@ -1,2 +1,1 @@
 //! The Prometheus textfile for node_exporter's textfile collector.
-

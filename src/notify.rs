@@ -1,2 +1,1 @@
 //! Slack incoming-webhook alerts and run summaries.
-
