@@ -556,7 +556,7 @@ mod tests {
 
     #[test]
     fn success_clears_a_stale_error_pointer() {
-        let mut error: *mut c_char = 0x1 as *mut c_char;
+        let mut error: *mut c_char = std::ptr::dangling_mut::<c_char>();
         let status = ffi_call("vmb_test", &mut error, || Ok(()));
         assert_eq!(status, vmb_status::VMB_OK);
         assert!(error.is_null());
