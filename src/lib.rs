@@ -28,8 +28,8 @@
 //! `DESIGN.md` and `docs/`.
 
 pub mod appliance;
-pub mod bacula_config;
 pub mod backup;
+pub mod bacula_config;
 pub mod bench;
 pub mod catalog;
 pub mod config;

@@ -179,7 +179,10 @@ impl BackupMetadata {
     /// Writes it into a backup folder atomically (temporary file, fsync, rename).
     pub fn write(&self, backup_dir: &Path) -> io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
-        write_atomic(&backup_dir.join(crate::layout::METADATA_FILE), text.as_bytes())
+        write_atomic(
+            &backup_dir.join(crate::layout::METADATA_FILE),
+            text.as_bytes(),
+        )
     }
 }
 
