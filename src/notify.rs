@@ -27,6 +27,9 @@ use crate::ExitStatus;
 pub const DEFAULT_POST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default bound of one delivery, retries included.
 pub const DEFAULT_BUDGET: Duration = Duration::from_secs(5);
+/// The `tracing` filter directive every log subscriber of this crate must add: ureq logs
+/// request URLs at debug level, and webhook URLs are secrets.
+pub const LOG_DIRECTIVE: &str = "ureq=warn";
 /// Attempts per delivery at most.
 pub const MAX_ATTEMPTS: u32 = 3;
 
