@@ -19,7 +19,10 @@ fn agent_domain_answers_guest_ping() {
     assert_eq!(domstate(&d), "running");
     wait_agent(&d, Duration::from_secs(60));
     assert!(agent_ping(&d));
-    let out = gexec_ok(&d, "cat /mnt/data/seed.txt; grep ' /mnt/data ' /proc/mounts");
+    let out = gexec_ok(
+        &d,
+        "cat /mnt/data/seed.txt; grep ' /mnt/data ' /proc/mounts",
+    );
     assert!(out.contains(&format!("seed of {d}")), "{out}");
     assert!(out.contains("ext4"), "{out}");
     // A failing guest command reports its exit code.
@@ -39,7 +42,10 @@ fn writer_sequence_grows_without_gap() {
     assert_eq!(b.first, 1, "{b:?}");
     assert_eq!(b.gaps, 0, "{b:?}");
     assert_eq!(b.lines, b.last, "{b:?}");
-    assert!(b.last > a.last + 3, "writer too slow or stopped: {a:?} then {b:?}");
+    assert!(
+        b.last > a.last + 3,
+        "writer too slow or stopped: {a:?} then {b:?}"
+    );
 }
 
 #[test]
@@ -68,7 +74,10 @@ fn freeze_hook_logs_freeze_and_thaw_and_writer_survives() {
     sleep(Duration::from_millis(500));
     let seq_after = seq_check(&d);
     assert_eq!(seq_after.gaps, 0, "{seq_after:?}");
-    assert!(seq_after.last > seq_before.last, "writer stopped after thaw");
+    assert!(
+        seq_after.last > seq_before.last,
+        "writer stopped after thaw"
+    );
 }
 
 #[test]
@@ -166,7 +175,10 @@ fn running_domains_are_on_their_base_images() {
         assert!(!has_backing_store(&d, false), "{d} runs on an overlay");
         assert!(!has_backing_store(&d, true), "{d} defined on an overlay");
         for (_, src) in disk_sources(&d) {
-            assert!(src.starts_with(&lab_dir().to_string_lossy().into_owned()), "{src}");
+            assert!(
+                src.starts_with(&lab_dir().to_string_lossy().into_owned()),
+                "{src}"
+            );
         }
     }
 }

@@ -176,7 +176,11 @@ pub fn gexec(dom: &str, cmd: &str) -> Gexec {
 /// Like [`gexec`] but panics unless the command exits 0; returns its stdout.
 pub fn gexec_ok(dom: &str, cmd: &str) -> String {
     let r = gexec(dom, cmd);
-    assert_eq!(r.code, 0, "guest command on {dom} failed: {cmd}\n{}", r.stderr);
+    assert_eq!(
+        r.code, 0,
+        "guest command on {dom} failed: {cmd}\n{}",
+        r.stderr
+    );
     r.stdout
 }
 
