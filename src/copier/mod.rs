@@ -11,6 +11,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::progress::{CancelToken, Progress};
 
+mod buffer;
+mod dest;
+mod hashing;
+mod job;
+mod plan;
+mod threads;
+mod ticker;
+mod uring;
+mod verify;
+
+pub use hashing::{root_digest, zero_digest};
+pub use uring::probe as probe_uring;
+
 /// Default size of one I/O buffer.
 pub const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
 /// Default number of buffers in flight.
@@ -132,17 +145,181 @@ pub struct CopyReport {
     pub settings: CopyOptions,
     /// Fallbacks taken (O_DIRECT refused, io_uring unavailable…), for the log.
     pub notes: Vec<String>,
+    /// Bytes of allocated all-zero data not written (`zero_as_holes`).
+    #[serde(default)]
+    pub zero_bytes_skipped: u64,
+}
+
+/// Which side of a copy an error concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Side {
+    /// The file being read.
+    Source,
+    /// The file being written.
+    Destination,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "reading source",
+            Side::Destination => "writing destination",
+        })
+    }
 }
 
 /// Errors of the copier; each names what failed, the path and, for data errors, the offset.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    /// Not built yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
+    /// The options are inconsistent (sizes not aligned, zero queue depth…).
+    #[error("bad copy options: {0}")]
+    BadOptions(String),
+    /// The source could not be opened (missing, permission, not a file).
+    #[error("cannot open source {path}: {source}")]
+    SourceOpen {
+        /// The source path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the source failed.
+    #[error("reading source {path} failed at offset {offset}: {source}")]
+    SourceRead {
+        /// The source path.
+        path: PathBuf,
+        /// Byte offset of the failed read.
+        offset: u64,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source changed under the copy (shrank, truncated, grew).
+    #[error("source {path} changed during the copy at offset {offset}: {detail}")]
+    SourceChanged {
+        /// The source path.
+        path: PathBuf,
+        /// Where the change was seen.
+        offset: u64,
+        /// What was seen.
+        detail: String,
+    },
+    /// The folder that should receive the destination does not exist.
+    #[error("destination folder {path} does not exist")]
+    DestinationFolderMissing {
+        /// The missing folder.
+        path: PathBuf,
+    },
+    /// The destination (its temporary file) could not be created.
+    #[error("cannot create destination {path}: {source}")]
+    DestinationOpen {
+        /// The destination path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing, syncing or renaming the destination failed.
+    #[error("writing destination {path} failed at offset {offset}: {source}")]
+    DestinationWrite {
+        /// The destination path.
+        path: PathBuf,
+        /// Byte offset of the failed write.
+        offset: u64,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The destination filesystem is full (ENOSPC or EDQUOT).
+    #[error("no space left writing destination {path} at offset {offset}")]
+    NoSpace {
+        /// The destination path.
+        path: PathBuf,
+        /// Byte offset of the failed write.
+        offset: u64,
+    },
+    /// The device reported an I/O error (EIO).
+    #[error("I/O error (EIO) {side} {path} at offset {offset}")]
+    Io {
+        /// Which file failed.
+        side: Side,
+        /// Its path.
+        path: PathBuf,
+        /// Byte offset of the failed operation.
+        offset: u64,
+    },
+    /// The copy was cancelled; nothing was left behind.
+    #[error("copy of {path} cancelled at offset {offset}")]
+    Cancelled {
+        /// The source path.
+        path: PathBuf,
+        /// How far the copy had gone.
+        offset: u64,
+    },
+    /// io_uring was asked for explicitly but is not available here.
+    #[error("io_uring is not available: {0}")]
+    UringUnavailable(String),
+    /// The io_uring instance itself failed (not a file error).
+    #[error("io_uring failed: {0}")]
+    Uring(#[source] std::io::Error),
 }
 
-/// Copies `src` to `dst` (a file path in an existing folder) atomically, hashing on the way.
+impl CopyError {
+    /// Classifies a failed read of the source.
+    pub(crate) fn read(path: &Path, offset: u64, err: std::io::Error) -> Self {
+        match err.raw_os_error() {
+            Some(libc::EIO) => CopyError::Io {
+                side: Side::Source,
+                path: path.to_owned(),
+                offset,
+            },
+            _ => CopyError::SourceRead {
+                path: path.to_owned(),
+                offset,
+                source: err,
+            },
+        }
+    }
+
+    /// Classifies a failed write (or sync) of the destination.
+    pub(crate) fn write(path: &Path, offset: u64, err: std::io::Error) -> Self {
+        match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace {
+                path: path.to_owned(),
+                offset,
+            },
+            Some(libc::EIO) => CopyError::Io {
+                side: Side::Destination,
+                path: path.to_owned(),
+                offset,
+            },
+            _ => CopyError::DestinationWrite {
+                path: path.to_owned(),
+                offset,
+                source: err,
+            },
+        }
+    }
+
+    /// A short read: the source ended before its recorded size.
+    pub(crate) fn shrank(path: &Path, offset: u64, size: u64) -> Self {
+        CopyError::SourceChanged {
+            path: path.to_owned(),
+            offset,
+            detail: format!("end of file reached before the expected size of {size} bytes"),
+        }
+    }
+}
+
+/// Copies `src` to `dst` atomically, hashing on the way.
+///
+/// `dst` is a file path in an existing folder, or an existing folder (then the source's file
+/// name is used). The data goes to a temporary file beside the destination
+/// (`.<name>.vmb-tmp-<pid>`), which is synced and renamed only when complete; on any error or
+/// cancellation it is removed. Holes of the source (SEEK_DATA/SEEK_HOLE) are neither read nor
+/// written; the destination keeps them. Memory stays within `queue_depth × buffer_size` plus a
+/// small constant whatever the file size.
 pub fn copy_file(
     src: &Path,
     dst: &Path,
@@ -150,8 +327,101 @@ pub fn copy_file(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<CopyReport, CopyError> {
-    let _ = (src, dst, options, progress, cancel);
-    Err(CopyError::NotImplemented("copy_file"))
+    job::run(src, dst, options, progress, cancel)
+}
+
+/// Re-hashes `file` in parallel and compares it with `manifest`.
+///
+/// A mismatch is not an error: the report names the first bad chunk and its byte offset.
+/// Errors are reserved for files that cannot be read, and for cancellation.
+pub fn verify_file(
+    file: &Path,
+    manifest: &ChunkManifest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<VerifyFileReport, CopyError> {
+    verify::run(file, manifest, progress, cancel)
+}
+
+/// Parses a byte size with an optional suffix: `4096`, `64k`, `4M`, `1MiB`, `2G`, `1T`
+/// (powers of 1024; `KB`/`MB`… are accepted as the same).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!("`{text}` is not a size (e.g. 4096, 64k, 4M, 1MiB)"));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size suffix `{other}` in `{text}`")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+impl ChunkManifest {
+    /// Reads a manifest written as JSON (by `vm-backup copy --manifest`).
+    pub fn read_json(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("bad manifest {}: {e}", path.display()))
+    }
+
+    /// The number of chunks a file of `file_size` bytes has.
+    pub fn chunk_count(file_size: u64, chunk_size: u64) -> u64 {
+        if chunk_size == 0 {
+            0
+        } else {
+            file_size.div_ceil(chunk_size)
+        }
+    }
+}
+
+/// What [`verify_file`] found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyFileReport {
+    /// The file checked.
+    pub file: PathBuf,
+    /// Its size now.
+    pub file_size: u64,
+    /// The size the manifest records.
+    pub expected_size: u64,
+    /// Chunks checked.
+    pub chunks: u64,
+    /// Indexes of chunks whose digest differs (a size change makes the tail chunks differ).
+    pub bad_chunks: Vec<u64>,
+    /// The first bad chunk, with its byte offset.
+    pub first_bad: Option<BadChunk>,
+    /// Whether the manifest's root matches its own digests.
+    pub root_ok: bool,
+    /// Bytes actually read (holes are not read).
+    pub bytes_read: u64,
+    /// Wall time.
+    #[serde(with = "duration_secs")]
+    pub duration: Duration,
+    /// True when every chunk, the size and the root match.
+    pub ok: bool,
+}
+
+/// A chunk whose digest does not match the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadChunk {
+    /// Chunk index.
+    pub index: u64,
+    /// Byte offset of the chunk's first byte.
+    pub offset: u64,
+    /// The digest the manifest records.
+    pub expected: String,
+    /// The digest of the file now.
+    pub actual: String,
 }
 
 /// Serialises a [`Duration`] as fractional seconds.

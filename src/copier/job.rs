@@ -1,0 +1,279 @@
+//! One copy from start to finish: check the options, pick the I/O engine, open both ends, run
+//! the engine and the hashers side by side, and publish the destination atomically.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+
+use super::buffer::Pool;
+use super::dest::{self, TempFile};
+use super::hashing::{self, HashResult, HashSettings, Item};
+use super::plan::Planner;
+use super::ticker::Ticker;
+use super::{threads, uring, ChunkManifest, CopyError, CopyOptions, CopyReport, IoPath};
+use crate::progress::{CancelToken, Level, Progress};
+
+/// Environment variable that forces an I/O engine when the options say `auto`
+/// (`threads` or `uring`).
+pub const IO_ENV: &str = "VMB_IO";
+
+/// What an I/O engine needs for one copy.
+pub(crate) struct Job<'a> {
+    /// The source.
+    pub src: &'a File,
+    /// Its path, for errors.
+    pub src_path: &'a Path,
+    /// The destination's temporary file.
+    pub dst: &'a File,
+    /// The final destination path, for errors.
+    pub dst_path: &'a Path,
+    /// Logical size.
+    pub size: u64,
+    /// Skip writing all-zero buffers.
+    pub zero_as_holes: bool,
+    /// The source is open with O_DIRECT: read lengths are rounded up to the alignment.
+    pub direct_read: bool,
+    /// The destination is open with O_DIRECT: writes are padded (and the file truncated after).
+    pub direct_write: bool,
+    /// Polled at least once per buffer.
+    pub cancel: &'a CancelToken,
+    /// The buffers.
+    pub pool: &'a Pool,
+    /// Number of pread/pwrite threads (thread-pool engine).
+    pub io_threads: usize,
+    /// Use registered buffers (io_uring engine).
+    pub register_buffers: bool,
+}
+
+/// What an engine did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IoStats {
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written (excluding O_DIRECT padding).
+    pub bytes_written: u64,
+    /// Hole bytes skipped.
+    pub holes_skipped: u64,
+    /// Allocated zero bytes not written.
+    pub zero_bytes_skipped: u64,
+}
+
+/// Signature shared by both engines.
+pub(crate) type Engine =
+    fn(&Job<'_>, Planner<'_>, Sender<Item>, &mut Vec<String>) -> Result<IoStats, CopyError>;
+
+/// Validates the options and resolves `hash_workers = 0`.
+pub(crate) fn validate(options: &CopyOptions) -> Result<CopyOptions, CopyError> {
+    let mut o = options.clone();
+    let bad = |m: String| Err(CopyError::BadOptions(m));
+    if o.queue_depth == 0 || o.queue_depth > 1024 {
+        return bad(format!(
+            "queue depth {} is not within 1..=1024",
+            o.queue_depth
+        ));
+    }
+    if o.buffer_size == 0 || o.buffer_size % 4096 != 0 || o.buffer_size > 256 << 20 {
+        return bad(format!(
+            "buffer size {} is not a multiple of 4096 between 4 KiB and 256 MiB",
+            o.buffer_size
+        ));
+    }
+    if o.chunk_size == 0 || o.chunk_size % o.buffer_size as u64 != 0 {
+        return bad(format!(
+            "chunk size {} is not a multiple of the buffer size {}",
+            o.chunk_size, o.buffer_size
+        ));
+    }
+    if o.hash_workers == 0 {
+        o.hash_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    }
+    o.hash_workers = o.hash_workers.min(64);
+    Ok(o)
+}
+
+/// Resolves `auto` (and the environment override) into the engine to run.
+pub(crate) fn choose_io(requested: IoPath, notes: &mut Vec<String>) -> Result<IoPath, CopyError> {
+    let requested = match (requested, std::env::var(IO_ENV).ok().as_deref()) {
+        (IoPath::Auto, Some("threads")) => {
+            notes.push(format!("{IO_ENV}=threads: thread-pool engine forced"));
+            IoPath::Threads
+        }
+        (IoPath::Auto, Some("uring")) => IoPath::Uring,
+        (r, _) => r,
+    };
+    match requested {
+        IoPath::Threads => Ok(IoPath::Threads),
+        IoPath::Uring => uring::probe()
+            .map(|()| IoPath::Uring)
+            .map_err(CopyError::UringUnavailable),
+        IoPath::Auto => match uring::probe() {
+            Ok(()) => Ok(IoPath::Uring),
+            Err(why) => {
+                notes.push(format!(
+                    "io_uring unavailable ({why}); using the thread pool"
+                ));
+                Ok(IoPath::Threads)
+            }
+        },
+    }
+}
+
+/// The body of [`super::copy_file`].
+pub(crate) fn run(
+    src: &Path,
+    dst: &Path,
+    options: &CopyOptions,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<CopyReport, CopyError> {
+    let started = Instant::now();
+    let mut settings = validate(options)?;
+    let dst = dest::resolve_destination(src, dst)?;
+    let mut notes = Vec::new();
+    let io = choose_io(settings.io, &mut notes)?;
+    settings.io = io;
+    let source = dest::open_source(src, settings.direct_read, &mut notes)?;
+    settings.direct_read = source.direct;
+    let size = source.size;
+    let temp = TempFile::create(&dst, settings.direct_write, &mut notes)?;
+    settings.direct_write = temp.direct;
+    tracing::debug!(
+        "copying {} ({size} bytes) to {} via {}",
+        src.display(),
+        dst.display(),
+        temp.temp_path().display()
+    );
+    temp.file
+        .set_len(size)
+        .map_err(|e| CopyError::write(&dst, 0, e))?;
+
+    let pool = Pool::new(settings.queue_depth, settings.buffer_size);
+    let job = Job {
+        src: &source.file,
+        src_path: src,
+        dst: &temp.file,
+        dst_path: &dst,
+        size,
+        zero_as_holes: settings.zero_as_holes,
+        direct_read: source.direct,
+        direct_write: temp.direct,
+        cancel,
+        pool: &pool,
+        io_threads: threads::io_threads(settings.queue_depth),
+        register_buffers: true,
+    };
+    let hash = HashSettings {
+        mode: settings.hash,
+        chunk_size: settings.chunk_size,
+        workers: settings.hash_workers,
+        size,
+    };
+    let what = src.file_name().map_or_else(
+        || src.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let ticker = Ticker::new(progress, what, size);
+    let engine: Engine = match io {
+        IoPath::Uring => uring::run,
+        _ => threads::run,
+    };
+    let planner = Planner::new(&source.file, size, settings.buffer_size);
+    let (tx, rx) = crossbeam_channel::unbounded::<Item>();
+    let (stats, hashes) = std::thread::scope(|s| {
+        let hasher = s.spawn(|| hashing::consume(rx, hash, &ticker));
+        let stats = engine(&job, planner, tx, &mut notes);
+        let hashes = match hasher.join() {
+            Ok(h) => h,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        (stats, hashes)
+    });
+    let stats = stats?;
+    check_unchanged(&source.file, src, size)?;
+    if cancel.is_cancelled() {
+        return Err(CopyError::Cancelled {
+            path: src.to_owned(),
+            offset: size,
+        });
+    }
+    if temp.direct && size % 4096 != 0 {
+        // O_DIRECT writes were padded to the alignment: cut the padding off.
+        temp.file
+            .set_len(size)
+            .map_err(|e| CopyError::write(&dst, size, e))?;
+    }
+    temp.commit(size)?;
+    ticker.finish(size);
+    for note in &notes {
+        tracing::info!("{note}");
+        progress.message(Level::Info, note);
+    }
+    Ok(build_report(
+        src, &dst, size, settings, io, stats, hashes, notes, started,
+    ))
+}
+
+/// The source must still have the size it had at the start.
+fn check_unchanged(file: &File, path: &Path, size: u64) -> Result<(), CopyError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| CopyError::read(path, size, e))?;
+    if meta.is_file() && meta.len() != size {
+        return Err(CopyError::SourceChanged {
+            path: path.to_owned(),
+            offset: meta.len().min(size),
+            detail: format!("size changed from {size} to {} bytes", meta.len()),
+        });
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_report(
+    src: &Path,
+    dst: &Path,
+    size: u64,
+    settings: CopyOptions,
+    io: IoPath,
+    stats: IoStats,
+    hashes: HashResult,
+    notes: Vec<String>,
+    started: Instant,
+) -> CopyReport {
+    let duration = started.elapsed();
+    let manifest = hashes.chunks.as_ref().map(|chunks| {
+        let digests: Vec<[u8; 32]> = chunks.iter().map(|c| c.digest).collect();
+        ChunkManifest {
+            chunk_size: settings.chunk_size,
+            file_size: size,
+            digests: digests.iter().map(hex::encode).collect(),
+            zero_chunks: chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.zero)
+                .map(|(i, _)| i as u64)
+                .collect(),
+            root: hex::encode(hashing::root_digest(&digests)),
+        }
+    });
+    let secs = duration.as_secs_f64();
+    CopyReport {
+        source: src.to_owned(),
+        destination: dst.to_owned(),
+        logical_size: size,
+        bytes_read: stats.bytes_read,
+        bytes_written: stats.bytes_written,
+        holes_skipped: stats.holes_skipped,
+        zero_chunks: manifest.as_ref().map_or(0, |m| m.zero_chunks.len() as u64),
+        sha256: hashes.file.map(hex::encode),
+        manifest,
+        duration,
+        bytes_per_sec: if secs > 0.0 { size as f64 / secs } else { 0.0 },
+        io_path: io,
+        settings,
+        notes,
+        zero_bytes_skipped: stats.zero_bytes_skipped,
+    }
+}
