@@ -283,7 +283,11 @@ pub fn locate(request: &RestoreRequest) -> Result<(PathBuf, String), RestoreErro
     let stamp = match &request.stamp {
         StampChoice::Stamp(s) => s.clone(),
         StampChoice::Latest => vm_dir.latest()?.ok_or_else(|| {
-            RestoreError::NotFound(format!("no backup of {} under {}", request.vm, vm_dir.path.display()))
+            RestoreError::NotFound(format!(
+                "no backup of {} under {}",
+                request.vm,
+                vm_dir.path.display()
+            ))
         })?,
     };
     let dir = vm_dir.backup_dir(&stamp);
@@ -375,7 +379,9 @@ pub fn restore(
     let conn = connect(&request.libvirt_uri)?;
     let existing = match conn.lookup_domain_by_name(&name) {
         Ok(d) => Some(d),
-        Err(e) if e.code() == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain) => None,
+        Err(e) if e.code() == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain) => {
+            None
+        }
         Err(e) => return Err(lv(e)),
     };
     let mut old_xml = None;
@@ -548,7 +554,10 @@ pub fn restore(
     }
     progress.message(
         Level::Info,
-        &format!("domain {name} defined{}", if started { " and started" } else { "" }),
+        &format!(
+            "domain {name} defined{}",
+            if started { " and started" } else { "" }
+        ),
     );
     Ok(RestoreOutcome {
         backup_dir: dir,
@@ -631,10 +640,11 @@ fn plan(
     // Appliance configurations beside the first disk.
     let configs_src = dir.join(layout::CONFIGS_DIR);
     let configs = if configs_src.is_dir() {
-        let base = request
-            .disk_dir
-            .clone()
-            .or_else(|| disks.first().and_then(|(_, p)| p.parent().map(Path::to_path_buf)));
+        let base = request.disk_dir.clone().or_else(|| {
+            disks
+                .first()
+                .and_then(|(_, p)| p.parent().map(Path::to_path_buf))
+        });
         base.map(|b| (configs_src, b.join(format!("{name}-configs"))))
     } else {
         None
@@ -642,16 +652,19 @@ fn plan(
 
     // File-backed consoles of a copy must not share the original's file.
     if renamed {
-        let base = request
-            .disk_dir
-            .clone()
-            .or_else(|| disks.first().and_then(|(_, p)| p.parent().map(Path::to_path_buf)));
+        let base = request.disk_dir.clone().or_else(|| {
+            disks
+                .first()
+                .and_then(|(_, p)| p.parent().map(Path::to_path_buf))
+        });
         if let Some(base) = base {
             for kind in ["serial", "console"] {
                 for i in 0..4 {
                     edits.char_files.insert(
                         format!("{kind}{i}"),
-                        base.join(format!("{name}.{kind}{i}.log")).display().to_string(),
+                        base.join(format!("{name}.{kind}{i}.log"))
+                            .display()
+                            .to_string(),
                     );
                 }
             }
@@ -711,7 +724,11 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), RestoreError> {
     for entry in fs::read_dir(src).map_err(io("cannot list", src))? {
         let entry = entry.map_err(io("cannot list", src))?;
         let to = dst.join(entry.file_name());
-        if entry.file_type().map_err(io("cannot stat", &entry.path()))?.is_dir() {
+        if entry
+            .file_type()
+            .map_err(io("cannot stat", &entry.path()))?
+            .is_dir()
+        {
             copy_tree(&entry.path(), &to)?;
         } else {
             fs::copy(entry.path(), &to).map_err(io("cannot copy to", &to))?;

@@ -85,9 +85,10 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// The first failed check, worded for the operator (names the file and the chunk).
     pub fn first_fault(&self) -> Option<String> {
-        self.checks.iter().find(|c| !c.ok).map(|c| {
-            format!("{}: {}", c.file, c.detail)
-        })
+        self.checks
+            .iter()
+            .find(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.file, c.detail))
     }
 
     /// A one-line summary: the first fault, or what passed.
@@ -260,7 +261,11 @@ fn check_checksums(dir: &Path, meta: &BackupMetadata) -> Vec<FileCheck> {
             return out;
         }
     };
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let Some((digest, name)) = line.split_once("  ").or_else(|| line.split_once(" *")) else {
             out.push(FileCheck {
                 file: CHECKSUMS_FILE.into(),
@@ -382,10 +387,7 @@ pub fn qemu_img_check(path: &Path, name: &str) -> FileCheck {
 
 /// Writes the verdict into the backup's metadata (atomically) and the catalog. A catalog
 /// failure is logged, not returned: the metadata file is the record.
-pub fn record_verdict(
-    target: &Path,
-    report: &VerifyReport,
-) -> Result<BackupMetadata, VerifyError> {
+pub fn record_verdict(target: &Path, report: &VerifyReport) -> Result<BackupMetadata, VerifyError> {
     let record = |source| VerifyError::Record {
         dir: report.dir.clone(),
         source,

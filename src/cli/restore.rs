@@ -89,7 +89,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let cancel = common::cancel_on_signals();
     let outcome = restore::restore(&request, &Lines::default(), &cancel)?;
     if args.common.json {
-        println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome).unwrap_or_default()
+        );
         return Ok(0);
     }
     println!(
@@ -111,7 +114,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         println!("  configs: {}", c.display());
     }
     if !outcome.verify.ok {
-        println!("  WARNING: restored from a damaged backup (--force): {}", outcome.verify.summary());
+        println!(
+            "  WARNING: restored from a damaged backup (--force): {}",
+            outcome.verify.summary()
+        );
     }
     Ok(0)
 }

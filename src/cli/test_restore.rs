@@ -55,7 +55,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             args.boot_timeout
                 .unwrap_or(settings.test_restore.boot_timeout_seconds),
         ),
-        run_time: Duration::from_secs(args.run_seconds.unwrap_or(settings.test_restore.run_seconds)),
+        run_time: Duration::from_secs(
+            args.run_seconds
+                .unwrap_or(settings.test_restore.run_seconds),
+        ),
     };
     let cancel = common::cancel_on_signals();
     let outcome = test_restore::run(&request, &Lines::default(), &cancel)?;
@@ -72,14 +75,21 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         );
     }
     if args.common.json {
-        println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome).unwrap_or_default()
+        );
     } else {
         println!(
             "test restore of {} {} as {}: {}: {}",
             args.vm,
             outcome.stamp,
             outcome.temp_name,
-            if outcome.verdict.ok { "PASSED" } else { "FAILED" },
+            if outcome.verdict.ok {
+                "PASSED"
+            } else {
+                "FAILED"
+            },
             outcome.verdict.detail
         );
         println!(

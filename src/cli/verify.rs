@@ -48,12 +48,18 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         let stamp = match args.stamp.clone() {
             Some(StampChoice::Stamp(s)) => s,
             _ => vm_dir.latest()?.ok_or_else(|| {
-                vm_backup::Error::Other(format!("no backup of {vm} under {}", vm_dir.path.display()))
+                vm_backup::Error::Other(format!(
+                    "no backup of {vm} under {}",
+                    vm_dir.path.display()
+                ))
             })?,
         };
         let dir = vm_dir.backup_dir(&stamp);
         if !dir.is_dir() {
-            return Err(vm_backup::Error::Other(format!("no backup {}", dir.display())));
+            return Err(vm_backup::Error::Other(format!(
+                "no backup {}",
+                dir.display()
+            )));
         }
         vec![dir]
     };
@@ -92,7 +98,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         reports.push(report);
     }
     if args.common.json {
-        println!("{}", serde_json::to_string_pretty(&reports).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).unwrap_or_default()
+        );
     } else {
         println!("{} backup(s) verified, {faults} with faults", reports.len());
     }

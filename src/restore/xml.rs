@@ -113,9 +113,7 @@ pub fn inspect(xml: &str) -> Result<DomainXml, XmlError> {
                 }
                 ("source", Some("disk")) => {
                     if let Some(d) = disk.as_mut() {
-                        d.source = attr(&e, "file")?
-                            .or(attr(&e, "dev")?)
-                            .or(attr(&e, "name")?);
+                        d.source = attr(&e, "file")?.or(attr(&e, "dev")?).or(attr(&e, "name")?);
                     }
                 }
                 ("target", Some("disk")) => {
@@ -123,11 +121,11 @@ pub fn inspect(xml: &str) -> Result<DomainXml, XmlError> {
                         d.target = attr(&e, "dev")?.unwrap_or_default();
                     }
                 }
-                ("target", Some("channel")) => {
-                    if attr(&e, "name")?.as_deref() == Some("org.qemu.guest_agent.0") {
-                        out.agent_channel = true;
-                        out.agent_state = attr(&e, "state")?;
-                    }
+                ("target", Some("channel"))
+                    if attr(&e, "name")?.as_deref() == Some("org.qemu.guest_agent.0") =>
+                {
+                    out.agent_channel = true;
+                    out.agent_state = attr(&e, "state")?;
                 }
                 ("interface", Some("devices")) => out.interfaces += 1,
                 _ => {}
@@ -409,7 +407,11 @@ fn rewrite_disk(
     Ok(out)
 }
 
-fn replace_attr(e: &BytesStart<'_>, key: &str, value: &str) -> Result<BytesStart<'static>, XmlError> {
+fn replace_attr(
+    e: &BytesStart<'_>,
+    key: &str,
+    value: &str,
+) -> Result<BytesStart<'static>, XmlError> {
     let mut n = BytesStart::new(local(e));
     let mut done = false;
     for a in e.attributes() {
@@ -490,7 +492,10 @@ mod tests {
     fn inspect_reads_what_restore_needs() {
         let d = inspect(DOMAIN).unwrap();
         assert_eq!(d.name, "web01");
-        assert_eq!(d.uuid.as_deref(), Some("6f1c1f0e-0000-4000-8000-000000000001"));
+        assert_eq!(
+            d.uuid.as_deref(),
+            Some("6f1c1f0e-0000-4000-8000-000000000001")
+        );
         assert_eq!(d.disks.len(), 2);
         assert_eq!(d.disks[0].target, "vda");
         assert_eq!(
@@ -516,19 +521,32 @@ mod tests {
             new_macs: true,
             disk_sources: BTreeMap::from([("vda".into(), "/restore/web01-copy-vda.qcow2".into())]),
             nvram: Some("/restore/web01-copy_VARS.fd".into()),
-            char_files: BTreeMap::from([("serial0".into(), "/restore/web01-copy.console.log".into())]),
+            char_files: BTreeMap::from([(
+                "serial0".into(),
+                "/restore/web01-copy.console.log".into(),
+            )]),
             ..Default::default()
         };
         let out = rewrite(DOMAIN, &edits).unwrap();
         let d = inspect(&out).unwrap();
         assert_eq!(d.name, "web01-copy");
-        assert_eq!(d.uuid.as_deref(), Some("11111111-2222-4333-8444-555555555555"));
-        assert_eq!(d.disks[0].source.as_deref(), Some("/restore/web01-copy-vda.qcow2"));
+        assert_eq!(
+            d.uuid.as_deref(),
+            Some("11111111-2222-4333-8444-555555555555")
+        );
+        assert_eq!(
+            d.disks[0].source.as_deref(),
+            Some("/restore/web01-copy-vda.qcow2")
+        );
         // The cdrom is not ours to move; its escaped name survives.
         assert_eq!(d.disks[1].source.as_deref(), Some("/iso/install & go.iso"));
         assert!(out.contains("install &amp; go.iso"), "{out}");
         assert_eq!(d.nvram.as_deref(), Some("/restore/web01-copy_VARS.fd"));
-        assert!(out.contains("template='/usr/share/OVMF/OVMF_VARS_4M.fd'") || out.contains("template=\"/usr/share/OVMF/OVMF_VARS_4M.fd\""), "{out}");
+        assert!(
+            out.contains("template='/usr/share/OVMF/OVMF_VARS_4M.fd'")
+                || out.contains("template=\"/usr/share/OVMF/OVMF_VARS_4M.fd\""),
+            "{out}"
+        );
         assert!(!out.contains("backingStore"), "{out}");
         assert!(!out.contains("base.qcow2"), "{out}");
         assert!(!out.contains("52:54:00:aa:bb:cc"), "{out}");
@@ -557,7 +575,10 @@ mod tests {
         assert_eq!(d.nvram.as_deref(), Some("/r/a_VARS.fd"));
         assert_eq!(d.disks[0].kind, "file");
         assert_eq!(d.disks[0].source.as_deref(), Some("/r/a-vda.raw"));
-        assert!(!out.contains("dev=\"/dev/vg/a\"") && !out.contains("'/dev/vg/a'"), "{out}");
+        assert!(
+            !out.contains("dev=\"/dev/vg/a\"") && !out.contains("'/dev/vg/a'"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -269,3 +269,112 @@ pub fn dead_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// A disk image for a hand-made backup: `size` bytes of pseudo-random data, as qcow2 (through
+/// `qemu-img convert`) or raw.
+pub fn make_image(path: &Path, size: usize, seed: u64, format: &str) {
+    let mut x = seed | 1;
+    let mut data = vec![0u8; size];
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    if format == "raw" {
+        fs::write(path, &data).unwrap();
+        return;
+    }
+    let raw = path.with_extension("tmp.raw");
+    fs::write(&raw, &data).unwrap();
+    let st = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::remove_file(raw).unwrap();
+}
+
+/// A backup folder built by hand the way the engine publishes one: images copied with the
+/// copier (its manifests), the domain XML, checksums.sha256 and backup-metadata.json.
+/// `disks` are (target dev, format, source image).
+pub fn hand_backup(
+    target: &Path,
+    host: &str,
+    vm: &str,
+    stamp: &str,
+    xml: &str,
+    disks: &[(&str, &str, PathBuf)],
+) -> (PathBuf, BackupMetadata) {
+    use vm_backup::copier::{copy_file, CopyOptions};
+    use vm_backup::progress::{CancelToken, NoProgress};
+    let dir = target.join(host).join(vm).join(stamp);
+    fs::create_dir_all(&dir).unwrap();
+    let mut meta = metadata(host, vm, stamp, ExitStatus::Success);
+    for (dev, format, src) in disks {
+        let file = vm_backup::layout::disk_file_name(vm, dev, format).unwrap();
+        let report = copy_file(
+            src,
+            &dir.join(&file),
+            &CopyOptions::default(),
+            &NoProgress,
+            &CancelToken::new(),
+        )
+        .unwrap();
+        let size = report.logical_size;
+        meta.disks.push(DiskRecord {
+            target: dev.to_string(),
+            source: src.display().to_string(),
+            format: format.to_string(),
+            file,
+            virtual_size: size,
+            allocated_size: size,
+            file_size: size,
+            sha256: report.sha256.clone().unwrap(),
+            manifest: report.manifest.clone().unwrap(),
+            copy_seconds: report.duration.as_secs_f64(),
+            bytes_per_sec: report.bytes_per_sec,
+            io_path: "threads".into(),
+        });
+    }
+    meta.total_bytes = meta.disks.iter().map(|d| d.file_size).sum();
+    let xml_name = format!("{vm}.xml");
+    fs::write(dir.join(&xml_name), xml).unwrap();
+    meta.files.push(xml_name);
+    write_checksums(&dir, &meta);
+    meta.write(&dir).unwrap();
+    (dir, meta)
+}
+
+/// Flips one byte of a file at `offset`.
+pub fn flip_byte(path: &Path, offset: u64) {
+    use std::io::{Seek, SeekFrom};
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact(&mut b).unwrap();
+    b[0] ^= 0xff;
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&b).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A minimal domain XML naming the given (target dev, format, source) disks.
+pub fn domain_xml(name: &str, disks: &[(&str, &str, PathBuf)]) -> String {
+    let mut devices = String::new();
+    for (dev, format, src) in disks {
+        devices.push_str(&format!(
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{format}'/>\n      <source file='{}'/>\n      <target dev='{dev}' bus='virtio'/>\n    </disk>\n",
+            src.display()
+        ));
+    }
+    format!(
+        "<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>6f1c1f0e-0000-4000-8000-000000000001</uuid>\n  <memory unit='KiB'>65536</memory>\n  <os><type arch='x86_64'>hvm</type></os>\n  <devices>\n{devices}  </devices>\n</domain>\n"
+    )
+}
