@@ -27,9 +27,11 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 fn after_each_run_catalog_alert_and_metrics_are_updated() {
     let tmp = tempfile::tempdir().unwrap();
     let server = HttpRecorder::start(Behaviour::Ok);
-    let mut settings = Settings::default();
-    settings.target = tmp.path().join("backup");
-    settings.metrics_file = Some(tmp.path().join("textfile/vm-backup.prom"));
+    let mut settings = Settings {
+        target: tmp.path().join("backup"),
+        metrics_file: Some(tmp.path().join("textfile/vm-backup.prom")),
+        ..Default::default()
+    };
     settings.slack.alerts_webhook = Some(format!("{}/services/T/B/x", server.base));
     let prom = settings.metrics_file.clone().unwrap();
 
