@@ -248,6 +248,9 @@ pub enum RestoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A folder the restored domain needs is unusable (e.g. not traversable by QEMU).
+    #[error("{0}")]
+    Unusable(String),
     /// Cancelled; nothing was left behind.
     #[error("restore cancelled")]
     Cancelled,

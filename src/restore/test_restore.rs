@@ -152,6 +152,7 @@ pub fn run(
     let temp_name = format!("{vm_safe}-testrestore-{suffix}");
     let work = request.work_dir.join(&temp_name);
 
+    check_traversable(&request.work_dir)?;
     let mut guard = TempDomain {
         uri: request.libvirt_uri.clone(),
         name: temp_name.clone(),
@@ -244,6 +245,24 @@ fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     let mut perms = fs::metadata(dir)?.permissions();
     perms.set_mode(perms.mode() | 0o755);
     fs::set_permissions(dir, perms)
+}
+
+/// Refuses a work folder below a folder that the QEMU user cannot traverse (libvirt's DAC
+/// driver chowns the images, not their folders), with a message that says which one.
+fn check_traversable(dir: &Path) -> Result<(), RestoreError> {
+    for ancestor in dir.ancestors().skip(1) {
+        if let Ok(meta) = fs::metadata(ancestor) {
+            if meta.permissions().mode() & 0o001 == 0 {
+                return Err(RestoreError::Unusable(format!(
+                    "{} is not traversable by the QEMU user (mode {:o}): choose another \
+                     test_restore.dir or --work-dir",
+                    ancestor.display(),
+                    meta.permissions().mode() & 0o7777
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn wait_for_agent(
