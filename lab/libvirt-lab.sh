@@ -13,6 +13,9 @@
 #                               --fill: put a file of SIZE random bytes (/fill.bin) on that disk (bench);
 #                               --only: create only these kinds (agent,noagent,uefi,multi)
 #   down [PREFIX] | down --all [--daemons] | down --daemons
+#                               destroy + undefine PREFIX's domains (and any other "PREFIX-*" domain),
+#                               delete its disks; --all: every prefix on the machine (other users' too!);
+#                               --daemons: then stop the daemons started by this script (by pid)
 #   status
 #   wait-agent DOM [TIMEOUT_S]  wait until guest-ping answers (default 60 s)
 #   gexec DOM 'CMD' [TIMEOUT_S] run /bin/sh -c CMD in the guest; prints stdout (stderr to stderr), exits with its code
@@ -68,14 +71,30 @@ deps() {
 # ---------------------------------------------------------------- daemons
 daemons_up() { virsh -c qemu:///system version >/dev/null 2>&1; }
 
+# True when a process with this exact command name runs (no pidof/pgrep: not in every image).
+proc_running() {
+  local c
+  for c in /proc/[0-9]*/comm; do
+    [ "$(cat "$c" 2>/dev/null)" = "$1" ] && return 0
+  done
+  return 1
+}
+proc_pids() {
+  local c out=""
+  for c in /proc/[0-9]*/comm; do
+    [ "$(cat "$c" 2>/dev/null)" = "$1" ] && out+="$(basename "$(dirname "$c")") "
+  done
+  echo "${out:-none}"
+}
+
 start_daemons_locked() {
   mkdir -p "$DAEMON_DIR"
-  if ! pidof virtlogd >/dev/null 2>&1; then
+  if ! proc_running virtlogd; then
     log "starting virtlogd"
     /usr/sbin/virtlogd -d -p "$DAEMON_DIR/virtlogd.pid"
   fi
   if daemons_up; then return 0; fi
-  if ! pidof libvirtd >/dev/null 2>&1; then
+  if ! proc_running libvirtd; then
     log "starting libvirtd (log: $DAEMON_DIR/libvirtd.log)"
     LIBVIRT_LOG_OUTPUTS="3:file:$DAEMON_DIR/libvirtd.log" /usr/sbin/libvirtd -d -p "$DAEMON_DIR/libvirtd.pid"
   fi
@@ -106,11 +125,15 @@ stop_daemons() {
 }
 
 # ---------------------------------------------------------------- guest
+# The newest installed kernel that has both its image in /boot and its modules (a container may
+# see the host's /lib/modules without a matching /boot/vmlinuz).
 kernel_version() {
-  local k
-  k=$(ls /lib/modules | sort -V | tail -n 1)
-  [ -n "$k" ] && [ -f "/boot/vmlinuz-$k" ] || die "no kernel in /lib/modules + /boot (install linux-image-amd64)"
-  echo "$k"
+  local k best=""
+  for k in $(ls /lib/modules 2>/dev/null | sort -V); do
+    [ -f "/boot/vmlinuz-$k" ] && [ -d "/lib/modules/$k/kernel" ] && best=$k
+  done
+  [ -n "$best" ] || die "no kernel with /boot/vmlinuz-K and /lib/modules/K (install linux-image-amd64)"
+  echo "$best"
 }
 
 guest_stamp() {
@@ -197,7 +220,8 @@ cmd_guest() {
 
 # ---------------------------------------------------------------- domains
 check_prefix() {
-  [[ "$1" =~ ^[a-z0-9][a-z0-9_-]{0,30}$ ]] || die "bad prefix '$1' (want [a-z0-9][a-z0-9_-]*)"
+  # No "-": `down a` removes every "a-*" domain, which must never catch another prefix "a-b".
+  [[ "$1" =~ ^[a-z0-9][a-z0-9_]{0,30}$ ]] || die "bad prefix '$1' (want [a-z0-9][a-z0-9_]*, no '-')"
   case "$1" in daemons|guest|tmp) die "reserved prefix '$1'" ;; esac
 }
 
@@ -397,13 +421,18 @@ cmd_down() {
     log "libvirtd not answering: removing disk directories only"
     [ -n "$p" ] && rm -rf "${LAB_ROOT:?}/$p"
   fi
-  if [ -n "$daemons" ]; then stop_daemons; fi
+  if [ -n "$daemons" ]; then
+    local others
+    others=$(daemons_up && virsh list --name 2>/dev/null | grep . | tr '\n' ' ' || true)
+    [ -z "$others" ] || log "warning: domains still running (QEMU keeps them; a restarted libvirtd reconnects): $others"
+    stop_daemons
+  fi
 }
 
 cmd_status() {
   echo "lab root: $LAB_ROOT"
   if daemons_up; then
-    echo "libvirtd: answering (pid $(pidof libvirtd || echo '?')), virtlogd pid $(pidof virtlogd || echo none)"
+    echo "libvirtd: answering (pid $(proc_pids libvirtd)), virtlogd pid $(proc_pids virtlogd)"
   else
     echo "libvirtd: not answering"
   fi
