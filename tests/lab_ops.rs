@@ -29,7 +29,7 @@ impl Scratch {
             std::process::id()
         ));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(dir.join("target")).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let conf = format!(
             "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
