@@ -8,14 +8,18 @@
 #   daemons                     start virtlogd + libvirtd if not answering (idempotent)
 #   guest [--force]             build the shared guest (kernel + initrd) if missing or outdated
 #   up [PREFIX] [--data-size SIZE] [--fill SIZE] [--only DOM[,DOM]]
-#                               (re)create and start PREFIX-{agent,noagent,uefi,multi}; default PREFIX vmb.
+#                               (re)create and start PREFIX-{agent,noagent,uefi,multi}; PREFIX: $VMB_LAB_PREFIX or vmb.
 #                               --data-size: size of the agent domain's data disk (default 256M);
 #                               --fill: put a file of SIZE random bytes (/fill.bin) on that disk (bench);
 #                               --only: create only these kinds (agent,noagent,uefi,multi)
 #   down [PREFIX] | down --all [--daemons] | down --daemons
+#                               destroy + undefine PREFIX's domains (and any other "PREFIX-*" domain),
+#                               delete its disks; --all: every prefix on the machine (other users' too!);
+#                               --daemons: then stop the daemons started by this script (by pid)
 #   status
 #   wait-agent DOM [TIMEOUT_S]  wait until guest-ping answers (default 60 s)
 #   gexec DOM 'CMD' [TIMEOUT_S] run /bin/sh -c CMD in the guest; prints stdout (stderr to stderr), exits with its code
+#   agent-hang DOM SECONDS      stop qemu-ga in the guest (SIGSTOP) for SECONDS (it resumes by itself)
 #   seq-check DOM [FILE]        check the writer's sequence: prints "first=F last=L gaps=G lines=N"
 #   ext4-cat IMG PATH           read PATH from the ext4 filesystem of disk image IMG (offline, -U)
 #   dir PREFIX                  print the directory holding PREFIX's disks
@@ -68,14 +72,30 @@ deps() {
 # ---------------------------------------------------------------- daemons
 daemons_up() { virsh -c qemu:///system version >/dev/null 2>&1; }
 
+# True when a process with this exact command name runs (no pidof/pgrep: not in every image).
+proc_running() {
+  local c
+  for c in /proc/[0-9]*/comm; do
+    [ "$(cat "$c" 2>/dev/null)" = "$1" ] && return 0
+  done
+  return 1
+}
+proc_pids() {
+  local c out=""
+  for c in /proc/[0-9]*/comm; do
+    [ "$(cat "$c" 2>/dev/null)" = "$1" ] && out+="$(basename "$(dirname "$c")") "
+  done
+  echo "${out:-none}"
+}
+
 start_daemons_locked() {
   mkdir -p "$DAEMON_DIR"
-  if ! pidof virtlogd >/dev/null 2>&1; then
+  if ! proc_running virtlogd; then
     log "starting virtlogd"
     /usr/sbin/virtlogd -d -p "$DAEMON_DIR/virtlogd.pid"
   fi
   if daemons_up; then return 0; fi
-  if ! pidof libvirtd >/dev/null 2>&1; then
+  if ! proc_running libvirtd; then
     log "starting libvirtd (log: $DAEMON_DIR/libvirtd.log)"
     LIBVIRT_LOG_OUTPUTS="3:file:$DAEMON_DIR/libvirtd.log" /usr/sbin/libvirtd -d -p "$DAEMON_DIR/libvirtd.pid"
   fi
@@ -106,11 +126,15 @@ stop_daemons() {
 }
 
 # ---------------------------------------------------------------- guest
+# The newest installed kernel that has both its image in /boot and its modules (a container may
+# see the host's /lib/modules without a matching /boot/vmlinuz).
 kernel_version() {
-  local k
-  k=$(ls /lib/modules | sort -V | tail -n 1)
-  [ -n "$k" ] && [ -f "/boot/vmlinuz-$k" ] || die "no kernel in /lib/modules + /boot (install linux-image-amd64)"
-  echo "$k"
+  local k best=""
+  for k in $(ls /lib/modules 2>/dev/null | sort -V); do
+    [ -f "/boot/vmlinuz-$k" ] && [ -d "/lib/modules/$k/kernel" ] && best=$k
+  done
+  [ -n "$best" ] || die "no kernel with /boot/vmlinuz-K and /lib/modules/K (install linux-image-amd64)"
+  echo "$best"
 }
 
 guest_stamp() {
@@ -197,7 +221,8 @@ cmd_guest() {
 
 # ---------------------------------------------------------------- domains
 check_prefix() {
-  [[ "$1" =~ ^[a-z0-9][a-z0-9_-]{0,30}$ ]] || die "bad prefix '$1' (want [a-z0-9][a-z0-9_-]*)"
+  # No "-": `down a` removes every "a-*" domain, which must never catch another prefix "a-b".
+  [[ "$1" =~ ^[a-z0-9][a-z0-9_]{0,30}$ ]] || die "bad prefix '$1' (want [a-z0-9][a-z0-9_]*, no '-')"
   case "$1" in daemons|guest|tmp) die "reserved prefix '$1'" ;; esac
 }
 
@@ -321,7 +346,7 @@ create_disks() {
 
 cmd_up() {
   need_root
-  local p=vmb data_size=256M fill="" only=""
+  local p=${VMB_LAB_PREFIX:-vmb} data_size=256M fill="" only=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --data-size) data_size=$2; shift 2 ;;
@@ -391,19 +416,26 @@ cmd_down() {
         log "down $(cat "$f")"; prefix_down "$(cat "$f")"
       done
     elif [ -n "$p" ] || [ -z "$daemons" ]; then
-      p=${p:-vmb}; log "down $p"; prefix_down "$p"
+      p=${p:-${VMB_LAB_PREFIX:-vmb}}; log "down $p"; prefix_down "$p"
     fi
   else
     log "libvirtd not answering: removing disk directories only"
-    [ -n "$p" ] && rm -rf "${LAB_ROOT:?}/$p"
+    if [ -z "$all" ] && { [ -n "$p" ] || [ -z "$daemons" ]; }; then
+      p=${p:-${VMB_LAB_PREFIX:-vmb}}; check_prefix "$p"; rm -rf "${LAB_ROOT:?}/$p"
+    fi
   fi
-  if [ -n "$daemons" ]; then stop_daemons; fi
+  if [ -n "$daemons" ]; then
+    local others
+    others=$(daemons_up && virsh list --name 2>/dev/null | grep . | tr '\n' ' ' || true)
+    [ -z "$others" ] || log "warning: domains still running (QEMU keeps them; a restarted libvirtd reconnects): $others"
+    stop_daemons
+  fi
 }
 
 cmd_status() {
   echo "lab root: $LAB_ROOT"
   if daemons_up; then
-    echo "libvirtd: answering (pid $(pidof libvirtd || echo '?')), virtlogd pid $(pidof virtlogd || echo none)"
+    echo "libvirtd: answering (pid $(proc_pids libvirtd)), virtlogd pid $(proc_pids virtlogd)"
   else
     echo "libvirtd: not answering"
   fi
@@ -456,6 +488,18 @@ gexec() {
   return "$(jq -r '.return.exitcode // 255' <<<"$status")"
 }
 
+# Makes the guest agent hang (SIGSTOP) for SECONDS, then resume by itself (a guest-side timer:
+# a stopped agent cannot be reached from the host). The domain stays "connected" meanwhile.
+agent_hang() {
+  local dom=$1 secs=$2 cmd req
+  [[ "$secs" =~ ^[0-9]+$ ]] || die "agent-hang: SECONDS must be an integer"
+  cmd="p=\$(pidof qemu-ga); (sleep $secs; kill -CONT \$p) >/dev/null 2>&1 & sleep 0.3; kill -STOP \$p"
+  req=$(jq -cn --arg c "$cmd" '{execute:"guest-exec",arguments:{path:"/bin/sh",arg:["-c",$c]}}')
+  virsh qemu-agent-command "$dom" "$req" --timeout 10 >/dev/null || die "guest-exec on $dom failed"
+  sleep 0.5
+  log "$dom: qemu-ga stopped for $secs s"
+}
+
 seq_check() {
   local dom=$1 file=${2:-/mnt/data/seq.log}
   # Prints up to 5 "gap after X: Y" lines, then the summary line "first=F last=L gaps=G lines=N".
@@ -499,6 +543,7 @@ case "$cmd" in
   status) cmd_status ;;
   wait-agent) [ $# -ge 1 ] || die "usage: wait-agent DOM [TIMEOUT]"; wait_agent "$@" ;;
   gexec) [ $# -ge 2 ] || die "usage: gexec DOM 'CMD' [TIMEOUT]"; gexec "$@" ;;
+  agent-hang) [ $# -eq 2 ] || die "usage: agent-hang DOM SECONDS"; agent_hang "$@" ;;
   seq-check) [ $# -ge 1 ] || die "usage: seq-check DOM [FILE]"; seq_check "$@" ;;
   ext4-cat) [ $# -eq 2 ] || die "usage: ext4-cat IMG PATH"; ext4_cat "$@" ;;
   dir) [ $# -eq 1 ] || die "usage: dir PREFIX"; check_prefix "$1"; echo "$LAB_ROOT/$1" ;;

@@ -107,7 +107,8 @@ fn whole_file_digest_equals_sha256sum() {
 #[test]
 fn holes_at_start_middle_end_and_all_hole() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cases: Vec<(&str, u64, Vec<(u64, usize)>)> = vec![
+    type Case = (&'static str, u64, Vec<(u64, usize)>);
+    let cases: Vec<Case> = vec![
         ("hole-start", 4 * MIB, vec![(2 * MIB, 2 * MIB as usize)]),
         (
             "hole-middle",

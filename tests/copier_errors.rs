@@ -60,7 +60,7 @@ fn source_truncated_during_copy_is_detected() {
         match r {
             Err(CopyError::SourceChanged { path, offset, .. }) => {
                 assert_eq!(path, src);
-                assert!(offset >= MIB && offset < 32 * MIB, "offset {offset}");
+                assert!((MIB..32 * MIB).contains(&offset), "offset {offset}");
             }
             other => panic!("{io:?}: expected SourceChanged, got {other:?}"),
         }

@@ -60,6 +60,62 @@ fn display<S: serde::Serializer>(v: &DomState, s: S) -> Result<S::Ok, S::Error> 
     s.collect_str(v)
 }
 
+/// What the pre-checks learnt about the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentState {
+    /// No agent channel in the domain.
+    Absent,
+    /// A channel, but no agent connected to it.
+    Disconnected,
+    /// The agent answered a ping within the bound.
+    Answers,
+    /// The agent did not answer within the bound (the cause).
+    Hung(String),
+}
+
+/// Chooses the method: `auto` gives quiesce (running, agent answers), snapshot (running, no
+/// agent channel or agent not connected) or offline (shut off). `probe` is asked about the
+/// agent only when quiesce is possible. A hung agent fails quiesce and auto unless
+/// `fallback` allows a crash-consistent snapshot (recorded in the note).
+pub fn choose_method(
+    requested: Method,
+    state: DomState,
+    shutdown: bool,
+    fallback: bool,
+    probe: &mut dyn FnMut() -> AgentState,
+) -> Result<(Method, Option<String>), String> {
+    let live = state.is_live();
+    match (requested, live) {
+        (Method::Offline | Method::Auto, false) => Ok((Method::Offline, None)),
+        (Method::Offline, true) if shutdown => Ok((Method::Offline, None)),
+        (Method::Offline, true) => Err(format!(
+            "domain is {state}: an offline backup needs it shut off (or --shutdown to shut it down cleanly and start it again)"
+        )),
+        (Method::Quiesce | Method::Snapshot, false) => Err(format!(
+            "domain is shut off: method {requested} needs it running (use --method offline or auto)"
+        )),
+        (Method::Snapshot, true) => Ok((Method::Snapshot, None)),
+        (Method::Quiesce | Method::Auto, true) => {
+            let (why, auto_may_fall_back) = match probe() {
+                AgentState::Answers => return Ok((Method::Quiesce, None)),
+                AgentState::Absent => ("no guest agent channel in the domain".to_string(), true),
+                AgentState::Disconnected => ("the guest agent is not connected".to_string(), true),
+                AgentState::Hung(cause) => (format!("the guest agent {cause}"), false),
+            };
+            if requested == Method::Auto && auto_may_fall_back {
+                Ok((Method::Snapshot, Some(format!("{why}: crash-consistent snapshot"))))
+            } else if fallback {
+                Ok((
+                    Method::Snapshot,
+                    Some(format!("{why}: crash-consistent fallback as configured")),
+                ))
+            } else {
+                Err(format!("{why}: cannot quiesce"))
+            }
+        }
+    }
+}
+
 /// Runs every pre-check on `dom` for `request`. Read-only except for setting the domain's
 /// agent response timeout (a runtime setting). The error is the cause, worded for the
 /// operator.
@@ -80,7 +136,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
     let current = dom.parsed(!state.is_live()).map_err(|e| e.to_string())?;
     let inactive = libvirt::xml::parse_domain(&inactive_xml)
         .map_err(|e| format!("cannot parse the inactive domain XML: {e}"))?;
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
 
     // Leftovers of an earlier run that the journal did not explain.
     for d in current.disks.iter().chain(inactive.disks.iter()) {
@@ -120,73 +176,46 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
     }
 
     // Method.
-    let agent_present = current.agent != AgentChannel::Absent;
-    let agent_connected = current.agent.connected();
     let mut agent_timeout_set = false;
-    let (method, method_note) = match (request.method, state.is_live()) {
-        (Method::Offline, false) | (Method::Auto, false) => (Method::Offline, None),
-        (Method::Offline, true) => {
-            if !request.shutdown {
-                return Err(format!(
-                    "domain is {state}: an offline backup needs it shut off (or --shutdown to shut it down cleanly and start it again)"
+    let agent_connected = current.agent.connected();
+    let agent = current.agent.clone();
+    let mut probe = || -> AgentState {
+        match &agent {
+            AgentChannel::Absent => return AgentState::Absent,
+            a if !a.connected() => return AgentState::Disconnected,
+            _ => {}
+        }
+        let secs = settings.timeouts.agent_seconds.clamp(1, u32::MAX as u64) as u32;
+        if let Err(e) = dom.set_agent_timeout(Some(secs)) {
+            return AgentState::Hung(e.to_string());
+        }
+        agent_timeout_set = true;
+        let t = std::time::Instant::now();
+        match dom.agent_ping() {
+            Ok(()) => {
+                notes.push(format!(
+                    "guest agent answered in {:.0} ms",
+                    t.elapsed().as_secs_f64() * 1000.0
                 ));
+                AgentState::Answers
             }
-            (Method::Offline, None)
+            Err(e) => AgentState::Hung(format!("does not answer within {secs} s ({e})")),
         }
-        (Method::Quiesce | Method::Snapshot, false) => {
-            return Err(format!(
-                "domain is shut off: method {} needs it running (use --method offline or auto)",
-                request.method
-            ))
-        }
-        (Method::Snapshot, true) => (Method::Snapshot, None),
-        (Method::Quiesce | Method::Auto, true) => {
-            let fallback = |why: String| -> Result<(Method, Option<String>), String> {
-                if request.method == Method::Auto && !agent_present {
-                    Ok((Method::Snapshot, Some(why)))
-                } else if request.crash_consistent_fallback {
-                    Ok((
-                        Method::Snapshot,
-                        Some(format!("{why}; crash-consistent fallback as configured")),
-                    ))
-                } else if request.method == Method::Auto && !agent_connected {
-                    Ok((Method::Snapshot, Some(why)))
-                } else {
-                    Err(why)
-                }
-            };
-            if !agent_present {
-                fallback("no guest agent channel in the domain: crash-consistent snapshot".into())?
-            } else if !agent_connected {
-                fallback("the guest agent is not connected: crash-consistent snapshot".into())?
-            } else {
-                let secs = settings.timeouts.agent_seconds.clamp(1, u32::MAX as u64) as u32;
-                dom.set_agent_timeout(Some(secs))
-                    .map_err(|e| e.to_string())?;
-                agent_timeout_set = true;
-                let t = std::time::Instant::now();
-                match dom.agent_ping() {
-                    Ok(()) => {
-                        notes.push(format!(
-                            "guest agent answered in {:.0} ms",
-                            t.elapsed().as_secs_f64() * 1000.0
-                        ));
-                        (Method::Quiesce, None)
-                    }
-                    Err(e) => {
-                        let why = format!(
-                            "the guest agent does not answer within {secs} s ({e}): cannot quiesce"
-                        );
-                        match fallback(why) {
-                            Ok(v) => v,
-                            Err(why) => {
-                                let _ = dom.set_agent_timeout(None);
-                                return Err(why);
-                            }
-                        }
-                    }
-                }
+    };
+    let chosen = choose_method(
+        request.method,
+        state,
+        request.shutdown,
+        request.crash_consistent_fallback,
+        &mut probe,
+    );
+    let (method, method_note) = match chosen {
+        Ok(v) => v,
+        Err(e) => {
+            if agent_timeout_set {
+                let _ = dom.set_agent_timeout(None);
             }
+            return Err(e);
         }
     };
 
@@ -547,4 +576,183 @@ pub fn run_post_checks(
         Err(e) => problems.push(e.to_string()),
     }
     Ok((dir, problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choose(
+        requested: Method,
+        state: DomState,
+        agent: AgentState,
+        shutdown: bool,
+        fallback: bool,
+    ) -> (Result<(Method, Option<String>), String>, bool) {
+        let mut asked = false;
+        let r = choose_method(requested, state, shutdown, fallback, &mut || {
+            asked = true;
+            agent.clone()
+        });
+        (r, asked)
+    }
+
+    /// (requested, state, agent, shutdown, fallback, expected method or error fragment)
+    type Case = (
+        Method,
+        DomState,
+        AgentState,
+        bool,
+        bool,
+        Result<Method, &'static str>,
+    );
+
+    #[test]
+    fn method_table() {
+        use AgentState::*;
+        use DomState::*;
+        let hung = || Hung("does not answer within 3 s".into());
+        // (requested, state, agent, shutdown, fallback) -> method or error
+        let cases: Vec<Case> = vec![
+            (
+                Method::Auto,
+                Running,
+                Answers,
+                false,
+                false,
+                Ok(Method::Quiesce),
+            ),
+            (
+                Method::Auto,
+                Running,
+                Absent,
+                false,
+                false,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Auto,
+                Running,
+                Disconnected,
+                false,
+                false,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Auto,
+                Running,
+                hung(),
+                false,
+                false,
+                Err("cannot quiesce"),
+            ),
+            (
+                Method::Auto,
+                Running,
+                hung(),
+                false,
+                true,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Auto,
+                ShutOff,
+                Answers,
+                false,
+                false,
+                Ok(Method::Offline),
+            ),
+            (
+                Method::Quiesce,
+                Running,
+                Answers,
+                false,
+                false,
+                Ok(Method::Quiesce),
+            ),
+            (
+                Method::Quiesce,
+                Running,
+                Absent,
+                false,
+                false,
+                Err("no guest agent"),
+            ),
+            (
+                Method::Quiesce,
+                Running,
+                Absent,
+                false,
+                true,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Quiesce,
+                ShutOff,
+                Answers,
+                false,
+                false,
+                Err("needs it running"),
+            ),
+            (
+                Method::Snapshot,
+                Running,
+                hung(),
+                false,
+                false,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Snapshot,
+                ShutOff,
+                Absent,
+                false,
+                false,
+                Err("needs it running"),
+            ),
+            (
+                Method::Offline,
+                ShutOff,
+                Absent,
+                false,
+                false,
+                Ok(Method::Offline),
+            ),
+            (
+                Method::Offline,
+                Running,
+                Answers,
+                false,
+                false,
+                Err("--shutdown"),
+            ),
+            (
+                Method::Offline,
+                Running,
+                Answers,
+                true,
+                false,
+                Ok(Method::Offline),
+            ),
+        ];
+        for (req, state, agent, shutdown, fallback, want) in cases {
+            let label = format!("{req} {state} {agent:?} shutdown={shutdown} fallback={fallback}");
+            let (got, asked) = choose(req, state, agent, shutdown, fallback);
+            match (got, want) {
+                (Ok((m, note)), Ok(w)) => {
+                    assert_eq!(m, w, "{label}");
+                    // A weaker method than asked always says why.
+                    if m == Method::Snapshot && req != Method::Snapshot {
+                        assert!(note.is_some(), "{label}");
+                    }
+                }
+                (Err(e), Err(w)) => assert!(e.contains(w), "{label}: {e}"),
+                (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
+            }
+            // The agent is only asked when quiesce is possible.
+            if !state.is_live() || req == Method::Snapshot || req == Method::Offline {
+                assert!(!asked, "{label}: agent probed needlessly");
+            }
+        }
+    }
 }

@@ -335,3 +335,20 @@ fn outcome_from_error(
 
 /// Seconds per phase, in the order they ran.
 pub(crate) type PhaseTimes = BTreeMap<String, f64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_can_move_between_threads_and_errors_name_vm_and_phase() {
+        fn assert_send<T: Send>() {}
+        assert_send::<BackupSession<'static>>();
+        assert_send::<BackupOutcome>();
+        let e = BackupError::failed("Prüf VM", Phase::Copy, "disk vda: no space left");
+        assert_eq!(e.status, ExitStatus::Failed);
+        let text = e.to_string();
+        assert!(text.contains("\"Prüf VM\"") && text.contains("copy") && text.contains("no space"));
+        assert_eq!(BackupError::pre("x", "y").status.code(), 1);
+    }
+}

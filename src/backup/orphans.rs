@@ -176,6 +176,7 @@ pub fn scan(
     let mut report = OrphanReport::default();
     let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| e.to_string())?;
     let mut journaled_overlays = std::collections::BTreeSet::new();
+    let mut journaled_partials = std::collections::BTreeSet::new();
 
     // 1. Journals.
     for path in journal::list_journals(&settings.journal_dir).map_err(|e| e.to_string())? {
@@ -195,6 +196,9 @@ pub fn scan(
         };
         for o in &rec.overlays {
             journaled_overlays.insert(o.overlay.clone());
+        }
+        if let Some(p) = &rec.partial_dir {
+            journaled_partials.insert(p.clone());
         }
         let lock = match VmLock::acquire(&settings.journal_dir, &rec.vm) {
             Ok(l) => l,
@@ -302,6 +306,9 @@ pub fn scan(
                 Err(_) => continue, // a backup is writing it
             };
             for p in partials {
+                if journaled_partials.contains(&p) {
+                    continue; // reported (and repaired) with its journal
+                }
                 let mut orphan = Orphan {
                     vm: name.clone(),
                     kind: "partial".into(),

@@ -42,8 +42,12 @@ pub fn settings(common: &TargetArgs) -> Result<Settings, vm_backup::Error> {
 /// Runs `vm-backup backup`.
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let settings = settings(&args.common)?;
-    let inventory_path = args.inventory.clone().unwrap_or(settings.inventory.clone());
-    let inventory = Inventory::load(&inventory_path)?;
+    // An explicit --inventory must exist; the configured one may be absent (no inventory).
+    let inventory = match &args.inventory {
+        Some(path) => Inventory::load(path)?,
+        None if settings.inventory.exists() => Inventory::load(&settings.inventory)?,
+        None => Inventory::default(),
+    };
     let entry = inventory.vm(&args.vm).cloned();
     let mut request = BackupRequest::new(&args.vm, settings);
     request.method = args

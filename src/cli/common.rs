@@ -29,6 +29,11 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // ureq logs request URLs at debug level, and Slack webhook URLs are secrets.
+    let filter = match vm_backup::notify::LOG_DIRECTIVE.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -43,13 +48,6 @@ pub fn cancel_on_signals() -> CancelToken {
         let _ = signal_hook::flag::register(signal, token.flag());
     }
     token
-}
-
-/// A command that is not built yet.
-pub fn not_yet(command: &str) -> Result<i32, vm_backup::Error> {
-    Err(vm_backup::Error::Other(format!(
-        "`vm-backup {command}` is not built yet"
-    )))
 }
 
 /// A [`vm_backup::progress::Progress`] sink for the terminal: log lines on stderr, transfer

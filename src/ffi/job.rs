@@ -4,7 +4,7 @@
 //!
 //! Conventions:
 //! * Functions returning `int` return 0 on success and -1 on failure. On failure a
-//!   [`VmbMessageLevel::Fatal`] message naming the cause has already been sent through the
+//!   [`VmbMessageLevel::VMB_MESSAGE_LEVEL_FATAL`] message naming the cause has already been sent through the
 //!   message callback, so the shim only has to return `bRC_Error`.
 //! * Every call except [`vmb_job_cancel`] is made on the File Daemon's job thread.
 //!   [`vmb_job_cancel`] may be called from any thread at any time before [`vmb_job_free`].
@@ -22,22 +22,22 @@ use crate::progress::CancelToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbMessageLevel {
     /// Progress and events (M_INFO).
-    Info = 0,
+    VMB_MESSAGE_LEVEL_INFO = 0,
     /// Worth a look; the job still ends OK (M_WARNING).
-    Warning = 1,
+    VMB_MESSAGE_LEVEL_WARNING = 1,
     /// Counted in JobErrors: the job ends "OK -- with warnings" (M_ERROR).
-    Error = 2,
+    VMB_MESSAGE_LEVEL_ERROR = 2,
     /// The job fails (M_FATAL).
-    Fatal = 3,
+    VMB_MESSAGE_LEVEL_FATAL = 3,
 }
 
 impl From<MessageLevel> for VmbMessageLevel {
     fn from(level: MessageLevel) -> Self {
         match level {
-            MessageLevel::Info => VmbMessageLevel::Info,
-            MessageLevel::Warning => VmbMessageLevel::Warning,
-            MessageLevel::Error => VmbMessageLevel::Error,
-            MessageLevel::Fatal => VmbMessageLevel::Fatal,
+            MessageLevel::Info => VmbMessageLevel::VMB_MESSAGE_LEVEL_INFO,
+            MessageLevel::Warning => VmbMessageLevel::VMB_MESSAGE_LEVEL_WARNING,
+            MessageLevel::Error => VmbMessageLevel::VMB_MESSAGE_LEVEL_ERROR,
+            MessageLevel::Fatal => VmbMessageLevel::VMB_MESSAGE_LEVEL_FATAL,
         }
     }
 }
@@ -62,11 +62,11 @@ pub struct VmbJobCallbacks {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbCommand {
     /// bEventPluginCommand (FileSet transfer): check the string only.
-    Check = 0,
+    VMB_COMMAND_CHECK = 0,
     /// bEventBackupCommand: run or prepare the backup.
-    Backup = 1,
+    VMB_COMMAND_BACKUP = 1,
     /// bEventEstimateCommand: list the files, touch nothing.
-    Estimate = 2,
+    VMB_COMMAND_ESTIMATE = 2,
 }
 
 /// A regular file or a folder.
@@ -74,9 +74,9 @@ pub enum VmbCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbFileKind {
     /// Regular file (FT_REG).
-    Regular = 0,
+    VMB_FILE_KIND_REGULAR = 0,
     /// Folder (FT_DIREND); no data.
-    Directory = 1,
+    VMB_FILE_KIND_DIRECTORY = 1,
 }
 
 /// The next file to save, filled by [`vmb_job_next_file`].
@@ -102,11 +102,11 @@ pub struct VmbFileInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbCreate {
     /// Data follows (CF_EXTRACT).
-    Extract = 0,
+    VMB_CREATE_EXTRACT = 0,
     /// Nothing to write; done (CF_CREATED).
-    Created = 1,
+    VMB_CREATE_CREATED = 1,
     /// Skip it (CF_SKIP).
-    Skip = 2,
+    VMB_CREATE_SKIP = 2,
 }
 
 /// One plugin instance: the state of one Bacula job. Opaque to C.
@@ -336,9 +336,9 @@ pub unsafe extern "C" fn vmb_job_command(
     let cmd = unsafe { text(cmd) };
     with_job(job, -1, |inner| {
         match kind {
-            VmbCommand::Check => inner.job.plugin_command(&cmd)?,
-            VmbCommand::Backup => inner.job.backup_command(&cmd)?,
-            VmbCommand::Estimate => inner.job.estimate_command(&cmd)?,
+            VmbCommand::VMB_COMMAND_CHECK => inner.job.plugin_command(&cmd)?,
+            VmbCommand::VMB_COMMAND_BACKUP => inner.job.backup_command(&cmd)?,
+            VmbCommand::VMB_COMMAND_ESTIMATE => inner.job.estimate_command(&cmd)?,
         }
         Ok(0)
     })
@@ -374,8 +374,8 @@ pub unsafe extern "C" fn vmb_job_next_file(job: *mut VmbJob, out: *mut VmbFileIn
             *out = VmbFileInfo {
                 path: inner.path.as_ptr(),
                 kind: match info.0 {
-                    FileKind::Regular => VmbFileKind::Regular,
-                    FileKind::Directory => VmbFileKind::Directory,
+                    FileKind::Regular => VmbFileKind::VMB_FILE_KIND_REGULAR,
+                    FileKind::Directory => VmbFileKind::VMB_FILE_KIND_DIRECTORY,
                 },
                 mode: info.1,
                 size: info.2,
@@ -504,9 +504,9 @@ pub unsafe extern "C" fn vmb_job_create_file(
         // SAFETY: checked non-null, valid per the contract.
         unsafe {
             *out = match result {
-                CreateResult::Extract => VmbCreate::Extract,
-                CreateResult::Created => VmbCreate::Created,
-                CreateResult::Skip => VmbCreate::Skip,
+                CreateResult::Extract => VmbCreate::VMB_CREATE_EXTRACT,
+                CreateResult::Created => VmbCreate::VMB_CREATE_CREATED,
+                CreateResult::Skip => VmbCreate::VMB_CREATE_SKIP,
             };
         }
         Ok(0)
@@ -554,7 +554,10 @@ mod tests {
             let job = vmb_job_new(&cb);
             assert!(!job.is_null());
             assert_eq!(vmb_job_start(job, c"JobId=7 Job=x".as_ptr()), 0);
-            assert_eq!(vmb_job_command(job, VmbCommand::Check, cmd.as_ptr()), -1);
+            assert_eq!(
+                vmb_job_command(job, VmbCommand::VMB_COMMAND_CHECK, cmd.as_ptr()),
+                -1
+            );
             vmb_job_cancel(job);
             vmb_job_free(job);
             assert!(vmb_is_our_command(cmd.as_ptr()));
@@ -562,7 +565,7 @@ mod tests {
         }
         let lines = lines.lock().unwrap();
         assert_eq!(lines.len(), 1);
-        assert_eq!(lines[0].0, VmbMessageLevel::Fatal);
+        assert_eq!(lines[0].0, VmbMessageLevel::VMB_MESSAGE_LEVEL_FATAL);
         assert!(lines[0].1.contains("mode=\"tape\""), "{}", lines[0].1);
     }
 

@@ -267,12 +267,14 @@ impl Dom {
             .map_err(|e| self.err("guest agent ping", e))
     }
 
-    /// Creates an external, disk-only, atomic, no-metadata snapshot from `snapshot_xml`, with
-    /// the quiesce flag when asked (freeze, snapshot and thaw inside this one call).
+    /// Creates an external, disk-only, atomic, no-metadata snapshot from `snapshot_xml` into
+    /// overlay files created beforehand (reuse-external), with the quiesce flag when asked
+    /// (freeze, snapshot and thaw inside this one call).
     pub fn snapshot_external(&self, snapshot_xml: &str, quiesce: bool) -> Result<(), LibvirtError> {
         let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
             | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
         if quiesce {
             flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
         }

@@ -132,6 +132,38 @@ pub fn domstate(dom: &str) -> String {
     virsh_ok(&["domstate", dom]).trim().to_string()
 }
 
+/// Waits until `virsh domstate DOM` reads `state` (e.g. `shut off`), at most `timeout`;
+/// panics with the last state otherwise.
+pub fn wait_state(dom: &str, state: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = domstate(dom);
+        if now == state {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dom} still '{now}' after {timeout:?}, expected '{state}'"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts a shut-off domain and, when it has an agent, waits for `guest-ping` (60 s).
+pub fn start_and_wait(dom: &str) {
+    virsh_ok(&["start", dom]);
+    if virsh_ok(&["dumpxml", dom]).contains("org.qemu.guest_agent.0") {
+        wait_agent(dom, Duration::from_secs(60));
+    }
+}
+
+/// Shuts a guest down cleanly through its agent (`virsh shutdown --mode agent`: the lab guest
+/// stops its writer, syncs and unmounts) and waits until it is shut off (30 s).
+pub fn shutdown_wait(dom: &str) {
+    virsh_ok(&["shutdown", dom, "--mode", "agent"]);
+    wait_state(dom, "shut off", Duration::from_secs(30));
+}
+
 /// True when the domain's guest agent answers `guest-ping` within 5 s.
 pub fn agent_ping(dom: &str) -> bool {
     virsh(&[
@@ -164,6 +196,8 @@ pub struct Gexec {
 }
 
 /// Runs `/bin/sh -c CMD` in the guest through qemu-ga (guest-exec + guest-exec-status).
+/// To leave something running in the guest, detach its output: `cmd >/dev/null 2>&1 &`
+/// (the agent waits for the captured output pipes to close).
 pub fn gexec(dom: &str, cmd: &str) -> Gexec {
     let out = run_lab(&["gexec", dom, cmd]);
     Gexec {
@@ -182,6 +216,29 @@ pub fn gexec_ok(dom: &str, cmd: &str) -> String {
         r.stderr
     );
     r.stdout
+}
+
+/// Stops the guest agent (SIGSTOP of qemu-ga) for `duration` (whole seconds); it resumes by
+/// itself (a timer in the guest). Commands libvirt sent meanwhile may be executed late: a
+/// freeze that libvirt reported as timed out can freeze the guest when the agent resumes.
+pub fn agent_hang(dom: &str, duration: Duration) {
+    run_lab_ok(&["agent-hang", dom, &duration.as_secs().to_string()]);
+}
+
+/// `guest-fsfreeze-status` of the guest (`thawed` / `frozen`), `None` if the agent does not answer.
+pub fn fsfreeze_status(dom: &str) -> Option<String> {
+    let out = virsh(&[
+        "qemu-agent-command",
+        dom,
+        r#"{"execute":"guest-fsfreeze-status"}"#,
+        "--timeout",
+        "5",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["return"].as_str().map(str::to_string)
 }
 
 /// What the writer's `/mnt/data/seq.log` holds.
@@ -326,6 +383,70 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = virsh(&["domfsthaw", &self.0]);
+    }
+}
+
+/// A small or failing backup target mounted by `lab/share.sh` (root); unmounted and deleted
+/// when dropped.
+pub struct Share {
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+impl Share {
+    fn script(args: &[&str]) -> Output {
+        let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/share.sh"));
+        cmd.args(args);
+        run(cmd, &format!("lab/share.sh {args:?}"))
+    }
+
+    fn script_ok(args: &[&str]) {
+        let out = Share::script(args);
+        assert!(
+            out.status.success(),
+            "lab/share.sh {args:?} failed: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// Mounts a filesystem of `size` (e.g. `"20M"`) on `dir`: loop ext4, or tmpfs with `tmpfs`.
+    /// Writing more than it holds fails with ENOSPC.
+    pub fn full(dir: &Path, size: &str, tmpfs: bool) -> Share {
+        let d = dir.to_string_lossy();
+        let mut args = vec!["mkfull", &*d, size];
+        if tmpfs {
+            args.push("--tmpfs");
+        }
+        Share::script_ok(&args);
+        Share {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Mounts the FUSE pass-through share on `dir` with fault options such as
+    /// `["--fail-after", "1048576", "--errno", "EIO"]` or `["--fail-fsync"]` (none: healthy).
+    pub fn faulty(dir: &Path, fault: &[&str]) -> Share {
+        let d = dir.to_string_lossy();
+        let mut args = vec!["faulty", &*d];
+        args.extend_from_slice(fault);
+        Share::script_ok(&args);
+        Share {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Changes the fault of a faulty share (`["--off"]` to heal it); byte counts start now.
+    pub fn set_fault(&self, fault: &[&str]) {
+        let d = self.dir.to_string_lossy();
+        let mut args = vec!["fault", &*d];
+        args.extend_from_slice(fault);
+        Share::script_ok(&args);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let _ = Share::script(&["umount", &self.dir.to_string_lossy()]);
     }
 }
 
