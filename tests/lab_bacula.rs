@@ -541,3 +541,73 @@ fn kill_9_of_the_fd_mid_backup_is_repaired_by_the_next_job() {
     sha256sum_check(&dir);
     discard(&dir);
 }
+
+#[test]
+fn restore_with_where_defines_a_new_domain_that_boots() {
+    let Some(lab) = lab("restore_with_where_defines_a_new_domain_that_boots", true) else {
+        return;
+    };
+    let restored = format!("{AGENT}-restored");
+    let _ = support::virsh(&["destroy", &restored]);
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    let (id, status) = lab.run(&format!("vm-{AGENT}"));
+    assert_eq!(status, 'T', "{}", lab.joblog(id));
+    let dir = folder_of(&lab.files(id), AGENT);
+    let where_ = PathBuf::from(format!("{LAB}/restore/job-{id}"));
+    let _ = std::fs::remove_dir_all(&where_);
+
+    let t0 = Instant::now();
+    let out = lab.bconsole(&format!(
+        "restore jobid={id} where={} all done yes\n",
+        where_.display()
+    ));
+    let rid: u32 = out
+        .lines()
+        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
+        .find_map(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("restore not queued: {out}"));
+    let rstatus = lab.wait(rid);
+    let log = lab.joblog(rid);
+    eprintln!(
+        "restore job {rid}: {rstatus} in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(rstatus, 'T', "{log}");
+    assert!(log.contains(&format!("as domain {restored}")), "{log}");
+
+    // Defined under the new name, its disk in `where`, byte-identical to the backup's copy.
+    let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
+    let disk = blk
+        .split_whitespace()
+        .find(|w| w.starts_with(&where_.display().to_string()))
+        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
+        .to_string();
+    let sums = std::fs::read_to_string(dir.join("checksums.sha256")).expect("checksums");
+    let want = sums
+        .lines()
+        .find(|l| l.ends_with(&format!("{AGENT}-vda.qcow2")))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("disk checksum")
+        .to_string();
+    let got = Command::new("sha256sum")
+        .arg(&disk)
+        .output()
+        .expect("sha256sum");
+    let got = String::from_utf8_lossy(&got.stdout);
+    assert!(
+        got.starts_with(&want),
+        "restored disk {disk} differs: {got} vs {want}"
+    );
+
+    // It boots: the guest agent answers.
+    support::virsh_ok(&["start", &restored]);
+    let booted = Command::new(support::lab_script())
+        .args(["wait-agent", &restored, "90"])
+        .status()
+        .expect("wait-agent");
+    let _ = support::virsh(&["destroy", &restored]);
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    assert!(booted.success(), "{restored} did not boot to its agent");
+    let _ = std::fs::remove_dir_all(&where_);
+    discard(&dir);
+}

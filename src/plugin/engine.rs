@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use super::{PluginArgs, PluginError};
 use crate::backup::{run_backup, BackupRequest};
 use crate::config::{Inventory, Settings};
+use crate::layout::VmDir;
 use crate::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
+use crate::restore::{restore, RestoreOutcome, RestoreRequest, StampChoice};
 use crate::ExitStatus;
 
 /// A direct-mode backup that reached the target.
@@ -69,8 +71,10 @@ pub fn backup_direct(
 }
 
 /// Restores the VM of a direct-mode backup from the target named in the plugin string (or the
-/// configuration): to its own name when `where_` is empty, else under a new name with its disks
-/// in `where_`. Returns a line for the job log.
+/// configuration), with the engine's restore (`vm-backup restore`): to its own name when
+/// `where_` is empty (refused while that domain runs; an existing shut-off definition is
+/// replaced only with `force`, Bacula's `replace=always`), else its disks go into `where_` and
+/// the domain is defined as `<vm>-restored`. Returns a line for the job log.
 pub fn restore_direct(
     settings: &Settings,
     meta: &BackupMetadata,
@@ -79,8 +83,53 @@ pub fn restore_direct(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<String, PluginError> {
-    let _ = (settings, meta, where_, force, progress, cancel);
-    Err(PluginError::Engine(
-        "vm-backup: restore is not built into this library yet".into(),
-    ))
+    let mut request = RestoreRequest::new(
+        &settings.target,
+        &meta.host,
+        &meta.vm_name,
+        StampChoice::Stamp(meta.stamp.clone()),
+    );
+    request.libvirt_uri = settings.libvirt_uri.clone();
+    request.force = force;
+    request.backup_dir = Some(
+        VmDir::new(&settings.target, &meta.host, &meta.vm_name)
+            .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?
+            .backup_dir(&meta.stamp),
+    );
+    if let Some(dir) = super::where_dir(where_) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| PluginError::io(format!("create {}", dir.display()), e))?;
+        request.disk_dir = Some(dir.to_path_buf());
+        request.new_name = Some(super::restored_name(&meta.vm_name));
+    }
+    finish_restore(restore(&request, progress, cancel), &meta.vm_name, cancel)
+}
+
+/// Words a restore's result for the job log.
+pub fn finish_restore(
+    result: Result<RestoreOutcome, crate::restore::RestoreError>,
+    vm: &str,
+    cancel: &CancelToken,
+) -> Result<String, PluginError> {
+    match result {
+        Ok(out) => Ok(format!(
+            "restored backup {} of {vm} as domain {} ({}; disks: {})",
+            out.stamp,
+            out.domain,
+            if out.replaced {
+                "replaced the old definition"
+            } else {
+                "defined"
+            },
+            out.disks
+                .iter()
+                .map(|d| format!("{}={}", d.target, d.path.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Err(_) if cancel.is_cancelled() => Err(PluginError::Canceled),
+        Err(e) => Err(PluginError::Engine(format!(
+            "vm-backup: restore of {vm} failed: {e}"
+        ))),
+    }
 }
