@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::engine::{self, DirectBackup};
-use super::stream::{self, StreamSession};
+use super::stream::{self, Hasher, StreamHash, StreamSession};
 use super::{Mode, PluginArgs, PluginError, VirtualPath};
 use crate::layout;
 use crate::metadata::BackupMetadata;
@@ -165,6 +165,10 @@ struct BackupState {
     session: Option<StreamSession>,
     /// Stream mode: the last disk has been read; finish the session after it.
     finished: bool,
+    /// Stream mode: digests of the files sent so far.
+    hashes: Vec<(String, StreamHash)>,
+    /// Stream mode: the session's progress and log lines.
+    messages: Option<Receiver<Event>>,
 }
 
 struct Reader {
@@ -174,6 +178,7 @@ struct Reader {
     total: u64,
     started: Instant,
     last_report: Instant,
+    hasher: Option<Hasher>,
 }
 
 struct RestoreState {
@@ -292,20 +297,26 @@ impl Job {
                     reader: None,
                     session: None,
                     finished: true,
+                    hashes: Vec::new(),
+                    messages: None,
                 }
             }
             Mode::Stream => {
                 let cancel = self.cancel.clone();
-                let session = self.pump(|progress| {
-                    stream::StreamSession::prepare(&args, &settings, progress, &cancel)
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let progress: Arc<dyn Progress> = Arc::new(ChannelProgress::new(tx));
+                let session = self.pump_on(&rx, || {
+                    StreamSession::prepare(&args, &settings, progress, &cancel)
                 })?;
-                let files = session.files(mtime);
+                let files = session.files(mtime)?;
                 BackupState {
                     files,
                     current: None,
                     reader: None,
                     session: Some(session),
                     finished: false,
+                    hashes: Vec::new(),
+                    messages: Some(rx),
                 }
             }
         };
@@ -392,6 +403,8 @@ impl Job {
             reader: None,
             session: None,
             finished: true,
+            hashes: Vec::new(),
+            messages: None,
         }));
         Ok(())
     }
@@ -409,6 +422,32 @@ impl Job {
                 work(&progress)
             });
             forward(&rx, self.sink.as_ref());
+            match handle.join() {
+                Ok(result) => result,
+                Err(_) => Err(PluginError::Engine(
+                    "vm-backup: internal error: the engine thread panicked".into(),
+                )),
+            }
+        })
+    }
+
+    /// Like [`Self::pump`], for work whose progress sink is already connected to `rx` (the
+    /// stream session's): forwards until the work is done.
+    fn pump_on<T: Send>(
+        &self,
+        rx: &Receiver<Event>,
+        work: impl FnOnce() -> Result<T, PluginError> + Send,
+    ) -> Result<T, PluginError> {
+        std::thread::scope(|scope| {
+            let handle = scope.spawn(work);
+            while !handle.is_finished() {
+                if let Ok(Event::Line(level, text)) = rx.recv_timeout(Duration::from_millis(200)) {
+                    self.sink.message(level, &text);
+                }
+            }
+            for Event::Line(level, text) in rx.try_iter() {
+                self.sink.message(level, &text);
+            }
             match handle.join() {
                 Ok(result) => result,
                 Err(_) => Err(PluginError::Engine(
@@ -449,7 +488,9 @@ impl Job {
         if !state.finished && (next_is_metadata || !more) {
             state.finished = true;
             if let Some(session) = state.session.take() {
-                let files = self.finish_stream(session)?;
+                let hashes = std::mem::take(&mut state.hashes);
+                let rx = state.messages.take();
+                let files = self.finish_stream(session, hashes, rx)?;
                 if let State::Backup(state) = &mut self.state {
                     state.files.truncate(next);
                     state.files.extend(files);
@@ -460,10 +501,15 @@ impl Job {
         Ok(more)
     }
 
-    fn finish_stream(&self, session: StreamSession) -> Result<Vec<VirtualFile>, PluginError> {
-        let cancel = self.cancel.clone();
+    fn finish_stream(
+        &self,
+        session: StreamSession,
+        hashes: Vec<(String, StreamHash)>,
+        rx: Option<Receiver<Event>>,
+    ) -> Result<Vec<VirtualFile>, PluginError> {
         let mtime = chrono::Utc::now().timestamp();
-        self.pump(move |progress| session.finish(progress, &cancel, mtime))
+        let rx = rx.unwrap_or_else(|| crossbeam_channel::never());
+        self.pump_on(&rx, move || session.finish(&hashes, mtime))
     }
 
     /// pluginIO OPEN for reading (backup) of the current file.
@@ -486,6 +532,7 @@ impl Job {
             Content::Listing => Box::new(std::io::empty()),
         };
         let now = Instant::now();
+        let hasher = state.session.is_some().then(Hasher::default);
         state.reader = Some(Reader {
             source,
             name: file.path.rsplit('/').next().unwrap_or_default().to_string(),
@@ -493,6 +540,7 @@ impl Job {
             total: file.size,
             started: now,
             last_report: now,
+            hasher,
         });
         Ok(())
     }
@@ -520,6 +568,19 @@ impl Job {
             }
         };
         reader.done += n as u64;
+        if let Some(h) = reader.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        if n == 0 {
+            if let Some(h) = reader.hasher.take() {
+                state.hashes.push((reader.name.clone(), h.finish()));
+            }
+        }
+        if let Some(rx) = &state.messages {
+            for Event::Line(level, text) in rx.try_iter() {
+                self.sink.message(level, &text);
+            }
+        }
         let now = Instant::now();
         let big = reader.total >= 16 << 20;
         if big
