@@ -508,7 +508,7 @@ impl Job {
         rx: Option<Receiver<Event>>,
     ) -> Result<Vec<VirtualFile>, PluginError> {
         let mtime = chrono::Utc::now().timestamp();
-        let rx = rx.unwrap_or_else(|| crossbeam_channel::never());
+        let rx = rx.unwrap_or_else(crossbeam_channel::never);
         self.pump_on(&rx, move || session.finish(&hashes, mtime))
     }
 
