@@ -119,9 +119,18 @@ impl Lab {
         ids
     }
 
+    /// Waits until the job has ended (bconsole's `wait`, then the catalog's JobStatus: `wait`
+    /// returns at once for a job the Director has not started yet).
     fn wait(&self, id: u32) -> char {
-        self.bconsole(&format!("wait jobid={id}\n"));
-        self.status(id)
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            self.bconsole(&format!("wait jobid={id}\n"));
+            let status = self.status(id);
+            if matches!(status, 'T' | 'E' | 'e' | 'f' | 'A') || Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     fn status(&self, id: u32) -> char {
@@ -411,9 +420,12 @@ fn scheduled_job_behaves_like_run_job() {
              Job {{ Name = \"vm-bac-agent-scheduled\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"vm-{AGENT}-set\"\n Schedule = \"TestSoon\" }}\n"
         ),
     );
+    let last: u32 = lab.sql("select max(JobId) from Job").parse().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(150);
     let id = loop {
-        let id = lab.sql("select max(JobId) from Job where Name='vm-bac-agent-scheduled'");
+        let id = lab.sql(&format!(
+            "select max(JobId) from Job where Name='vm-bac-agent-scheduled' and JobId>{last}"
+        ));
         if let Ok(id) = id.parse::<u32>() {
             break id;
         }
