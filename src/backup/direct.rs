@@ -34,6 +34,58 @@ impl BackupSession<'_> {
         Ok(())
     }
 
+    /// The metadata of this backup, for a driver that copies the disks itself (the Bacula
+    /// plugin's stream mode): `disks` records what it copied, `files` the other files it sent
+    /// (`<vm>.xml`, `<vm>-nvram.fd`). Method, note, frozen window, phases so far (add the
+    /// driver's own with [`Self::record_phase`]), skipped disks and warnings come from the
+    /// session; `result` is `warning` when there are warnings.
+    pub fn metadata_for(&self, disks: Vec<DiskRecord>, files: Vec<String>) -> BackupMetadata {
+        let total: u64 = disks.iter().map(|d| d.file_size).sum();
+        let copy_secs = self.phases.get("copy").copied().unwrap_or(0.0);
+        BackupMetadata {
+            schema_version: metadata::SCHEMA_VERSION,
+            tool_version: crate::VERSION.to_string(),
+            vm_name: self.request.vm.clone(),
+            vm_uuid: self.uuid.clone(),
+            host: self.host.clone(),
+            stamp: self.stamp.clone(),
+            method_requested: self.request.method,
+            method: self.method,
+            method_note: self.method_note.clone(),
+            started_at: self.started_at.to_rfc3339(),
+            finished_at: Local::now().to_rfc3339(),
+            frozen_ms: self.frozen_ms,
+            phases: self.phases.clone(),
+            disks,
+            skipped_disks: self.skipped.clone(),
+            files,
+            total_bytes: total,
+            bytes_per_sec: if copy_secs > 0.0 {
+                total as f64 / copy_secs
+            } else {
+                0.0
+            },
+            result: if self.warnings.is_empty() {
+                ExitStatus::Success
+            } else {
+                ExitStatus::Warning
+            },
+            warnings: self.warnings.clone(),
+            appliance: self
+                .request
+                .vm_entry
+                .as_ref()
+                .and_then(|e| e.appliance.clone()),
+            verify: None,
+            test_restore: None,
+        }
+    }
+
+    /// Records the seconds a phase took (a driver's own `copy`, for instance).
+    pub fn record_phase(&mut self, name: &str, seconds: f64) {
+        self.phases.insert(name.to_string(), seconds);
+    }
+
     /// The published metadata and folder, once [`Self::run_direct`] succeeded.
     pub fn published(&self) -> (Option<BackupMetadata>, Option<PathBuf>) {
         match &self.published {
@@ -205,41 +257,12 @@ impl BackupSession<'_> {
     }
 
     fn metadata(&self, extra: &[(String, String)], result: ExitStatus) -> BackupMetadata {
-        let total: u64 = self.disk_records.iter().map(|d| d.file_size).sum();
-        let copy_secs = self.phases.get("copy").copied().unwrap_or(0.0);
-        BackupMetadata {
-            schema_version: metadata::SCHEMA_VERSION,
-            tool_version: crate::VERSION.to_string(),
-            vm_name: self.request.vm.clone(),
-            vm_uuid: self.uuid.clone(),
-            host: self.host.clone(),
-            stamp: self.stamp.clone(),
-            method_requested: self.request.method,
-            method: self.method,
-            method_note: self.method_note.clone(),
-            started_at: self.started_at.to_rfc3339(),
-            finished_at: Local::now().to_rfc3339(),
-            frozen_ms: self.frozen_ms,
-            phases: self.phases.clone(),
-            disks: self.disk_records.clone(),
-            skipped_disks: self.skipped.clone(),
-            files: extra.iter().map(|(n, _)| n.clone()).collect(),
-            total_bytes: total,
-            bytes_per_sec: if copy_secs > 0.0 {
-                total as f64 / copy_secs
-            } else {
-                0.0
-            },
-            result,
-            warnings: self.warnings.clone(),
-            appliance: self
-                .request
-                .vm_entry
-                .as_ref()
-                .and_then(|e| e.appliance.clone()),
-            verify: None,
-            test_restore: None,
-        }
+        let mut md = self.metadata_for(
+            self.disk_records.clone(),
+            extra.iter().map(|(n, _)| n.clone()).collect(),
+        );
+        md.result = result;
+        md
     }
 
     fn publish(

@@ -44,9 +44,24 @@
 //! }
 //! let _xml: &str = session.domain_xml(); // send as `<vm>.xml`
 //! let _nvram = session.nvram_path();     // send as `<vm>-nvram.fd` when Some
+//! session.record_phase("copy", 12.5);    // the driver's own timing
 //! session.finish()?;                     // commit + pivot, overlays deleted, restart if needed
+//! // DiskRecords of what was sent (sha256 + manifest from the copier's hashing), other files:
+//! let metadata = session.metadata_for(Vec::new(), vec!["web01.xml".into()]);
+//! let _json = serde_json::to_string_pretty(&metadata);
+//! let _problems = session.close();       // journal cleared, lock released
 //! # Ok::<(), vm_backup::backup::BackupError>(())
 //! ```
+//!
+//! `prepare` takes the progress sink either borrowed (`&dyn Progress`, the session then lives
+//! as long as the borrow) or shared (`Arc<dyn Progress>`, a `BackupSession<'static>` that can
+//! be kept in the plugin's job state across File Daemon events; sessions are `Send`). The
+//! [`CancelToken`] is polled during the copy, the shutdown wait and the debug pause; the
+//! commit always runs to the end.
+//!
+//! Errors are [`BackupError`]s: VM, [`Phase`], cause and the exit status they mean (1 before
+//! the VM was touched, 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
+//! appliance-capture problems of a published backup.
 //!
 //! Dropping a session without [`BackupSession::finish`] (an error, a cancel) commits and
 //! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
