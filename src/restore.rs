@@ -502,6 +502,7 @@ pub fn restore(
         return Err(RestoreError::Cancelled);
     }
     for (tmp, dest) in &staged {
+        let existed = dest.exists();
         if dest.is_dir() {
             let _ = fs::remove_dir_all(dest);
         }
@@ -512,11 +513,14 @@ pub fn restore(
         })?;
         // From now on the guard removes the final file if the restore does not complete,
         // unless it existed before (then it was overwritten on purpose, with --force).
-        if let Some(pos) = created.files.iter().position(|f| f == tmp) {
-            created.files[pos] = dest.clone();
-        }
-        if let Some(pos) = created.dirs.iter().position(|f| f == tmp) {
-            created.dirs[pos] = dest.clone();
+        created.files.retain(|f| f != tmp);
+        created.dirs.retain(|f| f != tmp);
+        if !existed {
+            if dest.is_dir() {
+                created.dirs.push(dest.clone());
+            } else {
+                created.files.push(dest.clone());
+            }
         }
     }
 

@@ -328,3 +328,47 @@ fn test_restore_fails_on_damage_or_no_boot_and_still_cleans_up() {
     assert_eq!(files_in(&s.dir.join("test-restore")), 0);
     assert_eq!(domstate(&dom), "running");
 }
+
+#[test]
+fn appliance_restore_gives_back_its_configs() {
+    if !lab_enabled("appliance_restore_gives_back_its_configs") {
+        return;
+    }
+    let orig = noagent_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("asa");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    let backup = s.backup(&orig);
+    // What the ASAv capture leaves in a backup (the capture itself is tested against a real
+    // sshd in tests/ops_appliance.rs).
+    let configs = backup.join("configs");
+    fs::create_dir_all(&configs).unwrap();
+    let running = "hostname asa-lab\ninterface Management0/0\n";
+    fs::write(configs.join("show-running-config.txt"), running).unwrap();
+    let sum = vm_backup::verify::sha256_file(&configs.join("show-running-config.txt")).unwrap();
+    let mut sums = fs::read_to_string(backup.join("checksums.sha256")).unwrap();
+    sums.push_str(&format!("{sum}  configs/show-running-config.txt\n"));
+    fs::write(backup.join("checksums.sha256"), sums).unwrap();
+
+    let dd = s.dir.join("asa-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(o.contains("configs:"), "{o}");
+    assert_eq!(
+        fs::read_to_string(dd.join(format!("{copy}-configs/show-running-config.txt"))).unwrap(),
+        running
+    );
+    assert!(domain_exists(&copy));
+    assert_eq!(domstate(&orig), "running");
+}
