@@ -355,6 +355,22 @@ pub fn restore(
         &format!("restoring {} from {}", meta.vm_name, dir.display()),
     );
 
+    for d in &meta.skipped_disks {
+        progress.message(
+            Level::Warning,
+            &format!(
+                "disk {} was not backed up ({}): {}",
+                d.target,
+                d.reason,
+                if request.new_name.is_some() {
+                    "removed from the copy unless it is a cdrom or floppy"
+                } else {
+                    "the restored domain keeps its original source"
+                }
+            ),
+        );
+    }
+
     // 1. Verify.
     let report = verify::verify_backup(&dir, &VerifyOptions::default(), progress, cancel)?;
     if !report.ok {
@@ -619,6 +635,17 @@ fn plan(
             .disk_sources
             .insert(disk.target.clone(), dest.display().to_string());
         disks.push((disk.clone(), dest));
+    }
+
+    // A copy beside the original must not share a writable disk that was not backed up.
+    if renamed {
+        for d in &domain_xml.disks {
+            let restored = meta.disks.iter().any(|m| m.target == d.target);
+            let read_only_media = matches!(d.device.as_str(), "cdrom" | "floppy");
+            if !restored && !read_only_media {
+                edits.drop_disks.insert(d.target.clone());
+            }
+        }
     }
 
     // NVRAM: the backup's copy goes where the (renamed) domain will look for it.

@@ -372,3 +372,62 @@ fn appliance_restore_gives_back_its_configs() {
     assert!(domain_exists(&copy));
     assert_eq!(domstate(&orig), "running");
 }
+
+#[test]
+fn multi_disk_restore_as_a_copy_boots_with_every_disk() {
+    if !lab_enabled("multi_disk_restore_as_a_copy_boots_with_every_disk") {
+        return;
+    }
+    let orig = multi_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("multi");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    wait_agent(&orig, Duration::from_secs(60));
+    let marker = format!("multi-{}", std::process::id());
+    gexec_ok(
+        &orig,
+        &format!("echo {marker} > /mnt/data2/m.txt; echo {marker} > /mnt/data3/m.txt; sync"),
+    );
+    s.backup(&orig);
+    let dd = s.dir.join("multi-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+        "--start",
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    // qcow2 (with a backing file of its own), raw and the cdrom.
+    let blk = domblklist(&copy, true);
+    let src = |t: &str| blk.iter().find(|b| b.target == t).map(|b| b.source.clone());
+    assert_eq!(
+        src("vda"),
+        Some(dd.join(format!("{copy}-vda.qcow2")).display().to_string())
+    );
+    assert_eq!(
+        src("vdb"),
+        Some(dd.join(format!("{copy}-vdb.qcow2")).display().to_string())
+    );
+    assert_eq!(
+        src("vdc"),
+        Some(dd.join(format!("{copy}-vdc.raw")).display().to_string())
+    );
+    assert!(
+        src("hdc").is_some_and(|s| s.ends_with("multi-cdrom.iso")),
+        "{blk:?}"
+    );
+    wait_agent(&copy, Duration::from_secs(120));
+    assert_eq!(gexec_ok(&copy, "cat /mnt/data2/m.txt").trim(), marker);
+    assert_eq!(gexec_ok(&copy, "cat /mnt/data3/m.txt").trim(), marker);
+    // The backing file's own content is there too.
+    assert!(gexec_ok(&copy, "cat /mnt/data2/seed.txt").contains("backing file"));
+    assert_eq!(domstate(&orig), "running");
+    assert!(agent_ping(&orig));
+}
