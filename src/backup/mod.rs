@@ -72,6 +72,7 @@ mod commit;
 mod direct;
 pub mod journal;
 pub mod orphans;
+mod report;
 mod runlog;
 mod session;
 
@@ -275,8 +276,22 @@ impl From<Arc<dyn Progress>> for ProgressRef<'_> {
 
 /// Runs a whole backup in direct mode (the engine writes the folder on the target): what
 /// `vm-backup backup` and the plugin's `mode=direct` do. Never panics on bad input; every
-/// acquired state is released before it returns.
+/// acquired state is released before it returns. Every run, failed or not, is then recorded
+/// in the catalog on the share, alerted to Slack when it failed or warned, and written to the
+/// metrics textfile (best effort: problems there are warnings).
 pub fn run_backup(
+    request: &BackupRequest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> BackupOutcome {
+    let started = chrono::Local::now();
+    let outcome = run_backup_unreported(request, progress, cancel);
+    report::after_run(request, &outcome, started, progress);
+    outcome
+}
+
+/// [`run_backup`] without the catalog, Slack and metrics reporting.
+fn run_backup_unreported(
     request: &BackupRequest,
     progress: &dyn Progress,
     cancel: &CancelToken,
