@@ -30,6 +30,8 @@ fn a_failed_backup_is_alerted_once_and_recorded_in_the_catalog() {
     let out = Command::new(env!("CARGO_BIN_EXE_vm-backup"))
         .args(["backup", "vmb-no-such-domain-4711", "--config"])
         .arg(&config)
+        .arg("--metrics-file")
+        .arg(dir.path().join("vm-backup.prom"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
