@@ -67,6 +67,7 @@
 //! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
 //! folder; [`BackupSession::close`] does the same and reports what could not be released.
 
+pub mod chain;
 pub mod checks;
 mod commit;
 mod direct;

@@ -13,6 +13,7 @@ use crate::libvirt::{Dom, DomState, Hypervisor};
 use crate::metadata::{BackupMetadata, DiskRecord, Method, SkippedDisk};
 use crate::progress::{CancelToken, Level, Progress};
 
+use super::chain::BackingImage;
 use super::checks::{self, PreCheck};
 use super::commit;
 use super::journal::{Journal, OverlayRecord};
@@ -36,8 +37,12 @@ pub struct SessionDisk {
     pub allocated_size: u64,
     /// The file name inside the backup folder (`<vm>-<target>.<ext>`).
     pub file_name: String,
-    /// The base image's own backing file, when it has one (not copied; recorded in the log).
+    /// The base image's own backing file, when it has one (the first of `backing_chain`).
     pub backing_file: Option<PathBuf>,
+    /// Every image below the base (its backing file and theirs, top to bottom): copied too,
+    /// each as its own file, so that the backup restores on its own. Unchanging during the
+    /// backup like the base (nothing writes into backing files).
+    pub backing_chain: Vec<BackingImage>,
     /// Our overlay while the snapshot is active.
     pub overlay: Option<PathBuf>,
 }
@@ -194,16 +199,25 @@ impl<'a> BackupSession<'a> {
             );
         }
         for d in &pre.disks {
-            if let Some(b) = &d.backing_file {
+            if !d.backing_chain.is_empty() {
                 log.log(
                     progress.get(),
-                    Level::Warning,
+                    Level::Info,
                     &format!(
-                        "disk {} ({}) has its own backing file {}: only {} is copied; keep its backing file for a restore",
+                        "disk {} ({}) has a backing chain of {} image(s), copied too: {}",
                         d.target,
                         d.source.display(),
-                        b.display(),
-                        d.source.display()
+                        d.backing_chain.len(),
+                        d.backing_chain
+                            .iter()
+                            .map(|b| format!(
+                                "{} ({}) as {}",
+                                b.path.display(),
+                                b.format,
+                                b.file_name
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
             }
@@ -846,6 +860,7 @@ mod tests {
             allocated_size: 1,
             file_name: "vm-vda.qcow2".into(),
             backing_file: None,
+            backing_chain: Vec::new(),
             overlay: Some("/i/a'b.qcow2.vmb-overlay-s.qcow2".into()),
         }];
         let skipped = vec![SkippedDisk {
