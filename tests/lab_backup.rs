@@ -1038,3 +1038,74 @@ fn multi_backing_chain_is_copied_whole_and_restores_on_its_own() {
         "the top image alone should not hold the seed"
     );
 }
+
+/// Starts the domain again when dropped, if it is shut off (the lab expects it running).
+struct StartOnDrop(String);
+
+impl Drop for StartOnDrop {
+    fn drop(&mut self) {
+        if domstate(&self.0) == "shut off" {
+            let _ = virsh(&["start", &self.0]);
+        }
+    }
+}
+
+#[test]
+fn offline_copy_locks_the_images_so_the_domain_cannot_start_meanwhile() {
+    if !lab_enabled("offline_copy_locks_the_images_so_the_domain_cannot_start_meanwhile") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = noagent_dom();
+    let _restart = StartOnDrop(d.clone());
+    if domstate(&d) != "shut off" {
+        virsh_ok(&["destroy", &d]);
+    }
+    wait_state(&d, "shut off", Duration::from_secs(30));
+    let image = lab_dir().join("noagent-vda.qcow2");
+    let mut child = env
+        .cmd(&["backup", &d, "--json", "--method", "offline"])
+        .env("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "5000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_partial(&env, &d, &mut child);
+    // The backup holds QEMU-style locks: starting the domain now fails on the image lock.
+    let start = virsh(&["start", &d]);
+    let err = text(&start.stderr);
+    assert!(
+        !start.status.success(),
+        "the domain started during the offline copy"
+    );
+    assert!(
+        err.contains("Failed to get \"write\" lock"),
+        "unexpected start failure: {err}"
+    );
+    eprintln!(
+        "MEASURE virsh start during the offline copy: {}",
+        err.trim()
+    );
+    assert_eq!(domstate(&d), "shut off");
+    let out = child.wait_with_output().unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("no JSON: {}", text(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let dir = check_outcome(&json, &d, "offline");
+    let log = fs::read_to_string(dir.join("backup.log")).unwrap();
+    assert!(log.contains("locked for the offline copy"), "{log}");
+    // The copy is the image byte for byte (nothing could write into it).
+    let sum = |p: &Path| {
+        let o = Command::new("sha256sum").arg(p).output().unwrap();
+        text(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(sum(&image), sum(&dir.join(format!("{d}-vda.qcow2"))));
+    // Released: the domain starts now.
+    virsh_ok(&["start", &d]);
+    assert_eq!(domstate(&d), "running");
+}
