@@ -1109,3 +1109,97 @@ fn offline_copy_locks_the_images_so_the_domain_cannot_start_meanwhile() {
     virsh_ok(&["start", &d]);
     assert_eq!(domstate(&d), "running");
 }
+
+/// A domain put on an overlay named like ours by hand; committed back and deleted on drop.
+struct HandOverlay {
+    dom: String,
+    overlay: PathBuf,
+}
+
+impl Drop for HandOverlay {
+    fn drop(&mut self) {
+        let _ = virsh(&[
+            "blockcommit",
+            &self.dom,
+            "vda",
+            "--active",
+            "--pivot",
+            "--wait",
+        ]);
+        let _ = fs::remove_file(&self.overlay);
+    }
+}
+
+fn unjournaled_overlays_of(env: &Env, vm: &str) -> Vec<Value> {
+    let out = env.cmd(&["orphans", "--json"]).output().unwrap();
+    // 0: nothing found; 3: leftovers found (other prefixes' runs may show up too).
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["orphans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["vm"] == vm && o["kind"] == "unjournaled-overlay")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn orphans_skips_the_overlays_of_a_vm_whose_lock_is_held() {
+    if !lab_enabled("orphans_skips_the_overlays_of_a_vm_whose_lock_is_held") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = noagent_dom();
+    let before = disk_sources(&d);
+    let overlay = lab_dir().join(format!(
+        "noagent-vda.qcow2.vmb-overlay-handmade-{}.qcow2",
+        std::process::id()
+    ));
+    let spec = format!("vda,file={},snapshot=external", overlay.display());
+    virsh_ok(&[
+        "snapshot-create-as",
+        &d,
+        "--name",
+        "handmade",
+        "--disk-only",
+        "--atomic",
+        "--no-metadata",
+        "--diskspec",
+        &spec,
+    ]);
+    let guard = HandOverlay {
+        dom: d.clone(),
+        overlay: overlay.clone(),
+    };
+    // Without a run holding the lock, the overlay is reported (and not touched).
+    let found = unjournaled_overlays_of(&env, &d);
+    assert_eq!(found.len(), 1, "{found:?}");
+    // While "a run" holds the VM's lock (flock on its lock file), it is its own: not reported.
+    let lock_dir = env.journal.join("journal");
+    fs::create_dir_all(&lock_dir).unwrap();
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_dir.join(format!("{d}.lock")))
+        .unwrap();
+    let held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let found = unjournaled_overlays_of(&env, &d);
+    assert!(
+        found.is_empty(),
+        "reported while its lock is held: {found:?}"
+    );
+    drop(held);
+    assert_eq!(unjournaled_overlays_of(&env, &d).len(), 1);
+    drop(guard);
+    assert_on_original_images(&d, &before);
+}
