@@ -9,7 +9,8 @@
 //!           ─► [quiesce|snapshot: ONE external, disk-only, atomic, no-metadata snapshot of all
 //!               copied disks, with the quiesce flag for quiesce (freeze+snapshot+thaw in one
 //!               libvirt call, timed as the frozen window)]
-//! direct:   .partial folder ─► copy every base image (copier, SHA-256 both ways)
+//! direct:   .partial folder ─► copy every base image and its backing chain (copier, SHA-256
+//!           both ways) [offline: under QEMU-compatible image locks]
 //! finish:   blockcommit --active --shallow + pivot per disk ─► overlays deleted ─► domain checked
 //!           on its original images ─► [restart after --shutdown]
 //! direct:   XML, NVRAM, configs, checksums.sha256, backup-metadata.json, backup.log ─► fsync
@@ -41,6 +42,10 @@
 //!     // read disk.source (the frozen base image, `disk.format`, `disk.allocated_size`
 //!     // bytes allocated) and send it as `disk.file_name`; the guest writes into an overlay.
 //!     let _ = (&disk.source, &disk.file_name);
+//!     // ... and every image of its backing chain, each as its own file (BackingRecord).
+//!     for b in &disk.backing_chain {
+//!         let _ = (&b.path, &b.file_name, &b.format);
+//!     }
 //! }
 //! let _xml: &str = session.domain_xml(); // send as `<vm>.xml`
 //! let _nvram = session.nvram_path();     // send as `<vm>-nvram.fd` when Some
@@ -67,6 +72,7 @@
 //! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
 //! folder; [`BackupSession::close`] does the same and reports what could not be released.
 
+pub mod chain;
 pub mod checks;
 mod commit;
 mod direct;
