@@ -281,3 +281,31 @@ impl WithIo for CopyOptions {
         self
     }
 }
+
+#[test]
+fn progress_is_rate_limited_and_ends_at_the_total() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("p");
+    std::fs::write(&src, pattern(24 * MIB as usize, 11)).expect("write");
+    for io in engines() {
+        let progress = OnFirst::new(|| {});
+        let started = std::time::Instant::now();
+        let r = copier::copy_file(
+            &src,
+            &tmp.path().join(format!("p-{io:?}")),
+            &options(io),
+            &progress,
+            &CancelToken::new(),
+        )
+        .expect("copy");
+        let secs = started.elapsed().as_secs_f64();
+        let calls = progress.calls.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(calls >= 1, "{io:?}: progress reported");
+        assert!(
+            (calls as f64) <= secs * 4.0 + 3.0,
+            "{io:?}: {calls} calls in {secs:.2} s"
+        );
+        let last = progress.last.lock().expect("lock").expect("a transfer");
+        assert_eq!((last.done, last.total), (r.logical_size, r.logical_size));
+    }
+}
