@@ -7,7 +7,6 @@ root=$PWD
 
 scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 echo "== fmt and clippy"
 cargo fmt --all -- --check
@@ -18,5 +17,13 @@ cargo build --all-targets
 
 echo "== unit and integration tests (lab tests skip themselves here)"
 cargo test --no-fail-fast
+
+echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-vmb})"
+(
+  export VMB_LAB_PREFIX="${VMB_LAB_PREFIX:-vmb}"
+  trap 'lab/libvirt-lab.sh down "$VMB_LAB_PREFIX"' EXIT
+  lab/libvirt-lab.sh up "$VMB_LAB_PREFIX"
+  VMB_LAB_LIBVIRT=1 cargo test --test 'lab_*' -- --test-threads=1
+)
 
 echo "== all tests passed"

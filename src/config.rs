@@ -1,9 +1,415 @@
-//! Site configuration (`/etc/vm-backup/vm-backup.conf`) and the inventory (`vm-list.yaml`).
+//! Site configuration (`/etc/vm-backup/vm-backup.conf`, TOML) and the inventory
+//! (`vm-list.yaml`). Both are optional: every setting has a default, and flags and the Bacula
+//! plugin string override them. A bad file fails with its path, line and key.
+//!
+//! ```toml
+//! target = "/mnt/backup"
+//! hostname = "hv1"                 # default: the kernel's node name
+//! journal_dir = "/var/lib/vm-backup"
+//! inventory = "/etc/vm-backup/vm-list.yaml"
+//! [timeouts]
+//! agent_seconds = 10               # guest agent calls (ping, quiesce)
+//! commit_seconds = 600             # blockcommit convergence
+//! shutdown_seconds = 300           # clean shutdown for offline --shutdown
+//! [slack]
+//! alerts_webhook = "https://hooks.slack.com/services/…"
+//! reports_webhook = "https://hooks.slack.com/services/…"
+//! [ssh]
+//! user = "backup"
+//! identity_file = "/etc/vm-backup/id_ed25519"
+//! known_hosts = "/etc/vm-backup/known_hosts"
+//! ```
 
-/// Errors of this module.
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::metadata::Method;
+
+/// The default location of the site configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vm-backup/vm-backup.conf";
+/// The default location of the inventory.
+pub const DEFAULT_INVENTORY_PATH: &str = "/etc/vm-backup/vm-list.yaml";
+/// The default backup target.
+pub const DEFAULT_TARGET: &str = "/mnt/backup";
+/// The default folder of the local journal of acquired states.
+pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/vm-backup";
+
+/// Errors reading the configuration or the inventory.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Not built yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not parse, or has an unknown key or a bad value.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (0 when unknown).
+        line: usize,
+        /// 1-based column (0 when unknown).
+        column: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value is well-formed but not acceptable.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Timeouts of the steps that wait on something outside our control.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Guest agent calls (ping, quiesce), seconds.
+    pub agent_seconds: u64,
+    /// Blockcommit convergence, seconds.
+    pub commit_seconds: u64,
+    /// Clean shutdown of a domain for `offline --shutdown`, seconds.
+    pub shutdown_seconds: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            agent_seconds: 10,
+            commit_seconds: 600,
+            shutdown_seconds: 300,
+        }
+    }
+}
+
+/// Slack incoming webhooks. URLs are secrets: never log them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Slack {
+    /// Webhook for alerts (every failure or warning).
+    pub alerts_webhook: Option<String>,
+    /// Webhook for run summaries.
+    pub reports_webhook: Option<String>,
+    /// Timeout of one POST, seconds (default 2).
+    pub timeout_seconds: Option<u64>,
+    /// Bound on the whole delivery of one message, retries included, seconds (default 5).
+    pub budget_seconds: Option<u64>,
+}
+
+/// SSH settings for appliances (Cisco ASAv).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ssh {
+    /// Remote user.
+    pub user: Option<String>,
+    /// Private key.
+    pub identity_file: Option<PathBuf>,
+    /// known_hosts file (StrictHostKeyChecking=yes against it).
+    pub known_hosts: Option<PathBuf>,
+    /// Port (default 22).
+    pub port: Option<u16>,
+    /// Connect timeout, seconds (default 10).
+    pub connect_timeout_seconds: Option<u64>,
+    /// Bound on one command (connection included), seconds (default 60).
+    pub command_timeout_seconds: Option<u64>,
+}
+
+/// The site configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where backups go.
+    pub target: PathBuf,
+    /// The host name used in the layout (default: the kernel's node name).
+    pub hostname: Option<String>,
+    /// The local journal of acquired states.
+    pub journal_dir: PathBuf,
+    /// The inventory file.
+    pub inventory: PathBuf,
+    /// libvirt connection URI.
+    pub libvirt_uri: String,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Slack webhooks.
+    pub slack: Slack,
+    /// SSH for appliances.
+    pub ssh: Ssh,
+    /// Prometheus textfile to write after each run.
+    pub metrics_file: Option<PathBuf>,
+    /// `vm-backup test-restore`.
+    pub test_restore: TestRestore,
+}
+
+/// Settings of `vm-backup test-restore`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestRestore {
+    /// Where the disks of the temporary domain go (default: `<journal_dir>/test-restore`).
+    /// Every parent must be traversable by the QEMU user.
+    pub dir: Option<PathBuf>,
+    /// How long a VM with a guest agent may take to boot until its agent answers, seconds.
+    pub boot_timeout_seconds: u64,
+    /// How long a VM without an agent must keep running to pass, seconds.
+    pub run_seconds: u64,
+}
+
+impl Default for TestRestore {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            boot_timeout_seconds: 180,
+            run_seconds: 30,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            target: PathBuf::from(DEFAULT_TARGET),
+            hostname: None,
+            journal_dir: PathBuf::from(DEFAULT_JOURNAL_DIR),
+            inventory: PathBuf::from(DEFAULT_INVENTORY_PATH),
+            libvirt_uri: "qemu:///system".to_string(),
+            timeouts: Timeouts::default(),
+            slack: Slack::default(),
+            ssh: Ssh::default(),
+            metrics_file: None,
+            test_restore: TestRestore::default(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the configuration: `path` if given (it must exist), else the default path if it
+    /// exists, else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    /// Parses the TOML text of a configuration file named `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let settings: Settings = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_col(text, span.start))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        if settings.target.as_os_str().is_empty() || !settings.target.is_absolute() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "target".into(),
+                message: "must be an absolute path".into(),
+            });
+        }
+        Ok(settings)
+    }
+
+    /// Loads the configuration (see [`Settings::load`]) and applies a `--target` override.
+    pub fn load_with_target(
+        path: Option<&Path>,
+        target: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let mut settings = Self::load(path)?;
+        if let Some(t) = target {
+            settings.target = t.to_path_buf();
+        }
+        Ok(settings)
+    }
+
+    /// The host name used in the layout.
+    pub fn host(&self) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(crate::layout::this_host)
+    }
+}
+
+/// Retention of one VM's backups (grandfather-father-son); unset keys keep nothing by that rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Keep the newest N backups.
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the last N days.
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the last N ISO weeks.
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the last N months.
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest backup of each of the last N years.
+    pub keep_yearly: Option<u32>,
+}
+
+/// One VM of the inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmEntry {
+    /// Domain name.
+    pub name: String,
+    /// Consistency method.
+    #[serde(default)]
+    pub method: Method,
+    /// Bacula job priority (lower runs first).
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Retention.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Appliance type (`asav`), for SSH configuration capture.
+    #[serde(default)]
+    pub appliance: Option<String>,
+    /// Management address of an appliance (for SSH).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Bacula client (hypervisor) that runs this VM.
+    #[serde(default)]
+    pub client: Option<String>,
+}
+
+fn default_priority() -> u32 {
+    10
+}
+
+/// The inventory (`vm-list.yaml`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inventory {
+    /// The VMs, in the order written.
+    #[serde(default)]
+    pub vms: Vec<VmEntry>,
+}
+
+impl Inventory {
+    /// Loads an inventory; a missing file at the default path is an empty inventory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_INVENTORY_PATH) =>
+            {
+                Ok(Self::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses the YAML text of an inventory named `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let inventory: Inventory = serde_yaml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.to_string(),
+            }
+        })?;
+        let mut seen = std::collections::BTreeSet::new();
+        for vm in &inventory.vms {
+            if !seen.insert(vm.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: format!("vms[{}].name", vm.name),
+                    message: "listed twice".into(),
+                });
+            }
+        }
+        Ok(inventory)
+    }
+
+    /// The entry of a VM, if listed.
+    pub fn vm(&self, name: &str) -> Option<&VmEntry> {
+        self.vms.iter().find(|v| v.name == name)
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_when_empty() {
+        let s = Settings::parse("", Path::new("x.conf")).unwrap();
+        assert_eq!(s.target, PathBuf::from("/mnt/backup"));
+        assert_eq!(s.timeouts.agent_seconds, 10);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = "target = \"/srv/b\"\n[timeouts]\nagent_secs = 3\n";
+        let err = Settings::parse(text, Path::new("/etc/vm-backup/vm-backup.conf")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/vm-backup/vm-backup.conf:3:"), "{msg}");
+        assert!(msg.contains("agent_secs"), "{msg}");
+    }
+
+    #[test]
+    fn relative_target_is_refused() {
+        let err = Settings::parse("target = \"backups\"", Path::new("c")).unwrap_err();
+        assert!(err.to_string().contains("target"), "{err}");
+    }
+
+    #[test]
+    fn inventory_parses_and_reports_bad_values_with_line() {
+        let text = "vms:\n  - name: web01\n    method: quiesce\n    priority: 5\n    retention: {keep_last: 3}\n  - name: asa1\n    method: snapshot\n    appliance: asav\n    address: 127.0.0.1\n";
+        let inv = Inventory::parse(text, Path::new("vm-list.yaml")).unwrap();
+        assert_eq!(inv.vms.len(), 2);
+        assert_eq!(inv.vm("web01").unwrap().retention.keep_last, Some(3));
+        assert_eq!(inv.vm("asa1").unwrap().method, Method::Snapshot);
+
+        let bad = "vms:\n  - name: web01\n    method: fast\n";
+        let err = Inventory::parse(bad, Path::new("vm-list.yaml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("vm-list.yaml:3:"), "{msg}");
+        assert!(msg.contains("fast"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_vm_is_refused() {
+        let text = "vms:\n  - name: a\n  - name: a\n";
+        assert!(Inventory::parse(text, Path::new("v")).is_err());
+    }
 }

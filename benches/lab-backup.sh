@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Benchmark: a whole live backup of the lab's agent guest with a ~1 GiB data disk, side by side,
+# interleaved, several rounds, medians and ratios:
+#   (a) vm-backup backup <dom> --target DIR          (this project)
+#   (b) the reference site's script: quiesced external snapshot (virsh snapshot-create-as
+#       --disk-only --atomic --no-metadata --quiesce), cp --sparse=always of the base, sha256sum,
+#       virsh blockcommit --active --pivot --wait, rm overlay
+#   (c) virtnbdbackup -l copy (Debian package; NBD pull backup)
+# Every method's output is flushed (sync -f) inside its timing, as vm-backup syncs its files.
+# SPDX-License-Identifier: AGPL-3.0-or-later
+#
+# Usage: benches/lab-backup.sh [--rounds N] [--fill SIZE] [--prefix P] [--methods a,b,c] [--reuse] [--keep]
+#   --rounds N     rounds (default 3); the order of the methods rotates every round
+#   --fill SIZE    random data on the guest's data disk (default 1000M; disk is SIZE+200M)
+#   --prefix P     lab prefix (default vmbbench): domain P-agent, disks in /var/lib/vm-backup-lab/P
+#   --methods      subset to run (default a,b,c; (a) is skipped when vm-backup cannot back up yet)
+#   --reuse        keep an existing P-agent domain instead of recreating it
+#   --keep         leave the domain and the last backups in place at the end
+# Needs root, the libvirt lab (lab/libvirt-lab.sh) and cargo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+export LIBVIRT_DEFAULT_URI=qemu:///system
+
+rounds=3 fill=1000M prefix=vmbbench methods=a,b,c reuse="" keep=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) rounds=$2; shift 2 ;;
+    --fill) fill=$2; shift 2 ;;
+    --prefix) prefix=$2; shift 2 ;;
+    --methods) methods=$2; shift 2 ;;
+    --reuse) reuse=1; shift ;;
+    --keep) keep=1; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "bench: must run as root" >&2; exit 1; }
+lab=$repo/lab/libvirt-lab.sh
+dom=$prefix-agent
+labdir=$($lab dir "$prefix")
+out=/var/lib/vm-backup-lab/bench-target/$prefix
+now() { date +%s.%N; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
+median() { sort -g | awk '{v[NR]=$1} END{if (NR==0) print "nan"; else if (NR%2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{if (b+0 == 0 || a == "nan" || b == "nan") print "n/a"; else printf "%.2f", a/b}'; }
+
+cleanup() {
+  # Never leave the guest on an overlay or frozen, whatever failed.
+  virsh domfsthaw "$dom" >/dev/null 2>&1 || true
+  if virsh domblklist "$dom" 2>/dev/null | grep -q 'agent-vda.bench.qcow2'; then
+    virsh blockcommit "$dom" vda --active --pivot --wait >/dev/null 2>&1 || true
+  fi
+  rm -f "$labdir/agent-vda.bench.qcow2"
+  if [ -z "$keep" ]; then
+    rm -rf "$out"
+    $lab down "$prefix" >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup EXIT
+
+if [ -n "$reuse" ] && [ "$(virsh domstate "$dom" 2>/dev/null)" = running ]; then
+  echo "bench: reusing $dom"
+else
+  size_mb=$(( $(numfmt --from=iec "$fill") / 1048576 + 200 ))
+  $lab up "$prefix" --only agent --data-size "${size_mb}M" --fill "$fill"
+fi
+$lab wait-agent "$dom" 60 >/dev/null
+base=$labdir/agent-vda.qcow2
+alloc=$(qemu-img info -U --output=json "$base" | jq '.["actual-size"]')
+echo "bench: $dom, data disk $base: $(numfmt --to=iec "$alloc") allocated"
+
+have_a=""
+if [[ ",$methods," == *",a,"* ]]; then
+  echo "bench: building vm-backup (release)"
+  cargo build --release --quiet --bin vm-backup
+  vmb=$repo/target/release/vm-backup
+  rm -rf "$out/probe"; mkdir -p "$out/probe"
+  rc=0; "$vmb" backup "$dom" --target "$out/probe" >"$out/probe.log" 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ]; then
+    have_a=1
+  else
+    echo "bench: (a) skipped: 'vm-backup backup $dom --target DIR' does not work yet: $(tail -n 1 "$out/probe.log")"
+  fi
+  rm -rf "$out/probe" "$out/probe.log"
+fi
+
+run_a() {
+  local d=$out/a; rm -rf "$d"; mkdir -p "$d"
+  local rc=0
+  "$vmb" backup "$dom" --target "$d" > "$out/a.log" 2>&1 || rc=$?
+  # 0 = success, 3 = completed with a post-check warning (still a whole backup).
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then cat "$out/a.log" >&2; return 1; fi
+  frozen=$(find "$d" -name backup-metadata.json -exec jq -r '.frozen_ms // "nan"' {} + | head -n 1)
+}
+
+run_b() {
+  local d=$out/b ov=$labdir/agent-vda.bench.qcow2 t
+  rm -rf "$d"; mkdir -p "$d"
+  t=$(now)
+  virsh snapshot-create-as "$dom" --name bench --disk-only --atomic --no-metadata --quiesce \
+    --diskspec "vda,file=$ov,snapshot=external" >/dev/null
+  frozen=$(awk -v s="$(sub "$t" "$(now)")" 'BEGIN{printf "%.0f", s*1000}')   # upper bound: the whole command
+  cp --sparse=always "$base" "$d/"
+  (cd "$d" && sha256sum agent-vda.qcow2 > checksums.sha256)
+  sync -f "$d/agent-vda.qcow2"
+  virsh blockcommit "$dom" vda --active --pivot --wait >/dev/null
+  rm -f "$ov"
+}
+
+run_c() {
+  local d=$out/c; rm -rf "$d"
+  virtnbdbackup -d "$dom" -l copy -o "$d" > "$out/c.log" 2>&1 || { tail -n 20 "$out/c.log" >&2; return 1; }
+  sync -f "$d"/vda.copy.data
+  frozen=nan
+}
+
+declare -A times frozens
+order=(a b c)
+for r in $(seq 1 "$rounds"); do
+  line="round $r:"
+  for m in "${order[@]}"; do
+    [[ ",$methods," == *",$m,"* ]] || continue
+    [ "$m" = a ] && [ -z "$have_a" ] && continue
+    sync
+    frozen=nan
+    t=$(now)
+    "run_$m"
+    s=$(sub "$t" "$(now)")
+    times[$m]+="$s "
+    frozens[$m]+="$frozen "
+    line+=" ($m) ${s}s"
+    # The guest must be back on its base image after every method.
+    virsh domblklist "$dom" | grep -q " $base\$" || { echo "bench: $dom not on $base after ($m)" >&2; exit 1; }
+  done
+  echo "$line"
+  order=("${order[@]:1}" "${order[0]}")
+done
+
+med() { { tr ' ' '\n' <<<"${times[$1]:-}" | grep . || true; } | median; }
+echo
+echo "== medians over $rounds rounds ($(numfmt --to=iec "$alloc") allocated, $(nproc) cores, TCG guest)"
+declare -A M
+for m in a b c; do
+  [ -n "${times[$m]:-}" ] || continue
+  M[$m]=$(med "$m")
+  fz=$( { tr ' ' '\n' <<<"${frozens[$m]}" | grep -v '^nan$' | grep . || true; } | median)
+  mbs=$(awk -v b="$alloc" -v s="${M[$m]}" 'BEGIN{printf "%.0f", b/1048576/s}')
+  case $m in
+    a) label="vm-backup backup" ;;
+    b) label="reference (snapshot+cp+sha256sum+blockcommit)" ;;
+    c) label="virtnbdbackup -l copy" ;;
+  esac
+  printf '(%s) %-48s median %8.3f s  %5s MiB/s  frozen window %s\n' "$m" "$label" "${M[$m]}" "$mbs" \
+    "$( [ "$fz" = nan ] && echo n/a || echo "$fz ms" )"
+done
+[ -n "${M[a]:-}" ] && [ -n "${M[b]:-}" ] && echo "ratio (a)/(b) = $(ratio "${M[a]}" "${M[b]}")"
+[ -n "${M[a]:-}" ] && [ -n "${M[c]:-}" ] && echo "ratio (a)/(c) = $(ratio "${M[a]}" "${M[c]}")"
+[ -n "${M[b]:-}" ] && [ -n "${M[c]:-}" ] && echo "ratio (c)/(b) = $(ratio "${M[c]}" "${M[b]}")"
+echo "(b)'s frozen window is the whole snapshot-create-as --quiesce command (an upper bound)."
+echo "guest writer after all rounds: $($lab seq-check "$dom" | tail -n 1)"

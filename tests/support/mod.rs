@@ -1,0 +1,471 @@
+//! Helpers shared by the lab tests (`tests/lab_*.rs`), used with `mod support;`.
+//!
+//! The lab itself is brought up by `lab/libvirt-lab.sh up [PREFIX]` (see `scripts/test.sh`);
+//! these helpers only talk to it. They shell out to `virsh` and to the lab script on purpose:
+//! tests are not the product, and an independent path to libvirt makes a better witness of what
+//! the engine did than the engine's own bindings.
+//!
+//! Domains of a prefix `P` (env `VMB_LAB_PREFIX`, default `vmb`):
+//! - `P-agent`: qemu-ga, one qcow2 data disk (vda, ext4, `/seed.txt`), the writer appending
+//!   `1, 2, 3 …` to `/mnt/data/seq.log`, the fsfreeze hook logging to `/run/freeze.log`;
+//! - `P-noagent`: same guest without an agent channel (stands in for an ASAv), qcow2 vda;
+//! - `P-uefi`: q35 + OVMF + NVRAM file, a blank qcow2 vda, no agent (sits in the UEFI shell);
+//! - `P-multi`: agent; vda qcow2, vdb qcow2 with a backing file, vdc raw, hdc cdrom (ISO).
+//!
+//! Disks live in `/var/lib/vm-backup-lab/P/` (see [`lab_dir`]).
+
+// Each test file uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Root of every lab file on the machine (daemons, guest, one folder per prefix).
+pub const LAB_ROOT: &str = "/var/lib/vm-backup-lab";
+
+/// True when the libvirt lab is up (`VMB_LAB_LIBVIRT=1`); otherwise prints a visible SKIP line
+/// naming `test` and returns false, so a test can `if !lab_enabled("x") { return; }`.
+pub fn lab_enabled(test: &str) -> bool {
+    if std::env::var("VMB_LAB_LIBVIRT").as_deref() == Ok("1") {
+        true
+    } else {
+        eprintln!("SKIP: {test}: libvirt lab not enabled (run lab/libvirt-lab.sh up, then set VMB_LAB_LIBVIRT=1)");
+        false
+    }
+}
+
+/// The lab prefix (`VMB_LAB_PREFIX`, default `vmb`).
+pub fn prefix() -> String {
+    std::env::var("VMB_LAB_PREFIX").unwrap_or_else(|_| "vmb".to_string())
+}
+
+/// Name of the lab domain of a kind (`agent`, `noagent`, `uefi`, `multi`): `<prefix>-<kind>`.
+pub fn dom(kind: &str) -> String {
+    format!("{}-{kind}", prefix())
+}
+
+/// `<prefix>-agent`: the guest with qemu-ga, one qcow2 data disk and the writer.
+pub fn agent_dom() -> String {
+    dom("agent")
+}
+
+/// `<prefix>-noagent`: no guest agent channel (ASAv stand-in).
+pub fn noagent_dom() -> String {
+    dom("noagent")
+}
+
+/// `<prefix>-uefi`: OVMF firmware with an NVRAM file.
+pub fn uefi_dom() -> String {
+    dom("uefi")
+}
+
+/// `<prefix>-multi`: several disks (qcow2, qcow2 with backing file, raw, cdrom) and an agent.
+pub fn multi_dom() -> String {
+    dom("multi")
+}
+
+/// Folder holding the prefix's disks, NVRAM, domain XML and console logs.
+pub fn lab_dir() -> PathBuf {
+    Path::new(LAB_ROOT).join(prefix())
+}
+
+/// Path of `lab/libvirt-lab.sh` in this checkout.
+pub fn lab_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/libvirt-lab.sh")
+}
+
+/// A `Command` for the `vm-backup` binary built for these tests.
+pub fn vm_backup() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vm-backup"))
+}
+
+fn run(mut cmd: Command, what: &str) -> Output {
+    cmd.env("LIBVIRT_DEFAULT_URI", "qemu:///system");
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `lab/libvirt-lab.sh ARGS` and returns its output, whatever its exit status.
+pub fn run_lab(args: &[&str]) -> Output {
+    let mut cmd = Command::new(lab_script());
+    cmd.args(args);
+    run(cmd, &format!("lab/libvirt-lab.sh {args:?}"))
+}
+
+/// Runs `lab/libvirt-lab.sh ARGS`, panics with its stderr unless it succeeds, returns stdout.
+pub fn run_lab_ok(args: &[&str]) -> String {
+    let out = run_lab(args);
+    assert!(
+        out.status.success(),
+        "lab/libvirt-lab.sh {args:?} failed ({}): {}",
+        out.status,
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs `virsh -c qemu:///system ARGS`, whatever its exit status.
+pub fn virsh(args: &[&str]) -> Output {
+    let mut cmd = Command::new("virsh");
+    cmd.arg("-c").arg("qemu:///system").args(args);
+    run(cmd, &format!("virsh {args:?}"))
+}
+
+/// Runs `virsh ARGS`, panics with its stderr unless it succeeds, returns stdout.
+pub fn virsh_ok(args: &[&str]) -> String {
+    let out = virsh(args);
+    assert!(
+        out.status.success(),
+        "virsh {args:?} failed: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `virsh domstate DOM` (e.g. `running`, `shut off`).
+pub fn domstate(dom: &str) -> String {
+    virsh_ok(&["domstate", dom]).trim().to_string()
+}
+
+/// Waits until `virsh domstate DOM` reads `state` (e.g. `shut off`), at most `timeout`;
+/// panics with the last state otherwise.
+pub fn wait_state(dom: &str, state: &str, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = domstate(dom);
+        if now == state {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dom} still '{now}' after {timeout:?}, expected '{state}'"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts a shut-off domain and, when it has an agent, waits for `guest-ping` (60 s).
+pub fn start_and_wait(dom: &str) {
+    virsh_ok(&["start", dom]);
+    if virsh_ok(&["dumpxml", dom]).contains("org.qemu.guest_agent.0") {
+        wait_agent(dom, Duration::from_secs(60));
+    }
+}
+
+/// Shuts a guest down cleanly through its agent (`virsh shutdown --mode agent`: the lab guest
+/// stops its writer, syncs and unmounts) and waits until it is shut off (30 s).
+pub fn shutdown_wait(dom: &str) {
+    virsh_ok(&["shutdown", dom, "--mode", "agent"]);
+    wait_state(dom, "shut off", Duration::from_secs(30));
+}
+
+/// True when the domain's guest agent answers `guest-ping` within 5 s.
+pub fn agent_ping(dom: &str) -> bool {
+    virsh(&[
+        "qemu-agent-command",
+        dom,
+        r#"{"execute":"guest-ping"}"#,
+        "--timeout",
+        "5",
+    ])
+    .status
+    .success()
+}
+
+/// Waits until the guest agent answers `guest-ping`, at most `timeout` (panics otherwise, with
+/// the domain state and the end of its console log).
+pub fn wait_agent(dom: &str, timeout: Duration) {
+    let secs = timeout.as_secs().max(1).to_string();
+    run_lab_ok(&["wait-agent", dom, &secs]);
+}
+
+/// Result of a guest command run through the agent.
+#[derive(Debug, Clone)]
+pub struct Gexec {
+    /// Exit code of `/bin/sh -c CMD` in the guest (255 if unknown).
+    pub code: i32,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error (plus the lab script's own messages, if any).
+    pub stderr: String,
+}
+
+/// Runs `/bin/sh -c CMD` in the guest through qemu-ga (guest-exec + guest-exec-status).
+/// To leave something running in the guest, detach its output: `cmd >/dev/null 2>&1 &`
+/// (the agent waits for the captured output pipes to close).
+pub fn gexec(dom: &str, cmd: &str) -> Gexec {
+    let out = run_lab(&["gexec", dom, cmd]);
+    Gexec {
+        code: out.status.code().unwrap_or(255),
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
+    }
+}
+
+/// Like [`gexec`] but panics unless the command exits 0; returns its stdout.
+pub fn gexec_ok(dom: &str, cmd: &str) -> String {
+    let r = gexec(dom, cmd);
+    assert_eq!(
+        r.code, 0,
+        "guest command on {dom} failed: {cmd}\n{}",
+        r.stderr
+    );
+    r.stdout
+}
+
+/// Stops the guest agent (SIGSTOP of qemu-ga) for `duration` (whole seconds); it resumes by
+/// itself (a timer in the guest). Commands libvirt sent meanwhile may be executed late: a
+/// freeze that libvirt reported as timed out can freeze the guest when the agent resumes.
+pub fn agent_hang(dom: &str, duration: Duration) {
+    run_lab_ok(&["agent-hang", dom, &duration.as_secs().to_string()]);
+}
+
+/// `guest-fsfreeze-status` of the guest (`thawed` / `frozen`), `None` if the agent does not answer.
+pub fn fsfreeze_status(dom: &str) -> Option<String> {
+    let out = virsh(&[
+        "qemu-agent-command",
+        dom,
+        r#"{"execute":"guest-fsfreeze-status"}"#,
+        "--timeout",
+        "5",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["return"].as_str().map(str::to_string)
+}
+
+/// What the writer's `/mnt/data/seq.log` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqCheck {
+    /// First number in the file.
+    pub first: u64,
+    /// Last number in the file.
+    pub last: u64,
+    /// How many times a line is not the previous one plus one (0 = nothing lost or repeated).
+    pub gaps: u64,
+    /// Number of lines.
+    pub lines: u64,
+}
+
+impl SeqCheck {
+    /// Parses the summary line `first=F last=L gaps=G lines=N`.
+    pub fn parse(s: &str) -> Option<SeqCheck> {
+        let line = s.lines().rev().find(|l| l.starts_with("first="))?;
+        let mut v = [0u64; 4];
+        for (i, key) in ["first", "last", "gaps", "lines"].iter().enumerate() {
+            let field = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))?;
+            v[i] = field.parse().ok()?;
+        }
+        Some(SeqCheck {
+            first: v[0],
+            last: v[1],
+            gaps: v[2],
+            lines: v[3],
+        })
+    }
+}
+
+/// Reads the writer's sequence file in the guest (`/mnt/data/seq.log`) and summarises it.
+pub fn seq_check(dom: &str) -> SeqCheck {
+    let out = run_lab_ok(&["seq-check", dom]);
+    SeqCheck::parse(&out).unwrap_or_else(|| panic!("unexpected seq-check output: {out}"))
+}
+
+/// Lines of the guest's `/run/freeze.log` (`freeze <uptime>` / `thaw <uptime>`), oldest first.
+pub fn freeze_log(dom: &str) -> Vec<String> {
+    gexec_ok(dom, "cat /run/freeze.log 2>/dev/null; true")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// One row of `virsh domblklist --details`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkDev {
+    /// `file`, `block`, …
+    pub kind: String,
+    /// `disk`, `cdrom`, …
+    pub device: String,
+    /// Target device name (`vda`, `hdc`).
+    pub target: String,
+    /// Source path, `-` when empty.
+    pub source: String,
+}
+
+/// The block devices a domain runs on (`virsh domblklist DOM --details`; add `inactive` for the
+/// persistent definition). After a backup the sources must be the original images again.
+pub fn domblklist(dom: &str, inactive: bool) -> Vec<BlkDev> {
+    let mut args = vec!["domblklist", dom, "--details"];
+    if inactive {
+        args.push("--inactive");
+    }
+    virsh_ok(&args)
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4).then(|| BlkDev {
+                kind: f[0].to_string(),
+                device: f[1].to_string(),
+                target: f[2].to_string(),
+                source: f[3..].join(" "),
+            })
+        })
+        .collect()
+}
+
+/// `(target, source)` of every disk (not cdrom) of the running domain.
+pub fn disk_sources(dom: &str) -> Vec<(String, String)> {
+    domblklist(dom, false)
+        .into_iter()
+        .filter(|d| d.device == "disk")
+        .map(|d| (d.target, d.source))
+        .collect()
+}
+
+/// True when the live (or, with `inactive`, persistent) XML still names a backing store of a
+/// disk, i.e. an external snapshot overlay was left uncommitted. The lab's `multi` domain has a
+/// real backing file on vdb, so check a domain without one (agent, noagent, uefi).
+pub fn has_backing_store(dom: &str, inactive: bool) -> bool {
+    let mut args = vec!["dumpxml", dom];
+    if inactive {
+        args.push("--inactive");
+    }
+    virsh_ok(&args).contains("<backingStore type=")
+}
+
+/// Number of images in the backing chain of a disk image (`qemu-img info -U --backing-chain`).
+pub fn backing_chain_len(image: &Path) -> usize {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(image);
+    let out = run(cmd, "qemu-img info");
+    assert!(
+        out.status.success(),
+        "qemu-img info {}: {}",
+        image.display(),
+        text(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("qemu-img info prints JSON");
+    v.as_array().map_or(1, Vec::len)
+}
+
+/// Reads `path` from the ext4 filesystem in disk image `image` (qcow2 or raw), offline with
+/// `qemu-img convert -U` + `debugfs`. `None` when the file does not exist.
+pub fn ext4_cat(image: &Path, path: &str) -> Option<Vec<u8>> {
+    let img = image.to_string_lossy();
+    let out = run_lab(&["ext4-cat", &img, path]);
+    out.status.success().then_some(out.stdout)
+}
+
+/// Freezes the guest's filesystems (`virsh domfsfreeze`); thaws them when dropped, so a failing
+/// assertion never leaves a lab guest frozen.
+pub struct Frozen(pub String);
+
+impl Frozen {
+    /// Freezes `dom`; panics if libvirt refuses.
+    pub fn new(dom: &str) -> Frozen {
+        virsh_ok(&["domfsfreeze", dom]);
+        Frozen(dom.to_string())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = virsh(&["domfsthaw", &self.0]);
+    }
+}
+
+/// A small or failing backup target mounted by `lab/share.sh` (root); unmounted and deleted
+/// when dropped.
+pub struct Share {
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+impl Share {
+    fn script(args: &[&str]) -> Output {
+        let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/share.sh"));
+        cmd.args(args);
+        run(cmd, &format!("lab/share.sh {args:?}"))
+    }
+
+    fn script_ok(args: &[&str]) {
+        let out = Share::script(args);
+        assert!(
+            out.status.success(),
+            "lab/share.sh {args:?} failed: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// Mounts a filesystem of `size` (e.g. `"20M"`) on `dir`: loop ext4, or tmpfs with `tmpfs`.
+    /// Writing more than it holds fails with ENOSPC.
+    pub fn full(dir: &Path, size: &str, tmpfs: bool) -> Share {
+        let d = dir.to_string_lossy();
+        let mut args = vec!["mkfull", &*d, size];
+        if tmpfs {
+            args.push("--tmpfs");
+        }
+        Share::script_ok(&args);
+        Share {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Mounts the FUSE pass-through share on `dir` with fault options such as
+    /// `["--fail-after", "1048576", "--errno", "EIO"]` or `["--fail-fsync"]` (none: healthy).
+    pub fn faulty(dir: &Path, fault: &[&str]) -> Share {
+        let d = dir.to_string_lossy();
+        let mut args = vec!["faulty", &*d];
+        args.extend_from_slice(fault);
+        Share::script_ok(&args);
+        Share {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Changes the fault of a faulty share (`["--off"]` to heal it); byte counts start now.
+    pub fn set_fault(&self, fault: &[&str]) {
+        let d = self.dir.to_string_lossy();
+        let mut args = vec!["fault", &*d];
+        args.extend_from_slice(fault);
+        Share::script_ok(&args);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let _ = Share::script(&["umount", &self.dir.to_string_lossy()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeqCheck;
+
+    #[test]
+    fn seq_check_summary_parses() {
+        let s = "gap after 3: 5\nfirst=1 last=9 gaps=1 lines=8\n";
+        assert_eq!(
+            SeqCheck::parse(s),
+            Some(SeqCheck {
+                first: 1,
+                last: 9,
+                gaps: 1,
+                lines: 8
+            })
+        );
+        assert_eq!(SeqCheck::parse("garbage"), None);
+    }
+}
