@@ -440,3 +440,57 @@ pub mod duration_secs {
         Ok(Duration::from_secs_f64(secs.max(0.0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_by_errno_and_side() {
+        let p = Path::new("/x");
+        let e = |n| std::io::Error::from_raw_os_error(n);
+        assert!(matches!(
+            CopyError::read(p, 8, e(libc::EIO)),
+            CopyError::Io {
+                side: Side::Source,
+                offset: 8,
+                ..
+            }
+        ));
+        assert!(matches!(
+            CopyError::read(p, 8, e(libc::EISDIR)),
+            CopyError::SourceRead { offset: 8, .. }
+        ));
+        assert!(matches!(
+            CopyError::write(p, 9, e(libc::EIO)),
+            CopyError::Io {
+                side: Side::Destination,
+                offset: 9,
+                ..
+            }
+        ));
+        assert!(matches!(
+            CopyError::write(p, 9, e(libc::ENOSPC)),
+            CopyError::NoSpace { offset: 9, .. }
+        ));
+        assert!(matches!(
+            CopyError::write(p, 9, e(libc::EBADF)),
+            CopyError::DestinationWrite { offset: 9, .. }
+        ));
+        assert_eq!(
+            CopyError::write(p, 4096, e(libc::EIO)).to_string(),
+            "I/O error (EIO) writing destination /x at offset 4096"
+        );
+    }
+
+    #[test]
+    fn sizes_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("4Q").is_err());
+        assert!(parse_size("M").is_err());
+    }
+}

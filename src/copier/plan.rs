@@ -72,9 +72,14 @@ impl<'a> Planner<'a> {
     fn next_region(&mut self) -> std::io::Result<()> {
         if self.sparse {
             match self.seek(Whence::SeekData) {
-                Ok(data) => {
+                Ok(None) => {
                     // No data after pos: the rest is a hole.
-                    let data = data.unwrap_or(self.size).min(self.size);
+                    self.region = Kind::Hole;
+                    self.region_end = self.size;
+                    return Ok(());
+                }
+                Ok(Some(data)) => {
+                    let data = data.min(self.size);
                     let data = (data / ALIGN as u64 * ALIGN as u64).max(self.pos);
                     if data > self.pos {
                         self.region = Kind::Hole;

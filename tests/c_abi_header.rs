@@ -1,0 +1,96 @@
+//! The checked-in header `include/vm_backup.h` is the C ABI's contract: this test regenerates it
+//! from the Rust source with cbindgen and fails when the two differ.
+//!
+//! After changing the ABI in `src/ffi/`, rewrite the header with
+//! `VMB_BLESS=1 cargo test --test c_abi_header` and commit it.
+
+use std::path::Path;
+
+/// Generates the header text from the crate's source and `cbindgen.toml`.
+fn generate() -> String {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
+        .expect("cbindgen.toml is readable and valid");
+    let bindings = cbindgen::generate_with_config(crate_dir, config)
+        .expect("cbindgen parses the crate and generates the header");
+    let mut text = Vec::new();
+    bindings.write(&mut text);
+    String::from_utf8(text).expect("the header is UTF-8")
+}
+
+/// The first line where two texts differ, for the failure message.
+fn first_difference(expected: &str, actual: &str) -> String {
+    let mut expected_lines = expected.lines();
+    let mut actual_lines = actual.lines();
+    for number in 1.. {
+        match (expected_lines.next(), actual_lines.next()) {
+            (None, None) => break,
+            (e, a) if e == a => continue,
+            (e, a) => {
+                return format!(
+                    "first difference at line {number}:\n  checked in: {}\n  generated:  {}",
+                    e.unwrap_or("<end of file>"),
+                    a.unwrap_or("<end of file>")
+                )
+            }
+        }
+    }
+    "the files differ only in line endings".to_owned()
+}
+
+#[test]
+fn checked_in_header_matches_the_rust_source() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("include/vm_backup.h");
+    let generated = generate();
+    if std::env::var_os("VMB_BLESS").is_some() {
+        std::fs::write(&path, &generated).expect("include/vm_backup.h is writable");
+        eprintln!("rewrote {}", path.display());
+        return;
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "include/vm_backup.h is out of date with src/ffi/ ({}).\n\
+         Regenerate it with `VMB_BLESS=1 cargo test --test c_abi_header`, review \
+         `git diff include/vm_backup.h`, and commit it.",
+        first_difference(&checked_in, &generated)
+    );
+}
+
+#[test]
+fn header_declares_the_whole_abi() {
+    let header = generate();
+    for symbol in [
+        "vmb_version",
+        "vmb_abi_version",
+        "vmb_status_str",
+        "vmb_string_free",
+        "vmb_cancel_new",
+        "vmb_cancel_request",
+        "vmb_cancel_free",
+        "vmb_copy_options_default",
+        "vmb_copy_file",
+        "vmb_verify_file",
+        "VMB_ERR_PANIC",
+        "vmb_progress_fn",
+        "vmb_log_fn",
+        "char sha256[65]",
+        "char manifest_root[65]",
+        "#define VMB_ABI_VERSION 1",
+    ] {
+        assert!(header.contains(symbol), "the header lacks {symbol}");
+    }
+}
+
+#[test]
+fn header_abi_version_matches_the_library() {
+    let header = generate();
+    let define = format!(
+        "#define VMB_ABI_VERSION {}",
+        vm_backup::ffi::VMB_ABI_VERSION
+    );
+    assert!(
+        header.contains(&define),
+        "cbindgen.toml's after_includes must say `{define}`"
+    );
+}
