@@ -65,6 +65,13 @@ impl StreamSession {
         let stamp = self.session.stamp().to_string();
         let mut files = Vec::new();
         for disk in self.session.disks() {
+            if let Some(first) = disk.backing_chain.first() {
+                return Err(PluginError::Engine(format!(
+                    "vm-backup: mode=stream does not send backing files yet: disk {} has backing file {}; use mode=direct",
+                    disk.target,
+                    first.path.display()
+                )));
+            }
             let size = std::fs::metadata(&disk.source)
                 .map_err(|e| PluginError::io(format!("stat {}", disk.source.display()), e))?
                 .len();
@@ -141,6 +148,7 @@ impl StreamSession {
                         copy_seconds: 0.0,
                         bytes_per_sec: 0.0,
                         io_path: "bacula-stream".into(),
+                        backing_chain: Vec::new(),
                     })
                 }
                 None => other.push(name.clone()),
