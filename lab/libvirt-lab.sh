@@ -8,7 +8,7 @@
 #   daemons                     start virtlogd + libvirtd if not answering (idempotent)
 #   guest [--force]             build the shared guest (kernel + initrd) if missing or outdated
 #   up [PREFIX] [--data-size SIZE] [--fill SIZE] [--only DOM[,DOM]]
-#                               (re)create and start PREFIX-{agent,noagent,uefi,multi}; default PREFIX vmb.
+#                               (re)create and start PREFIX-{agent,noagent,uefi,multi}; PREFIX: $VMB_LAB_PREFIX or vmb.
 #                               --data-size: size of the agent domain's data disk (default 256M);
 #                               --fill: put a file of SIZE random bytes (/fill.bin) on that disk (bench);
 #                               --only: create only these kinds (agent,noagent,uefi,multi)
@@ -19,6 +19,7 @@
 #   status
 #   wait-agent DOM [TIMEOUT_S]  wait until guest-ping answers (default 60 s)
 #   gexec DOM 'CMD' [TIMEOUT_S] run /bin/sh -c CMD in the guest; prints stdout (stderr to stderr), exits with its code
+#   agent-hang DOM SECONDS      stop qemu-ga in the guest (SIGSTOP) for SECONDS (it resumes by itself)
 #   seq-check DOM [FILE]        check the writer's sequence: prints "first=F last=L gaps=G lines=N"
 #   ext4-cat IMG PATH           read PATH from the ext4 filesystem of disk image IMG (offline, -U)
 #   dir PREFIX                  print the directory holding PREFIX's disks
@@ -345,7 +346,7 @@ create_disks() {
 
 cmd_up() {
   need_root
-  local p=vmb data_size=256M fill="" only=""
+  local p=${VMB_LAB_PREFIX:-vmb} data_size=256M fill="" only=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --data-size) data_size=$2; shift 2 ;;
@@ -415,11 +416,13 @@ cmd_down() {
         log "down $(cat "$f")"; prefix_down "$(cat "$f")"
       done
     elif [ -n "$p" ] || [ -z "$daemons" ]; then
-      p=${p:-vmb}; log "down $p"; prefix_down "$p"
+      p=${p:-${VMB_LAB_PREFIX:-vmb}}; log "down $p"; prefix_down "$p"
     fi
   else
     log "libvirtd not answering: removing disk directories only"
-    [ -n "$p" ] && rm -rf "${LAB_ROOT:?}/$p"
+    if [ -z "$all" ] && { [ -n "$p" ] || [ -z "$daemons" ]; }; then
+      p=${p:-${VMB_LAB_PREFIX:-vmb}}; check_prefix "$p"; rm -rf "${LAB_ROOT:?}/$p"
+    fi
   fi
   if [ -n "$daemons" ]; then
     local others
@@ -485,6 +488,18 @@ gexec() {
   return "$(jq -r '.return.exitcode // 255' <<<"$status")"
 }
 
+# Makes the guest agent hang (SIGSTOP) for SECONDS, then resume by itself (a guest-side timer:
+# a stopped agent cannot be reached from the host). The domain stays "connected" meanwhile.
+agent_hang() {
+  local dom=$1 secs=$2 cmd req
+  [[ "$secs" =~ ^[0-9]+$ ]] || die "agent-hang: SECONDS must be an integer"
+  cmd="p=\$(pidof qemu-ga); (sleep $secs; kill -CONT \$p) >/dev/null 2>&1 & sleep 0.3; kill -STOP \$p"
+  req=$(jq -cn --arg c "$cmd" '{execute:"guest-exec",arguments:{path:"/bin/sh",arg:["-c",$c]}}')
+  virsh qemu-agent-command "$dom" "$req" --timeout 10 >/dev/null || die "guest-exec on $dom failed"
+  sleep 0.5
+  log "$dom: qemu-ga stopped for $secs s"
+}
+
 seq_check() {
   local dom=$1 file=${2:-/mnt/data/seq.log}
   # Prints up to 5 "gap after X: Y" lines, then the summary line "first=F last=L gaps=G lines=N".
@@ -528,6 +543,7 @@ case "$cmd" in
   status) cmd_status ;;
   wait-agent) [ $# -ge 1 ] || die "usage: wait-agent DOM [TIMEOUT]"; wait_agent "$@" ;;
   gexec) [ $# -ge 2 ] || die "usage: gexec DOM 'CMD' [TIMEOUT]"; gexec "$@" ;;
+  agent-hang) [ $# -eq 2 ] || die "usage: agent-hang DOM SECONDS"; agent_hang "$@" ;;
   seq-check) [ $# -ge 1 ] || die "usage: seq-check DOM [FILE]"; seq_check "$@" ;;
   ext4-cat) [ $# -eq 2 ] || die "usage: ext4-cat IMG PATH"; ext4_cat "$@" ;;
   dir) [ $# -eq 1 ] || die "usage: dir PREFIX"; check_prefix "$1"; echo "$LAB_ROOT/$1" ;;

@@ -73,6 +73,7 @@ case "$cmd" in
   faulty)
     [ $# -ge 1 ] || die "usage: faulty DIR [--fail-after BYTES] [--errno ERRNO] [--fail-fsync]"
     dir=$1; shift
+    /usr/bin/python3 -c 'import fuse' 2>/dev/null || "$SRC_DIR/../scripts/install-deps.sh" >&2
     mkdir -p "$dir" "$STATE"
     is_mounted "$dir" && die "$dir is already a mount point"
     k=$(key_of "$dir")

@@ -103,8 +103,10 @@ pub struct Slack {
     pub alerts_webhook: Option<String>,
     /// Webhook for run summaries.
     pub reports_webhook: Option<String>,
-    /// Timeout of one POST, seconds.
+    /// Timeout of one POST, seconds (default 2).
     pub timeout_seconds: Option<u64>,
+    /// Bound on the whole delivery of one message, retries included, seconds (default 5).
+    pub budget_seconds: Option<u64>,
 }
 
 /// SSH settings for appliances (Cisco ASAv).
@@ -119,8 +121,10 @@ pub struct Ssh {
     pub known_hosts: Option<PathBuf>,
     /// Port (default 22).
     pub port: Option<u16>,
-    /// Connect timeout, seconds.
+    /// Connect timeout, seconds (default 10).
     pub connect_timeout_seconds: Option<u64>,
+    /// Bound on one command (connection included), seconds (default 60).
+    pub command_timeout_seconds: Option<u64>,
 }
 
 /// The site configuration.
@@ -145,6 +149,31 @@ pub struct Settings {
     pub ssh: Ssh,
     /// Prometheus textfile to write after each run.
     pub metrics_file: Option<PathBuf>,
+    /// `vm-backup test-restore`.
+    pub test_restore: TestRestore,
+}
+
+/// Settings of `vm-backup test-restore`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestRestore {
+    /// Where the disks of the temporary domain go (default: `<journal_dir>/test-restore`).
+    /// Every parent must be traversable by the QEMU user.
+    pub dir: Option<PathBuf>,
+    /// How long a VM with a guest agent may take to boot until its agent answers, seconds.
+    pub boot_timeout_seconds: u64,
+    /// How long a VM without an agent must keep running to pass, seconds.
+    pub run_seconds: u64,
+}
+
+impl Default for TestRestore {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            boot_timeout_seconds: 180,
+            run_seconds: 30,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -159,6 +188,7 @@ impl Default for Settings {
             slack: Slack::default(),
             ssh: Ssh::default(),
             metrics_file: None,
+            test_restore: TestRestore::default(),
         }
     }
 }
@@ -198,6 +228,18 @@ impl Settings {
                 key: "target".into(),
                 message: "must be an absolute path".into(),
             });
+        }
+        Ok(settings)
+    }
+
+    /// Loads the configuration (see [`Settings::load`]) and applies a `--target` override.
+    pub fn load_with_target(
+        path: Option<&Path>,
+        target: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let mut settings = Self::load(path)?;
+        if let Some(t) = target {
+            settings.target = t.to_path_buf();
         }
         Ok(settings)
     }

@@ -261,3 +261,42 @@ fn full_and_faulty_shares_fail_writes_as_told() {
         "faulty share still mounted"
     );
 }
+
+#[test]
+fn agent_hang_helper_makes_agent_calls_time_out_then_recovers() {
+    if !lab_enabled("agent_hang_helper_makes_agent_calls_time_out_then_recovers") {
+        return;
+    }
+    struct ResetTimeout(String);
+    impl Drop for ResetTimeout {
+        fn drop(&mut self) {
+            let _ = virsh(&["domfsthaw", &self.0]);
+            let _ = virsh(&["guest-agent-timeout", &self.0, "--timeout", "-1"]);
+        }
+    }
+    let d = agent_dom();
+    let _reset = ResetTimeout(d.clone());
+    virsh_ok(&["guest-agent-timeout", &d, "--timeout", "2"]);
+    agent_hang(&d, Duration::from_secs(6));
+    let t = std::time::Instant::now();
+    let out = virsh(&["domfsfreeze", &d]);
+    assert!(
+        !out.status.success(),
+        "freeze must fail while the agent hangs"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the 2 s agent timeout was not honoured: {:?}",
+        t.elapsed()
+    );
+    wait_agent(&d, Duration::from_secs(30));
+    // The timed-out freeze may still be executed when the agent resumes (seen here): thaw.
+    eprintln!(
+        "fsfreeze status after the agent resumed: {:?}",
+        fsfreeze_status(&d)
+    );
+    let _ = virsh(&["domfsthaw", &d]);
+    assert_eq!(fsfreeze_status(&d).as_deref(), Some("thawed"));
+    sleep(Duration::from_millis(500));
+    assert_eq!(seq_check(&d).gaps, 0);
+}

@@ -1,9 +1,390 @@
-//! The backup workflow: pre-checks, freeze/snapshot, copy, commit, publish, post-checks; guards, journal and orphan repair.
+//! The backup workflow: pre-checks, freeze/snapshot, copy, commit, publish, post-checks;
+//! guards, journal and orphan repair.
+//!
+//! ## The job as phases
+//!
+//! ```text
+//! prepare:  lock + journal ─► repair what an earlier run left ─► pre-checks ─► method choice
+//!           ─► [appliance: write memory] ─► [offline --shutdown: clean shutdown]
+//!           ─► [quiesce|snapshot: ONE external, disk-only, atomic, no-metadata snapshot of all
+//!               copied disks, with the quiesce flag for quiesce (freeze+snapshot+thaw in one
+//!               libvirt call, timed as the frozen window)]
+//! direct:   .partial folder ─► copy every base image and its backing chain (copier, SHA-256
+//!           both ways) [offline: under QEMU-compatible image locks]
+//! finish:   blockcommit --active --shallow + pivot per disk ─► overlays deleted ─► domain checked
+//!           on its original images ─► [restart after --shutdown]
+//! direct:   XML, NVRAM, configs, checksums.sha256, backup-metadata.json, backup.log ─► fsync
+//!           ─► rename `<stamp>.partial` → `<stamp>` ─► post-checks (exit 3 on a warning)
+//! ```
+//!
+//! Every acquired state (overlay, possibly frozen guest, domain shut down by us, `.partial`
+//! folder) is written to the local journal ([`journal`]) *before* it is acquired, and released
+//! by [`BackupSession`]'s `Drop` on every error path (including SIGINT/SIGTERM through the
+//! [`CancelToken`], which the copy polls). What a `kill -9` leaves is repaired by the next run
+//! of the same VM or by `vm-backup orphans --cleanup` ([`orphans`]).
+//!
+//! ## Using it
+//!
+//! The command line and the C ABI's direct mode call [`run_backup`], which returns a
+//! [`BackupOutcome`] (exit status, folder, metadata, error naming VM, phase and cause).
+//!
+//! The Bacula plugin's stream mode drives the phases itself:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vm_backup::backup::{BackupRequest, BackupSession};
+//! use vm_backup::progress::{CancelToken, NoProgress};
+//!
+//! let request = BackupRequest::new("web01", vm_backup::config::Settings::default());
+//! let cancel = CancelToken::new();
+//! let mut session = BackupSession::prepare(&request, Arc::new(NoProgress), cancel)?;
+//! for disk in session.disks() {
+//!     // read disk.source (the frozen base image, `disk.format`, `disk.allocated_size`
+//!     // bytes allocated) and send it as `disk.file_name`; the guest writes into an overlay.
+//!     let _ = (&disk.source, &disk.file_name);
+//!     // ... and every image of its backing chain, each as its own file (BackingRecord).
+//!     for b in &disk.backing_chain {
+//!         let _ = (&b.path, &b.file_name, &b.format);
+//!     }
+//! }
+//! let _xml: &str = session.domain_xml(); // send as `<vm>.xml`
+//! let _nvram = session.nvram_path();     // send as `<vm>-nvram.fd` when Some
+//! session.record_phase("copy", 12.5);    // the driver's own timing
+//! session.finish()?;                     // commit + pivot, overlays deleted, restart if needed
+//! // DiskRecords of what was sent (sha256 + manifest from the copier's hashing), other files:
+//! let metadata = session.metadata_for(Vec::new(), vec!["web01.xml".into()]);
+//! let _json = serde_json::to_string_pretty(&metadata);
+//! let _problems = session.close();       // journal cleared, lock released
+//! # Ok::<(), vm_backup::backup::BackupError>(())
+//! ```
+//!
+//! `prepare` takes the progress sink either borrowed (`&dyn Progress`, the session then lives
+//! as long as the borrow) or shared (`Arc<dyn Progress>`, a `BackupSession<'static>` that can
+//! be kept in the plugin's job state across File Daemon events; sessions are `Send`). The
+//! [`CancelToken`] is polled during the copy, the shutdown wait and the debug pause; the
+//! commit always runs to the end.
+//!
+//! Errors are [`BackupError`]s: VM, [`Phase`], cause and the exit status they mean (1 before
+//! the VM was touched, 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
+//! appliance-capture problems of a published backup.
+//!
+//! Dropping a session without [`BackupSession::finish`] (an error, a cancel) commits and
+//! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
+//! folder; [`BackupSession::close`] does the same and reports what could not be released.
 
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    /// Not built yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
+pub mod chain;
+pub mod checks;
+mod commit;
+mod direct;
+pub mod journal;
+pub mod orphans;
+mod report;
+mod runlog;
+mod session;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::{Settings, VmEntry};
+use crate::copier::CopyOptions;
+use crate::metadata::{BackupMetadata, Method};
+use crate::progress::{CancelToken, Progress};
+use crate::ExitStatus;
+
+pub use runlog::RunLog;
+pub use session::{BackupSession, SessionDisk};
+
+/// The environment variable that makes the engine pause (polling cancellation) for this many
+/// milliseconds after the snapshot and the `.partial` folder exist, before the copy. A test
+/// hook for crash and full-target tests; never set in production.
+pub const DEBUG_PAUSE_ENV: &str = "VMB_DEBUG_PAUSE_BEFORE_COPY_MS";
+
+/// The marker in the file names of the overlays this engine creates.
+pub const OVERLAY_MARKER: &str = ".vmb-overlay-";
+
+/// The phases of a backup, as named in errors and in `phases` of the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Connection, lock, repair of leftovers, pre-checks.
+    Checks,
+    /// Repair of what an earlier run left behind.
+    Repair,
+    /// Clean shutdown for an offline backup of a running domain.
+    Shutdown,
+    /// The external snapshot (with freeze for quiesce).
+    Snapshot,
+    /// Copying disk images.
+    Copy,
+    /// Block commit and pivot back to the base images.
+    Commit,
+    /// Writing XML, NVRAM, configs, checksums, metadata and renaming the folder.
+    Publish,
+    /// Post-checks of the published backup and the domain.
+    PostChecks,
+    /// Starting again a domain shut down for the backup.
+    Restart,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Checks => "checks",
+            Phase::Repair => "repair",
+            Phase::Shutdown => "shutdown",
+            Phase::Snapshot => "snapshot",
+            Phase::Copy => "copy",
+            Phase::Commit => "commit",
+            Phase::Publish => "publish",
+            Phase::PostChecks => "post-checks",
+            Phase::Restart => "restart",
+        })
+    }
+}
+
+/// A failed backup step: which VM, which phase, what happened, and the exit status it means.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("VM {vm:?}: {phase} failed: {cause}")]
+pub struct BackupError {
+    /// The domain name.
+    pub vm: String,
+    /// The phase that failed.
+    pub phase: Phase,
+    /// 1 (pre-check, VM untouched) or 2 (failed, VM restored).
+    pub status: ExitStatus,
+    /// The cause, worded for the operator.
+    pub cause: String,
+}
+
+impl BackupError {
+    /// A pre-check failure (exit 1).
+    pub fn pre(vm: &str, cause: impl fmt::Display) -> Self {
+        Self {
+            vm: vm.to_string(),
+            phase: Phase::Checks,
+            status: ExitStatus::PreCheckFailed,
+            cause: cause.to_string(),
+        }
+    }
+
+    /// A failure after the VM was touched (exit 2).
+    pub fn failed(vm: &str, phase: Phase, cause: impl fmt::Display) -> Self {
+        Self {
+            vm: vm.to_string(),
+            phase,
+            status: ExitStatus::Failed,
+            cause: cause.to_string(),
+        }
+    }
+}
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    /// Domain name.
+    pub vm: String,
+    /// Method asked for (`auto` picks per domain).
+    pub method: Method,
+    /// Site settings (target, host name, journal folder, timeouts, libvirt URI).
+    pub settings: Settings,
+    /// The VM's inventory entry, if listed (appliance capture).
+    pub vm_entry: Option<VmEntry>,
+    /// Offline method on a running domain: shut it down cleanly and start it again after.
+    pub shutdown: bool,
+    /// When quiesce is impossible (agent hung or absent), take a crash-consistent snapshot
+    /// instead of failing (recorded in `method_note`).
+    pub crash_consistent_fallback: bool,
+    /// Copier settings (hashing is always both per-chunk and whole-file).
+    pub copy_options: CopyOptions,
+}
+
+impl BackupRequest {
+    /// A request with the defaults: method auto, no shutdown, no fallback.
+    pub fn new(vm: &str, settings: Settings) -> Self {
+        Self {
+            vm: vm.to_string(),
+            method: Method::Auto,
+            settings,
+            vm_entry: None,
+            shutdown: false,
+            crash_consistent_fallback: false,
+            copy_options: CopyOptions::default(),
+        }
+    }
+}
+
+/// What a backup run produced; what the CLI prints with `--json` and the C ABI returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupOutcome {
+    /// The exit status (0/1/2/3).
+    pub status: ExitStatus,
+    /// The process exit code for `status`.
+    pub exit_code: i32,
+    /// The domain name.
+    pub vm: String,
+    /// The published folder (also set for status 3).
+    pub backup_dir: Option<PathBuf>,
+    /// The metadata written into the folder.
+    pub metadata: Option<BackupMetadata>,
+    /// Top-level copy of `metadata.frozen_ms` for readers of `--json`.
+    pub frozen_ms: Option<f64>,
+    /// Seconds of the whole run.
+    pub seconds: f64,
+    /// The error (VM, phase, cause) when the backup did not complete.
+    pub error: Option<String>,
+    /// The failed phase.
+    pub failed_phase: Option<Phase>,
+    /// Warnings (post-checks, appliance capture…).
+    pub warnings: Vec<String>,
+}
+
+/// A [`Progress`] sink held by a session: borrowed for one call ([`run_backup`]) or shared
+/// (the C ABI keeps a session across calls).
+#[derive(Clone)]
+pub enum ProgressRef<'a> {
+    /// Borrowed for the session's lifetime.
+    Borrowed(&'a dyn Progress),
+    /// Shared ownership.
+    Shared(Arc<dyn Progress>),
+}
+
+impl ProgressRef<'_> {
+    /// The sink.
+    pub fn get(&self) -> &dyn Progress {
+        match self {
+            ProgressRef::Borrowed(p) => *p,
+            ProgressRef::Shared(p) => p.as_ref(),
+        }
+    }
+}
+
+impl<'a> From<&'a dyn Progress> for ProgressRef<'a> {
+    fn from(p: &'a dyn Progress) -> Self {
+        ProgressRef::Borrowed(p)
+    }
+}
+
+impl<P: Progress + 'static> From<Arc<P>> for ProgressRef<'_> {
+    fn from(p: Arc<P>) -> Self {
+        ProgressRef::Shared(p)
+    }
+}
+
+impl From<Arc<dyn Progress>> for ProgressRef<'_> {
+    fn from(p: Arc<dyn Progress>) -> Self {
+        ProgressRef::Shared(p)
+    }
+}
+
+/// Runs a whole backup in direct mode (the engine writes the folder on the target): what
+/// `vm-backup backup` and the plugin's `mode=direct` do. Never panics on bad input; every
+/// acquired state is released before it returns. Every run, failed or not, is then recorded
+/// in the catalog on the share, alerted to Slack when it failed or warned, and written to the
+/// metrics textfile (best effort: problems there are warnings).
+pub fn run_backup(
+    request: &BackupRequest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> BackupOutcome {
+    let started = chrono::Local::now();
+    let outcome = run_backup_unreported(request, progress, cancel);
+    report::after_run(request, &outcome, started, progress);
+    outcome
+}
+
+/// [`run_backup`] without the catalog, Slack and metrics reporting.
+fn run_backup_unreported(
+    request: &BackupRequest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> BackupOutcome {
+    let t0 = std::time::Instant::now();
+    let mut session = match BackupSession::prepare(request, progress, cancel.clone()) {
+        Ok(s) => s,
+        Err(e) => return outcome_from_error(request, e, t0, Vec::new()),
+    };
+    match session.run_direct() {
+        Ok(()) => {
+            let (metadata, backup_dir) = session.published();
+            let warnings = metadata
+                .as_ref()
+                .map(|m| m.warnings.clone())
+                .unwrap_or_default();
+            let status = if warnings.is_empty() {
+                ExitStatus::Success
+            } else {
+                ExitStatus::Warning
+            };
+            let frozen_ms = metadata.as_ref().and_then(|m| m.frozen_ms);
+            drop(session);
+            BackupOutcome {
+                status,
+                exit_code: status.code(),
+                vm: request.vm.clone(),
+                backup_dir,
+                metadata,
+                frozen_ms,
+                seconds: t0.elapsed().as_secs_f64(),
+                error: None,
+                failed_phase: None,
+                warnings,
+            }
+        }
+        Err(e) => {
+            // Release everything now (commit, thaw, restart, remove the partial folder) and
+            // report anything that could not be released along with the error.
+            let mut release_problems = session.close();
+            let mut warnings = Vec::new();
+            warnings.append(&mut release_problems);
+            outcome_from_error(request, e, t0, warnings)
+        }
+    }
+}
+
+fn outcome_from_error(
+    request: &BackupRequest,
+    e: BackupError,
+    t0: std::time::Instant,
+    warnings: Vec<String>,
+) -> BackupOutcome {
+    let mut error = e.to_string();
+    if !warnings.is_empty() {
+        error.push_str(&format!(" (and while releasing: {})", warnings.join("; ")));
+    }
+    BackupOutcome {
+        status: e.status,
+        exit_code: e.status.code(),
+        vm: request.vm.clone(),
+        backup_dir: None,
+        metadata: None,
+        frozen_ms: None,
+        seconds: t0.elapsed().as_secs_f64(),
+        error: Some(error),
+        failed_phase: Some(e.phase),
+        warnings,
+    }
+}
+
+/// Seconds per phase, in the order they ran.
+pub(crate) type PhaseTimes = BTreeMap<String, f64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_can_move_between_threads_and_errors_name_vm_and_phase() {
+        fn assert_send<T: Send>() {}
+        assert_send::<BackupSession<'static>>();
+        assert_send::<BackupOutcome>();
+        let e = BackupError::failed("Prüf VM", Phase::Copy, "disk vda: no space left");
+        assert_eq!(e.status, ExitStatus::Failed);
+        let text = e.to_string();
+        assert!(text.contains("\"Prüf VM\"") && text.contains("copy") && text.contains("no space"));
+        assert_eq!(BackupError::pre("x", "y").status.code(), 1);
+    }
 }

@@ -1,16 +1,101 @@
 //! `vm-backup backup`.
 
+use std::path::PathBuf;
+
+use vm_backup::backup::{run_backup, BackupRequest};
+use vm_backup::config::{Inventory, Settings};
+use vm_backup::metadata::Method;
+
 use super::common::{self, TargetArgs};
 
 /// Arguments of `vm-backup backup`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The domain to back up (libvirt name).
+    vm: String,
+    /// Consistency method (default: the inventory's, else auto).
+    #[arg(long, value_name = "auto|quiesce|snapshot|offline")]
+    method: Option<Method>,
+    /// The inventory (vm-list.yaml), for the VM's method and appliance type.
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    /// With the offline method: shut a running domain down cleanly and start it again after.
+    #[arg(long)]
+    shutdown: bool,
+    /// When quiesce is impossible, take a crash-consistent snapshot instead of failing.
+    #[arg(long)]
+    allow_crash_consistent: bool,
+    /// Write the Prometheus textfile here after the run (overrides `metrics_file`).
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
     #[command(flatten)]
     common: TargetArgs,
 }
 
+/// Loads the settings with the `--config` and `--target` overrides.
+pub fn settings(common: &TargetArgs) -> Result<Settings, vm_backup::Error> {
+    let mut settings = Settings::load(common.config.as_deref())?;
+    if let Some(t) = &common.target {
+        settings.target = std::path::absolute(t)
+            .map_err(|e| vm_backup::Error::io(format!("target {}", t.display()), e))?;
+    }
+    Ok(settings)
+}
+
 /// Runs `vm-backup backup`.
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
-    let _ = args.common;
-    common::not_yet("backup")
+    let mut settings = settings(&args.common)?;
+    if let Some(path) = &args.metrics_file {
+        settings.metrics_file = Some(path.clone());
+    }
+    // An explicit --inventory must exist; the configured one may be absent (no inventory).
+    let inventory = match &args.inventory {
+        Some(path) => Inventory::load(path)?,
+        None if settings.inventory.exists() => Inventory::load(&settings.inventory)?,
+        None => Inventory::default(),
+    };
+    let entry = inventory.vm(&args.vm).cloned();
+    let mut request = BackupRequest::new(&args.vm, settings);
+    request.method = args
+        .method
+        .or(entry.as_ref().map(|e| e.method))
+        .unwrap_or(Method::Auto);
+    request.vm_entry = entry;
+    request.shutdown = args.shutdown;
+    request.crash_consistent_fallback = args.allow_crash_consistent;
+    let cancel = common::cancel_on_signals();
+    let progress = common::LineProgress::new(!args.common.json);
+    let outcome = run_backup(&request, &progress, &cancel);
+    if args.common.json {
+        let text = serde_json::to_string_pretty(&outcome)
+            .map_err(|e| vm_backup::Error::Other(format!("cannot print JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        match (&outcome.error, &outcome.backup_dir) {
+            (Some(err), _) => eprintln!("vm-backup: {}: {err}", outcome.status),
+            (None, Some(dir)) => {
+                println!(
+                    "backup of {:?} {}: {} (method {}{}, {:.1} s)",
+                    outcome.vm,
+                    outcome.status,
+                    dir.display(),
+                    outcome
+                        .metadata
+                        .as_ref()
+                        .map(|m| m.method.to_string())
+                        .unwrap_or_default(),
+                    outcome
+                        .frozen_ms
+                        .map(|ms| format!(", frozen {ms:.0} ms"))
+                        .unwrap_or_default(),
+                    outcome.seconds
+                );
+                for w in &outcome.warnings {
+                    println!("warning: {w}");
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(outcome.exit_code)
 }

@@ -1,9 +1,387 @@
 //! The libvirt calls the engine needs (through the `virt` crate), and domain XML parsing.
+//!
+//! Everything goes through libvirt's dedicated APIs, never through `virsh` output or raw
+//! agent commands (which taint the domain): snapshots with the quiesce flag
+//! (`virDomainSnapshotCreateXML`), block commit/job info/pivot, FS thaw, the agent response
+//! timeout and an agent ping through `virDomainGetTime` (answered by the guest agent).
+//! Calls without a safe wrapper in `virt` 0.5 live in [`raw`], the only `unsafe` here.
 
-/// Errors of this module.
+pub mod image_lock;
+pub mod raw;
+pub mod xml;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::error::{Error as VirtError, ErrorNumber};
+use virt::sys;
+
+pub use raw::BlockJob;
+pub use xml::{AgentChannel, DiskDef, DomainXml};
+
+/// Errors of this module; each names the VM (or URI) and the operation.
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
-    /// Not built yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
+    /// The connection to libvirt failed.
+    #[error("cannot connect to libvirt at {uri}: {message}")]
+    Connect {
+        /// The URI tried.
+        uri: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// No domain has this name.
+    #[error("no domain named {0:?} is defined in libvirt")]
+    NoDomain(String),
+    /// A call on a domain failed.
+    #[error("{op} failed: {message}")]
+    Call {
+        /// The domain name.
+        vm: String,
+        /// The operation, in words.
+        op: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// The domain XML did not parse.
+    #[error("cannot parse the domain XML of {vm:?}: {message}")]
+    Xml {
+        /// The domain name.
+        vm: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Waiting was cancelled (signal, Bacula cancel).
+    #[error("cancelled while waiting for {0}")]
+    Cancelled(String),
+    /// Something did not happen within its bound.
+    #[error("{what} did not finish within {seconds} s")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// The bound.
+        seconds: u64,
+    },
+}
+
+/// The coarse state of a domain, as the engine decides on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomState {
+    /// Running (or blocked in I/O).
+    Running,
+    /// Paused by the user or libvirt.
+    Paused,
+    /// Shut off (also crashed-and-stopped).
+    ShutOff,
+    /// Shutting down.
+    ShuttingDown,
+    /// Crashed, PM-suspended or unknown.
+    Other,
+}
+
+impl DomState {
+    /// Whether QEMU runs for this domain (live operations possible).
+    pub fn is_live(self) -> bool {
+        matches!(self, DomState::Running | DomState::Paused)
+    }
+}
+
+impl std::fmt::Display for DomState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DomState::Running => "running",
+            DomState::Paused => "paused",
+            DomState::ShutOff => "shut off",
+            DomState::ShuttingDown => "shutting down",
+            DomState::Other => "crashed/suspended/unknown",
+        })
+    }
+}
+
+/// A connection to libvirt.
+pub struct Hypervisor {
+    conn: Connect,
+    uri: String,
+}
+
+impl std::fmt::Debug for Hypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hypervisor")
+            .field("uri", &self.uri)
+            .finish()
+    }
+}
+
+impl Hypervisor {
+    /// Connects to `uri` (e.g. `qemu:///system`). libvirt's default error printer is turned
+    /// off: errors are returned, worded by this module.
+    pub fn connect(uri: &str) -> Result<Self, LibvirtError> {
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
+            uri: uri.to_string(),
+            message: e.message().to_string(),
+        })?;
+        Ok(Self {
+            conn,
+            uri: uri.to_string(),
+        })
+    }
+
+    /// Looks a domain up by name.
+    pub fn domain(&self, name: &str) -> Result<Dom, LibvirtError> {
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(dom) => Ok(Dom {
+                dom,
+                name: name.to_string(),
+            }),
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => {
+                Err(LibvirtError::NoDomain(name.to_string()))
+            }
+            Err(e) => Err(LibvirtError::Call {
+                vm: name.to_string(),
+                op: "domain lookup".into(),
+                message: e.message().to_string(),
+            }),
+        }
+    }
+
+    /// The names of every defined domain.
+    pub fn domain_names(&self) -> Result<Vec<String>, LibvirtError> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| LibvirtError::Call {
+                vm: String::new(),
+                op: "listing domains".into(),
+                message: e.message().to_string(),
+            })?;
+        let mut names: Vec<String> = doms.iter().filter_map(|d| d.name().ok()).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// (Re)defines a domain from XML (used by the offline repair).
+    pub fn define(&self, vm: &str, xml: &str) -> Result<(), LibvirtError> {
+        self.conn
+            .define_domain_xml(xml)
+            .map(|_| ())
+            .map_err(|e| LibvirtError::Call {
+                vm: vm.to_string(),
+                op: "redefining the domain".into(),
+                message: e.message().to_string(),
+            })
+    }
+}
+
+/// A domain handle with the operations the engine uses.
+pub struct Dom {
+    dom: Domain,
+    name: String,
+}
+
+impl std::fmt::Debug for Dom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dom").field("name", &self.name).finish()
+    }
+}
+
+impl Dom {
+    fn err(&self, op: impl Into<String>, e: VirtError) -> LibvirtError {
+        LibvirtError::Call {
+            vm: self.name.clone(),
+            op: op.into(),
+            message: e.message().to_string(),
+        }
+    }
+
+    /// The domain name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The domain UUID.
+    pub fn uuid(&self) -> Result<String, LibvirtError> {
+        self.dom
+            .uuid_string()
+            .map_err(|e| self.err("reading the UUID", e))
+    }
+
+    /// The coarse state.
+    pub fn state(&self) -> Result<DomState, LibvirtError> {
+        let (state, _) = self
+            .dom
+            .state()
+            .map_err(|e| self.err("reading the state", e))?;
+        Ok(match state {
+            Enum::Known(DomainState::Running) | Enum::Known(DomainState::Blocked) => {
+                DomState::Running
+            }
+            Enum::Known(DomainState::Paused) => DomState::Paused,
+            Enum::Known(DomainState::Shutoff) => DomState::ShutOff,
+            Enum::Known(DomainState::Shutdown) => DomState::ShuttingDown,
+            _ => DomState::Other,
+        })
+    }
+
+    /// The domain XML with security info: the persistent definition (`inactive`) or the live
+    /// one (real backing chains, agent channel state, firmware autoselection).
+    pub fn xml(&self, inactive: bool) -> Result<String, LibvirtError> {
+        let mut flags = sys::VIR_DOMAIN_XML_SECURE;
+        if inactive {
+            flags |= sys::VIR_DOMAIN_XML_INACTIVE;
+        }
+        self.dom
+            .xml_desc(flags)
+            .map_err(|e| self.err("reading the domain XML", e))
+    }
+
+    /// The parsed domain XML (live when running, else the definition).
+    pub fn parsed(&self, inactive: bool) -> Result<DomainXml, LibvirtError> {
+        let text = self.xml(inactive)?;
+        xml::parse_domain(&text).map_err(|message| LibvirtError::Xml {
+            vm: self.name.clone(),
+            message,
+        })
+    }
+
+    /// Capacity (virtual size) and allocation (host bytes) of a disk, by target name.
+    pub fn block_sizes(&self, target: &str) -> Result<(u64, u64), LibvirtError> {
+        let info = self
+            .dom
+            .block_info(target, 0)
+            .map_err(|e| self.err(format!("reading the size of disk {target}"), e))?;
+        Ok((info.capacity, info.allocation))
+    }
+
+    /// Bounds every agent call of this domain to `seconds` (`None`: libvirt's default).
+    pub fn set_agent_timeout(&self, seconds: Option<u32>) -> Result<(), LibvirtError> {
+        raw::set_agent_timeout(&self.dom, seconds)
+            .map_err(|e| self.err("setting the guest agent timeout", e))
+    }
+
+    /// Asks the guest agent for the guest time: a dedicated API answered by qemu-ga, bounded by
+    /// the agent timeout. Ok means the agent answers.
+    pub fn agent_ping(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .time(0)
+            .map(|_| ())
+            .map_err(|e| self.err("guest agent ping", e))
+    }
+
+    /// Creates an external, disk-only, atomic, no-metadata snapshot from `snapshot_xml` into
+    /// overlay files created beforehand (reuse-external), with the quiesce flag when asked
+    /// (freeze, snapshot and thaw inside this one call).
+    pub fn snapshot_external(&self, snapshot_xml: &str, quiesce: bool) -> Result<(), LibvirtError> {
+        let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
+        if quiesce {
+            flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
+        }
+        let op = if quiesce {
+            "quiesced disk-only snapshot"
+        } else {
+            "disk-only snapshot"
+        };
+        self.dom
+            .create_snapshot_xml(snapshot_xml, flags)
+            .map(drop)
+            .map_err(|e| self.err(op, e))
+    }
+
+    /// Names of libvirt snapshots with metadata (we never create any).
+    pub fn snapshot_names(&self) -> Result<Vec<String>, LibvirtError> {
+        let snaps = self
+            .dom
+            .list_all_snapshots(0)
+            .map_err(|e| self.err("listing snapshots", e))?;
+        Ok(snaps.iter().filter_map(|s| s.name().ok()).collect())
+    }
+
+    /// The block job on a disk, if any.
+    pub fn block_job(&self, target: &str) -> Result<Option<BlockJob>, LibvirtError> {
+        raw::block_job_info(&self.dom, target)
+            .map_err(|e| self.err(format!("reading the block job of {target}"), e))
+    }
+
+    /// Starts an active, shallow block commit of `target`: its top overlay into the image
+    /// directly below it (never further down the chain).
+    pub fn start_active_commit(&self, target: &str) -> Result<(), LibvirtError> {
+        raw::block_commit(&self.dom, target, None, None, raw::COMMIT_ACTIVE_SHALLOW)
+            .map_err(|e| self.err(format!("starting the block commit of {target}"), e))
+    }
+
+    /// Pivots a ready active commit (waits for the pivot to complete).
+    pub fn pivot(&self, target: &str) -> Result<(), LibvirtError> {
+        raw::block_job_abort(&self.dom, target, true)
+            .map_err(|e| self.err(format!("pivoting {target} back to its base"), e))
+    }
+
+    /// Cancels the block job of a disk.
+    pub fn abort_job(&self, target: &str) -> Result<(), LibvirtError> {
+        raw::block_job_abort(&self.dom, target, false)
+            .map_err(|e| self.err(format!("aborting the block job of {target}"), e))
+    }
+
+    /// Thaws the guest filesystems; returns how many were thawed.
+    pub fn fs_thaw(&self) -> Result<u32, LibvirtError> {
+        raw::fs_thaw(&self.dom).map_err(|e| self.err("thawing the guest filesystems", e))
+    }
+
+    /// Starts the domain.
+    pub fn start(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .create()
+            .map(|_| ())
+            .map_err(|e| self.err("starting the domain", e))
+    }
+
+    /// Asks the guest to shut down cleanly (agent if present, else ACPI); never destroys.
+    pub fn request_shutdown(&self, agent: bool) -> Result<(), LibvirtError> {
+        let flags = if agent {
+            sys::VIR_DOMAIN_SHUTDOWN_GUEST_AGENT | sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+        } else {
+            sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+        };
+        self.dom
+            .shutdown_flags(flags)
+            .map(|_| ())
+            .map_err(|e| self.err("requesting a clean shutdown", e))
+    }
+
+    /// Waits until the domain is shut off, polling `stop` (cancellation) every 100 ms.
+    pub fn wait_shut_off(
+        &self,
+        bound: Duration,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), LibvirtError> {
+        let t0 = Instant::now();
+        loop {
+            if self.state()? == DomState::ShutOff {
+                return Ok(());
+            }
+            if stop() {
+                return Err(LibvirtError::Cancelled(format!(
+                    "the clean shutdown of {:?}",
+                    self.name
+                )));
+            }
+            if t0.elapsed() >= bound {
+                return Err(LibvirtError::Timeout {
+                    what: format!("the clean shutdown of {:?}", self.name),
+                    seconds: bound.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The usual NVRAM path libvirt uses for a domain with auto-selected UEFI firmware.
+pub fn default_nvram_path(vm: &str) -> std::path::PathBuf {
+    Path::new("/var/lib/libvirt/qemu/nvram").join(format!("{vm}_VARS.fd"))
 }

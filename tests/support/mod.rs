@@ -218,6 +218,29 @@ pub fn gexec_ok(dom: &str, cmd: &str) -> String {
     r.stdout
 }
 
+/// Stops the guest agent (SIGSTOP of qemu-ga) for `duration` (whole seconds); it resumes by
+/// itself (a timer in the guest). Commands libvirt sent meanwhile may be executed late: a
+/// freeze that libvirt reported as timed out can freeze the guest when the agent resumes.
+pub fn agent_hang(dom: &str, duration: Duration) {
+    run_lab_ok(&["agent-hang", dom, &duration.as_secs().to_string()]);
+}
+
+/// `guest-fsfreeze-status` of the guest (`thawed` / `frozen`), `None` if the agent does not answer.
+pub fn fsfreeze_status(dom: &str) -> Option<String> {
+    let out = virsh(&[
+        "qemu-agent-command",
+        dom,
+        r#"{"execute":"guest-fsfreeze-status"}"#,
+        "--timeout",
+        "5",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["return"].as_str().map(str::to_string)
+}
+
 /// What the writer's `/mnt/data/seq.log` holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqCheck {

@@ -1,0 +1,807 @@
+//! Pre-checks (before the VM is touched: failure means exit 1) and post-checks (of a
+//! published backup and of the domain: failure means exit 3), also behind `vm-backup check`.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::layout;
+use crate::libvirt::{self, AgentChannel, Dom, DomState, Hypervisor};
+use crate::metadata::{BackupMetadata, Method, SkippedDisk};
+use crate::progress::{CancelToken, Progress};
+
+use super::{BackupError, BackupRequest, SessionDisk, OVERLAY_MARKER};
+
+/// Bytes kept free on the target beyond the allocated size of the disks.
+pub const SPACE_MARGIN: u64 = 16 << 20;
+
+/// What the pre-checks found, and what the backup will do.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreCheck {
+    /// Domain state.
+    #[serde(serialize_with = "display")]
+    pub state: DomState,
+    /// Domain UUID.
+    pub uuid: String,
+    /// The method chosen (never auto).
+    pub method: Method,
+    /// Why a weaker method than asked, if so.
+    pub method_note: Option<String>,
+    /// The disks to copy.
+    #[serde(skip)]
+    pub disks: Vec<SessionDisk>,
+    /// Targets of the disks to copy.
+    pub disk_targets: Vec<String>,
+    /// Disks skipped, with reasons.
+    pub skipped: Vec<SkippedDisk>,
+    /// The inactive XML with security info.
+    #[serde(skip)]
+    pub inactive_xml: String,
+    /// The NVRAM file, if any.
+    pub nvram: Option<PathBuf>,
+    /// The live XML says the agent is connected (and it answered, when quiesce was chosen).
+    pub agent_connected: bool,
+    /// We set the domain's agent response timeout (to restore afterwards).
+    #[serde(skip)]
+    pub agent_timeout_set: bool,
+    /// Bytes the backup needs on the target (estimate).
+    pub needed_bytes: u64,
+    /// Bytes free on the target.
+    pub free_bytes: u64,
+    /// Notes for the log.
+    pub notes: Vec<String>,
+}
+
+fn display<S: serde::Serializer>(v: &DomState, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// What the pre-checks learnt about the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentState {
+    /// No agent channel in the domain.
+    Absent,
+    /// A channel, but no agent connected to it.
+    Disconnected,
+    /// The agent answered a ping within the bound.
+    Answers,
+    /// The agent did not answer within the bound (the cause).
+    Hung(String),
+}
+
+/// Chooses the method: `auto` gives quiesce (running, agent answers), snapshot (running, no
+/// agent channel or agent not connected) or offline (shut off). `probe` is asked about the
+/// agent only when quiesce is possible. A hung agent fails quiesce and auto unless
+/// `fallback` allows a crash-consistent snapshot (recorded in the note).
+pub fn choose_method(
+    requested: Method,
+    state: DomState,
+    shutdown: bool,
+    fallback: bool,
+    probe: &mut dyn FnMut() -> AgentState,
+) -> Result<(Method, Option<String>), String> {
+    let live = state.is_live();
+    match (requested, live) {
+        (Method::Offline | Method::Auto, false) => Ok((Method::Offline, None)),
+        (Method::Offline, true) if shutdown => Ok((Method::Offline, None)),
+        (Method::Offline, true) => Err(format!(
+            "domain is {state}: an offline backup needs it shut off (or --shutdown to shut it down cleanly and start it again)"
+        )),
+        (Method::Quiesce | Method::Snapshot, false) => Err(format!(
+            "domain is shut off: method {requested} needs it running (use --method offline or auto)"
+        )),
+        (Method::Snapshot, true) => Ok((Method::Snapshot, None)),
+        (Method::Quiesce | Method::Auto, true) => {
+            let (why, auto_may_fall_back) = match probe() {
+                AgentState::Answers => return Ok((Method::Quiesce, None)),
+                AgentState::Absent => ("no guest agent channel in the domain".to_string(), true),
+                AgentState::Disconnected => ("the guest agent is not connected".to_string(), true),
+                AgentState::Hung(cause) => (format!("the guest agent {cause}"), false),
+            };
+            if requested == Method::Auto && auto_may_fall_back {
+                Ok((Method::Snapshot, Some(format!("{why}: crash-consistent snapshot"))))
+            } else if fallback {
+                Ok((
+                    Method::Snapshot,
+                    Some(format!("{why}: crash-consistent fallback as configured")),
+                ))
+            } else {
+                Err(format!("{why}: cannot quiesce"))
+            }
+        }
+    }
+}
+
+/// Runs every pre-check on `dom` for `request`. Read-only except for setting the domain's
+/// agent response timeout (a runtime setting). The error is the cause, worded for the
+/// operator.
+pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String> {
+    let vm = request.vm.as_str();
+    let settings = &request.settings;
+    let state = dom.state().map_err(|e| e.to_string())?;
+    match state {
+        DomState::Running | DomState::Paused | DomState::ShutOff => {}
+        other => {
+            return Err(format!(
+                "domain is {other}: it must be running, paused or shut off"
+            ))
+        }
+    }
+    let uuid = dom.uuid().map_err(|e| e.to_string())?;
+    let inactive_xml = dom.xml(true).map_err(|e| e.to_string())?;
+    let current = dom.parsed(!state.is_live()).map_err(|e| e.to_string())?;
+    let inactive = libvirt::xml::parse_domain(&inactive_xml)
+        .map_err(|e| format!("cannot parse the inactive domain XML: {e}"))?;
+    let mut notes: Vec<String> = Vec::new();
+
+    // Leftovers of an earlier run that the journal did not explain.
+    for d in current.disks.iter().chain(inactive.disks.iter()) {
+        if let Some(src) = &d.source {
+            if src.to_string_lossy().contains(OVERLAY_MARKER) {
+                return Err(format!(
+                    "disk {} runs on {}, an overlay left by an earlier vm-backup run that the journal in {} does not list; \
+                     commit it back by hand (virsh blockcommit {vm} {} --active --pivot) before backing up",
+                    d.target,
+                    src.display(),
+                    super::journal::journal_folder(&settings.journal_dir).display(),
+                    d.target
+                ));
+            }
+        }
+    }
+    if state.is_live() {
+        for d in current.disks.iter().filter(|d| d.device == "disk") {
+            if let Some(job) = dom.block_job(&d.target).map_err(|e| e.to_string())? {
+                return Err(format!(
+                    "disk {} has a running {} block job ({} of {}): wait for it or abort it first",
+                    d.target,
+                    job.kind_name(),
+                    job.cur,
+                    job.end
+                ));
+            }
+        }
+    }
+    if let Ok(snaps) = dom.snapshot_names() {
+        if !snaps.is_empty() {
+            notes.push(format!(
+                "the domain has libvirt snapshots with metadata ({}); they are not ours and are left alone",
+                snaps.join(", ")
+            ));
+        }
+    }
+
+    // Method.
+    let mut agent_timeout_set = false;
+    let agent_connected = current.agent.connected();
+    let agent = current.agent.clone();
+    let mut probe = || -> AgentState {
+        match &agent {
+            AgentChannel::Absent => return AgentState::Absent,
+            a if !a.connected() => return AgentState::Disconnected,
+            _ => {}
+        }
+        let secs = settings.timeouts.agent_seconds.clamp(1, u32::MAX as u64) as u32;
+        if let Err(e) = dom.set_agent_timeout(Some(secs)) {
+            return AgentState::Hung(e.to_string());
+        }
+        agent_timeout_set = true;
+        let t = std::time::Instant::now();
+        match dom.agent_ping() {
+            Ok(()) => {
+                notes.push(format!(
+                    "guest agent answered in {:.0} ms",
+                    t.elapsed().as_secs_f64() * 1000.0
+                ));
+                AgentState::Answers
+            }
+            Err(e) => AgentState::Hung(format!("does not answer within {secs} s ({e})")),
+        }
+    };
+    let chosen = choose_method(
+        request.method,
+        state,
+        request.shutdown,
+        request.crash_consistent_fallback,
+        &mut probe,
+    );
+    let (method, method_note) = match chosen {
+        Ok(v) => v,
+        Err(e) => {
+            if agent_timeout_set {
+                let _ = dom.set_agent_timeout(None);
+            }
+            return Err(e);
+        }
+    };
+
+    // Disks.
+    let mut disks = Vec::new();
+    let mut skipped = Vec::new();
+    for d in &current.disks {
+        if let Some(reason) = d.skip_reason() {
+            skipped.push(SkippedDisk {
+                target: d.target.clone(),
+                reason,
+            });
+            continue;
+        }
+        if d.kind != "file" {
+            return Err(format!(
+                "disk {} is a {} disk: only file-backed disks can be backed up",
+                d.target, d.kind
+            ));
+        }
+        let source = d.source.clone().unwrap_or_default();
+        let meta = fs::metadata(&source)
+            .map_err(|e| format!("disk {}: {}: {e}", d.target, source.display()))?;
+        if !meta.is_file() {
+            return Err(format!(
+                "disk {}: {} is not a regular file",
+                d.target,
+                source.display()
+            ));
+        }
+        fs::File::open(&source)
+            .map_err(|e| format!("disk {}: cannot read {}: {e}", d.target, source.display()))?;
+        let format = d.format.clone().unwrap_or_else(|| "raw".into());
+        let (virtual_size, allocated_size) = match dom.block_sizes(&d.target) {
+            Ok(v) => v,
+            Err(_) => {
+                use std::os::unix::fs::MetadataExt;
+                (meta.len(), meta.blocks() * 512)
+            }
+        };
+        let backing_chain = super::chain::backing_chain(&source, &format, vm, &d.target)?;
+        for b in &backing_chain {
+            fs::File::open(&b.path).map_err(|e| {
+                format!(
+                    "disk {}: cannot read its backing image {}: {e}",
+                    d.target,
+                    b.path.display()
+                )
+            })?;
+        }
+        disks.push(SessionDisk {
+            target: d.target.clone(),
+            source,
+            file_name: layout::disk_file_name(vm, &d.target, &format).map_err(|e| e.to_string())?,
+            format,
+            virtual_size,
+            allocated_size,
+            backing_file: backing_chain.first().map(|b| b.path.clone()),
+            backing_chain,
+            overlay: None,
+        });
+    }
+    if disks.is_empty() {
+        return Err("the domain has no disk to back up".into());
+    }
+
+    // NVRAM.
+    let nvram = current
+        .nvram
+        .clone()
+        .or_else(|| inactive.nvram.clone())
+        .or_else(|| {
+            let p = libvirt::default_nvram_path(vm);
+            (current.efi && p.is_file()).then_some(p)
+        });
+    let mut nvram_size = 0;
+    if let Some(p) = &nvram {
+        match fs::metadata(p) {
+            Ok(m) => nvram_size = m.len(),
+            Err(e) if state == DomState::ShutOff && e.kind() == std::io::ErrorKind::NotFound => {
+                notes.push(format!(
+                    "NVRAM {} does not exist yet (created at first start): not copied",
+                    p.display()
+                ));
+            }
+            Err(e) => return Err(format!("NVRAM {}: {e}", p.display())),
+        }
+    }
+    let nvram = nvram.filter(|p| p.is_file());
+
+    // Target.
+    let target = &settings.target;
+    let meta = fs::metadata(target).map_err(|e| format!("target {}: {e}", target.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("target {} is not a folder", target.display()));
+    }
+    let probe = target.join(format!(".vm-backup-write-test-{}", std::process::id()));
+    fs::write(&probe, b"x")
+        .and_then(|_| fs::remove_file(&probe))
+        .map_err(|e| format!("target {} is not writable: {e}", target.display()))?;
+    let st = nix::sys::statvfs::statvfs(target.as_path())
+        .map_err(|e| format!("target {}: statvfs: {e}", target.display()))?;
+    let free_bytes = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let needed_bytes = disks
+        .iter()
+        .map(|d| {
+            d.allocated_size
+                + d.backing_chain
+                    .iter()
+                    .map(|b| b.allocated_size)
+                    .sum::<u64>()
+        })
+        .sum::<u64>()
+        + nvram_size
+        + SPACE_MARGIN;
+    if free_bytes < needed_bytes {
+        return Err(format!(
+            "target {} has {} MiB free, the backup needs about {} MiB (allocated size of the disks and their backing chains plus a margin)",
+            target.display(),
+            free_bytes >> 20,
+            needed_bytes.div_ceil(1 << 20)
+        ));
+    }
+
+    Ok(PreCheck {
+        state,
+        uuid,
+        method,
+        method_note,
+        disk_targets: disks.iter().map(|d| d.target.clone()).collect(),
+        disks,
+        skipped,
+        inactive_xml,
+        nvram,
+        agent_connected,
+        agent_timeout_set,
+        needed_bytes,
+        free_bytes,
+        notes,
+    })
+}
+
+/// `vm-backup check VM --pre`: connects, runs the pre-checks, restores the agent timeout.
+pub fn run_pre_checks(request: &BackupRequest) -> Result<PreCheck, BackupError> {
+    let vm = request.vm.as_str();
+    layout::safe_component(vm).map_err(|e| BackupError::pre(vm, e))?;
+    let hv =
+        Hypervisor::connect(&request.settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
+    let dom = hv.domain(vm).map_err(|e| BackupError::pre(vm, e))?;
+    if let Some(rec) = super::journal::read_record(&super::journal::journal_path(
+        &request.settings.journal_dir,
+        vm,
+    ))
+    .map_err(|e| BackupError::pre(vm, e))?
+    {
+        return Err(BackupError::pre(
+            vm,
+            format!(
+                "an earlier run (pid {}, stamp {}, phase {}) left state behind: `vm-backup orphans --cleanup` or the next backup repairs it",
+                rec.pid, rec.stamp, rec.phase
+            ),
+        ));
+    }
+    let pre = pre_check(&dom, request).map_err(|e| BackupError::pre(vm, e))?;
+    if pre.agent_timeout_set {
+        let _ = dom.set_agent_timeout(None);
+    }
+    Ok(pre)
+}
+
+/// Hex SHA-256 of a (small) file.
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Checks a published backup folder: every file of the metadata is present with its size,
+/// every disk re-hashed against its chunk manifest (in parallel), every line of
+/// `checksums.sha256` matches, and `qemu-img check` passes on qcow2 copies. Returns the
+/// problems found (empty: all good).
+pub fn post_check_folder(
+    dir: &Path,
+    md: &BackupMetadata,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    // checksums.sha256
+    let sums_path = dir.join(layout::CHECKSUMS_FILE);
+    let sums = match fs::read_to_string(&sums_path) {
+        Ok(s) => s,
+        Err(e) => {
+            problems.push(format!("{}: {e}", sums_path.display()));
+            String::new()
+        }
+    };
+    let mut listed = std::collections::BTreeMap::new();
+    for line in sums.lines().filter(|l| !l.trim().is_empty()) {
+        match line.split_once("  ") {
+            Some((sum, name)) => {
+                listed.insert(name.to_string(), sum.to_string());
+            }
+            None => problems.push(format!("malformed line in checksums.sha256: {line:?}")),
+        }
+    }
+    // Every image file: the disks and the images of their backing chains.
+    let images: Vec<ImageFile<'_>> = md
+        .disks
+        .iter()
+        .flat_map(|d| {
+            std::iter::once(ImageFile {
+                file: &d.file,
+                file_size: d.file_size,
+                sha256: &d.sha256,
+                manifest: &d.manifest,
+                format: &d.format,
+            })
+            .chain(d.backing_chain.iter().map(|b| ImageFile {
+                file: &b.file,
+                file_size: b.file_size,
+                sha256: &b.sha256,
+                manifest: &b.manifest,
+                format: &b.format,
+            }))
+        })
+        .collect();
+    let disk_names: std::collections::BTreeSet<&str> = images.iter().map(|d| d.file).collect();
+    for (name, sum) in &listed {
+        if disk_names.contains(name.as_str()) {
+            continue; // checked against the manifest below
+        }
+        match sha256_file(&dir.join(name)) {
+            Ok(actual) if &actual == sum => {}
+            Ok(actual) => problems.push(format!(
+                "{name}: SHA-256 {actual} does not match checksums.sha256 ({sum})"
+            )),
+            Err(e) => problems.push(format!("{name}: {e}")),
+        }
+    }
+    for f in &md.files {
+        if !dir.join(f).is_file() {
+            problems.push(format!("{f} is missing"));
+        }
+    }
+    // Disk images, in parallel.
+    let disk_problems: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = images
+            .iter()
+            .map(|d| {
+                let listed = listed.get(d.file).cloned();
+                s.spawn(move || {
+                    let mut p = Vec::new();
+                    let path = dir.join(d.file);
+                    match fs::metadata(&path) {
+                        Ok(m) if m.len() == d.file_size => {}
+                        Ok(m) => p.push(format!(
+                            "{}: size {} differs from the recorded {}",
+                            d.file,
+                            m.len(),
+                            d.file_size
+                        )),
+                        Err(e) => {
+                            p.push(format!("{}: {e}", d.file));
+                            return p;
+                        }
+                    }
+                    if listed.as_deref() != Some(d.sha256) {
+                        p.push(format!(
+                            "{}: checksums.sha256 does not list the recorded SHA-256",
+                            d.file
+                        ));
+                    }
+                    match crate::copier::verify_file(&path, d.manifest, progress, cancel) {
+                        Ok(r) if r.ok => {}
+                        Ok(r) => p.push(format!(
+                            "{}: {} chunk(s) differ from the manifest{}",
+                            d.file,
+                            r.bad_chunks.len(),
+                            r.first_bad
+                                .as_ref()
+                                .map(|b| format!(" (first at offset {})", b.offset))
+                                .unwrap_or_default()
+                        )),
+                        Err(e) => p.push(format!("{}: verification failed: {e}", d.file)),
+                    }
+                    if d.format == "qcow2" {
+                        if let Err(e) = qemu_img_check(&path) {
+                            p.push(format!("{}: {e}", d.file));
+                        }
+                    }
+                    p
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec!["a verification thread panicked".into()])
+            })
+            .collect()
+    });
+    problems.extend(disk_problems.into_iter().flatten());
+    problems
+}
+
+/// One image file of a backup, as the post-checks see it.
+struct ImageFile<'a> {
+    file: &'a str,
+    file_size: u64,
+    sha256: &'a str,
+    manifest: &'a crate::copier::ChunkManifest,
+    format: &'a str,
+}
+
+/// `qemu-img check` of a qcow2 image.
+pub fn qemu_img_check(path: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img check: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img check failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Checks the domain runs on the images the backup recorded (`md.disks[].source`), with no
+/// overlay of ours and no block job. Returns the problems found.
+pub fn post_check_domain(dom: &Dom, md: &BackupMetadata) -> Vec<String> {
+    let mut problems = Vec::new();
+    let state = match dom.state() {
+        Ok(s) => s,
+        Err(e) => return vec![e.to_string()],
+    };
+    let parsed = match dom.parsed(!state.is_live()) {
+        Ok(p) => p,
+        Err(e) => return vec![e.to_string()],
+    };
+    for d in &md.disks {
+        let cur = parsed.disks.iter().find(|x| x.target == d.target);
+        match cur.and_then(|c| c.source.as_ref()) {
+            Some(src) if src == Path::new(&d.source) => {}
+            Some(src) => problems.push(format!(
+                "disk {} runs on {}, not on its original image {}",
+                d.target,
+                src.display(),
+                d.source
+            )),
+            None => problems.push(format!("disk {} is gone from the domain", d.target)),
+        }
+        if state.is_live() {
+            if let Ok(Some(job)) = dom.block_job(&d.target) {
+                problems.push(format!(
+                    "disk {} has a {} block job",
+                    d.target,
+                    job.kind_name()
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// `vm-backup check VM --post`: the newest backup of the VM and the domain. Returns the
+/// folder checked and the problems found.
+pub fn run_post_checks(
+    request: &BackupRequest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<(PathBuf, Vec<String>), BackupError> {
+    let vm = request.vm.as_str();
+    let settings = &request.settings;
+    let vm_dir = layout::VmDir::new(&settings.target, &settings.host(), vm)
+        .map_err(|e| BackupError::pre(vm, e))?;
+    let stamp = vm_dir
+        .latest()
+        .map_err(|e| BackupError::pre(vm, e))?
+        .ok_or_else(|| {
+            BackupError::pre(
+                vm,
+                format!("no backup of this VM in {}", vm_dir.path.display()),
+            )
+        })?;
+    let dir = vm_dir.backup_dir(&stamp);
+    let md = BackupMetadata::read(&dir).map_err(|e| BackupError::pre(vm, e))?;
+    let mut problems = post_check_folder(&dir, &md, progress, cancel);
+    let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
+    match hv.domain(vm) {
+        Ok(dom) => problems.extend(post_check_domain(&dom, &md)),
+        Err(e) => problems.push(e.to_string()),
+    }
+    Ok((dir, problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choose(
+        requested: Method,
+        state: DomState,
+        agent: AgentState,
+        shutdown: bool,
+        fallback: bool,
+    ) -> (Result<(Method, Option<String>), String>, bool) {
+        let mut asked = false;
+        let r = choose_method(requested, state, shutdown, fallback, &mut || {
+            asked = true;
+            agent.clone()
+        });
+        (r, asked)
+    }
+
+    /// (requested, state, agent, shutdown, fallback, expected method or error fragment)
+    type Case = (
+        Method,
+        DomState,
+        AgentState,
+        bool,
+        bool,
+        Result<Method, &'static str>,
+    );
+
+    #[test]
+    fn method_table() {
+        use AgentState::*;
+        use DomState::*;
+        let hung = || Hung("does not answer within 3 s".into());
+        // (requested, state, agent, shutdown, fallback) -> method or error
+        let cases: Vec<Case> = vec![
+            (
+                Method::Auto,
+                Running,
+                Answers,
+                false,
+                false,
+                Ok(Method::Quiesce),
+            ),
+            (
+                Method::Auto,
+                Running,
+                Absent,
+                false,
+                false,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Auto,
+                Running,
+                Disconnected,
+                false,
+                false,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Auto,
+                Running,
+                hung(),
+                false,
+                false,
+                Err("cannot quiesce"),
+            ),
+            (
+                Method::Auto,
+                Running,
+                hung(),
+                false,
+                true,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Auto,
+                ShutOff,
+                Answers,
+                false,
+                false,
+                Ok(Method::Offline),
+            ),
+            (
+                Method::Quiesce,
+                Running,
+                Answers,
+                false,
+                false,
+                Ok(Method::Quiesce),
+            ),
+            (
+                Method::Quiesce,
+                Running,
+                Absent,
+                false,
+                false,
+                Err("no guest agent"),
+            ),
+            (
+                Method::Quiesce,
+                Running,
+                Absent,
+                false,
+                true,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Quiesce,
+                ShutOff,
+                Answers,
+                false,
+                false,
+                Err("needs it running"),
+            ),
+            (
+                Method::Snapshot,
+                Running,
+                hung(),
+                false,
+                false,
+                Ok(Method::Snapshot),
+            ),
+            (
+                Method::Snapshot,
+                ShutOff,
+                Absent,
+                false,
+                false,
+                Err("needs it running"),
+            ),
+            (
+                Method::Offline,
+                ShutOff,
+                Absent,
+                false,
+                false,
+                Ok(Method::Offline),
+            ),
+            (
+                Method::Offline,
+                Running,
+                Answers,
+                false,
+                false,
+                Err("--shutdown"),
+            ),
+            (
+                Method::Offline,
+                Running,
+                Answers,
+                true,
+                false,
+                Ok(Method::Offline),
+            ),
+        ];
+        for (req, state, agent, shutdown, fallback, want) in cases {
+            let label = format!("{req} {state} {agent:?} shutdown={shutdown} fallback={fallback}");
+            let (got, asked) = choose(req, state, agent, shutdown, fallback);
+            match (got, want) {
+                (Ok((m, note)), Ok(w)) => {
+                    assert_eq!(m, w, "{label}");
+                    // A weaker method than asked always says why.
+                    if m == Method::Snapshot && req != Method::Snapshot {
+                        assert!(note.is_some(), "{label}");
+                    }
+                }
+                (Err(e), Err(w)) => assert!(e.contains(w), "{label}: {e}"),
+                (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
+            }
+            // The agent is only asked when quiesce is possible.
+            if !state.is_live() || req == Method::Snapshot || req == Method::Offline {
+                assert!(!asked, "{label}: agent probed needlessly");
+            }
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! Direct mode: the engine writes the backup folder itself (`<stamp>.partial/` → copy →
+//! commit → XML, NVRAM, configs, checksums, metadata, log → fsync → rename → post-checks).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::Local;
+
+use crate::copier::ChunkManifest;
+use crate::copier::{self, CopyOptions, HashMode, IoPath};
+use crate::layout::{self, VmDir};
+use crate::metadata::{self, BackingRecord, BackupMetadata, DiskRecord};
+use crate::progress::Level;
+use crate::ExitStatus;
+
+use super::checks;
+use super::{BackupError, BackupSession, Phase, DEBUG_PAUSE_ENV};
+
+impl BackupSession<'_> {
+    /// Runs the rest of a direct-mode backup after [`BackupSession::prepare`]: copy into the
+    /// `.partial` folder, [`BackupSession::finish`], publish, post-checks. On success
+    /// [`Self::published`] returns the metadata and folder; post-check problems are warnings
+    /// in the metadata (status 3).
+    pub fn run_direct(&mut self) -> Result<(), BackupError> {
+        self.begin_partial()?;
+        self.debug_pause()?;
+        self.copy_disks()?;
+        self.finish()?;
+        let t = Instant::now();
+        let extra_files = self.write_extras()?;
+        let (dir, md) = self.publish(extra_files, t)?;
+        self.post_checks(dir, md);
+        Ok(())
+    }
+
+    /// The metadata of this backup, for a driver that copies the disks itself (the Bacula
+    /// plugin's stream mode): `disks` records what it copied, `files` the other files it sent
+    /// (`<vm>.xml`, `<vm>-nvram.fd`). Method, note, frozen window, phases so far (add the
+    /// driver's own with [`Self::record_phase`]), skipped disks and warnings come from the
+    /// session; `result` is `warning` when there are warnings.
+    pub fn metadata_for(&self, disks: Vec<DiskRecord>, files: Vec<String>) -> BackupMetadata {
+        let total: u64 = disks
+            .iter()
+            .map(|d| d.file_size + d.backing_chain.iter().map(|b| b.file_size).sum::<u64>())
+            .sum();
+        let copy_secs = self.phases.get("copy").copied().unwrap_or(0.0);
+        BackupMetadata {
+            schema_version: metadata::SCHEMA_VERSION,
+            tool_version: crate::VERSION.to_string(),
+            vm_name: self.request.vm.clone(),
+            vm_uuid: self.uuid.clone(),
+            host: self.host.clone(),
+            stamp: self.stamp.clone(),
+            method_requested: self.request.method,
+            method: self.method,
+            method_note: self.method_note.clone(),
+            started_at: self.started_at.to_rfc3339(),
+            finished_at: Local::now().to_rfc3339(),
+            frozen_ms: self.frozen_ms,
+            phases: self.phases.clone(),
+            disks,
+            skipped_disks: self.skipped.clone(),
+            files,
+            total_bytes: total,
+            bytes_per_sec: if copy_secs > 0.0 {
+                total as f64 / copy_secs
+            } else {
+                0.0
+            },
+            result: if self.warnings.is_empty() {
+                ExitStatus::Success
+            } else {
+                ExitStatus::Warning
+            },
+            warnings: self.warnings.clone(),
+            appliance: self
+                .request
+                .vm_entry
+                .as_ref()
+                .and_then(|e| e.appliance.clone()),
+            verify: None,
+            test_restore: None,
+        }
+    }
+
+    /// Records the seconds a phase took (a driver's own `copy`, for instance).
+    pub fn record_phase(&mut self, name: &str, seconds: f64) {
+        self.phases.insert(name.to_string(), seconds);
+    }
+
+    /// The published metadata and folder, once [`Self::run_direct`] succeeded.
+    pub fn published(&self) -> (Option<BackupMetadata>, Option<PathBuf>) {
+        match &self.published {
+            Some((md, dir)) => (Some(md.clone()), Some(dir.clone())),
+            None => (None, None),
+        }
+    }
+
+    fn vm_dir(&self) -> Result<VmDir, BackupError> {
+        VmDir::new(&self.request.settings.target, &self.host, &self.request.vm)
+            .map_err(|e| self.failed(Phase::Copy, e))
+    }
+
+    /// Creates `<target>/<host>/<vm>/<stamp>.partial/` (journaled first).
+    fn begin_partial(&mut self) -> Result<(), BackupError> {
+        let partial = self.vm_dir()?.partial_dir(&self.stamp);
+        let p = partial.clone();
+        self.journal
+            .update(|r| r.partial_dir = Some(p))
+            .map_err(|e| self.failed(Phase::Copy, e))?;
+        self.partial = Some(partial.clone());
+        fs::create_dir_all(&partial).map_err(|e| {
+            self.failed(
+                Phase::Copy,
+                format!("cannot create {}: {e}", partial.display()),
+            )
+        })?;
+        self.log(Level::Info, &format!("writing into {}", partial.display()));
+        Ok(())
+    }
+
+    /// Test hook: waits [`DEBUG_PAUSE_ENV`] milliseconds, polling cancellation.
+    fn debug_pause(&mut self) -> Result<(), BackupError> {
+        let Some(ms) = std::env::var(DEBUG_PAUSE_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return Ok(());
+        };
+        self.log(
+            Level::Warning,
+            &format!("{DEBUG_PAUSE_ENV}={ms}: pausing before the copy (test hook)"),
+        );
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(ms) {
+            if self.cancel.is_cancelled() {
+                return Err(self.failed(Phase::Copy, "cancelled"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn copy_disks(&mut self) -> Result<(), BackupError> {
+        let t = Instant::now();
+        for d in self.disks.clone() {
+            self.log(
+                Level::Info,
+                &format!(
+                    "copying {} ({}, {} bytes allocated, {} virtual) to {}",
+                    d.target,
+                    d.source.display(),
+                    d.allocated_size,
+                    d.virtual_size,
+                    d.file_name
+                ),
+            );
+            let top = self.copy_image(&d.source, &d.file_name, &d.target)?;
+            let mut backing_chain = Vec::new();
+            for b in &d.backing_chain {
+                self.log(
+                    Level::Info,
+                    &format!(
+                        "copying {}'s backing image {} ({}, depth {}, {} bytes allocated) to {}",
+                        d.target,
+                        b.path.display(),
+                        b.format,
+                        b.depth,
+                        b.allocated_size,
+                        b.file_name
+                    ),
+                );
+                let label = format!("{} backing image {}", d.target, b.depth);
+                let c = self.copy_image(&b.path, &b.file_name, &label)?;
+                backing_chain.push(BackingRecord {
+                    depth: b.depth,
+                    file: b.file_name.clone(),
+                    source: b.path.to_string_lossy().into_owned(),
+                    format: b.format.clone(),
+                    backing_named_as: b.named_as.clone(),
+                    virtual_size: b.virtual_size,
+                    allocated_size: b.allocated_size,
+                    file_size: c.logical_size,
+                    sha256: c.sha256,
+                    manifest: c.manifest,
+                    copy_seconds: c.seconds,
+                });
+            }
+            self.disk_records.push(DiskRecord {
+                target: d.target.clone(),
+                source: d.source.to_string_lossy().into_owned(),
+                format: d.format.clone(),
+                file: d.file_name.clone(),
+                virtual_size: d.virtual_size,
+                allocated_size: d.allocated_size,
+                file_size: top.logical_size,
+                sha256: top.sha256,
+                manifest: top.manifest,
+                copy_seconds: top.seconds,
+                bytes_per_sec: top.bytes_per_sec,
+                io_path: top.io_path.to_string(),
+                backing_chain,
+            });
+        }
+        self.phases.insert("copy".into(), t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Copies one image into the `.partial` folder as `file_name` with both hashes.
+    fn copy_image(
+        &mut self,
+        src: &Path,
+        file_name: &str,
+        label: &str,
+    ) -> Result<CopiedImage, BackupError> {
+        if self.cancel.is_cancelled() {
+            return Err(self.failed(Phase::Copy, "cancelled"));
+        }
+        let partial = self.partial.clone().unwrap_or_default();
+        let options = CopyOptions {
+            hash: HashMode::Both,
+            ..self.request.copy_options.clone()
+        };
+        let dst = partial.join(file_name);
+        let report = copier::copy_file(src, &dst, &options, self.progress(), &self.cancel)
+            .map_err(|e| self.failed(Phase::Copy, format!("disk {label}: {e}")))?;
+        for note in &report.notes {
+            self.log(Level::Info, &format!("copier: {note}"));
+        }
+        let (Some(sha256), Some(manifest)) = (report.sha256.clone(), report.manifest.clone())
+        else {
+            return Err(self.failed(
+                Phase::Copy,
+                format!("disk {label}: the copier returned no digests"),
+            ));
+        };
+        self.log(
+            Level::Info,
+            &format!(
+                "{label} copied: {} bytes in {:.2} s ({:.1} MiB/s, {}), sha256 {}",
+                report.logical_size,
+                report.duration.as_secs_f64(),
+                report.bytes_per_sec / (1 << 20) as f64,
+                io_name(report.io_path),
+                sha256
+            ),
+        );
+        Ok(CopiedImage {
+            logical_size: report.logical_size,
+            sha256,
+            manifest,
+            seconds: report.duration.as_secs_f64(),
+            bytes_per_sec: report.bytes_per_sec,
+            io_path: io_name(report.io_path),
+        })
+    }
+
+    /// XML, NVRAM and appliance configs; returns (relative name, sha256) of each.
+    fn write_extras(&mut self) -> Result<Vec<(String, String)>, BackupError> {
+        let partial = self.partial.clone().unwrap_or_default();
+        let mut files = Vec::new();
+        let vm = self.request.vm.clone();
+        let xml_name = layout::xml_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
+        let xml_path = partial.join(&xml_name);
+        write_synced(&xml_path, self.inactive_xml.as_bytes())
+            .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", xml_path.display())))?;
+        files.push((xml_name, hex_sha256(self.inactive_xml.as_bytes())));
+        if let Some(nvram) = self.nvram.clone() {
+            let name = layout::nvram_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
+            let bytes = fs::read(&nvram).map_err(|e| {
+                self.failed(Phase::Publish, format!("NVRAM {}: {e}", nvram.display()))
+            })?;
+            let dst = partial.join(&name);
+            write_synced(&dst, &bytes)
+                .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", dst.display())))?;
+            self.log(
+                Level::Info,
+                &format!("NVRAM {} copied ({} bytes)", nvram.display(), bytes.len()),
+            );
+            files.push((name, hex_sha256(&bytes)));
+        }
+        if let Some(entry) = self.request.vm_entry.clone() {
+            if entry.appliance.as_deref() == Some("asav") {
+                let dir = partial.join(layout::CONFIGS_DIR);
+                let captured = fs::create_dir_all(&dir)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        crate::appliance::capture_configs(&entry, &self.request.settings.ssh, &dir)
+                            .map_err(|e| e.to_string())
+                    });
+                match captured {
+                    Ok(names) => {
+                        for n in names {
+                            let rel = format!("{}/{n}", layout::CONFIGS_DIR);
+                            match checks::sha256_file(&partial.join(&rel)) {
+                                Ok(sum) => files.push((rel, sum)),
+                                Err(e) => self.warn(format!("appliance config {rel}: {e}")),
+                            }
+                        }
+                    }
+                    Err(e) => self.warn(format!("appliance configuration capture failed: {e}")),
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    fn metadata(&self, extra: &[(String, String)], result: ExitStatus) -> BackupMetadata {
+        let mut md = self.metadata_for(
+            self.disk_records.clone(),
+            extra.iter().map(|(n, _)| n.clone()).collect(),
+        );
+        md.result = result;
+        md
+    }
+
+    fn publish(
+        &mut self,
+        extra: Vec<(String, String)>,
+        t: Instant,
+    ) -> Result<(PathBuf, BackupMetadata), BackupError> {
+        let partial = self.partial.clone().unwrap_or_default();
+        let mut sums = String::new();
+        for d in &self.disk_records {
+            sums.push_str(&format!("{}  {}\n", d.sha256, d.file));
+            for b in &d.backing_chain {
+                sums.push_str(&format!("{}  {}\n", b.sha256, b.file));
+            }
+        }
+        for (name, sum) in &extra {
+            sums.push_str(&format!("{sum}  {name}\n"));
+        }
+        metadata::write_atomic(&partial.join(layout::CHECKSUMS_FILE), sums.as_bytes())
+            .map_err(|e| self.failed(Phase::Publish, format!("checksums.sha256: {e}")))?;
+        self.phases
+            .insert("publish".into(), t.elapsed().as_secs_f64());
+        let result = if self.warnings.is_empty() {
+            ExitStatus::Success
+        } else {
+            ExitStatus::Warning
+        };
+        let md = self.metadata(&extra, result);
+        md.write(&partial)
+            .map_err(|e| self.failed(Phase::Publish, format!("backup-metadata.json: {e}")))?;
+        self.log(Level::Info, "publishing the backup folder");
+        write_synced(&partial.join(layout::LOG_FILE), self.log.text().as_bytes())
+            .map_err(|e| self.failed(Phase::Publish, format!("backup.log: {e}")))?;
+        sync_tree(&partial).map_err(|e| {
+            self.failed(
+                Phase::Publish,
+                format!("fsync of {}: {e}", partial.display()),
+            )
+        })?;
+        if self.cancel.is_cancelled() {
+            return Err(self.failed(Phase::Publish, "cancelled"));
+        }
+        let final_dir = self.vm_dir()?.backup_dir(&self.stamp);
+        fs::rename(&partial, &final_dir).map_err(|e| {
+            self.failed(
+                Phase::Publish,
+                format!(
+                    "cannot rename {} to {}: {e}",
+                    partial.display(),
+                    final_dir.display()
+                ),
+            )
+        })?;
+        self.partial = None;
+        if let Some(parent) = final_dir.parent() {
+            let _ = fs::File::open(parent).and_then(|f| f.sync_all());
+        }
+        let _ = self.journal.update(|r| {
+            r.partial_dir = None;
+            r.phase = "published".into();
+        });
+        self.log(
+            Level::Info,
+            &format!("backup published as {}", final_dir.display()),
+        );
+        Ok((final_dir, md))
+    }
+
+    fn post_checks(&mut self, dir: PathBuf, mut md: BackupMetadata) {
+        let t = Instant::now();
+        let mut problems = checks::post_check_folder(&dir, &md, self.progress(), &self.cancel);
+        problems.extend(checks::post_check_domain(&self.dom, &md));
+        for p in problems {
+            self.warn(format!("post-check: {p}"));
+        }
+        self.phases
+            .insert("post-checks".into(), t.elapsed().as_secs_f64());
+        self.log(
+            Level::Info,
+            &format!(
+                "backup of {:?} {} in {:.1} s{}",
+                self.request.vm,
+                if self.warnings.is_empty() {
+                    "completed"
+                } else {
+                    "completed with warnings"
+                },
+                self.t0.elapsed().as_secs_f64(),
+                self.frozen_ms
+                    .map(|ms| format!(", guest frozen {ms:.0} ms"))
+                    .unwrap_or_default()
+            ),
+        );
+        md.phases = self.phases.clone();
+        md.warnings = self.warnings.clone();
+        md.finished_at = Local::now().to_rfc3339();
+        if !md.warnings.is_empty() {
+            md.result = ExitStatus::Warning;
+        }
+        if let Err(e) = md.write(&dir) {
+            self.warn(format!("cannot update backup-metadata.json: {e}"));
+        }
+        if let Err(e) = write_synced(&dir.join(layout::LOG_FILE), self.log.text().as_bytes()) {
+            self.warn(format!("cannot update backup.log: {e}"));
+        }
+        md.warnings = self.warnings.clone();
+        self.published = Some((md, dir));
+    }
+}
+
+/// What [`BackupSession::copy_image`] produced.
+struct CopiedImage {
+    logical_size: u64,
+    sha256: String,
+    manifest: ChunkManifest,
+    seconds: f64,
+    bytes_per_sec: f64,
+    io_path: &'static str,
+}
+
+fn io_name(io: IoPath) -> &'static str {
+    match io {
+        IoPath::Auto => "auto",
+        IoPath::Uring => "uring",
+        IoPath::Threads => "threads",
+    }
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// fsyncs every file and folder under `dir` (the copier syncs its own files; this is cheap
+/// for them and covers the small ones).
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    fs::File::open(dir)?.sync_all()
+}

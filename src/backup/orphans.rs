@@ -1,0 +1,358 @@
+//! Finding and repairing what interrupted backups left behind (`vm-backup orphans`, and the
+//! start of every backup of the same VM).
+//!
+//! Only state recorded in a journal is repaired: an overlay is committed back only when a
+//! journal lists it *and* its name carries [`super::OVERLAY_MARKER`]; a guest is thawed only
+//! when a journal says a quiesce may have frozen it. Overlays named like ours but in no
+//! journal are reported, never touched, unless a run holding that VM's lock owns them (a
+//! running backup is never reported). `.partial` folders are removed when no run of that VM
+//! holds its lock.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::layout;
+use crate::libvirt::{DomState, Hypervisor, LibvirtError};
+use crate::progress::{Level, Progress};
+
+use super::commit;
+use super::journal::{self, JournalError, JournalRecord, VmLock};
+use super::{RunLog, OVERLAY_MARKER};
+
+/// One thing found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Orphan {
+    /// The VM concerned.
+    pub vm: String,
+    /// `journal`, `partial`, `unjournaled-overlay`, `busy`.
+    pub kind: String,
+    /// What it is.
+    pub detail: String,
+    /// With `--cleanup`: what was done, or why it failed.
+    pub repair: Option<String>,
+    /// Whether the repair succeeded (`None` without `--cleanup` or when not repairable).
+    pub repaired: Option<bool>,
+}
+
+/// The result of a scan.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OrphanReport {
+    /// Everything found.
+    pub orphans: Vec<Orphan>,
+}
+
+impl OrphanReport {
+    /// Whether a repair was attempted and failed.
+    pub fn any_failed(&self) -> bool {
+        self.orphans.iter().any(|o| o.repaired == Some(false))
+    }
+}
+
+/// Repairs the leftovers of one journal record; returns what was done. The caller holds the
+/// VM's lock.
+pub(crate) fn repair_record(
+    hv: &Hypervisor,
+    rec: &JournalRecord,
+    settings: &Settings,
+    progress: &dyn Progress,
+    log: &RunLog,
+) -> Result<Vec<String>, String> {
+    let mut actions = Vec::new();
+    let dom = match hv.domain(&rec.vm) {
+        Ok(d) => Some(d),
+        Err(LibvirtError::NoDomain(_)) => None,
+        Err(e) => return Err(e.to_string()),
+    };
+    if let Some(dom) = &dom {
+        let live = dom.state().map_err(|e| e.to_string())?.is_live();
+        if rec.may_be_frozen && live {
+            let secs = settings.timeouts.agent_seconds.clamp(1, 3600) as u32;
+            let _ = dom.set_agent_timeout(Some(secs));
+            match dom.fs_thaw() {
+                Ok(n) => actions.push(format!("guest thawed ({n} filesystem(s) were frozen)")),
+                Err(e) => log.log(
+                    progress,
+                    Level::Warning,
+                    &format!("thaw of {:?} not possible: {e}", rec.vm),
+                ),
+            }
+            let _ = dom.set_agent_timeout(None);
+        }
+        let bound = Duration::from_secs(settings.timeouts.commit_seconds);
+        for o in &rec.overlays {
+            if !o.overlay.to_string_lossy().contains(OVERLAY_MARKER) {
+                return Err(format!(
+                    "journal lists {} which is not named like our overlays: not touched",
+                    o.overlay.display()
+                ));
+            }
+            let on_overlay = commit::on_source(dom, &o.target, &o.overlay)?;
+            if on_overlay {
+                let live = dom.state().map_err(|e| e.to_string())?.is_live();
+                if live {
+                    commit::commit_live(dom, &o.target, &o.base, bound, progress, log)?;
+                    actions.push(format!(
+                        "{}: overlay {} committed and pivoted back to {}",
+                        o.target,
+                        o.overlay.display(),
+                        o.base.display()
+                    ));
+                } else {
+                    commit::commit_offline(
+                        hv,
+                        dom,
+                        &o.target,
+                        &o.overlay,
+                        &o.base,
+                        &o.base_format,
+                    )?;
+                    actions.push(format!(
+                        "{}: overlay {} committed offline into {} and the definition restored",
+                        o.target,
+                        o.overlay.display(),
+                        o.base.display()
+                    ));
+                }
+            } else if live {
+                // Not on the overlay (pivot done, or snapshot never taken): a stale job?
+                if let Ok(Some(job)) = dom.block_job(&o.target) {
+                    dom.abort_job(&o.target).map_err(|e| e.to_string())?;
+                    actions.push(format!(
+                        "{}: stale {} block job aborted",
+                        o.target,
+                        job.kind_name()
+                    ));
+                }
+            }
+            if o.overlay.exists() {
+                if commit::on_source(dom, &o.target, &o.overlay)? {
+                    return Err(format!(
+                        "{}: still on {} after the repair",
+                        o.target,
+                        o.overlay.display()
+                    ));
+                }
+                fs::remove_file(&o.overlay)
+                    .map_err(|e| format!("cannot delete {}: {e}", o.overlay.display()))?;
+                actions.push(format!("overlay {} deleted", o.overlay.display()));
+            }
+        }
+        if rec.shut_down_by_us && dom.state().map_err(|e| e.to_string())? == DomState::ShutOff {
+            dom.start().map_err(|e| e.to_string())?;
+            actions.push("domain shut down for an offline backup started again".into());
+        }
+    } else if !rec.overlays.is_empty() {
+        log.log(
+            progress,
+            Level::Warning,
+            &format!(
+                "domain {:?} no longer exists: its overlays are left as they are",
+                rec.vm
+            ),
+        );
+    }
+    if let Some(p) = &rec.partial_dir {
+        let is_partial = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(layout::PARTIAL_SUFFIX));
+        if is_partial && is_inside(p, &settings.target) && p.exists() {
+            fs::remove_dir_all(p).map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+            actions.push(format!("partial backup {} removed", p.display()));
+        }
+    }
+    Ok(actions)
+}
+
+/// Scans journals, domains and the target for leftovers; with `cleanup`, repairs them.
+pub fn scan(
+    settings: &Settings,
+    cleanup: bool,
+    progress: &dyn Progress,
+) -> Result<OrphanReport, String> {
+    let log = RunLog::new();
+    let mut report = OrphanReport::default();
+    let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| e.to_string())?;
+    let mut journaled_overlays = std::collections::BTreeSet::new();
+    let mut journaled_partials = std::collections::BTreeSet::new();
+
+    // 1. Journals.
+    for path in journal::list_journals(&settings.journal_dir).map_err(|e| e.to_string())? {
+        let rec = match journal::read_record(&path) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                report.orphans.push(Orphan {
+                    vm: String::new(),
+                    kind: "journal".into(),
+                    detail: e.to_string(),
+                    repair: None,
+                    repaired: None,
+                });
+                continue;
+            }
+        };
+        for o in &rec.overlays {
+            journaled_overlays.insert(o.overlay.clone());
+        }
+        if let Some(p) = &rec.partial_dir {
+            journaled_partials.insert(p.clone());
+        }
+        let lock = match VmLock::acquire(&settings.journal_dir, &rec.vm) {
+            Ok(l) => l,
+            Err(JournalError::Busy { .. }) => {
+                report.orphans.push(Orphan {
+                    vm: rec.vm.clone(),
+                    kind: "busy".into(),
+                    detail: format!("a backup of this VM is running (pid {})", rec.pid),
+                    repair: None,
+                    repaired: None,
+                });
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut detail = format!(
+            "interrupted run (pid {}, stamp {}, phase {})",
+            rec.pid, rec.stamp, rec.phase
+        );
+        for o in &rec.overlays {
+            let exists = o.overlay.exists();
+            detail.push_str(&format!(
+                "; {} overlay {}{}",
+                o.target,
+                o.overlay.display(),
+                if exists { "" } else { " (file gone)" }
+            ));
+        }
+        if rec.may_be_frozen {
+            detail.push_str("; the guest may be frozen");
+        }
+        if let Some(p) = &rec.partial_dir {
+            if p.exists() {
+                detail.push_str(&format!("; partial folder {}", p.display()));
+            }
+        }
+        let mut orphan = Orphan {
+            vm: rec.vm.clone(),
+            kind: "journal".into(),
+            detail,
+            repair: None,
+            repaired: None,
+        };
+        if cleanup {
+            match repair_record(&hv, &rec, settings, progress, &log) {
+                Ok(actions) => {
+                    let _ = fs::remove_file(&path);
+                    orphan.repair = Some(if actions.is_empty() {
+                        "nothing left to repair; journal removed".into()
+                    } else {
+                        actions.join("; ")
+                    });
+                    orphan.repaired = Some(true);
+                }
+                Err(e) => {
+                    orphan.repair = Some(e);
+                    orphan.repaired = Some(false);
+                }
+            }
+        }
+        drop(lock);
+        report.orphans.push(orphan);
+    }
+
+    // 2. Overlays named like ours that no journal lists: report only.
+    for name in hv.domain_names().map_err(|e| e.to_string())? {
+        let Ok(dom) = hv.domain(&name) else { continue };
+        let live = dom.state().is_ok_and(DomState::is_live);
+        let Ok(parsed) = dom.parsed(!live) else {
+            continue;
+        };
+        let mut running_backup: Option<bool> = None;
+        for d in &parsed.disks {
+            if let Some(src) = &d.source {
+                if src.to_string_lossy().contains(OVERLAY_MARKER)
+                    && !journaled_overlays.contains(src)
+                {
+                    // A run holding the VM's lock owns its overlays (it may have journaled
+                    // them after we read its journal): never report a running backup.
+                    let busy = *running_backup.get_or_insert_with(|| {
+                        matches!(
+                            VmLock::acquire(&settings.journal_dir, &name),
+                            Err(JournalError::Busy { .. })
+                        )
+                    });
+                    if busy {
+                        continue;
+                    }
+                    report.orphans.push(Orphan {
+                        vm: name.clone(),
+                        kind: "unjournaled-overlay".into(),
+                        detail: format!(
+                            "disk {} runs on {}, named like a vm-backup overlay but in no journal of {}: not touched",
+                            d.target,
+                            src.display(),
+                            journal::journal_folder(&settings.journal_dir).display()
+                        ),
+                        repair: None,
+                        repaired: None,
+                    });
+                }
+            }
+        }
+    }
+
+    // 3. Partial folders on the target whose VM has no run holding its lock.
+    if let Ok(vm_dirs) = layout::vm_dirs(&settings.target, &settings.host()) {
+        for (name, vm_dir) in vm_dirs {
+            let Ok(partials) = vm_dir.partial_dirs() else {
+                continue;
+            };
+            if partials.is_empty() {
+                continue;
+            }
+            let lock = match VmLock::acquire(&settings.journal_dir, &name) {
+                Ok(l) => l,
+                Err(_) => continue, // a backup is writing it
+            };
+            for p in partials {
+                if journaled_partials.contains(&p) {
+                    continue; // reported (and repaired) with its journal
+                }
+                let mut orphan = Orphan {
+                    vm: name.clone(),
+                    kind: "partial".into(),
+                    detail: format!("partial backup folder {}", p.display()),
+                    repair: None,
+                    repaired: None,
+                };
+                if cleanup {
+                    match fs::remove_dir_all(&p) {
+                        Ok(()) => {
+                            orphan.repair = Some("removed".into());
+                            orphan.repaired = Some(true);
+                        }
+                        Err(e) => {
+                            orphan.repair = Some(format!("cannot remove: {e}"));
+                            orphan.repaired = Some(false);
+                        }
+                    }
+                }
+                report.orphans.push(orphan);
+            }
+            drop(lock);
+        }
+    }
+    Ok(report)
+}
+
+/// Whether `path` is inside `dir` (lexically; both absolute).
+pub fn is_inside(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir)
+        && !path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+}

@@ -1,0 +1,951 @@
+//! [`BackupSession`]: the VM side of a backup (lock, journal, repair, pre-checks, shutdown,
+//! snapshot, commit, restart) with a `Drop` guard that releases everything it acquired.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Local};
+
+use crate::config::VmEntry;
+use crate::layout::{self, VmDir};
+use crate::libvirt::image_lock::ImageLock;
+use crate::libvirt::{Dom, DomState, Hypervisor};
+use crate::metadata::{BackupMetadata, DiskRecord, Method, SkippedDisk};
+use crate::progress::{CancelToken, Level, Progress};
+
+use super::chain::BackingImage;
+use super::checks::{self, PreCheck};
+use super::commit;
+use super::journal::{Journal, OverlayRecord};
+use super::{
+    orphans, BackupError, BackupRequest, Phase, PhaseTimes, ProgressRef, RunLog, OVERLAY_MARKER,
+};
+
+/// One disk the backup copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionDisk {
+    /// Target device (`vda`).
+    pub target: String,
+    /// The base image: what the domain runs on normally, and what to copy. Unchanging while
+    /// the session holds its overlay (or while the domain is shut off).
+    pub source: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    /// Virtual size, bytes.
+    pub virtual_size: u64,
+    /// Allocated bytes of the image on the host.
+    pub allocated_size: u64,
+    /// The file name inside the backup folder (`<vm>-<target>.<ext>`).
+    pub file_name: String,
+    /// The base image's own backing file, when it has one (the first of `backing_chain`).
+    pub backing_file: Option<PathBuf>,
+    /// Every image below the base (its backing file and theirs, top to bottom): copied too,
+    /// each as its own file, so that the backup restores on its own. Unchanging during the
+    /// backup like the base (nothing writes into backing files).
+    pub backing_chain: Vec<BackingImage>,
+    /// Our overlay while the snapshot is active.
+    pub overlay: Option<PathBuf>,
+}
+
+/// A backup in progress. See the module documentation of [`crate::backup`] for the phases.
+pub struct BackupSession<'a> {
+    pub(super) progress: ProgressRef<'a>,
+    pub(super) cancel: CancelToken,
+    pub(super) log: RunLog,
+    pub(super) request: BackupRequest,
+    pub(super) hv: Hypervisor,
+    pub(super) dom: Dom,
+    pub(super) uuid: String,
+    pub(super) host: String,
+    pub(super) stamp: String,
+    pub(super) started_at: DateTime<Local>,
+    pub(super) t0: Instant,
+    pub(super) method: Method,
+    pub(super) method_note: Option<String>,
+    pub(super) disks: Vec<SessionDisk>,
+    pub(super) skipped: Vec<SkippedDisk>,
+    pub(super) inactive_xml: String,
+    pub(super) nvram: Option<PathBuf>,
+    pub(super) journal: Journal,
+    pub(super) overlays_active: bool,
+    pub(super) agent_timeout_set: bool,
+    pub(super) shut_down_by_us: bool,
+    pub(super) frozen_ms: Option<f64>,
+    pub(super) phases: PhaseTimes,
+    pub(super) warnings: Vec<String>,
+    pub(super) partial: Option<PathBuf>,
+    pub(super) disk_records: Vec<DiskRecord>,
+    pub(super) published: Option<(BackupMetadata, PathBuf)>,
+    /// Offline method: QEMU-compatible shared locks on every image, held until the copy is
+    /// done, so that the domain cannot be started on images being read.
+    image_locks: Vec<ImageLock>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for BackupSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupSession")
+            .field("vm", &self.request.vm)
+            .field("stamp", &self.stamp)
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+impl<'a> BackupSession<'a> {
+    /// Checks, repairs leftovers, chooses the method and brings the domain into a state where
+    /// its base images can be read: after this returns, [`Self::disks`] lists images that do
+    /// not change until [`Self::finish`] (the guest writes into overlays, or is shut off).
+    ///
+    /// Errors: status 1 (pre-check; nothing was touched) or 2 (the snapshot or shutdown
+    /// failed; whatever was acquired has been released).
+    pub fn prepare(
+        request: &BackupRequest,
+        progress: impl Into<ProgressRef<'a>>,
+        cancel: CancelToken,
+    ) -> Result<Self, BackupError> {
+        let progress = progress.into();
+        let log = RunLog::new();
+        let vm = request.vm.as_str();
+        let settings = &request.settings;
+        let t0 = Instant::now();
+        let started_at = Local::now();
+        log.log(
+            progress.get(),
+            Level::Info,
+            &format!(
+                "backup of VM {vm:?} starting: method {} requested, target {}, vm-backup {}",
+                request.method,
+                settings.target.display(),
+                crate::VERSION
+            ),
+        );
+        let host = settings.host();
+        let vm_dir =
+            VmDir::new(&settings.target, &host, vm).map_err(|e| BackupError::pre(vm, e))?;
+        let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
+        let dom = hv.domain(vm).map_err(|e| BackupError::pre(vm, e))?;
+        let (mut journal, previous) =
+            Journal::open(&settings.journal_dir, vm).map_err(|e| BackupError::pre(vm, e))?;
+
+        // Repair what an interrupted run left, before looking at anything else.
+        if let Some(prev) = previous {
+            log.log(
+                progress.get(),
+                Level::Warning,
+                &format!(
+                    "an earlier run (pid {}, stamp {}, phase {}) did not finish: repairing its leftovers",
+                    prev.pid, prev.stamp, prev.phase
+                ),
+            );
+            let actions = orphans::repair_record(&hv, &prev, settings, progress.get(), &log)
+                .map_err(|cause| BackupError {
+                    vm: vm.to_string(),
+                    phase: Phase::Repair,
+                    status: crate::ExitStatus::PreCheckFailed,
+                    cause,
+                })?;
+            for a in actions {
+                log.log(progress.get(), Level::Info, &format!("repaired: {a}"));
+            }
+            journal.clear().map_err(|e| BackupError::pre(vm, e))?;
+        }
+        // `.partial` folders of this VM: we hold its lock, so no run is writing them.
+        if let Ok(partials) = vm_dir.partial_dirs() {
+            for p in partials {
+                match fs::remove_dir_all(&p) {
+                    Ok(()) => log.log(
+                        progress.get(),
+                        Level::Warning,
+                        &format!(
+                            "removed the partial backup {} left by an interrupted run",
+                            p.display()
+                        ),
+                    ),
+                    Err(e) => {
+                        return Err(BackupError::pre(
+                            vm,
+                            format!(
+                                "cannot remove the leftover partial backup {}: {e}",
+                                p.display()
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+
+        let pre: PreCheck =
+            checks::pre_check(&dom, request).map_err(|e| BackupError::pre(vm, e))?;
+        for note in &pre.notes {
+            log.log(progress.get(), Level::Info, note);
+        }
+        log.log(
+            progress.get(),
+            Level::Info,
+            &format!(
+                "pre-checks passed: domain {}, method {}{}, {} disk(s) to copy ({} bytes allocated), {} skipped, target has {} bytes free",
+                pre.state,
+                pre.method,
+                pre.method_note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(),
+                pre.disks.len(),
+                pre.disks.iter().map(|d| d.allocated_size).sum::<u64>(),
+                pre.skipped.len(),
+                pre.free_bytes
+            ),
+        );
+        for s in &pre.skipped {
+            log.log(
+                progress.get(),
+                Level::Info,
+                &format!("disk {} skipped: {}", s.target, s.reason),
+            );
+        }
+        for d in &pre.disks {
+            if !d.backing_chain.is_empty() {
+                log.log(
+                    progress.get(),
+                    Level::Info,
+                    &format!(
+                        "disk {} ({}) has a backing chain of {} image(s), copied too: {}",
+                        d.target,
+                        d.source.display(),
+                        d.backing_chain.len(),
+                        d.backing_chain
+                            .iter()
+                            .map(|b| format!(
+                                "{} ({}) as {}",
+                                b.path.display(),
+                                b.format,
+                                b.file_name
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+        }
+
+        let stamp = unique_stamp(&vm_dir);
+        journal
+            .update(|r| {
+                r.vm = vm.to_string();
+                r.uuid = pre.uuid.clone();
+                r.pid = std::process::id();
+                r.started_at = started_at.to_rfc3339();
+                r.stamp = stamp.clone();
+                r.method = Some(pre.method);
+                r.phase = "prepare".into();
+            })
+            .map_err(|e| BackupError::pre(vm, e))?;
+
+        let mut phases = PhaseTimes::new();
+        phases.insert("checks".into(), t0.elapsed().as_secs_f64());
+        let mut session = BackupSession {
+            progress,
+            cancel,
+            log,
+            request: request.clone(),
+            hv,
+            dom,
+            uuid: pre.uuid,
+            host,
+            stamp,
+            started_at,
+            t0,
+            method: pre.method,
+            method_note: pre.method_note,
+            disks: pre.disks,
+            skipped: pre.skipped,
+            inactive_xml: pre.inactive_xml,
+            nvram: pre.nvram,
+            journal,
+            overlays_active: false,
+            agent_timeout_set: pre.agent_timeout_set,
+            shut_down_by_us: false,
+            frozen_ms: None,
+            phases,
+            warnings: Vec::new(),
+            partial: None,
+            disk_records: Vec::new(),
+            published: None,
+            image_locks: Vec::new(),
+            closed: false,
+        };
+        // From here on, Drop releases whatever is acquired.
+        session.appliance_write_memory();
+        match session.method {
+            Method::Offline => {
+                if pre.state.is_live() {
+                    session.shut_down(pre.agent_connected)?;
+                }
+                session.lock_images()?;
+            }
+            Method::Quiesce | Method::Snapshot => session.take_snapshot()?,
+            Method::Auto => {
+                return Err(BackupError::pre(vm, "internal: no method chosen"));
+            }
+        }
+        Ok(session)
+    }
+
+    /// The domain name.
+    pub fn vm(&self) -> &str {
+        &self.request.vm
+    }
+
+    /// The domain UUID.
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// The backup stamp (`YYYY-MM-DD-HHMMSS`).
+    pub fn stamp(&self) -> &str {
+        &self.stamp
+    }
+
+    /// The method in use (never `auto`).
+    pub fn method(&self) -> Method {
+        self.method
+    }
+
+    /// Why a weaker method than asked is used, if so.
+    pub fn method_note(&self) -> Option<&str> {
+        self.method_note.as_deref()
+    }
+
+    /// How long the guest was frozen (quiesce), milliseconds.
+    pub fn frozen_ms(&self) -> Option<f64> {
+        self.frozen_ms
+    }
+
+    /// The disks to copy, in order.
+    pub fn disks(&self) -> &[SessionDisk] {
+        &self.disks
+    }
+
+    /// The disks not copied, with the reason.
+    pub fn skipped_disks(&self) -> &[SkippedDisk] {
+        &self.skipped
+    }
+
+    /// The inactive domain XML with security info, as defined before the snapshot (`<vm>.xml`).
+    pub fn domain_xml(&self) -> &str {
+        &self.inactive_xml
+    }
+
+    /// The UEFI NVRAM file, when the domain has one (`<vm>-nvram.fd`).
+    pub fn nvram_path(&self) -> Option<&Path> {
+        self.nvram.as_deref()
+    }
+
+    /// The inventory entry of the VM, if any.
+    pub fn vm_entry(&self) -> Option<&VmEntry> {
+        self.request.vm_entry.as_ref()
+    }
+
+    /// Warnings so far.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The run's log so far (what `backup.log` holds).
+    pub fn log_text(&self) -> String {
+        self.log.text()
+    }
+
+    /// Logs a line into the run's log and the progress sink (drivers may add their own).
+    pub fn log(&self, level: Level, text: &str) {
+        self.log.log(self.progress.get(), level, text);
+    }
+
+    /// Records a warning (the run ends with status 3).
+    pub fn warn(&mut self, text: String) {
+        self.log(Level::Warning, &text);
+        self.warnings.push(text);
+    }
+
+    pub(super) fn progress(&self) -> &dyn Progress {
+        self.progress.get()
+    }
+
+    pub(super) fn failed(&self, phase: Phase, cause: impl std::fmt::Display) -> BackupError {
+        let e = BackupError::failed(&self.request.vm, phase, cause);
+        self.log(Level::Error, &e.to_string());
+        e
+    }
+
+    /// Releases the VM: commits and pivots every overlay back into its base, deletes the
+    /// overlays, checks the domain runs on its original images, and starts a domain shut
+    /// down for the backup. Call once the base images have been read. Status 2 on failure
+    /// (the journal keeps what is left for `vm-backup orphans`).
+    pub fn finish(&mut self) -> Result<(), BackupError> {
+        if !self.image_locks.is_empty() {
+            // The locks kept QEMU off the images; make sure nothing else changed the domain.
+            let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
+            if state != DomState::ShutOff {
+                self.image_locks.clear();
+                return Err(self.failed(
+                    Phase::Copy,
+                    format!("the domain was started during the offline copy (it is {state}): the copy may be inconsistent"),
+                ));
+            }
+            self.image_locks.clear();
+            self.log(Level::Info, "image locks released");
+        }
+        let t = Instant::now();
+        if self.overlays_active {
+            self.log(
+                Level::Info,
+                "committing the overlays back into the base images",
+            );
+            self.commit_overlays()
+                .map_err(|c| self.failed(Phase::Commit, c))?;
+            self.phases
+                .insert("commit".into(), t.elapsed().as_secs_f64());
+        }
+        if self.shut_down_by_us {
+            let t = Instant::now();
+            self.restart().map_err(|c| self.failed(Phase::Restart, c))?;
+            self.phases
+                .insert("restart".into(), t.elapsed().as_secs_f64());
+        }
+        self.restore_agent_timeout();
+        Ok(())
+    }
+
+    /// Releases everything still held (overlays, frozen guest, shut-down domain, `.partial`
+    /// folder, journal) and returns what could not be released. Dropping the session does
+    /// the same, silently.
+    pub fn close(mut self) -> Vec<String> {
+        self.release_all()
+    }
+
+    fn release_all(&mut self) -> Vec<String> {
+        if self.closed {
+            return Vec::new();
+        }
+        self.closed = true;
+        self.image_locks.clear();
+        let mut problems = Vec::new();
+        if self.overlays_active {
+            if let Err(e) = self.commit_overlays() {
+                problems.push(format!("commit: {e}"));
+            }
+        }
+        if self.shut_down_by_us {
+            if let Err(e) = self.restart() {
+                problems.push(format!("restart: {e}"));
+            }
+        }
+        self.restore_agent_timeout();
+        if let Some(p) = self.partial.take() {
+            match fs::remove_dir_all(&p) {
+                Ok(()) => self.log(
+                    Level::Info,
+                    &format!("removed the partial backup {}", p.display()),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    problems.push(format!("cannot remove {}: {e}", p.display()));
+                    self.partial = Some(p);
+                }
+            }
+        }
+        if problems.is_empty() {
+            if let Err(e) = self.journal.clear() {
+                problems.push(e.to_string());
+            }
+        } else {
+            for p in &problems {
+                self.log(
+                    Level::Error,
+                    &format!(
+                        "could not release: {p} (recorded in {}; run `vm-backup orphans --cleanup`)",
+                        self.journal.path().display()
+                    ),
+                );
+            }
+        }
+        problems
+    }
+
+    fn restore_agent_timeout(&mut self) {
+        if self.agent_timeout_set && self.dom.state().is_ok_and(DomState::is_live) {
+            let _ = self.dom.set_agent_timeout(None);
+        }
+        self.agent_timeout_set = false;
+    }
+
+    fn appliance_write_memory(&mut self) {
+        let Some(entry) = self.request.vm_entry.clone() else {
+            return;
+        };
+        if entry.appliance.as_deref() != Some("asav") {
+            return;
+        }
+        self.log(Level::Info, "appliance: write memory before the snapshot");
+        if let Err(e) = crate::appliance::write_memory(&entry, &self.request.settings.ssh) {
+            self.warn(format!("appliance write memory failed: {e}"));
+        }
+    }
+
+    fn shut_down(&mut self, agent: bool) -> Result<(), BackupError> {
+        let t = Instant::now();
+        let bound = Duration::from_secs(self.request.settings.timeouts.shutdown_seconds);
+        self.journal
+            .update(|r| {
+                r.phase = "shutdown".into();
+                r.shut_down_by_us = true;
+            })
+            .map_err(|e| self.failed(Phase::Shutdown, e))?;
+        self.shut_down_by_us = true;
+        self.log(
+            Level::Info,
+            &format!(
+                "shutting the domain down cleanly ({}; at most {} s)",
+                if agent {
+                    "guest agent, then ACPI"
+                } else {
+                    "ACPI"
+                },
+                bound.as_secs()
+            ),
+        );
+        self.dom
+            .request_shutdown(agent)
+            .map_err(|e| self.failed(Phase::Shutdown, e))?;
+        let cancel = self.cancel.clone();
+        self.dom
+            .wait_shut_off(bound, &|| cancel.is_cancelled())
+            .map_err(|e| self.failed(Phase::Shutdown, e))?;
+        self.phases
+            .insert("shutdown".into(), t.elapsed().as_secs_f64());
+        self.log(
+            Level::Info,
+            &format!("domain shut off after {:.1} s", t.elapsed().as_secs_f64()),
+        );
+        Ok(())
+    }
+
+    /// Offline method: takes QEMU-compatible shared locks on every image to copy (disks and
+    /// backing chains), then checks the domain is still shut off. A `virsh start` meanwhile
+    /// fails with QEMU's `Failed to get "write" lock` until [`Self::finish`] releases them.
+    fn lock_images(&mut self) -> Result<(), BackupError> {
+        let paths: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .flat_map(|d| {
+                std::iter::once(d.source.clone())
+                    .chain(d.backing_chain.iter().map(|b| b.path.clone()))
+            })
+            .collect();
+        for p in &paths {
+            match ImageLock::acquire(p) {
+                Ok(l) => self.image_locks.push(l),
+                Err(e) => {
+                    self.image_locks.clear();
+                    return Err(self.failed(
+                        Phase::Copy,
+                        format!("cannot lock the images for the offline copy: {e}"),
+                    ));
+                }
+            }
+        }
+        let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
+        if state != DomState::ShutOff {
+            self.image_locks.clear();
+            return Err(self.failed(
+                Phase::Copy,
+                format!("the domain was started before the offline copy began (it is {state})"),
+            ));
+        }
+        self.log(
+            Level::Info,
+            &format!(
+                "{} image(s) locked for the offline copy (shared QEMU-style locks: the domain cannot start until the copy is done)",
+                self.image_locks.len()
+            ),
+        );
+        Ok(())
+    }
+
+    fn restart(&mut self) -> Result<(), String> {
+        match self.dom.state().map_err(|e| e.to_string())? {
+            DomState::ShutOff => {
+                self.log(Level::Info, "starting the domain again");
+                self.dom.start().map_err(|e| e.to_string())?;
+            }
+            other => self.log(
+                Level::Warning,
+                &format!("not starting the domain again: it is {other}"),
+            ),
+        }
+        self.shut_down_by_us = false;
+        self.journal
+            .update(|r| r.shut_down_by_us = false)
+            .map_err(|e| e.to_string())
+    }
+
+    fn take_snapshot(&mut self) -> Result<(), BackupError> {
+        let t = Instant::now();
+        let quiesce = self.method == Method::Quiesce;
+        for d in &mut self.disks {
+            d.overlay = Some(overlay_path(&d.source, &self.stamp));
+        }
+        for d in &self.disks {
+            if let Some(o) = &d.overlay {
+                if o.exists() {
+                    return Err(self.failed(
+                        Phase::Snapshot,
+                        format!("overlay {} already exists", o.display()),
+                    ));
+                }
+            }
+        }
+        let records: Vec<OverlayRecord> = self
+            .disks
+            .iter()
+            .filter_map(|d| {
+                d.overlay.as_ref().map(|o| OverlayRecord {
+                    target: d.target.clone(),
+                    base: d.source.clone(),
+                    base_format: d.format.clone(),
+                    overlay: o.clone(),
+                })
+            })
+            .collect();
+        self.journal
+            .update(|r| {
+                r.phase = "snapshot".into();
+                r.overlays = records;
+                r.may_be_frozen = quiesce;
+            })
+            .map_err(|e| self.failed(Phase::Snapshot, e))?;
+        self.overlays_active = true;
+        // Create the overlays before the call (REUSE_EXT): libvirt then only switches the
+        // disks inside the freeze, instead of also formatting every overlay while the guest
+        // is frozen (measured in the lab: 3 disks frozen 620 ms → 260 ms).
+        for d in self.disks.clone() {
+            let Some(o) = &d.overlay else { continue };
+            if let Err(e) = create_overlay(&d, o) {
+                let err = self.failed(Phase::Snapshot, e);
+                self.undo_failed_snapshot(false);
+                return Err(err);
+            }
+        }
+        let xml = snapshot_xml(&self.stamp, &self.disks, &self.skipped);
+        self.log(
+            Level::Info,
+            &format!(
+                "taking one external disk-only snapshot of {} disk(s){}",
+                self.disks.len(),
+                if quiesce {
+                    " with quiesce (freeze, snapshot, thaw in one libvirt call)"
+                } else {
+                    " (crash-consistent, no freeze)"
+                }
+            ),
+        );
+        let call = Instant::now();
+        let result = self.dom.snapshot_external(&xml, quiesce);
+        let call_ms = call.elapsed().as_secs_f64() * 1000.0;
+        if let Err(e) = result {
+            let cause = if quiesce {
+                format!(
+                    "{e} (after {:.0} ms; the guest agent timeout is {} s)",
+                    call_ms, self.request.settings.timeouts.agent_seconds
+                )
+            } else {
+                e.to_string()
+            };
+            let err = self.failed(Phase::Snapshot, cause);
+            self.undo_failed_snapshot(quiesce);
+            return Err(err);
+        }
+        if quiesce {
+            self.frozen_ms = Some(call_ms);
+        }
+        let _ = self.journal.update(|r| {
+            r.may_be_frozen = false;
+            r.phase = "copy".into();
+        });
+        self.log(
+            Level::Info,
+            &format!(
+                "snapshot taken in {call_ms:.1} ms{}; the guest now writes into the overlays",
+                if quiesce { " (the frozen window)" } else { "" }
+            ),
+        );
+        // The domain must now run on our overlays.
+        for d in &self.disks {
+            let Some(o) = &d.overlay else { continue };
+            match commit::on_source(&self.dom, &d.target, o) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(self.failed(
+                        Phase::Snapshot,
+                        format!(
+                            "after the snapshot, disk {} is not on {}",
+                            d.target,
+                            o.display()
+                        ),
+                    ))
+                }
+                Err(e) => return Err(self.failed(Phase::Snapshot, e)),
+            }
+        }
+        self.phases
+            .insert("snapshot".into(), t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// After a failed snapshot call: thaw (libvirt should have), remove overlay files the
+    /// domain is not on, forget them in the journal.
+    fn undo_failed_snapshot(&mut self, quiesce: bool) {
+        if quiesce {
+            match self.dom.fs_thaw() {
+                Ok(n) => self.log(
+                    Level::Info,
+                    &format!("thaw after the failed snapshot: {n} filesystem(s) thawed"),
+                ),
+                Err(e) => self.log(
+                    Level::Info,
+                    &format!("thaw after the failed snapshot not possible: {e}"),
+                ),
+            }
+        }
+        let mut all_clear = true;
+        for d in &self.disks {
+            let Some(o) = &d.overlay else { continue };
+            match commit::on_source(&self.dom, &d.target, o) {
+                Ok(false) => {
+                    if o.exists() {
+                        let _ = fs::remove_file(o);
+                    }
+                }
+                _ => all_clear = false,
+            }
+        }
+        if all_clear {
+            self.overlays_active = false;
+            let _ = self.journal.update(|r| {
+                r.overlays.clear();
+                r.may_be_frozen = false;
+            });
+        }
+    }
+
+    /// Commits every disk on one of our overlays back into its base, deletes the overlays.
+    fn commit_overlays(&mut self) -> Result<(), String> {
+        let bound = Duration::from_secs(self.request.settings.timeouts.commit_seconds);
+        let live = self.dom.state().map_err(|e| e.to_string())?.is_live();
+        let mut problems = Vec::new();
+        for d in self.disks.clone() {
+            let Some(o) = &d.overlay else { continue };
+            let on_overlay = match commit::on_source(&self.dom, &d.target, o) {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
+            if on_overlay {
+                let t = Instant::now();
+                let r = if live {
+                    commit::commit_live(
+                        &self.dom,
+                        &d.target,
+                        &d.source,
+                        bound,
+                        self.progress.get(),
+                        &self.log,
+                    )
+                } else {
+                    commit::commit_offline(&self.hv, &self.dom, &d.target, o, &d.source, &d.format)
+                };
+                match r {
+                    Ok(()) => self.log(
+                        Level::Info,
+                        &format!(
+                            "{}: committed and pivoted back to {} in {:.2} s",
+                            d.target,
+                            d.source.display(),
+                            t.elapsed().as_secs_f64()
+                        ),
+                    ),
+                    Err(e) => {
+                        problems.push(e);
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = fs::remove_file(o) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    problems.push(format!("cannot delete overlay {}: {e}", o.display()));
+                    continue;
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        self.overlays_active = false;
+        for d in &mut self.disks {
+            d.overlay = None;
+        }
+        self.journal
+            .update(|r| {
+                r.overlays.clear();
+                r.phase = "committed".into();
+            })
+            .map_err(|e| e.to_string())?;
+        // No block job may remain on a copied disk.
+        if live {
+            for d in &self.disks {
+                if let Ok(Some(job)) = self.dom.block_job(&d.target) {
+                    return Err(format!(
+                        "{}: a {} block job remains after the commit",
+                        d.target,
+                        job.kind_name()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BackupSession<'_> {
+    fn drop(&mut self) {
+        let _ = self.release_all();
+    }
+}
+
+/// The overlay of `base` for a stamp: `<base>.vmb-overlay-<stamp>.qcow2`, next to the base.
+pub(crate) fn overlay_path(base: &Path, stamp: &str) -> PathBuf {
+    let mut name = base.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("{OVERLAY_MARKER}{stamp}.qcow2"));
+    base.with_file_name(name)
+}
+
+/// Creates the qcow2 overlay `overlay` on top of `disk.source` (absolute backing path and
+/// format recorded in the header; `-u`: the base is in use, its size is given).
+fn create_overlay(disk: &SessionDisk, overlay: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            &disk.format,
+            "-b",
+        ])
+        .arg(&disk.source)
+        .arg(overlay)
+        .arg(disk.virtual_size.to_string())
+        .output()
+        .map_err(|e| format!("cannot run qemu-img create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot create overlay {}: {}",
+            overlay.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The `<domainsnapshot>` XML: every copied disk external into its overlay, every skipped
+/// disk excluded.
+pub(crate) fn snapshot_xml(stamp: &str, disks: &[SessionDisk], skipped: &[SkippedDisk]) -> String {
+    use crate::libvirt::xml::escape_attr;
+    let mut xml = format!(
+        "<domainsnapshot><name>vmb-{}</name><description>vm-backup {}</description><disks>",
+        escape_attr(stamp),
+        crate::VERSION
+    );
+    for d in disks {
+        if let Some(o) = &d.overlay {
+            xml.push_str(&format!(
+                "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
+                escape_attr(&d.target),
+                escape_attr(&o.to_string_lossy())
+            ));
+        }
+    }
+    for s in skipped {
+        xml.push_str(&format!(
+            "<disk name='{}' snapshot='no'/>",
+            escape_attr(&s.target)
+        ));
+    }
+    xml.push_str("</disks></domainsnapshot>");
+    xml
+}
+
+/// A stamp for now whose folders do not exist yet (waits for the next second if needed).
+fn unique_stamp(vm_dir: &VmDir) -> String {
+    loop {
+        let stamp = layout::stamp_for(Local::now());
+        if !vm_dir.backup_dir(&stamp).exists() && !vm_dir.partial_dir(&stamp).exists() {
+            return stamp;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_names_are_recognisable_and_next_to_the_base() {
+        let o = overlay_path(Path::new("/var/lib/img/web 01.qcow2"), "2026-11-22-030000");
+        assert_eq!(
+            o,
+            Path::new("/var/lib/img/web 01.qcow2.vmb-overlay-2026-11-22-030000.qcow2")
+        );
+        assert!(o.to_string_lossy().contains(OVERLAY_MARKER));
+    }
+
+    #[test]
+    fn snapshot_xml_covers_copied_and_skipped_disks() {
+        let disks = vec![SessionDisk {
+            target: "vda".into(),
+            source: "/i/a'b.qcow2".into(),
+            format: "qcow2".into(),
+            virtual_size: 1,
+            allocated_size: 1,
+            file_name: "vm-vda.qcow2".into(),
+            backing_file: None,
+            backing_chain: Vec::new(),
+            overlay: Some("/i/a'b.qcow2.vmb-overlay-s.qcow2".into()),
+        }];
+        let skipped = vec![SkippedDisk {
+            target: "hdc".into(),
+            reason: "cdrom device".into(),
+        }];
+        let xml = snapshot_xml("s", &disks, &skipped);
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let d: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .collect();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].attribute("snapshot"), Some("external"));
+        let src = d[0]
+            .descendants()
+            .find(|n| n.has_tag_name("source"))
+            .unwrap();
+        assert_eq!(
+            src.attribute("file"),
+            Some("/i/a'b.qcow2.vmb-overlay-s.qcow2")
+        );
+        assert_eq!(d[1].attribute("name"), Some("hdc"));
+        assert_eq!(d[1].attribute("snapshot"), Some("no"));
+    }
+}

@@ -1,0 +1,353 @@
+//! Test restores: restore a backup under a temporary name with no network, boot it, judge it,
+//! record the verdict, and leave nothing behind.
+//!
+//! The temporary domain is `<vm>-testrestore-<8 hex>`, its disks and NVRAM go to
+//! `<work_dir>/<temporary name>/`, and it has no `<interface>`. A VM whose XML has a guest-agent
+//! channel passes when its agent answers: the live XML shows the channel `state='connected'`
+//! and a libvirt call served by the agent (`virDomainGetHostname` with the agent source)
+//! returns. A VM without an agent passes when it keeps running for the configured time.
+//! The verdict goes into the backup's `backup-metadata.json` (`test_restore`) and the catalog.
+//!
+//! Whatever happens — a damaged backup, a failed define, a guest that never boots, a
+//! cancellation, a panic — a guard destroys the domain, undefines it with its NVRAM, and
+//! removes its folder.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use virt::sys;
+
+use super::{connect, locate, restore, RestoreError, RestoreRequest, StampChoice};
+use crate::layout;
+use crate::metadata::{BackupMetadata, Verdict};
+use crate::progress::{CancelToken, Level, Progress};
+
+/// What to test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TestRestoreRequest {
+    /// The backup target.
+    pub target: PathBuf,
+    /// The hypervisor folder.
+    pub host: String,
+    /// The VM.
+    pub vm: String,
+    /// Which backup.
+    pub stamp: StampChoice,
+    /// The backup folder itself, overriding target/host/vm/stamp.
+    pub backup_dir: Option<PathBuf>,
+    /// The libvirt URI.
+    pub libvirt_uri: String,
+    /// Where the temporary disks go (each test in its own sub-folder).
+    pub work_dir: PathBuf,
+    /// How long an agent VM may take until its agent answers.
+    pub boot_timeout: Duration,
+    /// How long a VM without agent must keep running.
+    pub run_time: Duration,
+}
+
+/// What a test restore found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TestRestoreOutcome {
+    /// The backup folder tested.
+    pub backup_dir: PathBuf,
+    /// Its stamp.
+    pub stamp: String,
+    /// The temporary domain name.
+    pub temp_name: String,
+    /// Whether the guest agent was the criterion.
+    pub agent: bool,
+    /// The verdict (also recorded in the metadata).
+    pub verdict: Verdict,
+    /// Seconds from start to verdict.
+    pub seconds: f64,
+    /// Whether everything was removed afterwards (domain, NVRAM, disks).
+    pub cleaned_up: bool,
+    /// What could not be removed, if anything.
+    pub cleanup_problems: Vec<String>,
+}
+
+/// The temporary domain and its folder; removed on drop.
+struct TempDomain {
+    uri: String,
+    name: String,
+    dir: PathBuf,
+    done: bool,
+}
+
+impl TempDomain {
+    /// Destroys and undefines the domain (with NVRAM) and removes its folder.
+    fn cleanup(&mut self) -> Vec<String> {
+        if self.done {
+            return Vec::new();
+        }
+        self.done = true;
+        let mut problems = Vec::new();
+        match connect(&self.uri) {
+            Err(e) => problems.push(format!("cannot connect to libvirt: {e}")),
+            Ok(conn) => match conn.lookup_domain_by_name(&self.name) {
+                Ok(d) => {
+                    if d.is_active().unwrap_or(false) {
+                        if let Err(e) = d.destroy() {
+                            problems.push(format!("destroy {}: {}", self.name, e.message()));
+                        }
+                    }
+                    if let Err(e) = d.undefine_flags(
+                        sys::VIR_DOMAIN_UNDEFINE_NVRAM
+                            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                            | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+                    ) {
+                        problems.push(format!("undefine {}: {}", self.name, e.message()));
+                    }
+                }
+                Err(e)
+                    if e.code()
+                        == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain) => {}
+                Err(e) => problems.push(format!("lookup {}: {}", self.name, e.message())),
+            },
+        }
+        if self.dir.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                problems.push(format!("remove {}: {e}", self.dir.display()));
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for TempDomain {
+    fn drop(&mut self) {
+        for p in self.cleanup() {
+            tracing::error!(problem = %p, "test-restore cleanup");
+        }
+    }
+}
+
+/// Runs a test restore and records its verdict. An unusable backup or a guest that does not
+/// boot is a failed verdict (`Ok` with `verdict.ok == false`); `Err` means the test could not
+/// be run at all (no such backup, metadata unreadable).
+pub fn run(
+    request: &TestRestoreRequest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<TestRestoreOutcome, RestoreError> {
+    let started = Instant::now();
+    let mut base = RestoreRequest::new(
+        &request.target,
+        &request.host,
+        &request.vm,
+        request.stamp.clone(),
+    );
+    base.backup_dir = request.backup_dir.clone();
+    let (dir, stamp) = locate(&base)?;
+    let meta = BackupMetadata::read(&dir).map_err(|e| RestoreError::Unreadable {
+        path: dir.join(layout::METADATA_FILE),
+        detail: e.to_string(),
+    })?;
+    let vm_safe = layout::safe_component(&meta.vm_name)?;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let temp_name = format!("{vm_safe}-testrestore-{suffix}");
+    let work = request.work_dir.join(&temp_name);
+
+    check_traversable(&request.work_dir)?;
+    let mut guard = TempDomain {
+        uri: request.libvirt_uri.clone(),
+        name: temp_name.clone(),
+        dir: work.clone(),
+        done: false,
+    };
+    let mut agent = false;
+    let verdict = (|| -> Result<String, String> {
+        prepare_dir(&request.work_dir).map_err(|e| format!("work folder: {e}"))?;
+        prepare_dir(&work).map_err(|e| format!("work folder: {e}"))?;
+        let mut req = base.clone();
+        req.backup_dir = Some(dir.clone());
+        req.new_name = Some(temp_name.clone());
+        req.disk_dir = Some(work.clone());
+        req.strip_interfaces = true;
+        req.libvirt_uri = request.libvirt_uri.clone();
+        let outcome = restore(&req, progress, cancel).map_err(|e| match e {
+            RestoreError::Damaged { detail, .. } => format!("backup damaged: {detail}"),
+            other => format!("restore failed: {other}"),
+        })?;
+        let conn = connect(&request.libvirt_uri).map_err(|e| e.to_string())?;
+        let domain = conn
+            .lookup_domain_by_name(&temp_name)
+            .map_err(|e| format!("restored domain not found: {}", e.message()))?;
+        let defined = domain
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| e.message().to_string())?;
+        agent = super::xml::inspect(&defined)
+            .map(|x| x.agent_channel)
+            .unwrap_or(false);
+        progress.message(
+            Level::Info,
+            &format!(
+                "booting {temp_name} ({} disk(s) restored, no network)",
+                outcome.disks.len()
+            ),
+        );
+        domain
+            .create()
+            .map_err(|e| format!("start failed: {}", e.message()))?;
+        let boot = Instant::now();
+        if agent {
+            wait_for_agent(&domain, request.boot_timeout, cancel, boot)
+        } else {
+            keep_running(&domain, request.run_time, cancel, boot)
+        }
+    })();
+    let cleanup_problems = guard.cleanup();
+    drop(guard);
+    let (ok, mut detail) = match verdict {
+        Ok(d) => (true, d),
+        Err(d) => (false, d),
+    };
+    if !cleanup_problems.is_empty() {
+        detail.push_str(&format!(
+            " (cleanup incomplete: {})",
+            cleanup_problems.join("; ")
+        ));
+    }
+    let verdict = Verdict {
+        at: chrono::Local::now().to_rfc3339(),
+        ok,
+        detail,
+    };
+    progress.message(
+        if ok { Level::Info } else { Level::Error },
+        &format!(
+            "test restore {}: {}",
+            if ok { "passed" } else { "FAILED" },
+            verdict.detail
+        ),
+    );
+    record(&request.target, &dir, &verdict);
+    Ok(TestRestoreOutcome {
+        backup_dir: dir,
+        stamp,
+        temp_name,
+        agent,
+        verdict,
+        seconds: started.elapsed().as_secs_f64(),
+        cleaned_up: cleanup_problems.is_empty(),
+        cleanup_problems,
+    })
+}
+
+/// Creates a folder the QEMU user can traverse (libvirt's DAC driver chowns the files, not
+/// the folders).
+fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let mut perms = fs::metadata(dir)?.permissions();
+    perms.set_mode(perms.mode() | 0o755);
+    fs::set_permissions(dir, perms)
+}
+
+/// Refuses a work folder below a folder that the QEMU user cannot traverse (libvirt's DAC
+/// driver chowns the images, not their folders), with a message that says which one.
+fn check_traversable(dir: &Path) -> Result<(), RestoreError> {
+    for ancestor in dir.ancestors().skip(1) {
+        if let Ok(meta) = fs::metadata(ancestor) {
+            if meta.permissions().mode() & 0o001 == 0 {
+                return Err(RestoreError::Unusable(format!(
+                    "{} is not traversable by the QEMU user (mode {:o}): choose another \
+                     test_restore.dir or --work-dir",
+                    ancestor.display(),
+                    meta.permissions().mode() & 0o7777
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_for_agent(
+    domain: &virt::domain::Domain,
+    timeout: Duration,
+    cancel: &CancelToken,
+    boot: Instant,
+) -> Result<String, String> {
+    let mut last = String::from("agent channel not connected");
+    while boot.elapsed() < timeout {
+        if cancel.is_cancelled() {
+            return Err("cancelled".into());
+        }
+        still_running(domain, boot)?;
+        let live = domain.xml_desc(0).map_err(|e| e.message().to_string())?;
+        let state = super::xml::inspect(&live)
+            .ok()
+            .and_then(|x| x.agent_state)
+            .unwrap_or_default();
+        if state == "connected" {
+            match domain.hostname(sys::VIR_DOMAIN_GET_HOSTNAME_AGENT) {
+                Ok(host) => {
+                    return Ok(format!(
+                        "booted; guest agent answered after {:.1} s (hostname {host:?})",
+                        boot.elapsed().as_secs_f64()
+                    ))
+                }
+                Err(e) => last = format!("agent connected but not answering: {}", e.message()),
+            }
+        } else if !state.is_empty() {
+            last = format!("agent channel {state}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!(
+        "guest agent did not answer within {} s ({last})",
+        timeout.as_secs()
+    ))
+}
+
+fn keep_running(
+    domain: &virt::domain::Domain,
+    run_time: Duration,
+    cancel: &CancelToken,
+    boot: Instant,
+) -> Result<String, String> {
+    while boot.elapsed() < run_time {
+        if cancel.is_cancelled() {
+            return Err("cancelled".into());
+        }
+        still_running(domain, boot)?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    still_running(domain, boot)?;
+    Ok(format!(
+        "booted and kept running for {} s (no guest agent)",
+        run_time.as_secs()
+    ))
+}
+
+fn still_running(domain: &virt::domain::Domain, boot: Instant) -> Result<(), String> {
+    use virt::domain::DomainState;
+    let (state, reason) = domain.state().map_err(|e| e.message().to_string())?;
+    match state {
+        virt::enumutil::Enum::Known(DomainState::Running | DomainState::Blocked) => Ok(()),
+        other => Err(format!(
+            "domain left the running state after {:.1} s: {other:?} ({reason:?})",
+            boot.elapsed().as_secs_f64()
+        )),
+    }
+}
+
+/// Records the verdict in the metadata and the catalog; failures are logged.
+fn record(target: &Path, dir: &Path, verdict: &Verdict) {
+    match BackupMetadata::read(dir) {
+        Ok(mut meta) => {
+            meta.test_restore = Some(verdict.clone());
+            if let Err(e) = meta.write(dir) {
+                tracing::error!(error = %e, "test-restore verdict not written to the metadata");
+                return;
+            }
+            if let Err(e) = crate::catalog::record_verdict(target, &meta, dir) {
+                tracing::warn!(error = %e, "test-restore verdict not recorded in the catalog");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "test-restore verdict not recorded"),
+    }
+}

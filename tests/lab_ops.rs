@@ -1,0 +1,433 @@
+//! Lab tests of restore and test-restore against real libvirt and TCG guests, on backups made
+//! by the real `vm-backup backup`. Skipped unless VMB_LAB_LIBVIRT=1 (see tests/support).
+//! Run with the prefix of the lab that is up, e.g.
+//! `VMB_LAB_PREFIX=ops VMB_LAB_LIBVIRT=1 cargo test --test lab_ops -- --test-threads=1`.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use support::*;
+use vm_backup::metadata::BackupMetadata;
+
+/// A scratch area (target, restore folders, journal) that QEMU can traverse, and the domains a
+/// test defined: all removed on drop, also when an assertion fails.
+struct Scratch {
+    dir: PathBuf,
+    domains: Vec<String>,
+}
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let dir = PathBuf::from(format!(
+            "/var/tmp/vmb-{}-{test}-{}",
+            prefix(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("target")).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let conf = format!(
+            "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
+             inventory = \"{d}/vm-list.yaml\"\n[test_restore]\ndir = \"{d}/test-restore\"\n\
+             boot_timeout_seconds = 120\nrun_seconds = 5\n",
+            d = dir.display()
+        );
+        fs::write(dir.join("vm-backup.conf"), conf).unwrap();
+        Scratch {
+            dir,
+            domains: Vec::new(),
+        }
+    }
+
+    fn conf(&self) -> String {
+        self.dir.join("vm-backup.conf").display().to_string()
+    }
+
+    fn target(&self) -> PathBuf {
+        self.dir.join("target")
+    }
+
+    /// Runs `vm-backup ARGS --config <ours>`.
+    fn vmb(&self, args: &[&str]) -> Output {
+        let conf = self.conf();
+        let mut all = args.to_vec();
+        all.extend(["--config", &conf]);
+        vm_backup().args(&all).output().unwrap()
+    }
+
+    /// A real backup of `dom`; returns its folder.
+    fn backup(&self, dom: &str) -> PathBuf {
+        let out = self.vmb(&["backup", dom]);
+        let (o, e) = texts(&out);
+        assert!(out.status.success(), "backup of {dom} failed:\n{o}\n{e}");
+        let vm_dir = self.target().join("labhost").join(dom);
+        let stamp = vm_backup::layout::VmDir {
+            path: vm_dir.clone(),
+        }
+        .latest()
+        .unwrap()
+        .expect("a published backup");
+        vm_dir.join(stamp)
+    }
+
+    /// Remembers a domain to destroy and undefine at the end.
+    fn owns(&mut self, dom: &str) {
+        self.domains.push(dom.to_string());
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for d in &self.domains {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&[
+                "undefine",
+                d,
+                "--nvram",
+                "--checkpoints-metadata",
+                "--snapshots-metadata",
+            ]);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn domain_exists(dom: &str) -> bool {
+    virsh(&["dominfo", dom]).status.success()
+}
+
+fn test_restore_domains() -> Vec<String> {
+    virsh_ok(&["list", "--all", "--name"])
+        .lines()
+        .filter(|l| l.starts_with(&format!("{}-", prefix())) && l.contains("-testrestore-"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn files_in(dir: &Path) -> usize {
+    fs::read_dir(dir).map(|r| r.count()).unwrap_or(0)
+}
+
+#[test]
+fn restore_as_a_copy_beside_the_running_original() {
+    if !lab_enabled("restore_as_a_copy_beside_the_running_original") {
+        return;
+    }
+    let orig = agent_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("restore");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    wait_agent(&orig, Duration::from_secs(60));
+    let marker = format!("restore-marker-{}", std::process::id());
+    gexec_ok(
+        &orig,
+        &format!("echo {marker} > /mnt/data/marker.txt && sync"),
+    );
+    let orig_sources = disk_sources(&orig);
+    let orig_uuid = virsh_ok(&["domuuid", &orig]).trim().to_string();
+
+    let backup = s.backup(&orig);
+    let meta = BackupMetadata::read(&backup).unwrap();
+    let disk_dir = s.dir.join("copy-disks");
+    let dd = disk_dir.display().to_string();
+
+    // Restoring over the running original is refused, even with --force.
+    for extra in [&[][..], &["--force"][..]] {
+        let mut args = vec!["restore", &orig, "latest"];
+        args.extend_from_slice(extra);
+        let out = s.vmb(&args);
+        let (o, e) = texts(&out);
+        assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+        assert!(e.contains("is running"), "{e}");
+    }
+
+    // Restore beside it, not started: the disk is the backup, byte for byte.
+    let out = s.vmb(&["restore", &orig, "latest", "--as", &copy, "--disk-dir", &dd]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    let restored = disk_dir.join(format!("{copy}-vda.qcow2"));
+    assert_eq!(
+        fs::read(&restored).unwrap(),
+        fs::read(backup.join(&meta.disks[0].file)).unwrap(),
+        "restored image differs from the backup"
+    );
+    assert!(domain_exists(&copy));
+    assert_eq!(domstate(&copy), "shut off");
+    let xml = virsh_ok(&["dumpxml", &copy, "--inactive"]);
+    assert!(xml.contains(&restored.display().to_string()), "{xml}");
+    assert!(!xml.contains("<backingStore type="), "{xml}");
+    let copy_uuid = virsh_ok(&["domuuid", &copy]).trim().to_string();
+    assert_ne!(copy_uuid, orig_uuid);
+    for (_, src) in &orig_sources {
+        assert!(
+            !xml.contains(src.as_str()),
+            "the copy must not use {src}: {xml}"
+        );
+    }
+
+    // Defined: refused without --force; replaced and started with it.
+    let out = s.vmb(&["restore", &orig, "latest", "--as", &copy, "--disk-dir", &dd]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    assert!(e.contains("already defined"), "{e}");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd,
+        "--force",
+        "--start",
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert_eq!(domstate(&copy), "running");
+    wait_agent(&copy, Duration::from_secs(120));
+    let seen = gexec_ok(&copy, "cat /mnt/data/marker.txt");
+    assert_eq!(seen.trim(), marker);
+
+    // The original kept running on its own disks, its writer without a gap.
+    assert_eq!(domstate(&orig), "running");
+    assert_eq!(disk_sources(&orig), orig_sources);
+    assert!(!has_backing_store(&orig, false));
+    assert!(agent_ping(&orig));
+    assert_eq!(seq_check(&orig).gaps, 0);
+    assert_eq!(virsh_ok(&["domuuid", &orig]).trim(), orig_uuid);
+}
+
+#[test]
+fn uefi_restore_brings_back_the_nvram() {
+    if !lab_enabled("uefi_restore_brings_back_the_nvram") {
+        return;
+    }
+    let orig = uefi_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("uefi");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    let backup = s.backup(&orig);
+    let nvram_backup = backup.join(format!("{orig}-nvram.fd"));
+    assert!(nvram_backup.is_file(), "the backup has the NVRAM");
+    let dd = s.dir.join("uefi-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    let nvram = dd.join(format!("{copy}_VARS.fd"));
+    assert_eq!(fs::read(&nvram).unwrap(), fs::read(&nvram_backup).unwrap());
+    let xml = virsh_ok(&["dumpxml", &copy, "--inactive"]);
+    assert!(xml.contains(&nvram.display().to_string()), "{xml}");
+    virsh_ok(&["start", &copy]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(domstate(&copy), "running");
+    assert_eq!(domstate(&orig), "running");
+}
+
+#[test]
+fn test_restore_passes_on_a_good_backup_and_leaves_nothing() {
+    if !lab_enabled("test_restore_passes_on_a_good_backup_and_leaves_nothing") {
+        return;
+    }
+    let s = Scratch::new("trgood");
+    let dom = agent_dom();
+    wait_agent(&dom, Duration::from_secs(60));
+    let backup = s.backup(&dom);
+    let before = test_restore_domains();
+    let out = s.vmb(&["test-restore", &dom]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{o}\n{e}");
+    assert!(
+        o.contains("PASSED") && o.contains("guest agent answered"),
+        "{o}"
+    );
+    let v = BackupMetadata::read(&backup).unwrap().test_restore.unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(test_restore_domains(), before, "no test domain left");
+    assert_eq!(files_in(&s.dir.join("test-restore")), 0, "no disk left");
+    // The catalog shows the verdict.
+    let out = s.vmb(&["list", &dom, "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["test_restore"]["ok"], true, "{rows}");
+
+    // A VM without agent passes by running for the configured time.
+    let noagent = noagent_dom();
+    s.backup(&noagent);
+    let out = s.vmb(&["test-restore", &noagent]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{o}\n{e}");
+    assert!(o.contains("kept running for 5 s"), "{o}");
+    assert_eq!(test_restore_domains(), before);
+    assert_eq!(files_in(&s.dir.join("test-restore")), 0);
+}
+
+#[test]
+fn test_restore_fails_on_damage_or_no_boot_and_still_cleans_up() {
+    if !lab_enabled("test_restore_fails_on_damage_or_no_boot_and_still_cleans_up") {
+        return;
+    }
+    let s = Scratch::new("trbad");
+    let dom = agent_dom();
+    wait_agent(&dom, Duration::from_secs(60));
+    let backup = s.backup(&dom);
+    let before = test_restore_domains();
+
+    // A guest that does not answer in time (1 s under TCG): booted, judged, destroyed.
+    let out = s.vmb(&["test-restore", &dom, "--boot-timeout", "1"]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{o}\n{e}");
+    assert!(
+        o.contains("FAILED") && o.contains("did not answer within 1 s"),
+        "{o}"
+    );
+    assert_eq!(test_restore_domains(), before, "no test domain left");
+    assert_eq!(files_in(&s.dir.join("test-restore")), 0, "no disk left");
+
+    // One flipped byte: refused before anything is defined, recorded as a failure.
+    let meta = BackupMetadata::read(&backup).unwrap();
+    let img = backup.join(&meta.disks[0].file);
+    let len = fs::metadata(&img).unwrap().len();
+    let mut bytes = fs::read(&img).unwrap();
+    let at = (len / 2) as usize;
+    bytes[at] ^= 0xff;
+    fs::write(&img, &bytes).unwrap();
+    let out = s.vmb(&["test-restore", &dom]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{o}\n{e}");
+    assert!(
+        o.contains("backup damaged") && o.contains(&meta.disks[0].file),
+        "{o}"
+    );
+    assert!(o.contains("chunk"), "{o}");
+    let v = BackupMetadata::read(&backup).unwrap().test_restore.unwrap();
+    assert!(!v.ok && v.detail.contains("chunk"), "{v:?}");
+    assert_eq!(test_restore_domains(), before);
+    assert_eq!(files_in(&s.dir.join("test-restore")), 0);
+    assert_eq!(domstate(&dom), "running");
+}
+
+#[test]
+fn appliance_restore_gives_back_its_configs() {
+    if !lab_enabled("appliance_restore_gives_back_its_configs") {
+        return;
+    }
+    let orig = noagent_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("asa");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    let backup = s.backup(&orig);
+    // What the ASAv capture leaves in a backup (the capture itself is tested against a real
+    // sshd in tests/ops_appliance.rs).
+    let configs = backup.join("configs");
+    fs::create_dir_all(&configs).unwrap();
+    let running = "hostname asa-lab\ninterface Management0/0\n";
+    fs::write(configs.join("show-running-config.txt"), running).unwrap();
+    let sum = vm_backup::verify::sha256_file(&configs.join("show-running-config.txt")).unwrap();
+    let mut sums = fs::read_to_string(backup.join("checksums.sha256")).unwrap();
+    sums.push_str(&format!("{sum}  configs/show-running-config.txt\n"));
+    fs::write(backup.join("checksums.sha256"), sums).unwrap();
+
+    let dd = s.dir.join("asa-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(o.contains("configs:"), "{o}");
+    assert_eq!(
+        fs::read_to_string(dd.join(format!("{copy}-configs/show-running-config.txt"))).unwrap(),
+        running
+    );
+    assert!(domain_exists(&copy));
+    assert_eq!(domstate(&orig), "running");
+}
+
+#[test]
+fn multi_disk_restore_as_a_copy_boots_with_every_disk() {
+    if !lab_enabled("multi_disk_restore_as_a_copy_boots_with_every_disk") {
+        return;
+    }
+    let orig = multi_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("multi");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    wait_agent(&orig, Duration::from_secs(60));
+    let marker = format!("multi-{}", std::process::id());
+    gexec_ok(
+        &orig,
+        &format!("echo {marker} > /mnt/data2/m.txt; echo {marker} > /mnt/data3/m.txt; sync"),
+    );
+    s.backup(&orig);
+    let dd = s.dir.join("multi-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+        "--start",
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    // qcow2 (with a backing file of its own), raw and the cdrom.
+    let blk = domblklist(&copy, true);
+    let src = |t: &str| blk.iter().find(|b| b.target == t).map(|b| b.source.clone());
+    assert_eq!(
+        src("vda"),
+        Some(dd.join(format!("{copy}-vda.qcow2")).display().to_string())
+    );
+    assert_eq!(
+        src("vdb"),
+        Some(dd.join(format!("{copy}-vdb.qcow2")).display().to_string())
+    );
+    assert_eq!(
+        src("vdc"),
+        Some(dd.join(format!("{copy}-vdc.raw")).display().to_string())
+    );
+    assert!(
+        src("hdc").is_some_and(|s| s.ends_with("multi-cdrom.iso")),
+        "{blk:?}"
+    );
+    wait_agent(&copy, Duration::from_secs(120));
+    assert_eq!(gexec_ok(&copy, "cat /mnt/data2/m.txt").trim(), marker);
+    assert_eq!(gexec_ok(&copy, "cat /mnt/data3/m.txt").trim(), marker);
+    // The backing file's own content is there too.
+    assert!(gexec_ok(&copy, "cat /mnt/data2/seed.txt").contains("backing file"));
+    assert_eq!(domstate(&orig), "running");
+    assert!(agent_ping(&orig));
+}

@@ -1,0 +1,116 @@
+//! `vm-backup prune` on a real temporary target: partial folders stay, a failed latest run
+//! keeps everything, --dry-run removes nothing, and the plan says why.
+
+mod ops_support;
+
+use std::fs;
+
+use ops_support::*;
+use vm_backup::catalog::{self, FailedRun};
+use vm_backup::ExitStatus;
+
+fn stamps(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn prune_keeps_partial_and_everything_after_a_failed_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("backup");
+    let conf = config(tmp.path(), &target, "");
+    fs::write(
+        tmp.path().join("vm-list.yaml"),
+        "vms:\n  - name: web01\n    retention: {keep_last: 2}\n  - name: other\n",
+    )
+    .unwrap();
+    let all = [
+        "2026-11-16-120000",
+        "2026-11-17-120000",
+        "2026-11-18-120000",
+        "2026-11-19-120000",
+        "2026-11-20-120000",
+    ];
+    for s in all {
+        fake_backup(&target, &metadata("hv1", "web01", s, ExitStatus::Success));
+    }
+    // A VM without retention in the inventory, and a backup being written right now.
+    fake_backup(
+        &target,
+        &metadata("hv1", "other", "2026-11-01-120000", ExitStatus::Success),
+    );
+    let vm_dir = target.join("hv1/web01");
+    fs::create_dir_all(vm_dir.join("2026-11-21-120000.partial")).unwrap();
+    fs::write(
+        vm_dir.join("2026-11-21-120000.partial/web01-vda.qcow2"),
+        b"half",
+    )
+    .unwrap();
+
+    // The latest run failed: nothing may go.
+    catalog::record_failure(
+        &target,
+        &FailedRun {
+            host: "hv1".into(),
+            vm: "web01".into(),
+            stamp: "2026-11-21-000000".into(),
+            started_at: "2026-11-21T00:00:00+00:00".into(),
+            finished_at: "2026-11-21T00:01:00+00:00".into(),
+            result: ExitStatus::Failed,
+            error: "copy failed: no space left".into(),
+            method: None,
+        },
+    )
+    .unwrap();
+    let conf_s = conf.to_str().unwrap();
+    let out = run(&["prune", "--config", conf_s]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("latest run failed (copy failed: no space left)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("removed"), "{stdout}");
+    assert_eq!(stamps(&vm_dir).len(), 6);
+
+    // A good backup after the failure: keep-last 2 applies now. Dry run first.
+    fake_backup(
+        &target,
+        &metadata("hv1", "web01", "2026-11-21-060000", ExitStatus::Success),
+    );
+    let out = run(&["prune", "--config", conf_s, "--dry-run"]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success());
+    assert_eq!(stdout.matches("would remove").count(), 4, "{stdout}");
+    assert_eq!(stamps(&vm_dir).len(), 7);
+
+    let out = run(&["prune", "--config", conf_s]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stamps(&vm_dir),
+        vec![
+            "2026-11-20-120000",
+            "2026-11-21-060000",
+            "2026-11-21-120000.partial"
+        ],
+        "{stdout}"
+    );
+    assert!(stdout.contains("2026-11-21-120000.partial"), "{stdout}");
+    assert!(stdout.contains("in progress"), "{stdout}");
+    assert!(stdout.contains("keep-last 2/2"), "{stdout}");
+    // The VM without retention kept its backup, and the catalog forgot the removed ones.
+    assert!(target.join("hv1/other/2026-11-01-120000").is_dir());
+    assert!(stdout.contains("other: keep"), "{stdout}");
+    let rows = catalog::Catalog::open(&target)
+        .unwrap()
+        .backups(Some("web01"))
+        .unwrap();
+    let kept: Vec<&str> = rows.iter().map(|r| r.stamp.as_str()).collect();
+    assert_eq!(kept, vec!["2026-11-20-120000", "2026-11-21-060000"]);
+}

@@ -1,0 +1,160 @@
+//! `vm-backup verify` and the restore refusal on a backup folder built with the real copier:
+//! one flipped byte is named by file and chunk, the exit code says so, the verdict lands in the
+//! metadata and the catalog, one Slack alert goes out, and restore refuses to use it.
+
+mod ops_support;
+
+use std::fs;
+
+use ops_support::*;
+use vm_backup::metadata::BackupMetadata;
+
+const STAMP: &str = "2026-11-21-120000";
+
+#[test]
+fn a_flipped_byte_is_named_refused_by_restore_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("backup");
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let vda = src.join("web01.qcow2");
+    let vdb = src.join("web01-data.raw");
+    make_image(&vda, 12 << 20, 7, "qcow2");
+    make_image(&vdb, 9 << 20, 11, "raw");
+    let disks = [("vda", "qcow2", vda.clone()), ("vdb", "raw", vdb.clone())];
+    let (dir, meta) = hand_backup(
+        &target,
+        "hv1",
+        "web01",
+        STAMP,
+        &domain_xml("web01", &disks),
+        &disks,
+    );
+
+    let server = HttpRecorder::start(Behaviour::Ok);
+    let conf = config(
+        tmp.path(),
+        &target,
+        &format!(
+            "[slack]\nalerts_webhook = \"{}/services/T/B/secret\"\n",
+            server.base
+        ),
+    );
+    let conf = conf.to_str().unwrap();
+
+    // A whole backup passes, and the verdict is recorded.
+    let out = run(&["verify", "web01", STAMP, "--config", conf]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("OK "), "{stdout}");
+    let m = BackupMetadata::read(&dir).unwrap();
+    assert!(m.verify.as_ref().unwrap().ok, "{:?}", m.verify);
+    assert!(server.received().is_empty());
+
+    // One flipped byte in the second 4 MiB chunk of the qcow2 (a data cluster).
+    let file = dir.join(&meta.disks[0].file);
+    flip_byte(&file, (6 << 20) + 123);
+    let out = run(&["verify", "web01", STAMP, "--config", conf]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("web01-vda.qcow2: chunk 1 (offset 4194304) does not match the manifest"),
+        "{stdout}"
+    );
+    let m = BackupMetadata::read(&dir).unwrap();
+    let v = m.verify.unwrap();
+    assert!(
+        !v.ok && v.detail.contains("web01-vda.qcow2: chunk 1"),
+        "{v:?}"
+    );
+    // The catalog has the verdict too.
+    let rows = vm_backup::catalog::Catalog::open(&target)
+        .unwrap()
+        .backups(Some("web01"))
+        .unwrap();
+    assert!(!rows[0].verify.as_ref().unwrap().ok);
+    // Exactly one alert, naming the chunk, without leaking the webhook in the output.
+    let got = server.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].body.contains("chunk 1"), "{}", got[0].body);
+    assert!(!stderr.contains("secret") && !stdout.contains("secret"));
+
+    // --all sees it as well.
+    let out = run(&["verify", "--all", "--config", conf, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reports[0]["ok"], false);
+    assert_eq!(reports[0]["checks"][0]["bad_chunk"][0], 1);
+
+    // Restore refuses the damaged backup before touching anything.
+    let dest = tmp.path().join("restored");
+    let out = run(&[
+        "restore",
+        "web01",
+        STAMP,
+        "--config",
+        conf,
+        "--as",
+        "web01-copy",
+        "--disk-dir",
+        dest.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    assert!(
+        stderr.contains("web01-vda.qcow2: chunk 1 (offset 4194304)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert!(!dest.exists(), "nothing was restored");
+
+    // A file listed in checksums.sha256 altered: named too.
+    flip_byte(&file, (6 << 20) + 123); // repaired
+    fs::write(dir.join("web01.xml"), "<domain><name>evil</name></domain>").unwrap();
+    let out = run(&["verify", "web01", "latest", "--config", conf]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("web01.xml [sha256]: SHA-256 does not match"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn truncated_and_missing_images_are_faults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("backup");
+    let vda = tmp.path().join("a.raw");
+    make_image(&vda, 5 << 20, 3, "raw");
+    let disks = [("vda", "raw", vda)];
+    let (dir, meta) = hand_backup(&target, "hv1", "a", STAMP, &domain_xml("a", &disks), &disks);
+    let file = dir.join(&meta.disks[0].file);
+    let f = fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(3 << 20).unwrap();
+    let out = run(&[
+        "verify",
+        "a",
+        STAMP,
+        "--target",
+        target.to_str().unwrap(),
+        "--host",
+        "hv1",
+    ]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("a-vda.raw"), "{stdout}");
+    fs::remove_file(&file).unwrap();
+    let out = run(&[
+        "verify",
+        "a",
+        STAMP,
+        "--target",
+        target.to_str().unwrap(),
+        "--host",
+        "hv1",
+    ]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("a-vda.raw [manifest]: missing"), "{stdout}");
+}
