@@ -66,6 +66,7 @@ else
 fi
 $lab wait-agent "$dom" 60 >/dev/null
 base=$labdir/agent-vda.qcow2
+mkdir -p "$out"
 alloc=$(qemu-img info -U --output=json "$base" | jq '.["actual-size"]')
 echo "bench: $dom, data disk $base: $(numfmt --to=iec "$alloc") allocated"
 
@@ -130,7 +131,9 @@ for r in $(seq 1 "$rounds"); do
     frozens[$m]+="$frozen "
     line+=" ($m) ${s}s"
     # The guest must be back on its base image after every method.
-    virsh domblklist "$dom" | grep -q " $base\$" || { echo "bench: $dom not on $base after ($m)" >&2; exit 1; }
+    blk=$(virsh domblklist "$dom" --details 2>&1) || true
+    awk '$3 == "vda" {print $4}' <<<"$blk" | grep -qx "$base" \
+      || { echo "bench: $dom not on $base after ($m):" >&2; echo "$blk" >&2; exit 1; }
   done
   echo "$line"
   order=("${order[@]:1}" "${order[0]}")
