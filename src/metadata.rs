@@ -84,6 +84,43 @@ pub struct DiskRecord {
     pub bytes_per_sec: f64,
     /// The I/O engine that ran.
     pub io_path: String,
+    /// The images below `source` (its backing file, that one's backing file, …, top to
+    /// bottom), each copied unchanged as its own file. Empty when `source` has no backing
+    /// file (and in metadata written before chains were copied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing_chain: Vec<BackingRecord>,
+}
+
+/// One copied image of a disk's backing chain. The copy is byte for byte the original: its
+/// header still names its own backing file by the original name (`backing_named_as` of the
+/// next record); a restore puts the chain back and rebases each layer onto the restored one
+/// below it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackingRecord {
+    /// 1 for the disk image's own backing file, 2 for the next one down, …
+    pub depth: usize,
+    /// The file name inside the backup folder (`<vm>-<target>.backing-<depth>.<ext>`).
+    pub file: String,
+    /// The image's absolute path on the host at backup time.
+    pub source: String,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    /// How the image above (the disk image for depth 1) names this one in its header, as
+    /// written there (may be relative to the image above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_named_as: Option<String>,
+    /// Virtual size, bytes.
+    pub virtual_size: u64,
+    /// Allocated size on the source, bytes.
+    pub allocated_size: u64,
+    /// Size of the copied file (logical), bytes.
+    pub file_size: u64,
+    /// Whole-file SHA-256 of the copy (also in `checksums.sha256`).
+    pub sha256: String,
+    /// Per-chunk digests of the copy.
+    pub manifest: ChunkManifest,
+    /// Seconds spent copying this image.
+    pub copy_seconds: f64,
 }
 
 /// A disk that was deliberately not copied.

@@ -355,6 +355,22 @@ pub fn restore(
         &format!("restoring {} from {}", meta.vm_name, dir.display()),
     );
 
+    for d in &meta.skipped_disks {
+        progress.message(
+            Level::Warning,
+            &format!(
+                "disk {} was not backed up ({}): {}",
+                d.target,
+                d.reason,
+                if request.new_name.is_some() {
+                    "removed from the copy unless it is a cdrom or floppy"
+                } else {
+                    "the restored domain keeps its original source"
+                }
+            ),
+        );
+    }
+
     // 1. Verify.
     let report = verify::verify_backup(&dir, &VerifyOptions::default(), progress, cancel)?;
     if !report.ok {
@@ -502,6 +518,7 @@ pub fn restore(
         return Err(RestoreError::Cancelled);
     }
     for (tmp, dest) in &staged {
+        let existed = dest.exists();
         if dest.is_dir() {
             let _ = fs::remove_dir_all(dest);
         }
@@ -512,11 +529,14 @@ pub fn restore(
         })?;
         // From now on the guard removes the final file if the restore does not complete,
         // unless it existed before (then it was overwritten on purpose, with --force).
-        if let Some(pos) = created.files.iter().position(|f| f == tmp) {
-            created.files[pos] = dest.clone();
-        }
-        if let Some(pos) = created.dirs.iter().position(|f| f == tmp) {
-            created.dirs[pos] = dest.clone();
+        created.files.retain(|f| f != tmp);
+        created.dirs.retain(|f| f != tmp);
+        if !existed {
+            if dest.is_dir() {
+                created.dirs.push(dest.clone());
+            } else {
+                created.files.push(dest.clone());
+            }
         }
     }
 
@@ -615,6 +635,17 @@ fn plan(
             .disk_sources
             .insert(disk.target.clone(), dest.display().to_string());
         disks.push((disk.clone(), dest));
+    }
+
+    // A copy beside the original must not share a writable disk that was not backed up.
+    if renamed {
+        for d in &domain_xml.disks {
+            let restored = meta.disks.iter().any(|m| m.target == d.target);
+            let read_only_media = matches!(d.device.as_str(), "cdrom" | "floppy");
+            if !restored && !read_only_media {
+                edits.drop_disks.insert(d.target.clone());
+            }
+        }
     }
 
     // NVRAM: the backup's copy goes where the (renamed) domain will look for it.

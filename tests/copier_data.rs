@@ -281,3 +281,62 @@ impl WithIo for CopyOptions {
         self
     }
 }
+
+#[test]
+fn progress_is_rate_limited_and_ends_at_the_total() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("p");
+    std::fs::write(&src, pattern(24 * MIB as usize, 11)).expect("write");
+    for io in engines() {
+        let progress = OnFirst::new(|| {});
+        let started = std::time::Instant::now();
+        let r = copier::copy_file(
+            &src,
+            &tmp.path().join(format!("p-{io:?}")),
+            &options(io),
+            &progress,
+            &CancelToken::new(),
+        )
+        .expect("copy");
+        let secs = started.elapsed().as_secs_f64();
+        let calls = progress.calls.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(calls >= 1, "{io:?}: progress reported");
+        assert!(
+            (calls as f64) <= secs * 4.0 + 3.0,
+            "{io:?}: {calls} calls in {secs:.2} s"
+        );
+        let last = progress.last.lock().expect("lock").expect("a transfer");
+        assert_eq!((last.done, last.total), (r.logical_size, r.logical_size));
+    }
+}
+
+/// ramfs has no O_DIRECT: the copy falls back to the page cache and says so in its notes.
+#[test]
+fn o_direct_refused_falls_back_with_a_note() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("ramfs");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let Some(_fs) = Tmpfs::mount_fs("ramfs", &mnt, "mode=0755") else {
+        return;
+    };
+    let src = mnt.join("s.raw");
+    std::fs::write(&src, pattern(300_001, 17)).expect("write");
+    for io in engines() {
+        let mut opts = options(io);
+        opts.direct_read = true;
+        opts.direct_write = true;
+        let dst = mnt.join(format!("d-{io:?}"));
+        let r = copy(&src, &dst, &opts);
+        assert_same_bytes(&src, &dst);
+        assert!(
+            !r.settings.direct_read && !r.settings.direct_write,
+            "{io:?}"
+        );
+        let notes = r.notes.join("\n");
+        assert!(notes.contains("O_DIRECT refused on source"), "{notes}");
+        assert!(notes.contains("O_DIRECT refused on destination"), "{notes}");
+    }
+    let mut left = entries(&mnt);
+    left.retain(|n| n.contains("vmb-tmp"));
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}

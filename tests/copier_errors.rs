@@ -171,3 +171,50 @@ fn bad_options_are_refused_before_anything_is_created() {
     }
     assert!(entries(&out).is_empty());
 }
+
+/// A loop device stands in for an LVM volume: a block device source (size from lseek, no
+/// extent map) is copied exactly.
+#[test]
+fn block_device_source_is_copied() {
+    if !is_root() {
+        eprintln!("SKIP: loop devices need root");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let backing = tmp.path().join("backing.img");
+    std::fs::write(&backing, pattern(3 * MIB as usize + 8192, 21)).expect("write");
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        other => {
+            eprintln!("SKIP: cannot attach a loop device: {other:?}");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _guard = Detach(dev.clone());
+    for io in engines() {
+        let dst = tmp.path().join(format!("copy-{io:?}.raw"));
+        let r = copier::copy_file(
+            Path::new(&dev),
+            &dst,
+            &options(io),
+            &NoProgress,
+            &CancelToken::new(),
+        )
+        .expect("copy block device");
+        assert_eq!(r.logical_size, 3 * MIB + 8192);
+        assert_same_bytes(&backing, &dst);
+        assert_eq!(r.sha256.expect("digest"), sha256_of(&backing));
+    }
+}

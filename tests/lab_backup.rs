@@ -340,6 +340,8 @@ fn auto_backup_of_every_lab_domain() {
                     .unwrap()
                     .contains("cdrom"));
                 qemu_img_check(&dir.join(format!("{d}-vdb.qcow2")));
+                // vdb's backing file is in the backup too (see multi_backing_chain_…).
+                assert!(dir.join(format!("{d}-vdb.backing-1.qcow2")).is_file());
                 assert!(dir.join(format!("{d}-vdc.raw")).is_file());
                 // vdb's own backing file is still the base of the original, untouched.
                 assert_eq!(backing_chain_len(&lab_dir().join("multi-vdb.qcow2")), 2);
@@ -869,5 +871,335 @@ fn second_backup_of_the_same_vm_is_refused_while_one_runs() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     check_outcome(&json, &d, "snapshot");
+    assert_on_original_images(&d, &before);
+}
+
+/// Runs a command, panics with its output unless it succeeds; returns stdout.
+fn cmd_ok(program: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+#[test]
+fn multi_backing_chain_is_copied_whole_and_restores_on_its_own() {
+    if !lab_enabled("multi_backing_chain_is_copied_whole_and_restores_on_its_own") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = multi_dom();
+    let before = disk_sources(&d);
+    // Something only the top image of vdb holds (the seed lives in its backing file).
+    let marker = format!("top layer marker {}", std::process::id());
+    gexec_ok(
+        &d,
+        &format!("echo '{marker}' > /mnt/data2/top-marker.txt && sync"),
+    );
+    let base = lab_dir().join("multi-vdb-base.qcow2");
+    let base_sha = cmd_ok("sha256sum", &[base.as_os_str()]);
+    let (out, json) = env.backup(&d, &[]);
+    let json = json.unwrap_or_else(|| panic!("no JSON: {}", text(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let dir = check_outcome(&json, &d, "quiesce"); // includes sha256sum -c
+    assert_on_original_images(&d, &before);
+
+    // The metadata lists vdb's chain; the other disks have none.
+    let disks = json["metadata"]["disks"].as_array().unwrap();
+    let vdb = disks.iter().find(|x| x["target"] == "vdb").unwrap();
+    let chain = vdb["backing_chain"]
+        .as_array()
+        .expect("backing_chain of vdb");
+    assert_eq!(chain.len(), 1, "{vdb:#}");
+    let b = &chain[0];
+    let backing_name = format!("{d}-vdb.backing-1.qcow2");
+    assert_eq!(b["depth"], 1);
+    assert_eq!(b["file"], backing_name.as_str());
+    assert_eq!(b["format"], "qcow2");
+    assert_eq!(b["source"], base.to_str().unwrap());
+    assert_eq!(b["backing_named_as"], base.to_str().unwrap());
+    for other in disks.iter().filter(|x| x["target"] != "vdb") {
+        assert!(other.get("backing_chain").is_none(), "{other:#}");
+    }
+    let sums = fs::read_to_string(dir.join("checksums.sha256")).unwrap();
+    assert!(
+        sums.contains(&format!(
+            "{}  {backing_name}",
+            b["sha256"].as_str().unwrap()
+        )),
+        "{sums}"
+    );
+    // The backing image is copied byte for byte (nothing writes into it).
+    let copy_sha = cmd_ok("sha256sum", &[dir.join(&backing_name).as_os_str()]);
+    assert_eq!(
+        copy_sha.split_whitespace().next(),
+        base_sha.split_whitespace().next()
+    );
+    // The copies are untouched: the top still names the original backing file.
+    let top = dir.join(format!("{d}-vdb.qcow2"));
+    let info: Value = serde_json::from_str(&cmd_ok(
+        "qemu-img",
+        &[
+            "info".as_ref(),
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            top.as_os_str(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(info["backing-filename"], base.to_str().unwrap());
+
+    // What a restore does: put the chain back in a scratch folder and rebase the top onto
+    // the copied backing image; the result reads the disk as of the snapshot, seed (backing
+    // layer) and marker (top layer) included, with no reference to the original files.
+    let scratch = tempfile::Builder::new()
+        .prefix("vmb-chain")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let s_top = scratch.path().join("vdb.qcow2");
+    let s_base = scratch.path().join("vdb-base.qcow2");
+    fs::copy(&top, &s_top).unwrap();
+    fs::copy(dir.join(&backing_name), &s_base).unwrap();
+    cmd_ok(
+        "qemu-img",
+        &[
+            "rebase".as_ref(),
+            "-u".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            s_base.as_os_str(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            s_top.as_os_str(),
+        ],
+    );
+    let chain_info = cmd_ok(
+        "qemu-img",
+        &[
+            "info".as_ref(),
+            "--backing-chain".as_ref(),
+            "--output=json".as_ref(),
+            s_top.as_os_str(),
+        ],
+    );
+    let lab = lab_dir();
+    assert!(
+        !chain_info.contains(lab.to_str().unwrap()),
+        "the restored chain still refers to the lab: {chain_info}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&chain_info)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let raw = scratch.path().join("vdb.raw");
+    cmd_ok(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            s_top.as_os_str(),
+            raw.as_os_str(),
+        ],
+    );
+    cmd_ok("e2fsck", &["-fn".as_ref(), raw.as_os_str()]);
+    let seed = text(&ext4_cat(&raw, "/seed.txt").expect("seed.txt (backing layer)"));
+    assert!(seed.contains("(in the backing file)"), "{seed}");
+    let top_marker = text(&ext4_cat(&raw, "/top-marker.txt").expect("top-marker.txt"));
+    assert!(top_marker.contains(&marker), "{top_marker}");
+    // Without its backing layer the top alone does not hold the seed: the chain matters.
+    let alone = scratch.path().join("alone.raw");
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+        s_top.display()
+    );
+    cmd_ok(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            spec.as_ref(),
+            alone.as_os_str(),
+        ],
+    );
+    assert!(
+        ext4_cat(&alone, "/seed.txt").is_none_or(|s| !text(&s).contains("(in the backing file)")),
+        "the top image alone should not hold the seed"
+    );
+}
+
+/// Starts the domain again when dropped, if it is shut off (the lab expects it running).
+struct StartOnDrop(String);
+
+impl Drop for StartOnDrop {
+    fn drop(&mut self) {
+        if domstate(&self.0) == "shut off" {
+            let _ = virsh(&["start", &self.0]);
+        }
+    }
+}
+
+#[test]
+fn offline_copy_locks_the_images_so_the_domain_cannot_start_meanwhile() {
+    if !lab_enabled("offline_copy_locks_the_images_so_the_domain_cannot_start_meanwhile") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = noagent_dom();
+    let _restart = StartOnDrop(d.clone());
+    if domstate(&d) != "shut off" {
+        virsh_ok(&["destroy", &d]);
+    }
+    wait_state(&d, "shut off", Duration::from_secs(30));
+    let image = lab_dir().join("noagent-vda.qcow2");
+    let mut child = env
+        .cmd(&["backup", &d, "--json", "--method", "offline"])
+        .env("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "5000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_partial(&env, &d, &mut child);
+    // The backup holds QEMU-style locks: starting the domain now fails on the image lock.
+    let start = virsh(&["start", &d]);
+    let err = text(&start.stderr);
+    assert!(
+        !start.status.success(),
+        "the domain started during the offline copy"
+    );
+    assert!(
+        err.contains("Failed to get \"write\" lock"),
+        "unexpected start failure: {err}"
+    );
+    eprintln!(
+        "MEASURE virsh start during the offline copy: {}",
+        err.trim()
+    );
+    assert_eq!(domstate(&d), "shut off");
+    let out = child.wait_with_output().unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("no JSON: {}", text(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let dir = check_outcome(&json, &d, "offline");
+    let log = fs::read_to_string(dir.join("backup.log")).unwrap();
+    assert!(log.contains("locked for the offline copy"), "{log}");
+    // The copy is the image byte for byte (nothing could write into it).
+    let sum = |p: &Path| {
+        let o = Command::new("sha256sum").arg(p).output().unwrap();
+        text(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(sum(&image), sum(&dir.join(format!("{d}-vda.qcow2"))));
+    // Released: the domain starts now.
+    virsh_ok(&["start", &d]);
+    assert_eq!(domstate(&d), "running");
+}
+
+/// A domain put on an overlay named like ours by hand; committed back and deleted on drop.
+struct HandOverlay {
+    dom: String,
+    overlay: PathBuf,
+}
+
+impl Drop for HandOverlay {
+    fn drop(&mut self) {
+        let _ = virsh(&[
+            "blockcommit",
+            &self.dom,
+            "vda",
+            "--active",
+            "--pivot",
+            "--wait",
+        ]);
+        let _ = fs::remove_file(&self.overlay);
+    }
+}
+
+fn unjournaled_overlays_of(env: &Env, vm: &str) -> Vec<Value> {
+    let out = env.cmd(&["orphans", "--json"]).output().unwrap();
+    // 0: nothing found; 3: leftovers found (other prefixes' runs may show up too).
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["orphans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["vm"] == vm && o["kind"] == "unjournaled-overlay")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn orphans_skips_the_overlays_of_a_vm_whose_lock_is_held() {
+    if !lab_enabled("orphans_skips_the_overlays_of_a_vm_whose_lock_is_held") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = noagent_dom();
+    let before = disk_sources(&d);
+    let overlay = lab_dir().join(format!(
+        "noagent-vda.qcow2.vmb-overlay-handmade-{}.qcow2",
+        std::process::id()
+    ));
+    let spec = format!("vda,file={},snapshot=external", overlay.display());
+    virsh_ok(&[
+        "snapshot-create-as",
+        &d,
+        "--name",
+        "handmade",
+        "--disk-only",
+        "--atomic",
+        "--no-metadata",
+        "--diskspec",
+        &spec,
+    ]);
+    let guard = HandOverlay {
+        dom: d.clone(),
+        overlay: overlay.clone(),
+    };
+    // Without a run holding the lock, the overlay is reported (and not touched).
+    let found = unjournaled_overlays_of(&env, &d);
+    assert_eq!(found.len(), 1, "{found:?}");
+    // While "a run" holds the VM's lock (flock on its lock file), it is its own: not reported.
+    let lock_dir = env.journal.join("journal");
+    fs::create_dir_all(&lock_dir).unwrap();
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_dir.join(format!("{d}.lock")))
+        .unwrap();
+    let held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let found = unjournaled_overlays_of(&env, &d);
+    assert!(
+        found.is_empty(),
+        "reported while its lock is held: {found:?}"
+    );
+    drop(held);
+    assert_eq!(unjournaled_overlays_of(&env, &d).len(), 1);
+    drop(guard);
     assert_on_original_images(&d, &before);
 }

@@ -328,3 +328,106 @@ fn test_restore_fails_on_damage_or_no_boot_and_still_cleans_up() {
     assert_eq!(files_in(&s.dir.join("test-restore")), 0);
     assert_eq!(domstate(&dom), "running");
 }
+
+#[test]
+fn appliance_restore_gives_back_its_configs() {
+    if !lab_enabled("appliance_restore_gives_back_its_configs") {
+        return;
+    }
+    let orig = noagent_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("asa");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    let backup = s.backup(&orig);
+    // What the ASAv capture leaves in a backup (the capture itself is tested against a real
+    // sshd in tests/ops_appliance.rs).
+    let configs = backup.join("configs");
+    fs::create_dir_all(&configs).unwrap();
+    let running = "hostname asa-lab\ninterface Management0/0\n";
+    fs::write(configs.join("show-running-config.txt"), running).unwrap();
+    let sum = vm_backup::verify::sha256_file(&configs.join("show-running-config.txt")).unwrap();
+    let mut sums = fs::read_to_string(backup.join("checksums.sha256")).unwrap();
+    sums.push_str(&format!("{sum}  configs/show-running-config.txt\n"));
+    fs::write(backup.join("checksums.sha256"), sums).unwrap();
+
+    let dd = s.dir.join("asa-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(o.contains("configs:"), "{o}");
+    assert_eq!(
+        fs::read_to_string(dd.join(format!("{copy}-configs/show-running-config.txt"))).unwrap(),
+        running
+    );
+    assert!(domain_exists(&copy));
+    assert_eq!(domstate(&orig), "running");
+}
+
+#[test]
+fn multi_disk_restore_as_a_copy_boots_with_every_disk() {
+    if !lab_enabled("multi_disk_restore_as_a_copy_boots_with_every_disk") {
+        return;
+    }
+    let orig = multi_dom();
+    let copy = format!("{orig}-copy");
+    let mut s = Scratch::new("multi");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    wait_agent(&orig, Duration::from_secs(60));
+    let marker = format!("multi-{}", std::process::id());
+    gexec_ok(
+        &orig,
+        &format!("echo {marker} > /mnt/data2/m.txt; echo {marker} > /mnt/data3/m.txt; sync"),
+    );
+    s.backup(&orig);
+    let dd = s.dir.join("multi-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+        "--start",
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    // qcow2 (with a backing file of its own), raw and the cdrom.
+    let blk = domblklist(&copy, true);
+    let src = |t: &str| blk.iter().find(|b| b.target == t).map(|b| b.source.clone());
+    assert_eq!(
+        src("vda"),
+        Some(dd.join(format!("{copy}-vda.qcow2")).display().to_string())
+    );
+    assert_eq!(
+        src("vdb"),
+        Some(dd.join(format!("{copy}-vdb.qcow2")).display().to_string())
+    );
+    assert_eq!(
+        src("vdc"),
+        Some(dd.join(format!("{copy}-vdc.raw")).display().to_string())
+    );
+    assert!(
+        src("hdc").is_some_and(|s| s.ends_with("multi-cdrom.iso")),
+        "{blk:?}"
+    );
+    wait_agent(&copy, Duration::from_secs(120));
+    assert_eq!(gexec_ok(&copy, "cat /mnt/data2/m.txt").trim(), marker);
+    assert_eq!(gexec_ok(&copy, "cat /mnt/data3/m.txt").trim(), marker);
+    // The backing file's own content is there too.
+    assert!(gexec_ok(&copy, "cat /mnt/data2/seed.txt").contains("backing file"));
+    assert_eq!(domstate(&orig), "running");
+    assert!(agent_ping(&orig));
+}

@@ -256,6 +256,16 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
                 (meta.len(), meta.blocks() * 512)
             }
         };
+        let backing_chain = super::chain::backing_chain(&source, &format, vm, &d.target)?;
+        for b in &backing_chain {
+            fs::File::open(&b.path).map_err(|e| {
+                format!(
+                    "disk {}: cannot read its backing image {}: {e}",
+                    d.target,
+                    b.path.display()
+                )
+            })?;
+        }
         disks.push(SessionDisk {
             target: d.target.clone(),
             source,
@@ -263,7 +273,8 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
             format,
             virtual_size,
             allocated_size,
-            backing_file: d.backing.first().and_then(|b| b.path.clone()),
+            backing_file: backing_chain.first().map(|b| b.path.clone()),
+            backing_chain,
             overlay: None,
         });
     }
@@ -308,11 +319,21 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
     let st = nix::sys::statvfs::statvfs(target.as_path())
         .map_err(|e| format!("target {}: statvfs: {e}", target.display()))?;
     let free_bytes = st.blocks_available() as u64 * st.fragment_size() as u64;
-    let needed_bytes =
-        disks.iter().map(|d| d.allocated_size).sum::<u64>() + nvram_size + SPACE_MARGIN;
+    let needed_bytes = disks
+        .iter()
+        .map(|d| {
+            d.allocated_size
+                + d.backing_chain
+                    .iter()
+                    .map(|b| b.allocated_size)
+                    .sum::<u64>()
+        })
+        .sum::<u64>()
+        + nvram_size
+        + SPACE_MARGIN;
     if free_bytes < needed_bytes {
         return Err(format!(
-            "target {} has {} MiB free, the backup needs about {} MiB (allocated size of the disks plus a margin)",
+            "target {} has {} MiB free, the backup needs about {} MiB (allocated size of the disks and their backing chains plus a margin)",
             target.display(),
             free_bytes >> 20,
             needed_bytes.div_ceil(1 << 20)
@@ -409,8 +430,28 @@ pub fn post_check_folder(
             None => problems.push(format!("malformed line in checksums.sha256: {line:?}")),
         }
     }
-    let disk_names: std::collections::BTreeSet<&str> =
-        md.disks.iter().map(|d| d.file.as_str()).collect();
+    // Every image file: the disks and the images of their backing chains.
+    let images: Vec<ImageFile<'_>> = md
+        .disks
+        .iter()
+        .flat_map(|d| {
+            std::iter::once(ImageFile {
+                file: &d.file,
+                file_size: d.file_size,
+                sha256: &d.sha256,
+                manifest: &d.manifest,
+                format: &d.format,
+            })
+            .chain(d.backing_chain.iter().map(|b| ImageFile {
+                file: &b.file,
+                file_size: b.file_size,
+                sha256: &b.sha256,
+                manifest: &b.manifest,
+                format: &b.format,
+            }))
+        })
+        .collect();
+    let disk_names: std::collections::BTreeSet<&str> = images.iter().map(|d| d.file).collect();
     for (name, sum) in &listed {
         if disk_names.contains(name.as_str()) {
             continue; // checked against the manifest below
@@ -428,16 +469,15 @@ pub fn post_check_folder(
             problems.push(format!("{f} is missing"));
         }
     }
-    // Disks, in parallel.
+    // Disk images, in parallel.
     let disk_problems: Vec<Vec<String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = md
-            .disks
+        let handles: Vec<_> = images
             .iter()
             .map(|d| {
-                let listed = listed.get(&d.file).cloned();
+                let listed = listed.get(d.file).cloned();
                 s.spawn(move || {
                     let mut p = Vec::new();
-                    let path = dir.join(&d.file);
+                    let path = dir.join(d.file);
                     match fs::metadata(&path) {
                         Ok(m) if m.len() == d.file_size => {}
                         Ok(m) => p.push(format!(
@@ -451,13 +491,13 @@ pub fn post_check_folder(
                             return p;
                         }
                     }
-                    if listed.as_deref() != Some(d.sha256.as_str()) {
+                    if listed.as_deref() != Some(d.sha256) {
                         p.push(format!(
                             "{}: checksums.sha256 does not list the recorded SHA-256",
                             d.file
                         ));
                     }
-                    match crate::copier::verify_file(&path, &d.manifest, progress, cancel) {
+                    match crate::copier::verify_file(&path, d.manifest, progress, cancel) {
                         Ok(r) if r.ok => {}
                         Ok(r) => p.push(format!(
                             "{}: {} chunk(s) differ from the manifest{}",
@@ -489,6 +529,15 @@ pub fn post_check_folder(
     });
     problems.extend(disk_problems.into_iter().flatten());
     problems
+}
+
+/// One image file of a backup, as the post-checks see it.
+struct ImageFile<'a> {
+    file: &'a str,
+    file_size: u64,
+    sha256: &'a str,
+    manifest: &'a crate::copier::ChunkManifest,
+    format: &'a str,
 }
 
 /// `qemu-img check` of a qcow2 image.

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use chrono::Local;
 
+use crate::copier::ChunkManifest;
 use crate::copier::{self, CopyOptions, HashMode, IoPath};
 use crate::layout::{self, VmDir};
-use crate::metadata::{self, BackupMetadata, DiskRecord};
+use crate::metadata::{self, BackingRecord, BackupMetadata, DiskRecord};
 use crate::progress::Level;
 use crate::ExitStatus;
 
@@ -32,6 +33,61 @@ impl BackupSession<'_> {
         let (dir, md) = self.publish(extra_files, t)?;
         self.post_checks(dir, md);
         Ok(())
+    }
+
+    /// The metadata of this backup, for a driver that copies the disks itself (the Bacula
+    /// plugin's stream mode): `disks` records what it copied, `files` the other files it sent
+    /// (`<vm>.xml`, `<vm>-nvram.fd`). Method, note, frozen window, phases so far (add the
+    /// driver's own with [`Self::record_phase`]), skipped disks and warnings come from the
+    /// session; `result` is `warning` when there are warnings.
+    pub fn metadata_for(&self, disks: Vec<DiskRecord>, files: Vec<String>) -> BackupMetadata {
+        let total: u64 = disks
+            .iter()
+            .map(|d| d.file_size + d.backing_chain.iter().map(|b| b.file_size).sum::<u64>())
+            .sum();
+        let copy_secs = self.phases.get("copy").copied().unwrap_or(0.0);
+        BackupMetadata {
+            schema_version: metadata::SCHEMA_VERSION,
+            tool_version: crate::VERSION.to_string(),
+            vm_name: self.request.vm.clone(),
+            vm_uuid: self.uuid.clone(),
+            host: self.host.clone(),
+            stamp: self.stamp.clone(),
+            method_requested: self.request.method,
+            method: self.method,
+            method_note: self.method_note.clone(),
+            started_at: self.started_at.to_rfc3339(),
+            finished_at: Local::now().to_rfc3339(),
+            frozen_ms: self.frozen_ms,
+            phases: self.phases.clone(),
+            disks,
+            skipped_disks: self.skipped.clone(),
+            files,
+            total_bytes: total,
+            bytes_per_sec: if copy_secs > 0.0 {
+                total as f64 / copy_secs
+            } else {
+                0.0
+            },
+            result: if self.warnings.is_empty() {
+                ExitStatus::Success
+            } else {
+                ExitStatus::Warning
+            },
+            warnings: self.warnings.clone(),
+            appliance: self
+                .request
+                .vm_entry
+                .as_ref()
+                .and_then(|e| e.appliance.clone()),
+            verify: None,
+            test_restore: None,
+        }
+    }
+
+    /// Records the seconds a phase took (a driver's own `copy`, for instance).
+    pub fn record_phase(&mut self, name: &str, seconds: f64) {
+        self.phases.insert(name.to_string(), seconds);
     }
 
     /// The published metadata and folder, once [`Self::run_direct`] succeeded.
@@ -89,15 +145,7 @@ impl BackupSession<'_> {
 
     fn copy_disks(&mut self) -> Result<(), BackupError> {
         let t = Instant::now();
-        let partial = self.partial.clone().unwrap_or_default();
-        let options = CopyOptions {
-            hash: HashMode::Both,
-            ..self.request.copy_options.clone()
-        };
         for d in self.disks.clone() {
-            if self.cancel.is_cancelled() {
-                return Err(self.failed(Phase::Copy, "cancelled"));
-            }
             self.log(
                 Level::Info,
                 &format!(
@@ -109,32 +157,37 @@ impl BackupSession<'_> {
                     d.file_name
                 ),
             );
-            let dst = partial.join(&d.file_name);
-            let report =
-                copier::copy_file(&d.source, &dst, &options, self.progress(), &self.cancel)
-                    .map_err(|e| self.failed(Phase::Copy, format!("disk {}: {e}", d.target)))?;
-            for note in &report.notes {
-                self.log(Level::Info, &format!("copier: {note}"));
+            let top = self.copy_image(&d.source, &d.file_name, &d.target)?;
+            let mut backing_chain = Vec::new();
+            for b in &d.backing_chain {
+                self.log(
+                    Level::Info,
+                    &format!(
+                        "copying {}'s backing image {} ({}, depth {}, {} bytes allocated) to {}",
+                        d.target,
+                        b.path.display(),
+                        b.format,
+                        b.depth,
+                        b.allocated_size,
+                        b.file_name
+                    ),
+                );
+                let label = format!("{} backing image {}", d.target, b.depth);
+                let c = self.copy_image(&b.path, &b.file_name, &label)?;
+                backing_chain.push(BackingRecord {
+                    depth: b.depth,
+                    file: b.file_name.clone(),
+                    source: b.path.to_string_lossy().into_owned(),
+                    format: b.format.clone(),
+                    backing_named_as: b.named_as.clone(),
+                    virtual_size: b.virtual_size,
+                    allocated_size: b.allocated_size,
+                    file_size: c.logical_size,
+                    sha256: c.sha256,
+                    manifest: c.manifest,
+                    copy_seconds: c.seconds,
+                });
             }
-            let (Some(sha256), Some(manifest)) = (report.sha256.clone(), report.manifest.clone())
-            else {
-                return Err(self.failed(
-                    Phase::Copy,
-                    format!("disk {}: the copier returned no digests", d.target),
-                ));
-            };
-            self.log(
-                Level::Info,
-                &format!(
-                    "{} copied: {} bytes in {:.2} s ({:.1} MiB/s, {}), sha256 {}",
-                    d.target,
-                    report.logical_size,
-                    report.duration.as_secs_f64(),
-                    report.bytes_per_sec / (1 << 20) as f64,
-                    io_name(report.io_path),
-                    sha256
-                ),
-            );
             self.disk_records.push(DiskRecord {
                 target: d.target.clone(),
                 source: d.source.to_string_lossy().into_owned(),
@@ -142,16 +195,66 @@ impl BackupSession<'_> {
                 file: d.file_name.clone(),
                 virtual_size: d.virtual_size,
                 allocated_size: d.allocated_size,
-                file_size: report.logical_size,
-                sha256,
-                manifest,
-                copy_seconds: report.duration.as_secs_f64(),
-                bytes_per_sec: report.bytes_per_sec,
-                io_path: io_name(report.io_path).to_string(),
+                file_size: top.logical_size,
+                sha256: top.sha256,
+                manifest: top.manifest,
+                copy_seconds: top.seconds,
+                bytes_per_sec: top.bytes_per_sec,
+                io_path: top.io_path.to_string(),
+                backing_chain,
             });
         }
         self.phases.insert("copy".into(), t.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Copies one image into the `.partial` folder as `file_name` with both hashes.
+    fn copy_image(
+        &mut self,
+        src: &Path,
+        file_name: &str,
+        label: &str,
+    ) -> Result<CopiedImage, BackupError> {
+        if self.cancel.is_cancelled() {
+            return Err(self.failed(Phase::Copy, "cancelled"));
+        }
+        let partial = self.partial.clone().unwrap_or_default();
+        let options = CopyOptions {
+            hash: HashMode::Both,
+            ..self.request.copy_options.clone()
+        };
+        let dst = partial.join(file_name);
+        let report = copier::copy_file(src, &dst, &options, self.progress(), &self.cancel)
+            .map_err(|e| self.failed(Phase::Copy, format!("disk {label}: {e}")))?;
+        for note in &report.notes {
+            self.log(Level::Info, &format!("copier: {note}"));
+        }
+        let (Some(sha256), Some(manifest)) = (report.sha256.clone(), report.manifest.clone())
+        else {
+            return Err(self.failed(
+                Phase::Copy,
+                format!("disk {label}: the copier returned no digests"),
+            ));
+        };
+        self.log(
+            Level::Info,
+            &format!(
+                "{label} copied: {} bytes in {:.2} s ({:.1} MiB/s, {}), sha256 {}",
+                report.logical_size,
+                report.duration.as_secs_f64(),
+                report.bytes_per_sec / (1 << 20) as f64,
+                io_name(report.io_path),
+                sha256
+            ),
+        );
+        Ok(CopiedImage {
+            logical_size: report.logical_size,
+            sha256,
+            manifest,
+            seconds: report.duration.as_secs_f64(),
+            bytes_per_sec: report.bytes_per_sec,
+            io_path: io_name(report.io_path),
+        })
     }
 
     /// XML, NVRAM and appliance configs; returns (relative name, sha256) of each.
@@ -205,41 +308,12 @@ impl BackupSession<'_> {
     }
 
     fn metadata(&self, extra: &[(String, String)], result: ExitStatus) -> BackupMetadata {
-        let total: u64 = self.disk_records.iter().map(|d| d.file_size).sum();
-        let copy_secs = self.phases.get("copy").copied().unwrap_or(0.0);
-        BackupMetadata {
-            schema_version: metadata::SCHEMA_VERSION,
-            tool_version: crate::VERSION.to_string(),
-            vm_name: self.request.vm.clone(),
-            vm_uuid: self.uuid.clone(),
-            host: self.host.clone(),
-            stamp: self.stamp.clone(),
-            method_requested: self.request.method,
-            method: self.method,
-            method_note: self.method_note.clone(),
-            started_at: self.started_at.to_rfc3339(),
-            finished_at: Local::now().to_rfc3339(),
-            frozen_ms: self.frozen_ms,
-            phases: self.phases.clone(),
-            disks: self.disk_records.clone(),
-            skipped_disks: self.skipped.clone(),
-            files: extra.iter().map(|(n, _)| n.clone()).collect(),
-            total_bytes: total,
-            bytes_per_sec: if copy_secs > 0.0 {
-                total as f64 / copy_secs
-            } else {
-                0.0
-            },
-            result,
-            warnings: self.warnings.clone(),
-            appliance: self
-                .request
-                .vm_entry
-                .as_ref()
-                .and_then(|e| e.appliance.clone()),
-            verify: None,
-            test_restore: None,
-        }
+        let mut md = self.metadata_for(
+            self.disk_records.clone(),
+            extra.iter().map(|(n, _)| n.clone()).collect(),
+        );
+        md.result = result;
+        md
     }
 
     fn publish(
@@ -251,6 +325,9 @@ impl BackupSession<'_> {
         let mut sums = String::new();
         for d in &self.disk_records {
             sums.push_str(&format!("{}  {}\n", d.sha256, d.file));
+            for b in &d.backing_chain {
+                sums.push_str(&format!("{}  {}\n", b.sha256, b.file));
+            }
         }
         for (name, sum) in &extra {
             sums.push_str(&format!("{sum}  {name}\n"));
@@ -345,6 +422,16 @@ impl BackupSession<'_> {
         md.warnings = self.warnings.clone();
         self.published = Some((md, dir));
     }
+}
+
+/// What [`BackupSession::copy_image`] produced.
+struct CopiedImage {
+    logical_size: u64,
+    sha256: String,
+    manifest: ChunkManifest,
+    seconds: f64,
+    bytes_per_sec: f64,
+    io_path: &'static str,
 }
 
 fn io_name(io: IoPath) -> &'static str {

@@ -9,7 +9,8 @@
 //!           ─► [quiesce|snapshot: ONE external, disk-only, atomic, no-metadata snapshot of all
 //!               copied disks, with the quiesce flag for quiesce (freeze+snapshot+thaw in one
 //!               libvirt call, timed as the frozen window)]
-//! direct:   .partial folder ─► copy every base image (copier, SHA-256 both ways)
+//! direct:   .partial folder ─► copy every base image and its backing chain (copier, SHA-256
+//!           both ways) [offline: under QEMU-compatible image locks]
 //! finish:   blockcommit --active --shallow + pivot per disk ─► overlays deleted ─► domain checked
 //!           on its original images ─► [restart after --shutdown]
 //! direct:   XML, NVRAM, configs, checksums.sha256, backup-metadata.json, backup.log ─► fsync
@@ -41,22 +42,43 @@
 //!     // read disk.source (the frozen base image, `disk.format`, `disk.allocated_size`
 //!     // bytes allocated) and send it as `disk.file_name`; the guest writes into an overlay.
 //!     let _ = (&disk.source, &disk.file_name);
+//!     // ... and every image of its backing chain, each as its own file (BackingRecord).
+//!     for b in &disk.backing_chain {
+//!         let _ = (&b.path, &b.file_name, &b.format);
+//!     }
 //! }
 //! let _xml: &str = session.domain_xml(); // send as `<vm>.xml`
 //! let _nvram = session.nvram_path();     // send as `<vm>-nvram.fd` when Some
+//! session.record_phase("copy", 12.5);    // the driver's own timing
 //! session.finish()?;                     // commit + pivot, overlays deleted, restart if needed
+//! // DiskRecords of what was sent (sha256 + manifest from the copier's hashing), other files:
+//! let metadata = session.metadata_for(Vec::new(), vec!["web01.xml".into()]);
+//! let _json = serde_json::to_string_pretty(&metadata);
+//! let _problems = session.close();       // journal cleared, lock released
 //! # Ok::<(), vm_backup::backup::BackupError>(())
 //! ```
+//!
+//! `prepare` takes the progress sink either borrowed (`&dyn Progress`, the session then lives
+//! as long as the borrow) or shared (`Arc<dyn Progress>`, a `BackupSession<'static>` that can
+//! be kept in the plugin's job state across File Daemon events; sessions are `Send`). The
+//! [`CancelToken`] is polled during the copy, the shutdown wait and the debug pause; the
+//! commit always runs to the end.
+//!
+//! Errors are [`BackupError`]s: VM, [`Phase`], cause and the exit status they mean (1 before
+//! the VM was touched, 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
+//! appliance-capture problems of a published backup.
 //!
 //! Dropping a session without [`BackupSession::finish`] (an error, a cancel) commits and
 //! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
 //! folder; [`BackupSession::close`] does the same and reports what could not be released.
 
+pub mod chain;
 pub mod checks;
 mod commit;
 mod direct;
 pub mod journal;
 pub mod orphans;
+mod report;
 mod runlog;
 mod session;
 
@@ -260,8 +282,22 @@ impl From<Arc<dyn Progress>> for ProgressRef<'_> {
 
 /// Runs a whole backup in direct mode (the engine writes the folder on the target): what
 /// `vm-backup backup` and the plugin's `mode=direct` do. Never panics on bad input; every
-/// acquired state is released before it returns.
+/// acquired state is released before it returns. Every run, failed or not, is then recorded
+/// in the catalog on the share, alerted to Slack when it failed or warned, and written to the
+/// metrics textfile (best effort: problems there are warnings).
 pub fn run_backup(
+    request: &BackupRequest,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> BackupOutcome {
+    let started = chrono::Local::now();
+    let outcome = run_backup_unreported(request, progress, cancel);
+    report::after_run(request, &outcome, started, progress);
+    outcome
+}
+
+/// [`run_backup`] without the catalog, Slack and metrics reporting.
+fn run_backup_unreported(
     request: &BackupRequest,
     progress: &dyn Progress,
     cancel: &CancelToken,

@@ -4,7 +4,8 @@
 //! Only state recorded in a journal is repaired: an overlay is committed back only when a
 //! journal lists it *and* its name carries [`super::OVERLAY_MARKER`]; a guest is thawed only
 //! when a journal says a quiesce may have frozen it. Overlays named like ours but in no
-//! journal are reported, never touched. `.partial` folders are removed when no run of that VM
+//! journal are reported, never touched, unless a run holding that VM's lock owns them (a
+//! running backup is never reported). `.partial` folders are removed when no run of that VM
 //! holds its lock.
 
 use std::fs;
@@ -270,11 +271,23 @@ pub fn scan(
         let Ok(parsed) = dom.parsed(!live) else {
             continue;
         };
+        let mut running_backup: Option<bool> = None;
         for d in &parsed.disks {
             if let Some(src) = &d.source {
                 if src.to_string_lossy().contains(OVERLAY_MARKER)
                     && !journaled_overlays.contains(src)
                 {
+                    // A run holding the VM's lock owns its overlays (it may have journaled
+                    // them after we read its journal): never report a running backup.
+                    let busy = *running_backup.get_or_insert_with(|| {
+                        matches!(
+                            VmLock::acquire(&settings.journal_dir, &name),
+                            Err(JournalError::Busy { .. })
+                        )
+                    });
+                    if busy {
+                        continue;
+                    }
                     report.orphans.push(Orphan {
                         vm: name.clone(),
                         kind: "unjournaled-overlay".into(),

@@ -9,10 +9,12 @@ use chrono::{DateTime, Local};
 
 use crate::config::VmEntry;
 use crate::layout::{self, VmDir};
+use crate::libvirt::image_lock::ImageLock;
 use crate::libvirt::{Dom, DomState, Hypervisor};
 use crate::metadata::{BackupMetadata, DiskRecord, Method, SkippedDisk};
 use crate::progress::{CancelToken, Level, Progress};
 
+use super::chain::BackingImage;
 use super::checks::{self, PreCheck};
 use super::commit;
 use super::journal::{Journal, OverlayRecord};
@@ -36,8 +38,12 @@ pub struct SessionDisk {
     pub allocated_size: u64,
     /// The file name inside the backup folder (`<vm>-<target>.<ext>`).
     pub file_name: String,
-    /// The base image's own backing file, when it has one (not copied; recorded in the log).
+    /// The base image's own backing file, when it has one (the first of `backing_chain`).
     pub backing_file: Option<PathBuf>,
+    /// Every image below the base (its backing file and theirs, top to bottom): copied too,
+    /// each as its own file, so that the backup restores on its own. Unchanging during the
+    /// backup like the base (nothing writes into backing files).
+    pub backing_chain: Vec<BackingImage>,
     /// Our overlay while the snapshot is active.
     pub overlay: Option<PathBuf>,
 }
@@ -71,6 +77,9 @@ pub struct BackupSession<'a> {
     pub(super) partial: Option<PathBuf>,
     pub(super) disk_records: Vec<DiskRecord>,
     pub(super) published: Option<(BackupMetadata, PathBuf)>,
+    /// Offline method: QEMU-compatible shared locks on every image, held until the copy is
+    /// done, so that the domain cannot be started on images being read.
+    image_locks: Vec<ImageLock>,
     closed: bool,
 }
 
@@ -194,16 +203,25 @@ impl<'a> BackupSession<'a> {
             );
         }
         for d in &pre.disks {
-            if let Some(b) = &d.backing_file {
+            if !d.backing_chain.is_empty() {
                 log.log(
                     progress.get(),
-                    Level::Warning,
+                    Level::Info,
                     &format!(
-                        "disk {} ({}) has its own backing file {}: only {} is copied; keep its backing file for a restore",
+                        "disk {} ({}) has a backing chain of {} image(s), copied too: {}",
                         d.target,
                         d.source.display(),
-                        b.display(),
-                        d.source.display()
+                        d.backing_chain.len(),
+                        d.backing_chain
+                            .iter()
+                            .map(|b| format!(
+                                "{} ({}) as {}",
+                                b.path.display(),
+                                b.format,
+                                b.file_name
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
             }
@@ -252,6 +270,7 @@ impl<'a> BackupSession<'a> {
             partial: None,
             disk_records: Vec::new(),
             published: None,
+            image_locks: Vec::new(),
             closed: false,
         };
         // From here on, Drop releases whatever is acquired.
@@ -261,6 +280,7 @@ impl<'a> BackupSession<'a> {
                 if pre.state.is_live() {
                     session.shut_down(pre.agent_connected)?;
                 }
+                session.lock_images()?;
             }
             Method::Quiesce | Method::Snapshot => session.take_snapshot()?,
             Method::Auto => {
@@ -361,6 +381,19 @@ impl<'a> BackupSession<'a> {
     /// down for the backup. Call once the base images have been read. Status 2 on failure
     /// (the journal keeps what is left for `vm-backup orphans`).
     pub fn finish(&mut self) -> Result<(), BackupError> {
+        if !self.image_locks.is_empty() {
+            // The locks kept QEMU off the images; make sure nothing else changed the domain.
+            let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
+            if state != DomState::ShutOff {
+                self.image_locks.clear();
+                return Err(self.failed(
+                    Phase::Copy,
+                    format!("the domain was started during the offline copy (it is {state}): the copy may be inconsistent"),
+                ));
+            }
+            self.image_locks.clear();
+            self.log(Level::Info, "image locks released");
+        }
         let t = Instant::now();
         if self.overlays_active {
             self.log(
@@ -394,6 +427,7 @@ impl<'a> BackupSession<'a> {
             return Vec::new();
         }
         self.closed = true;
+        self.image_locks.clear();
         let mut problems = Vec::new();
         if self.overlays_active {
             if let Err(e) = self.commit_overlays() {
@@ -491,6 +525,48 @@ impl<'a> BackupSession<'a> {
         self.log(
             Level::Info,
             &format!("domain shut off after {:.1} s", t.elapsed().as_secs_f64()),
+        );
+        Ok(())
+    }
+
+    /// Offline method: takes QEMU-compatible shared locks on every image to copy (disks and
+    /// backing chains), then checks the domain is still shut off. A `virsh start` meanwhile
+    /// fails with QEMU's `Failed to get "write" lock` until [`Self::finish`] releases them.
+    fn lock_images(&mut self) -> Result<(), BackupError> {
+        let paths: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .flat_map(|d| {
+                std::iter::once(d.source.clone())
+                    .chain(d.backing_chain.iter().map(|b| b.path.clone()))
+            })
+            .collect();
+        for p in &paths {
+            match ImageLock::acquire(p) {
+                Ok(l) => self.image_locks.push(l),
+                Err(e) => {
+                    self.image_locks.clear();
+                    return Err(self.failed(
+                        Phase::Copy,
+                        format!("cannot lock the images for the offline copy: {e}"),
+                    ));
+                }
+            }
+        }
+        let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
+        if state != DomState::ShutOff {
+            self.image_locks.clear();
+            return Err(self.failed(
+                Phase::Copy,
+                format!("the domain was started before the offline copy began (it is {state})"),
+            ));
+        }
+        self.log(
+            Level::Info,
+            &format!(
+                "{} image(s) locked for the offline copy (shared QEMU-style locks: the domain cannot start until the copy is done)",
+                self.image_locks.len()
+            ),
         );
         Ok(())
     }
@@ -846,6 +922,7 @@ mod tests {
             allocated_size: 1,
             file_name: "vm-vda.qcow2".into(),
             backing_file: None,
+            backing_chain: Vec::new(),
             overlay: Some("/i/a'b.qcow2.vmb-overlay-s.qcow2".into()),
         }];
         let skipped = vec![SkippedDisk {

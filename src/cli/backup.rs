@@ -25,6 +25,9 @@ pub struct Args {
     /// When quiesce is impossible, take a crash-consistent snapshot instead of failing.
     #[arg(long)]
     allow_crash_consistent: bool,
+    /// Write the Prometheus textfile here after the run (overrides `metrics_file`).
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
     #[command(flatten)]
     common: TargetArgs,
 }
@@ -41,7 +44,10 @@ pub fn settings(common: &TargetArgs) -> Result<Settings, vm_backup::Error> {
 
 /// Runs `vm-backup backup`.
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
-    let settings = settings(&args.common)?;
+    let mut settings = settings(&args.common)?;
+    if let Some(path) = &args.metrics_file {
+        settings.metrics_file = Some(path.clone());
+    }
     // An explicit --inventory must exist; the configured one may be absent (no inventory).
     let inventory = match &args.inventory {
         Some(path) => Inventory::load(path)?,

@@ -3,6 +3,32 @@
 //!
 //! This file holds the public interface (options, report, manifest, errors) that the rest of
 //! the engine, the C ABI and the benchmark harness use. The I/O paths live in submodules.
+//!
+//! ## How a copy runs
+//!
+//! ```text
+//!  plan (SEEK_DATA/SEEK_HOLE) ──► I/O engine ──────────────► temporary destination file
+//!        holes: no read, no write   │  uring: one ring, reads ahead / writes behind
+//!                                   │  threads: pread/pwrite workers
+//!                                   ▼ every block, as soon as it is read (any order)
+//!                    in-order stage: whole-file SHA-256 (holes fed as zeros), progress
+//!                                   │ pieces routed by chunk (chunk % workers)
+//!                                   ▼
+//!                    chunk workers: per-chunk SHA-256, zero chunks from a precomputed digest
+//! ```
+//!
+//! | module | responsibility |
+//! | --- | --- |
+//! | `plan` | lazy walk of the source's data extents and holes, in blocks of one buffer |
+//! | `buffer` | the fixed pool of aligned buffers that bounds memory |
+//! | `uring` | the io_uring engine and the runtime probe (the only `unsafe` here) |
+//! | `threads` | the pread/pwrite fallback engine |
+//! | `hashing` | the in-order stage and the chunk-hashing pool |
+//! | `dest` | opening the source; the temporary destination and its atomic publication |
+//! | `job` | one copy from options to report |
+//! | `verify` | parallel re-hash of a file against a manifest |
+//!
+//! Both engines produce byte-identical files, digests and manifests; the tests run both.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,6 +48,7 @@ mod uring;
 mod verify;
 
 pub use hashing::{root_digest, zero_digest};
+pub use job::IO_ENV;
 pub use uring::probe as probe_uring;
 
 /// Default size of one I/O buffer.

@@ -6,6 +6,7 @@
 //! timeout and an agent ping through `virDomainGetTime` (answered by the guest agent).
 //! Calls without a safe wrapper in `virt` 0.5 live in [`raw`], the only `unsafe` here.
 
+pub mod image_lock;
 pub mod raw;
 pub mod xml;
 
@@ -53,6 +54,9 @@ pub enum LibvirtError {
         /// What went wrong.
         message: String,
     },
+    /// Waiting was cancelled (signal, Bacula cancel).
+    #[error("cancelled while waiting for {0}")]
+    Cancelled(String),
     /// Something did not happen within its bound.
     #[error("{what} did not finish within {seconds} s")]
     Timeout {
@@ -360,7 +364,13 @@ impl Dom {
             if self.state()? == DomState::ShutOff {
                 return Ok(());
             }
-            if t0.elapsed() >= bound || stop() {
+            if stop() {
+                return Err(LibvirtError::Cancelled(format!(
+                    "the clean shutdown of {:?}",
+                    self.name
+                )));
+            }
+            if t0.elapsed() >= bound {
                 return Err(LibvirtError::Timeout {
                     what: format!("the clean shutdown of {:?}", self.name),
                     seconds: bound.as_secs(),

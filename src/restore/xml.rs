@@ -179,6 +179,9 @@ pub struct XmlEdits {
     pub strip_interfaces: bool,
     /// New source file per disk target device (`vda` → path); the disk becomes `type='file'`.
     pub disk_sources: BTreeMap<String, String>,
+    /// Disks (by target device) to remove from the domain: writable disks that were not backed
+    /// up must not be shared by a copy running beside the original.
+    pub drop_disks: std::collections::BTreeSet<String>,
     /// New `<nvram>` path.
     pub nvram: Option<String>,
     /// When `<os firmware='efi'>` has no `<nvram>`, add one with this path.
@@ -281,7 +284,7 @@ pub fn rewrite(xml: &str, edits: &XmlEdits) -> Result<String, XmlError> {
                 if name == "disk" && disk_buf.is_some() {
                     let mut buf = disk_buf.take().unwrap_or_default();
                     buf.push(event.clone());
-                    for ev in rewrite_disk(buf, &edits.disk_sources)? {
+                    for ev in rewrite_disk(buf, &edits.disk_sources, &edits.drop_disks)? {
                         w(&mut writer, ev)?;
                     }
                     continue;
@@ -354,6 +357,7 @@ pub fn rewrite(xml: &str, edits: &XmlEdits) -> Result<String, XmlError> {
 fn rewrite_disk(
     events: Vec<Event<'static>>,
     sources: &BTreeMap<String, String>,
+    drop: &std::collections::BTreeSet<String>,
 ) -> Result<Vec<Event<'static>>, XmlError> {
     let mut target = None;
     for ev in &events {
@@ -362,6 +366,9 @@ fn rewrite_disk(
                 target = attr(e, "dev")?;
             }
         }
+    }
+    if target.as_ref().is_some_and(|t| drop.contains(t)) {
+        return Ok(Vec::new());
     }
     let Some(new_source) = target.and_then(|t| sources.get(&t)) else {
         return Ok(events);
@@ -562,9 +569,10 @@ mod tests {
 
     #[test]
     fn strip_interfaces_and_add_nvram_for_auto_firmware() {
-        let xml = "<domain type='qemu'><name>a</name><os firmware='efi'><type>hvm</type></os><devices><interface type='network'><mac address='52:54:00:00:00:01'/></interface><disk type='block' device='disk'><source dev='/dev/vg/a'/><target dev='vda'/></disk></devices></domain>";
+        let xml = "<domain type='qemu'><name>a</name><os firmware='efi'><type>hvm</type></os><devices><interface type='network'><mac address='52:54:00:00:00:01'/></interface><disk type='block' device='disk'><source dev='/dev/vg/a'/><target dev='vda'/></disk><disk type='block' device='disk'><source dev='/dev/vg/shared'/><target dev='vdb'/></disk></devices></domain>";
         let edits = XmlEdits {
             strip_interfaces: true,
+            drop_disks: ["vdb".to_string()].into(),
             add_nvram: Some("/r/a_VARS.fd".into()),
             disk_sources: BTreeMap::from([("vda".into(), "/r/a-vda.raw".into())]),
             ..Default::default()
@@ -575,6 +583,8 @@ mod tests {
         assert_eq!(d.nvram.as_deref(), Some("/r/a_VARS.fd"));
         assert_eq!(d.disks[0].kind, "file");
         assert_eq!(d.disks[0].source.as_deref(), Some("/r/a-vda.raw"));
+        assert_eq!(d.disks.len(), 1, "the disk not backed up is gone: {out}");
+        assert!(!out.contains("shared"), "{out}");
         assert!(
             !out.contains("dev=\"/dev/vg/a\"") && !out.contains("'/dev/vg/a'"),
             "{out}"

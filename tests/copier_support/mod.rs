@@ -196,20 +196,25 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// A tmpfs of `size` mounted on `dir`, unmounted on drop.
+/// A filesystem mounted on `dir` for one test, unmounted on drop.
 pub struct Tmpfs {
     dir: std::path::PathBuf,
 }
 
 impl Tmpfs {
-    /// Mounts, or `None` (with a SKIP line) when that is not possible here.
+    /// Mounts a tmpfs of `size`, or `None` (with a SKIP line) when that is not possible here.
     pub fn mount(dir: &Path, size: &str) -> Option<Self> {
+        Self::mount_fs("tmpfs", dir, &format!("size={size}"))
+    }
+
+    /// Mounts a filesystem of type `fstype` with `options`, or `None` with a SKIP line.
+    pub fn mount_fs(fstype: &str, dir: &Path, options: &str) -> Option<Self> {
         if !is_root() {
-            eprintln!("SKIP: mounting a tmpfs needs root");
+            eprintln!("SKIP: mounting a {fstype} needs root");
             return None;
         }
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", fstype, "-o", options, fstype])
             .arg(dir)
             .status();
         match status {
@@ -217,7 +222,10 @@ impl Tmpfs {
                 dir: dir.to_owned(),
             }),
             other => {
-                eprintln!("SKIP: cannot mount a tmpfs on {}: {other:?}", dir.display());
+                eprintln!(
+                    "SKIP: cannot mount a {fstype} on {}: {other:?}",
+                    dir.display()
+                );
                 None
             }
         }

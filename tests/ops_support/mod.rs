@@ -141,6 +141,7 @@ pub fn disk_record(
         copy_seconds: 0.1,
         bytes_per_sec: size as f64 * 10.0,
         io_path: "threads".into(),
+        backing_chain: Vec::new(),
     }
 }
 
@@ -337,6 +338,7 @@ pub fn hand_backup(
             copy_seconds: report.duration.as_secs_f64(),
             bytes_per_sec: report.bytes_per_sec,
             io_path: "threads".into(),
+            backing_chain: Vec::new(),
         });
     }
     meta.total_bytes = meta.disks.iter().map(|d| d.file_size).sum();

@@ -1,0 +1,166 @@
+//! The backing chain of a disk's base image: the images below the one the domain points at
+//! (before our overlay), found with `qemu-img info -U --backing-chain`, copied into the
+//! backup as `<vm>-<dev>.backing-<n>.<ext>` so that a backup restores on its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+use crate::layout::{self, LayoutError};
+
+/// One image below a disk's base image (depth 1 is the base's own backing file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingImage {
+    /// 1 for the base image's backing file, 2 for that one's backing file, …
+    pub depth: usize,
+    /// The image's absolute path on the host.
+    pub path: PathBuf,
+    /// `qcow2`, `raw`, … as qemu-img reports it.
+    pub format: String,
+    /// How the image above names this one in its header (may be relative).
+    pub named_as: Option<String>,
+    /// Virtual size, bytes.
+    pub virtual_size: u64,
+    /// Bytes allocated on the host.
+    pub allocated_size: u64,
+    /// The file name inside the backup folder.
+    pub file_name: String,
+}
+
+/// One element of `qemu-img info --backing-chain --output=json`.
+#[derive(Debug, Deserialize)]
+struct InfoEntry {
+    filename: String,
+    format: String,
+    #[serde(rename = "virtual-size", default)]
+    virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    actual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    backing_filename: Option<String>,
+}
+
+/// The file name of the backing image at `depth` of disk `target` inside a backup:
+/// `<vm>-<target>.backing-<depth>.qcow2` (or `.raw`), sanitised like the disk's own name.
+pub fn backing_file_name(
+    vm: &str,
+    target: &str,
+    depth: usize,
+    format: &str,
+) -> Result<String, LayoutError> {
+    let ext = if format == "qcow2" { "qcow2" } else { "raw" };
+    Ok(format!(
+        "{}-{}.backing-{depth}.{ext}",
+        layout::safe_component(vm)?,
+        layout::safe_component(target)?
+    ))
+}
+
+/// Parses the JSON of `qemu-img info --backing-chain --output=json` of a base image into the
+/// images below it (the first element, the base itself, is left out).
+pub fn parse_chain(json: &str, vm: &str, target: &str) -> Result<Vec<BackingImage>, String> {
+    let entries: Vec<InfoEntry> = serde_json::from_str(json)
+        .map_err(|e| format!("cannot parse qemu-img info --backing-chain: {e}"))?;
+    let mut out = Vec::new();
+    for (i, pair) in entries.windows(2).enumerate() {
+        let (above, e) = (&pair[0], &pair[1]);
+        let depth = i + 1;
+        let path = PathBuf::from(&e.filename);
+        if !path.is_absolute() || e.filename.starts_with("json:") {
+            return Err(format!(
+                "disk {target}: backing image {:?} (depth {depth}) is not a local file: cannot back it up",
+                e.filename
+            ));
+        }
+        if e.format != "qcow2" && e.format != "raw" {
+            return Err(format!(
+                "disk {target}: backing image {} has format {}: only qcow2 and raw are supported",
+                e.filename, e.format
+            ));
+        }
+        out.push(BackingImage {
+            depth,
+            file_name: backing_file_name(vm, target, depth, &e.format)
+                .map_err(|x| x.to_string())?,
+            path,
+            format: e.format.clone(),
+            named_as: above.backing_filename.clone(),
+            virtual_size: e.virtual_size,
+            allocated_size: e.actual_size,
+        });
+    }
+    Ok(out)
+}
+
+/// The images below `base` (format `format`) with `qemu-img info -U --backing-chain`
+/// (`-U`: the base is in use by the running domain). Empty when the base has no backing file.
+pub fn backing_chain(
+    base: &Path,
+    format: &str,
+    vm: &str,
+    target: &str,
+) -> Result<Vec<BackingImage>, String> {
+    if format == "raw" {
+        return Ok(Vec::new()); // raw images have no header, hence no backing file
+    }
+    let out = Command::new("qemu-img")
+        .args([
+            "info",
+            "-U",
+            "--backing-chain",
+            "--output=json",
+            "-f",
+            format,
+        ])
+        .arg(base)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img info: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "disk {target}: qemu-img info --backing-chain {} failed: {}",
+            base.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    parse_chain(&String::from_utf8_lossy(&out.stdout), vm, target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHAIN: &str = r#"[
+      {"filename": "/i/top.qcow2", "format": "qcow2", "virtual-size": 64, "actual-size": 10,
+       "backing-filename": "mid.qcow2", "full-backing-filename": "/i/mid.qcow2"},
+      {"filename": "/i/mid.qcow2", "format": "qcow2", "virtual-size": 64, "actual-size": 20,
+       "backing-filename": "/b/bottom.img", "full-backing-filename": "/b/bottom.img"},
+      {"filename": "/b/bottom.img", "format": "raw", "virtual-size": 64, "actual-size": 30}
+    ]"#;
+
+    #[test]
+    fn chain_below_the_base_is_listed_with_depths_names_and_header_names() {
+        let c = parse_chain(CHAIN, "web 01", "vdb").unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].depth, 1);
+        assert_eq!(c[0].path, Path::new("/i/mid.qcow2"));
+        assert_eq!(c[0].named_as.as_deref(), Some("mid.qcow2"));
+        assert_eq!(c[0].file_name, "web_01-vdb.backing-1.qcow2");
+        assert_eq!(c[0].allocated_size, 20);
+        assert_eq!(c[1].depth, 2);
+        assert_eq!(c[1].format, "raw");
+        assert_eq!(c[1].named_as.as_deref(), Some("/b/bottom.img"));
+        assert_eq!(c[1].file_name, "web_01-vdb.backing-2.raw");
+        // A lone image has no chain.
+        let single = r#"[{"filename": "/i/a.qcow2", "format": "qcow2"}]"#;
+        assert!(parse_chain(single, "x", "vda").unwrap().is_empty());
+    }
+
+    #[test]
+    fn network_backing_images_are_refused() {
+        let j = r#"[{"filename": "/i/a.qcow2", "format": "qcow2"},
+                   {"filename": "json:{\"driver\":\"nbd\"}", "format": "raw"}]"#;
+        let e = parse_chain(j, "x", "vda").unwrap_err();
+        assert!(e.contains("not a local file"), "{e}");
+    }
+}
