@@ -2,12 +2,10 @@
 //! published backup and of the domain: failure means exit 3), also behind `vm-backup check`.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::layout;
 use crate::libvirt::{self, AgentChannel, Dom, DomState, Hypervisor};
@@ -386,21 +384,6 @@ pub fn run_pre_checks(request: &BackupRequest) -> Result<PreCheck, BackupError> 
     Ok(pre)
 }
 
-/// Hex SHA-256 of a (small) file.
-pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Checks a published backup folder: every file of the metadata is present with its size,
 /// every disk re-hashed against its chunk manifest (in parallel), every line of
 /// `checksums.sha256` matches, and `qemu-img check` passes on qcow2 copies. Returns the
@@ -456,7 +439,7 @@ pub fn post_check_folder(
         if disk_names.contains(name.as_str()) {
             continue; // checked against the manifest below
         }
-        match sha256_file(&dir.join(name)) {
+        match crate::verify::sha256_file(&dir.join(name)) {
             Ok(actual) if &actual == sum => {}
             Ok(actual) => problems.push(format!(
                 "{name}: SHA-256 {actual} does not match checksums.sha256 ({sum})"

@@ -294,7 +294,7 @@ impl BackupSession<'_> {
                     Ok(names) => {
                         for n in names {
                             let rel = format!("{}/{n}", layout::CONFIGS_DIR);
-                            match checks::sha256_file(&partial.join(&rel)) {
+                            match crate::verify::sha256_file(&partial.join(&rel)) {
                                 Ok(sum) => files.push((rel, sum)),
                                 Err(e) => self.warn(format!("appliance config {rel}: {e}")),
                             }
