@@ -505,7 +505,6 @@ fn chain_files_of(others: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, Strin
 
 /// Copies one image of the backup to `tmp` with the copier, checking each chunk against the
 /// backup's manifest (unless `force`). Returns the logical size.
-#[allow(clippy::too_many_arguments)]
 fn copy_image(
     src: &Path,
     tmp: &Path,

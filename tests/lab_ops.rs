@@ -622,3 +622,55 @@ fn backing_chain_restores_self_contained_and_verify_names_a_bad_layer() {
     assert!(!dd3.exists(), "nothing created");
     assert!(!domain_exists(&format!("{orig}-chain3")));
 }
+
+/// Starts a lab domain again when dropped (a failed assertion must not leave it shut off).
+struct StartAgain(String);
+
+impl Drop for StartAgain {
+    fn drop(&mut self) {
+        if domstate(&self.0) != "running" {
+            let _ = virsh(&["start", &self.0]);
+        }
+    }
+}
+
+#[test]
+fn backing_chain_restores_in_place_and_keeps_an_identical_base() {
+    if !lab_enabled("backing_chain_restores_in_place_and_keeps_an_identical_base") {
+        return;
+    }
+    let orig = multi_dom();
+    let s = Scratch::new("chainip");
+    wait_agent(&orig, Duration::from_secs(60));
+    let marker = format!("inplace-{}", std::process::id());
+    gexec_ok(&orig, &format!("echo {marker} > /mnt/data2/ip.txt; sync"));
+    let sources = disk_sources(&orig);
+    let vdb = PathBuf::from(&sources.iter().find(|(t, _)| t == "vdb").unwrap().1);
+    let chain = chain_of(&vdb);
+    assert!(chain.len() >= 2);
+    s.backup(&orig);
+    let base_sum = vm_backup::verify::sha256_file(&chain[1]).unwrap();
+    let base_mtime = fs::metadata(&chain[1]).unwrap().modified().unwrap();
+
+    let _again = StartAgain(orig.clone());
+    shutdown_wait(&orig);
+    // Defined (shut off) and its files exist: in place needs --force.
+    let out = s.vmb(&["restore", &orig, "latest"]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    let out = s.vmb(&["restore", &orig, "latest", "--force"]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    // Same files, the identical base kept as it was (not rewritten).
+    assert_eq!(chain_of(&vdb), chain);
+    assert_eq!(vm_backup::verify::sha256_file(&chain[1]).unwrap(), base_sum);
+    assert_eq!(
+        fs::metadata(&chain[1]).unwrap().modified().unwrap(),
+        base_mtime
+    );
+    assert_eq!(disk_sources(&orig), sources);
+    start_and_wait(&orig);
+    wait_agent(&orig, Duration::from_secs(120));
+    assert_eq!(gexec_ok(&orig, "cat /mnt/data2/ip.txt").trim(), marker);
+    assert!(gexec_ok(&orig, "cat /mnt/data2/seed.txt").contains("backing file"));
+}
