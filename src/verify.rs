@@ -1,4 +1,5 @@
-//! Verification of published backups: every disk image re-hashed against its chunk manifest
+//! Verification of published backups: every disk image and every layer of its backing chain
+//! re-hashed against its chunk manifest
 //! (through [`crate::copier::verify_file`], all disks in parallel), every other file against
 //! `checksums.sha256`, and `qemu-img check` on qcow2 images.
 //!
