@@ -16,13 +16,14 @@
 #   --methods      subset to run (default a,b,c; (a) is skipped when vm-backup cannot back up yet)
 #   --reuse        keep an existing P-agent domain instead of recreating it
 #   --keep         leave the domain and the last backups in place at the end
+#   --bin PATH     use this vm-backup binary instead of building target/release/vm-backup
 # Needs root, the libvirt lab (lab/libvirt-lab.sh) and cargo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 export LIBVIRT_DEFAULT_URI=qemu:///system
 
-rounds=3 fill=1000M prefix=vmbbench methods=a,b,c reuse="" keep=""
+rounds=3 fill=1000M prefix=vmbbench methods=a,b,c reuse="" keep="" vmb=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -31,6 +32,7 @@ while [ $# -gt 0 ]; do
     --methods) methods=$2; shift 2 ;;
     --reuse) reuse=1; shift ;;
     --keep) keep=1; shift ;;
+    --bin) vmb=$(realpath "$2"); shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -72,9 +74,11 @@ echo "bench: $dom, data disk $base: $(numfmt --to=iec "$alloc") allocated"
 
 have_a=""
 if [[ ",$methods," == *",a,"* ]]; then
-  echo "bench: building vm-backup (release)"
-  cargo build --release --quiet --bin vm-backup
-  vmb=$repo/target/release/vm-backup
+  if [ -z "$vmb" ]; then
+    echo "bench: building vm-backup (release)"
+    cargo build --release --quiet --bin vm-backup
+    vmb=$repo/target/release/vm-backup
+  fi
   rm -rf "$out/probe"; mkdir -p "$out/probe"
   rc=0; "$vmb" backup "$dom" --target "$out/probe" >"$out/probe.log" 2>&1 || rc=$?
   if [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ]; then
@@ -91,7 +95,7 @@ run_a() {
   "$vmb" backup "$dom" --target "$d" > "$out/a.log" 2>&1 || rc=$?
   # 0 = success, 3 = completed with a post-check warning (still a whole backup).
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then cat "$out/a.log" >&2; return 1; fi
-  frozen=$(find "$d" -name backup-metadata.json -exec jq -r '.frozen_ms // "nan"' {} + | head -n 1)
+  frozen=$(find "$d" -name backup-metadata.json -exec jq -r '.frozen_ms // "nan" | if type == "number" then round else . end' {} + | head -n 1)
 }
 
 run_b() {

@@ -26,4 +26,12 @@ echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-
   VMB_LAB_LIBVIRT=1 cargo test --test 'lab_*' -- --test-threads=1
 )
 
+echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugin, TCG guests; prefix bac)"
+(
+  trap 'lab/bacula-lab.sh stop || true; lab/libvirt-lab.sh down bac' EXIT
+  # The 600 MiB fill lets the cancel and kill -9 tests act while the copy runs.
+  lab/libvirt-lab.sh up bac --only agent,noagent --data-size 1G --fill 600M
+  VMB_LAB_BACULA=1 VMB_LAB_LIBVIRT=1 cargo test --test lab_bacula -- --test-threads=1
+)
+
 echo "== all tests passed"

@@ -1010,6 +1010,10 @@ pub fn run(
                 if method == Method::CopyBoth {
                     copy_io_path = io;
                 }
+                progress.message(
+                    Level::Info,
+                    &format!("  {t:.2} s, {:.3} GiB/s", gib_per_sec(image.size, t)),
+                );
                 seconds[i][index].push(t);
             }
         }
@@ -1028,6 +1032,10 @@ pub fn run(
                 Method::WriteOnly => measure_write(&out.join("write.out"), dense.size, policy)?,
                 _ => measure_hash(dense.size),
             };
+            progress.message(
+                Level::Info,
+                &format!("  {t:.2} s, {:.3} GiB/s", gib_per_sec(dense.size, t)),
+            );
             limit_seconds[index].push(t);
         }
     }

@@ -1,9 +1,398 @@
-//! The Bacula plugin string (`vm-backup: vm=… method=… target=… mode=… config=…`) and the per-job state behind the C ABI.
+//! The Bacula plugin: the plugin string and the per-job state behind the C ABI.
+//!
+//! The File Daemon shim (`c-shim/vm-backup-fd.c`) holds no logic: it forwards Bacula's events
+//! to [`crate::ffi::job`], which drives one [`Job`] per Bacula job. A [`Job`] parses the plugin
+//! string, runs the backup through the same engine entry point as `vm-backup backup`, presents
+//! the result to Bacula as virtual files under `/@vm-backup/<vm>/<stamp>/`, and on restore turns
+//! the files Bacula sends back into a restored VM.
+//!
+//! ## The plugin string
+//!
+//! ```text
+//! vm-backup: vm=<name> [method=auto|quiesce|snapshot|offline] [target=<dir>] [mode=direct|stream] [config=<file>]
+//! ```
+//! Values are single words (no spaces). Unknown keys, repeated keys, empty values and bad
+//! values are refused with a message naming the key; the job then fails. The string is part of
+//! the FileSet and frozen at backup time: restore receives the same string.
 
-/// Errors of this module.
+use std::path::{Path, PathBuf};
+
+use crate::metadata::Method;
+
+mod engine;
+mod job;
+mod stream;
+
+pub use job::{
+    Content, CreateResult, FileKind, Job, JobInfo, MessageLevel, MessageSink, VirtualFile,
+};
+
+/// The plugin's name: the FileSet string starts with `vm-backup:` and the File Daemon loads
+/// `vm-backup-fd.so`.
+pub const PLUGIN_NAME: &str = "vm-backup";
+
+/// The root of the virtual paths the plugin shows to Bacula.
+pub const VIRTUAL_ROOT: &str = "/@vm-backup";
+
+/// The keys the plugin string accepts.
+pub const KEYS: [&str; 5] = ["vm", "method", "target", "mode", "config"];
+
+/// Errors of the plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    /// Not built yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
+    /// The plugin string does not start with `vm-backup:`.
+    #[error("plugin string {0:?} does not start with \"vm-backup:\"")]
+    NotOurs(String),
+    /// A word of the plugin string is not `key=value`.
+    #[error("plugin string: {0:?} is not key=value")]
+    NotKeyValue(String),
+    /// A key is not one of [`KEYS`].
+    #[error("plugin string: unknown key {0:?} (known keys: vm, method, target, mode, config)")]
+    UnknownKey(String),
+    /// A key was given twice.
+    #[error("plugin string: key {0:?} given twice")]
+    Repeated(String),
+    /// A key has a bad value.
+    #[error("plugin string: {key}={value:?}: {why}")]
+    BadValue {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        why: String,
+    },
+    /// `vm=` is missing.
+    #[error("plugin string: vm=<name> is required")]
+    MissingVm,
+    /// A file Bacula named is not one of ours.
+    #[error("{0:?} is not a vm-backup virtual file (expected /@vm-backup/<vm>/<stamp>/<file>)")]
+    BadVirtualPath(String),
+    /// The engine failed; the text is already worded for the job log.
+    #[error("{0}")]
+    Engine(String),
+    /// The job was canceled.
+    #[error("canceled")]
+    Canceled,
+    /// An event arrived out of order.
+    #[error("{0}")]
+    Protocol(String),
+    /// An I/O error with its context.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl PluginError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        PluginError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Where the bulk data goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The engine writes the backup to the target; Bacula gets the metadata and checksums.
+    #[default]
+    Direct,
+    /// The disk images, domain XML and NVRAM flow through Bacula to its Storage Daemon.
+    Stream,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Direct => "direct",
+            Mode::Stream => "stream",
+        })
+    }
+}
+
+/// The parsed plugin string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginArgs {
+    /// The domain to back up.
+    pub vm: String,
+    /// The consistency method; unset: the inventory's, else `auto` (as `vm-backup backup`).
+    pub method: Option<Method>,
+    /// The target, overriding the configuration file.
+    pub target: Option<PathBuf>,
+    /// Direct (default) or stream.
+    pub mode: Mode,
+    /// The configuration file (default `/etc/vm-backup/vm-backup.conf` when present).
+    pub config: Option<PathBuf>,
+}
+
+impl PluginArgs {
+    /// Parses a FileSet plugin string.
+    pub fn parse(cmd: &str) -> Result<Self, PluginError> {
+        let rest = cmd
+            .trim()
+            .strip_prefix(PLUGIN_NAME)
+            .and_then(|r| r.strip_prefix(':'))
+            .ok_or_else(|| PluginError::NotOurs(cmd.to_string()))?;
+        let mut vm = None;
+        let mut method = None;
+        let mut target = None;
+        let mut mode = None;
+        let mut config = None;
+        for word in rest.split_whitespace() {
+            let (key, value) = word
+                .split_once('=')
+                .ok_or_else(|| PluginError::NotKeyValue(word.to_string()))?;
+            let key: &'static str = KEYS
+                .iter()
+                .find(|k| **k == key)
+                .ok_or_else(|| PluginError::UnknownKey(key.to_string()))?;
+            if value.is_empty() {
+                return Err(bad(key, value, "empty value"));
+            }
+            let fresh = match key {
+                "vm" => vm.replace(parse_vm(value)?).is_none(),
+                "method" => method
+                    .replace(
+                        value
+                            .parse::<Method>()
+                            .map_err(|why| bad(key, value, &why))?,
+                    )
+                    .is_none(),
+                "target" => target.replace(absolute(key, value)?).is_none(),
+                "mode" => mode.replace(parse_mode(value)?).is_none(),
+                _ => config.replace(absolute(key, value)?).is_none(),
+            };
+            if !fresh {
+                return Err(PluginError::Repeated(key.to_string()));
+            }
+        }
+        Ok(Self {
+            vm: vm.ok_or(PluginError::MissingVm)?,
+            method,
+            target,
+            mode: mode.unwrap_or_default(),
+            config,
+        })
+    }
+}
+
+fn bad(key: &'static str, value: &str, why: &str) -> PluginError {
+    PluginError::BadValue {
+        key,
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn parse_vm(value: &str) -> Result<String, PluginError> {
+    if value.contains('/') || value.chars().any(char::is_control) {
+        return Err(bad(
+            "vm",
+            value,
+            "a domain name has no '/' or control characters",
+        ));
+    }
+    Ok(value.to_string())
+}
+
+fn parse_mode(value: &str) -> Result<Mode, PluginError> {
+    match value {
+        "direct" => Ok(Mode::Direct),
+        "stream" => Ok(Mode::Stream),
+        _ => Err(bad("mode", value, "expected direct or stream")),
+    }
+}
+
+fn absolute(key: &'static str, value: &str) -> Result<PathBuf, PluginError> {
+    let path = PathBuf::from(value);
+    if !path.is_absolute() || path.components().any(|c| c.as_os_str() == "..") {
+        return Err(bad(key, value, "must be an absolute path without '..'"));
+    }
+    Ok(path)
+}
+
+/// A virtual path `/@vm-backup/<vm>/<stamp>/<file>` taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualPath {
+    /// The VM folder name (sanitised VM name).
+    pub vm: String,
+    /// The backup stamp.
+    pub stamp: String,
+    /// The file name inside the backup folder (no `/`).
+    pub file: String,
+}
+
+impl VirtualPath {
+    /// The virtual path of `file` in the backup `stamp` of `vm`.
+    pub fn new(vm: &str, stamp: &str, file: &str) -> Self {
+        Self {
+            vm: vm.to_string(),
+            stamp: stamp.to_string(),
+            file: file.to_string(),
+        }
+    }
+
+    /// The path as Bacula catalogs it.
+    pub fn to_path(&self) -> String {
+        format!("{VIRTUAL_ROOT}/{}/{}/{}", self.vm, self.stamp, self.file)
+    }
+
+    /// The virtual folder of the backup (`/@vm-backup/<vm>/<stamp>/`, trailing slash as
+    /// Bacula writes directories).
+    pub fn dir_path(vm: &str, stamp: &str) -> String {
+        format!("{VIRTUAL_ROOT}/{vm}/{stamp}/")
+    }
+
+    /// Parses a restored file name: `ofname` as the File Daemon gives it, which is `where`
+    /// followed by the cataloged path. Directories (trailing `/`) give `Ok(None)`.
+    pub fn parse_restored(ofname: &str, where_: &str) -> Result<Option<Self>, PluginError> {
+        let where_ = where_.trim_end_matches('/');
+        let rest = ofname.strip_prefix(where_).unwrap_or(ofname);
+        let rel = rest
+            .strip_prefix(VIRTUAL_ROOT)
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or_else(|| PluginError::BadVirtualPath(ofname.to_string()))?;
+        let parts: Vec<&str> = rel.split('/').collect();
+        let ok_part = |p: &str| !p.is_empty() && p != "." && p != "..";
+        match parts.as_slice() {
+            [vm] | [vm, ""] if ok_part(vm) => Ok(None),
+            [vm, stamp] | [vm, stamp, ""] if ok_part(vm) && ok_part(stamp) => Ok(None),
+            [vm, stamp, file] if ok_part(vm) && ok_part(stamp) && ok_part(file) => {
+                crate::layout::parse_stamp(stamp)
+                    .map_err(|_| PluginError::BadVirtualPath(ofname.to_string()))?;
+                Ok(Some(Self::new(vm, stamp, file)))
+            }
+            _ => Err(PluginError::BadVirtualPath(ofname.to_string())),
+        }
+    }
+}
+
+/// The effective site settings of a job: the configuration file named by `config=` (or the
+/// default one), with `target=` applied.
+pub fn settings_for(args: &PluginArgs) -> Result<crate::config::Settings, PluginError> {
+    let mut settings = crate::config::Settings::load(args.config.as_deref())
+        .map_err(|e| PluginError::Engine(e.to_string()))?;
+    if let Some(target) = &args.target {
+        settings.target = target.clone();
+    }
+    Ok(settings)
+}
+
+/// The name under which a VM restored with a non-empty `where` is defined.
+pub fn restored_name(vm: &str) -> String {
+    format!("{vm}-restored")
+}
+
+/// Whether a `where` value means "restore to the original place".
+pub fn is_original_place(where_: &str) -> bool {
+    let trimmed = where_.trim();
+    trimmed.is_empty() || trimmed == "/"
+}
+
+/// `where` as a folder, when it names one.
+pub fn where_dir(where_: &str) -> Option<&Path> {
+    (!is_original_place(where_)).then(|| Path::new(where_.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_string_takes_defaults() {
+        let a = PluginArgs::parse("vm-backup: vm=web01").unwrap();
+        assert_eq!(a.vm, "web01");
+        assert_eq!(a.method, None);
+        assert_eq!(a.mode, Mode::Direct);
+        assert_eq!(a.target, None);
+        assert_eq!(a.config, None);
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let a = PluginArgs::parse(
+            "vm-backup: vm=asa1 method=snapshot target=/mnt/backup mode=stream config=/etc/vb.conf",
+        )
+        .unwrap();
+        assert_eq!(a.method, Some(Method::Snapshot));
+        assert_eq!(a.mode, Mode::Stream);
+        assert_eq!(a.target.as_deref(), Some(Path::new("/mnt/backup")));
+        assert_eq!(a.config.as_deref(), Some(Path::new("/etc/vb.conf")));
+        // no space after the colon, extra spaces between words
+        let b = PluginArgs::parse("vm-backup:vm=x   method=offline").unwrap();
+        assert_eq!((b.vm.as_str(), b.method), ("x", Some(Method::Offline)));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_why() {
+        let cases = [
+            ("vm-backup: vm=a colour=red", "\"colour\""),
+            ("vm-backup: vm=a method=fast", "method=\"fast\""),
+            (
+                "vm-backup: vm=a mode=tape",
+                "mode=\"tape\": expected direct or stream",
+            ),
+            (
+                "vm-backup: vm=a target=rel/dir",
+                "target=\"rel/dir\": must be an absolute",
+            ),
+            ("vm-backup: vm=a target=/mnt/../etc", "target="),
+            ("vm-backup: vm=a config=", "config=\"\": empty value"),
+            ("vm-backup: vm=a vm=b", "key \"vm\" given twice"),
+            ("vm-backup: method=quiesce", "vm=<name> is required"),
+            ("vm-backup: vm=a junk", "\"junk\" is not key=value"),
+            ("vm-backup: vm=../x", "vm=\"../x\""),
+            ("bpipe: vm=a", "does not start with"),
+        ];
+        for (input, expected) in cases {
+            let err = PluginArgs::parse(input).unwrap_err().to_string();
+            assert!(err.contains(expected), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn virtual_paths_round_trip_and_strip_where() {
+        let p = VirtualPath::new("web01", "2026-11-21-120000", "backup-metadata.json");
+        let s = p.to_path();
+        assert_eq!(
+            s,
+            "/@vm-backup/web01/2026-11-21-120000/backup-metadata.json"
+        );
+        assert_eq!(
+            VirtualPath::parse_restored(&s, "").unwrap(),
+            Some(p.clone())
+        );
+        let with_where = format!("/tmp/r{s}");
+        assert_eq!(
+            VirtualPath::parse_restored(&with_where, "/tmp/r/").unwrap(),
+            Some(p)
+        );
+        assert_eq!(
+            VirtualPath::parse_restored("/tmp/r/@vm-backup/web01/2026-11-21-120000/", "/tmp/r")
+                .unwrap(),
+            None
+        );
+        for bad in [
+            "/etc/passwd",
+            "/@vm-backup/web01/notastamp/x",
+            "/@vm-backup/web01/2026-11-21-120000/../x",
+            "/@vm-backup/a/2026-11-21-120000/b/c",
+        ] {
+            assert!(VirtualPath::parse_restored(bad, "").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn where_values() {
+        assert!(is_original_place(""));
+        assert!(is_original_place("/"));
+        assert_eq!(where_dir("/srv/r"), Some(Path::new("/srv/r")));
+        assert_eq!(restored_name("web01"), "web01-restored");
+    }
 }

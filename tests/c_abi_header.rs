@@ -94,3 +94,34 @@ fn header_abi_version_matches_the_library() {
         "cbindgen.toml's after_includes must say `{define}`"
     );
 }
+
+/// The job functions (`src/ffi/job.rs`) name their enums the Rust way; the configuration must
+/// turn `VmbMessageLevel::Warning` into `VMB_MESSAGE_LEVEL_WARNING`, which the shim uses, while
+/// the enums that opt out keep their C names.
+#[test]
+fn config_names_rust_style_enum_variants_for_c() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(
+        dir.path().join("Cargo.toml"),
+        "[package]\nname = \"probe\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n[lib]\npath = \"src/lib.rs\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("src/lib.rs"),
+        "#[repr(C)]\npub enum VmbMessageLevel { Info = 0, Warning = 1 }\n\
+         /// cbindgen:rename-all=None\n#[repr(C)]\n#[allow(non_camel_case_types)]\npub enum vmb_status { VMB_OK = 0 }\n\
+         #[no_mangle]\npub extern \"C\" fn probe(_l: VmbMessageLevel) -> vmb_status { vmb_status::VMB_OK }\n",
+    )
+    .unwrap();
+    let config =
+        cbindgen::Config::from_file(Path::new(env!("CARGO_MANIFEST_DIR")).join("cbindgen.toml"))
+            .unwrap();
+    let mut text = Vec::new();
+    cbindgen::generate_with_config(dir.path(), config)
+        .expect("cbindgen generates the probe header")
+        .write(&mut text);
+    let header = String::from_utf8(text).unwrap();
+    assert!(header.contains("VMB_MESSAGE_LEVEL_WARNING = 1"), "{header}");
+    assert!(header.contains("VMB_OK = 0"), "{header}");
+}

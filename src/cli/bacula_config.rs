@@ -1,16 +1,63 @@
-//! `vm-backup bacula-config`.
+//! `vm-backup bacula-config`: writes the Director's Client, FileSet and Job resources for an
+//! inventory (one Job per VM, priorities and methods from the inventory).
 
-use super::common::{self, TargetArgs};
+use std::path::PathBuf;
+
+use super::common::TargetArgs;
+use vm_backup::bacula_config::{self, ClientSpec, Options};
+use vm_backup::config::Inventory;
+use vm_backup::plugin::Mode;
 
 /// Arguments of `vm-backup bacula-config`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     common: TargetArgs,
+    /// The inventory (vm-list.yaml).
+    #[arg(long, value_name = "FILE", default_value = vm_backup::config::DEFAULT_INVENTORY_PATH)]
+    inventory: PathBuf,
+    /// A hypervisor's File Daemon: NAME or NAME=ADDRESS (repeat; VMs without `client:` go to the first).
+    #[arg(long = "client", value_name = "NAME[=ADDRESS]", required = true)]
+    clients: Vec<ClientSpec>,
+    /// The Catalog resource the Clients use.
+    #[arg(long, default_value = "MyCatalog")]
+    catalog: String,
+    /// The File Daemons' port.
+    #[arg(long, default_value_t = 9102)]
+    fd_port: u16,
+    /// The File Daemons' Director password.
+    #[arg(long, default_value = "CHANGE-ME", env = "VMB_FD_PASSWORD")]
+    fd_password: String,
+    /// Send the disk images through Bacula (mode=stream) instead of writing them to the target.
+    #[arg(long)]
+    stream: bool,
+    /// Write to this file instead of standard output.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 /// Runs `vm-backup bacula-config`.
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
-    let _ = args.common;
-    common::not_yet("bacula-config")
+    let inventory = Inventory::load(&args.inventory)?;
+    let opts = Options {
+        clients: args.clients,
+        catalog: args.catalog,
+        fd_port: args.fd_port,
+        fd_password: args.fd_password,
+        target: args.common.target,
+        config: args.common.config,
+        mode: if args.stream {
+            Mode::Stream
+        } else {
+            Mode::Direct
+        },
+    };
+    let text = bacula_config::generate(&inventory, &opts)
+        .map_err(|e| vm_backup::Error::Other(e.to_string()))?;
+    match args.output {
+        Some(path) => vm_backup::metadata::write_atomic(&path, text.as_bytes())
+            .map_err(|e| vm_backup::Error::io(format!("write {}", path.display()), e))?,
+        None => print!("{text}"),
+    }
+    Ok(0)
 }

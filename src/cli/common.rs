@@ -50,13 +50,6 @@ pub fn cancel_on_signals() -> CancelToken {
     token
 }
 
-/// A command that is not built yet.
-pub fn not_yet(command: &str) -> Result<i32, vm_backup::Error> {
-    Err(vm_backup::Error::Other(format!(
-        "`vm-backup {command}` is not built yet"
-    )))
-}
-
 /// A [`vm_backup::progress::Progress`] sink for the terminal: log lines on stderr, transfer
 /// progress at most every 2 s (or never, when `verbose` is false and only errors matter).
 pub struct LineProgress {

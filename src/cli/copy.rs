@@ -142,6 +142,11 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         direct_write: args.direct_write,
         zero_as_holes: args.zero_as_holes,
     };
+    if args.manifest.is_some() && matches!(options.hash, HashMode::File | HashMode::None) {
+        return Err(vm_backup::Error::Other(
+            "--manifest needs chunk hashing (--hash both or chunks)".into(),
+        ));
+    }
     let cancel = super::common::cancel_on_signals();
     let bar = Bar::new(args.json);
     let result = copier::copy_file(&args.src, &args.dst, &options, &bar, &cancel);
@@ -152,10 +157,6 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             .map_err(|e| vm_backup::Error::Other(format!("cannot encode manifest: {e}")))?;
         std::fs::write(path, text + "\n")
             .map_err(|e| vm_backup::Error::io(format!("writing manifest {}", path.display()), e))?;
-    } else if args.manifest.is_some() {
-        return Err(vm_backup::Error::Other(
-            "--manifest needs chunk hashing (--hash both or chunks)".into(),
-        ));
     }
     if args.json {
         let text = serde_json::to_string_pretty(&report)

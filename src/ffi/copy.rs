@@ -12,6 +12,7 @@ use super::{
 use crate::copier::{self, ChunkManifest, CopyError, CopyOptions, HashMode, IoPath};
 
 /// Which I/O engine copies the data (values of `vmb_copy_options.io_path`).
+/// cbindgen:rename-all=None
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vmb_io_path {
@@ -24,6 +25,7 @@ pub enum vmb_io_path {
 }
 
 /// What the copier hashes (values of `vmb_copy_options.hash_mode`).
+/// cbindgen:rename-all=None
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vmb_hash_mode {

@@ -26,6 +26,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod copy;
+pub mod job;
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{self, AssertUnwindSafe};
@@ -39,6 +40,7 @@ use crate::progress::{CancelToken, Level, Progress, Transfer};
 pub const VMB_ABI_VERSION: u32 = 1;
 
 /// The result of every call of the C ABI. Values are stable; new ones are only appended.
+/// cbindgen:rename-all=None
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vmb_status {
@@ -82,6 +84,7 @@ impl vmb_status {
 
 /// The importance of a log line passed to a `vmb_log_fn`; maps onto Bacula's M_INFO,
 /// M_WARNING and M_ERROR.
+/// cbindgen:rename-all=None
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum vmb_log_level {

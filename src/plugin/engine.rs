@@ -1,0 +1,135 @@
+//! The plugin's calls into the engine: the backup of `vm-backup backup` ([`run_backup`], direct
+//! mode) and the restore of `vm-backup restore` ([`crate::restore::restore`]). Kept in one place
+//! so the plugin never grows a second code path.
+
+use std::path::PathBuf;
+
+use super::{PluginArgs, PluginError};
+use crate::backup::{run_backup, BackupRequest};
+use crate::config::{Inventory, Settings};
+use crate::layout::VmDir;
+use crate::metadata::{BackupMetadata, Method};
+use crate::progress::{CancelToken, Progress};
+use crate::restore::{restore, RestoreOutcome, RestoreRequest, StampChoice};
+use crate::ExitStatus;
+
+/// A direct-mode backup that reached the target.
+#[derive(Debug, Clone)]
+pub struct DirectBackup {
+    /// Success or Warning (post-check warnings).
+    pub status: ExitStatus,
+    /// The published backup folder.
+    pub dir: PathBuf,
+    /// Post-check warnings.
+    pub warnings: Vec<String>,
+}
+
+/// The engine's request for a plugin string, built as `vm-backup backup` builds it: the method
+/// from the string, else from the inventory, else auto; the inventory entry for appliances.
+pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, PluginError> {
+    let inventory = Inventory::load(&settings.inventory)
+        .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?;
+    let entry = inventory.vm(&args.vm).cloned();
+    let mut request = BackupRequest::new(&args.vm, settings.clone());
+    request.method = args
+        .method
+        .or(entry.as_ref().map(|e| e.method))
+        .unwrap_or(Method::Auto);
+    request.vm_entry = entry;
+    Ok(request)
+}
+
+/// Runs the engine's backup exactly as `vm-backup backup` does. Failures (exit 1 and 2) come back
+/// as errors worded for the job log, naming the exit status, VM, phase and cause.
+pub fn backup_direct(
+    args: &PluginArgs,
+    settings: &Settings,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<DirectBackup, PluginError> {
+    let request = request(args, settings)?;
+    let outcome = run_backup(&request, progress, cancel);
+    match (outcome.status, outcome.backup_dir) {
+        (ExitStatus::Success | ExitStatus::Warning, Some(dir)) => Ok(DirectBackup {
+            status: outcome.status,
+            dir,
+            warnings: outcome.warnings,
+        }),
+        (status, _) => {
+            if cancel.is_cancelled() {
+                return Err(PluginError::Canceled);
+            }
+            Err(PluginError::Engine(format!(
+                "vm-backup: backup of {} {} (exit {}): {}",
+                args.vm,
+                status,
+                status.code(),
+                outcome.error.unwrap_or_else(|| "no backup folder".into())
+            )))
+        }
+    }
+}
+
+/// Restores the VM of a direct-mode backup from the target named in the plugin string (or the
+/// configuration), with the engine's restore (`vm-backup restore`): to its own name when
+/// `where_` is empty (refused while that domain runs; an existing shut-off definition is
+/// replaced only with `force`, Bacula's `replace=always`), else its disks go into `where_` and
+/// the domain is defined as `<vm>-restored`. Returns a line for the job log.
+pub fn restore_direct(
+    settings: &Settings,
+    meta: &BackupMetadata,
+    where_: &str,
+    force: bool,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<String, PluginError> {
+    let mut request = RestoreRequest::new(
+        &settings.target,
+        &meta.host,
+        &meta.vm_name,
+        StampChoice::Stamp(meta.stamp.clone()),
+    );
+    request.libvirt_uri = settings.libvirt_uri.clone();
+    request.force = force;
+    request.backup_dir = Some(
+        VmDir::new(&settings.target, &meta.host, &meta.vm_name)
+            .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?
+            .backup_dir(&meta.stamp),
+    );
+    if let Some(dir) = super::where_dir(where_) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| PluginError::io(format!("create {}", dir.display()), e))?;
+        request.disk_dir = Some(dir.to_path_buf());
+        request.new_name = Some(super::restored_name(&meta.vm_name));
+    }
+    finish_restore(restore(&request, progress, cancel), &meta.vm_name, cancel)
+}
+
+/// Words a restore's result for the job log.
+pub fn finish_restore(
+    result: Result<RestoreOutcome, crate::restore::RestoreError>,
+    vm: &str,
+    cancel: &CancelToken,
+) -> Result<String, PluginError> {
+    match result {
+        Ok(out) => Ok(format!(
+            "restored backup {} of {vm} as domain {} ({}; disks: {})",
+            out.stamp,
+            out.domain,
+            if out.replaced {
+                "replaced the old definition"
+            } else {
+                "defined"
+            },
+            out.disks
+                .iter()
+                .map(|d| format!("{}={}", d.target, d.path.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Err(_) if cancel.is_cancelled() => Err(PluginError::Canceled),
+        Err(e) => Err(PluginError::Engine(format!(
+            "vm-backup: restore of {vm} failed: {e}"
+        ))),
+    }
+}

@@ -1,0 +1,1040 @@
+//! The state of one Bacula job inside the plugin: the events the File Daemon sends, in order,
+//! and what each does. The C ABI ([`crate::ffi::job`]) owns one [`Job`] per plugin instance.
+//!
+//! Threads: every method runs on the File Daemon's job thread, except cancellation, which is a
+//! [`CancelToken`] the driver sets from the Director's connection thread. Long engine work runs on
+//! a worker thread while the job thread forwards its messages to Bacula, so that only the job
+//! thread ever calls back into the File Daemon and the engine never sees the `SIGUSR2`/`EINTR`
+//! the File Daemon sends the job thread on cancel.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::engine::{self, DirectBackup};
+use super::stream::{self, Hasher, StreamHash, StreamSession};
+use super::{Mode, PluginArgs, PluginError, VirtualPath};
+use crate::layout;
+use crate::metadata::BackupMetadata;
+use crate::progress::{CancelToken, Level, Progress, Transfer};
+use crate::ExitStatus;
+
+/// How important a message for the job log is; the shim maps it onto Bacula's message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub enum MessageLevel {
+    /// `M_INFO`: progress and events.
+    Info = 0,
+    /// `M_WARNING`: worth a look; the job still ends OK.
+    Warning = 1,
+    /// `M_ERROR`: counted in JobErrors; the job ends "OK -- with warnings".
+    Error = 2,
+    /// `M_FATAL`: the job fails.
+    Fatal = 3,
+}
+
+/// Where a job's messages go (the shim's JobMessage bridge, or a test's recorder).
+pub trait MessageSink: Send {
+    /// One line for the job log.
+    fn message(&self, level: MessageLevel, text: &str);
+}
+
+/// What the File Daemon told the plugin about the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobInfo {
+    /// Bacula's JobId (0 for console pseudo-jobs).
+    pub job_id: u32,
+    /// The unique job name.
+    pub job_name: String,
+    /// The level letter: `F`, `I`, `D`… (`' '` for restores).
+    pub level: char,
+    /// For Incremental/Differential: the time of the previous backup (Unix seconds).
+    pub since: i64,
+}
+
+impl JobInfo {
+    /// Parses the JobStart value, `"JobId=N Job=<unique name>"`.
+    pub fn parse_start(text: &str) -> Self {
+        let mut info = JobInfo {
+            level: 'F',
+            ..JobInfo::default()
+        };
+        for word in text.split_whitespace() {
+            if let Some(id) = word.strip_prefix("JobId=") {
+                info.job_id = id.parse().unwrap_or(0);
+            } else if let Some(name) = word.strip_prefix("Job=") {
+                info.job_name = name.to_string();
+            }
+        }
+        info
+    }
+}
+
+/// A regular file or a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub enum FileKind {
+    /// A regular file with data.
+    Regular = 0,
+    /// A folder (no data).
+    Directory = 1,
+}
+
+/// Where a virtual file's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// Small files held in memory (metadata, checksums, domain XML).
+    Bytes(Vec<u8>),
+    /// A file on disk (a disk image's unchanging base while the guest runs on the overlay).
+    File(PathBuf),
+    /// Listing only (estimate): never read.
+    Listing,
+}
+
+/// One file the plugin shows to Bacula.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualFile {
+    /// The cataloged path, `/@vm-backup/<vm>/<stamp>/<file>`.
+    pub path: String,
+    /// Regular file or folder.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, Unix seconds.
+    pub mtime: i64,
+    /// Its bytes.
+    pub content: Content,
+}
+
+impl VirtualFile {
+    fn bytes(path: String, bytes: Vec<u8>, mtime: i64) -> Self {
+        Self {
+            path,
+            kind: FileKind::Regular,
+            size: bytes.len() as u64,
+            mode: 0o600,
+            mtime,
+            content: Content::Bytes(bytes),
+        }
+    }
+}
+
+/// What the File Daemon should do with a file being restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub enum CreateResult {
+    /// Data follows: open/write/close through the plugin.
+    Extract = 0,
+    /// Nothing to write (a folder): created.
+    Created = 1,
+    /// Skip this file.
+    Skip = 2,
+}
+
+/// One plugin instance = one Bacula job.
+pub struct Job {
+    sink: Box<dyn MessageSink>,
+    cancel: CancelToken,
+    info: JobInfo,
+    args: Option<PluginArgs>,
+    state: State,
+}
+
+enum State {
+    /// Nothing asked of this plugin in this job (most jobs, console pseudo-jobs).
+    Idle,
+    /// Presenting files to Bacula.
+    Backup(Box<BackupState>),
+    /// Receiving files from Bacula.
+    Restore(Box<RestoreState>),
+}
+
+struct BackupState {
+    files: Vec<VirtualFile>,
+    /// Index of the file handed out by the last `next_file`.
+    current: Option<usize>,
+    reader: Option<Reader>,
+    /// Stream mode: the session whose guards commit the snapshot when dropped.
+    session: Option<StreamSession>,
+    /// Stream mode: the last disk has been read; finish the session after it.
+    finished: bool,
+    /// Stream mode: digests of the files sent so far.
+    hashes: Vec<(String, StreamHash)>,
+    /// Stream mode: the session's progress and log lines.
+    messages: Option<Receiver<Event>>,
+}
+
+struct Reader {
+    source: Box<dyn Read + Send>,
+    name: String,
+    done: u64,
+    total: u64,
+    started: Instant,
+    last_report: Instant,
+    hasher: Option<Hasher>,
+}
+
+struct RestoreState {
+    where_: String,
+    replace: char,
+    incoming: Option<Incoming>,
+    /// Stream mode: the folder the files of each backup are written into.
+    staging: HashMap<(String, String), PathBuf>,
+    /// Direct mode: small files received, by virtual path.
+    received: HashMap<String, Vec<u8>>,
+}
+
+enum Incoming {
+    Memory(VirtualPath, Vec<u8>),
+    File(VirtualPath, fs::File, PathBuf),
+}
+
+impl Job {
+    /// A job with nothing asked of it yet. Cheap and free of side effects: the File Daemon creates
+    /// one for every job, estimate and console command.
+    pub fn new(sink: Box<dyn MessageSink>, cancel: CancelToken) -> Self {
+        Self {
+            sink,
+            cancel,
+            info: JobInfo {
+                level: 'F',
+                ..JobInfo::default()
+            },
+            args: None,
+            state: State::Idle,
+        }
+    }
+
+    /// The job's cancellation flag.
+    pub fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    /// What the File Daemon said about the job so far.
+    pub fn info(&self) -> &JobInfo {
+        &self.info
+    }
+
+    /// Event JobStart: `"JobId=N Job=<name>"`.
+    pub fn start(&mut self, description: &str) {
+        let level = self.info.level;
+        let since = self.info.since;
+        self.info = JobInfo::parse_start(description);
+        self.info.level = level;
+        self.info.since = since;
+    }
+
+    /// Event Level.
+    pub fn set_level(&mut self, level: char) {
+        self.info.level = level;
+    }
+
+    /// Event Since.
+    pub fn set_since(&mut self, since: i64) {
+        self.info.since = since;
+    }
+
+    /// Sends a line to the job log.
+    pub fn say(&self, level: MessageLevel, text: &str) {
+        self.sink.message(level, text);
+    }
+
+    fn parse_args(&mut self, cmd: &str) -> Result<PluginArgs, PluginError> {
+        let args = PluginArgs::parse(cmd)?;
+        self.args = Some(args.clone());
+        Ok(args)
+    }
+
+    /// Event PluginCommand (FileSet transfer): checks the string early so a malformed one fails
+    /// the job before anything is touched.
+    pub fn plugin_command(&mut self, cmd: &str) -> Result<(), PluginError> {
+        self.parse_args(cmd).map(|_| ())
+    }
+
+    /// Event BackupCommand: runs the backup (direct) or prepares the session (stream), and
+    /// queues the virtual files.
+    pub fn backup_command(&mut self, cmd: &str) -> Result<(), PluginError> {
+        let args = self.parse_args(cmd)?;
+        let settings = super::settings_for(&args)?;
+        if !matches!(self.info.level, 'F' | 'f') {
+            self.say(
+                MessageLevel::Info,
+                &format!(
+                    "vm-backup: level {} requested; vm-backup makes Full backups only, running a Full backup of {}",
+                    level_name(self.info.level),
+                    args.vm
+                ),
+            );
+        }
+        self.say(
+            MessageLevel::Info,
+            &format!(
+                "vm-backup: backing up {} (method {}, mode {}, target {})",
+                args.vm,
+                args.method
+                    .map_or_else(|| "from inventory or auto".to_string(), |m| m.to_string()),
+                args.mode,
+                settings.target.display()
+            ),
+        );
+        let mtime = chrono::Utc::now().timestamp();
+        let state = match args.mode {
+            Mode::Direct => {
+                let cancel = self.cancel.clone();
+                let outcome = self
+                    .pump(|progress| engine::backup_direct(&args, &settings, progress, &cancel))?;
+                let files = self.direct_files(&args, &outcome, mtime)?;
+                BackupState {
+                    files,
+                    current: None,
+                    reader: None,
+                    session: None,
+                    finished: true,
+                    hashes: Vec::new(),
+                    messages: None,
+                }
+            }
+            Mode::Stream => {
+                let cancel = self.cancel.clone();
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let progress: Arc<dyn Progress> = Arc::new(ChannelProgress::new(tx));
+                let session = self.pump_on(&rx, || {
+                    StreamSession::prepare(&args, &settings, progress, &cancel)
+                })?;
+                let files = session.files(mtime)?;
+                BackupState {
+                    files,
+                    current: None,
+                    reader: None,
+                    session: Some(session),
+                    finished: false,
+                    hashes: Vec::new(),
+                    messages: Some(rx),
+                }
+            }
+        };
+        self.state = State::Backup(Box::new(state));
+        Ok(())
+    }
+
+    /// The two virtual files of a direct backup, read from the published folder.
+    fn direct_files(
+        &self,
+        args: &PluginArgs,
+        outcome: &DirectBackup,
+        mtime: i64,
+    ) -> Result<Vec<VirtualFile>, PluginError> {
+        let dir = &outcome.dir;
+        let stamp = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .ok_or_else(|| PluginError::Engine(format!("bad backup folder {}", dir.display())))?;
+        let vm =
+            layout::safe_component(&args.vm).map_err(|e| PluginError::Engine(e.to_string()))?;
+        match outcome.status {
+            ExitStatus::Warning => {
+                for w in &outcome.warnings {
+                    self.say(MessageLevel::Warning, &format!("vm-backup: {w}"));
+                }
+                self.say(
+                    MessageLevel::Error,
+                    &format!(
+                        "vm-backup: backup of {} completed with post-check warnings (exit 3): {}",
+                        args.vm,
+                        outcome.warnings.join("; ")
+                    ),
+                );
+            }
+            _ => self.say(
+                MessageLevel::Info,
+                &format!(
+                    "vm-backup: backup of {} written to {}",
+                    args.vm,
+                    dir.display()
+                ),
+            ),
+        }
+        let mut files = Vec::new();
+        for name in [layout::CHECKSUMS_FILE, layout::METADATA_FILE] {
+            let path = dir.join(name);
+            let bytes = fs::read(&path)
+                .map_err(|e| PluginError::io(format!("read {}", path.display()), e))?;
+            files.push(VirtualFile::bytes(
+                VirtualPath::new(&vm, &stamp, name).to_path(),
+                bytes,
+                mtime,
+            ));
+        }
+        Ok(files)
+    }
+
+    /// Event EstimateCommand: lists what a backup would send, touching nothing.
+    pub fn estimate_command(&mut self, cmd: &str) -> Result<(), PluginError> {
+        let args = self.parse_args(cmd)?;
+        let settings = super::settings_for(&args)?;
+        let stamp = layout::stamp_for(chrono::Local::now());
+        let vm =
+            layout::safe_component(&args.vm).map_err(|e| PluginError::Engine(e.to_string()))?;
+        let mtime = chrono::Utc::now().timestamp();
+        let mut files: Vec<VirtualFile> = Vec::new();
+        if args.mode == Mode::Stream {
+            files.extend(stream::estimate(&args, &settings, &stamp, mtime)?);
+        }
+        for name in [layout::CHECKSUMS_FILE, layout::METADATA_FILE] {
+            files.push(VirtualFile {
+                path: VirtualPath::new(&vm, &stamp, name).to_path(),
+                kind: FileKind::Regular,
+                size: 0,
+                mode: 0o600,
+                mtime,
+                content: Content::Listing,
+            });
+        }
+        self.state = State::Backup(Box::new(BackupState {
+            files,
+            current: None,
+            reader: None,
+            session: None,
+            finished: true,
+            hashes: Vec::new(),
+            messages: None,
+        }));
+        Ok(())
+    }
+
+    /// Runs engine work on a worker thread, forwarding its messages and progress to the job log
+    /// from this (the File Daemon's) thread.
+    fn pump<T: Send>(
+        &self,
+        work: impl FnOnce(&dyn Progress) -> Result<T, PluginError> + Send,
+    ) -> Result<T, PluginError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::scope(|scope| {
+            let handle = scope.spawn(move || {
+                let progress = ChannelProgress::new(tx);
+                work(&progress)
+            });
+            forward(&rx, self.sink.as_ref());
+            match handle.join() {
+                Ok(result) => result,
+                Err(_) => Err(PluginError::Engine(
+                    "vm-backup: internal error: the engine thread panicked".into(),
+                )),
+            }
+        })
+    }
+
+    /// Like [`Self::pump`], for work whose progress sink is already connected to `rx` (the
+    /// stream session's): forwards until the work is done.
+    fn pump_on<T: Send>(
+        &self,
+        rx: &Receiver<Event>,
+        work: impl FnOnce() -> Result<T, PluginError> + Send,
+    ) -> Result<T, PluginError> {
+        std::thread::scope(|scope| {
+            let handle = scope.spawn(work);
+            while !handle.is_finished() {
+                if let Ok(Event::Line(level, text)) = rx.recv_timeout(Duration::from_millis(200)) {
+                    self.sink.message(level, &text);
+                }
+            }
+            for Event::Line(level, text) in rx.try_iter() {
+                self.sink.message(level, &text);
+            }
+            match handle.join() {
+                Ok(result) => result,
+                Err(_) => Err(PluginError::Engine(
+                    "vm-backup: internal error: the engine thread panicked".into(),
+                )),
+            }
+        })
+    }
+
+    /// startBackupFile: the next file, or `None` when there is none.
+    pub fn next_file(&mut self) -> Result<Option<&VirtualFile>, PluginError> {
+        let State::Backup(state) = &mut self.state else {
+            return Err(PluginError::Protocol(
+                "vm-backup: startBackupFile before a backup command".into(),
+            ));
+        };
+        let next = state.current.map_or(0, |i| i + 1);
+        if next >= state.files.len() {
+            return Ok(None);
+        }
+        state.current = Some(next);
+        Ok(state.files.get(next))
+    }
+
+    /// endBackupFile: whether more files follow. In stream mode, after the last disk, the
+    /// session is finished (snapshot committed) before the metadata files are sent.
+    pub fn end_file(&mut self) -> Result<bool, PluginError> {
+        let State::Backup(state) = &mut self.state else {
+            return Ok(false);
+        };
+        state.reader = None;
+        let next = state.current.map_or(0, |i| i + 1);
+        let more = next < state.files.len();
+        let next_is_metadata = state
+            .files
+            .get(next)
+            .is_some_and(|f| f.path.ends_with(layout::CHECKSUMS_FILE));
+        if !state.finished && (next_is_metadata || !more) {
+            state.finished = true;
+            if let Some(session) = state.session.take() {
+                let hashes = std::mem::take(&mut state.hashes);
+                let rx = state.messages.take();
+                let files = self.finish_stream(session, hashes, rx)?;
+                if let State::Backup(state) = &mut self.state {
+                    state.files.truncate(next);
+                    state.files.extend(files);
+                    return Ok(next < state.files.len());
+                }
+            }
+        }
+        Ok(more)
+    }
+
+    fn finish_stream(
+        &self,
+        session: StreamSession,
+        hashes: Vec<(String, StreamHash)>,
+        rx: Option<Receiver<Event>>,
+    ) -> Result<Vec<VirtualFile>, PluginError> {
+        let mtime = chrono::Utc::now().timestamp();
+        let rx = rx.unwrap_or_else(crossbeam_channel::never);
+        self.pump_on(&rx, move || session.finish(&hashes, mtime))
+    }
+
+    /// pluginIO OPEN for reading (backup) of the current file.
+    pub fn open_read(&mut self) -> Result<(), PluginError> {
+        let State::Backup(state) = &mut self.state else {
+            return Err(PluginError::Protocol(
+                "vm-backup: open outside a backup".into(),
+            ));
+        };
+        let file = state
+            .current
+            .and_then(|i| state.files.get(i))
+            .ok_or_else(|| PluginError::Protocol("vm-backup: open without a file".into()))?;
+        let source: Box<dyn Read + Send> = match &file.content {
+            Content::Bytes(b) => Box::new(std::io::Cursor::new(b.clone())),
+            Content::File(p) => Box::new(
+                fs::File::open(p)
+                    .map_err(|e| PluginError::io(format!("open {}", p.display()), e))?,
+            ),
+            Content::Listing => Box::new(std::io::empty()),
+        };
+        let now = Instant::now();
+        let hasher = state.session.is_some().then(Hasher::default);
+        state.reader = Some(Reader {
+            source,
+            name: file.path.rsplit('/').next().unwrap_or_default().to_string(),
+            done: 0,
+            total: file.size,
+            started: now,
+            last_report: now,
+            hasher,
+        });
+        Ok(())
+    }
+
+    /// pluginIO READ: fills `buf`, returns the count (0 at the end). Retries reads interrupted
+    /// by the File Daemon's signals; stops with [`PluginError::Canceled`] once canceled.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, PluginError> {
+        if self.cancel.is_cancelled() {
+            return Err(PluginError::Canceled);
+        }
+        let State::Backup(state) = &mut self.state else {
+            return Err(PluginError::Protocol(
+                "vm-backup: read outside a backup".into(),
+            ));
+        };
+        let reader = state
+            .reader
+            .as_mut()
+            .ok_or_else(|| PluginError::Protocol("vm-backup: read before open".into()))?;
+        let n = loop {
+            match reader.source.read(buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(PluginError::io(format!("read {}", reader.name), e)),
+            }
+        };
+        reader.done += n as u64;
+        if let Some(h) = reader.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        if n == 0 {
+            if let Some(h) = reader.hasher.take() {
+                state.hashes.push((reader.name.clone(), h.finish()));
+            }
+        }
+        if let Some(rx) = &state.messages {
+            for Event::Line(level, text) in rx.try_iter() {
+                self.sink.message(level, &text);
+            }
+        }
+        let now = Instant::now();
+        let big = reader.total >= 16 << 20;
+        if big
+            && (now.duration_since(reader.last_report) >= REPORT_EVERY
+                || (n == 0 && reader.done > 0))
+        {
+            reader.last_report = now;
+            let line = transfer_line(
+                &reader.name,
+                Transfer {
+                    done: reader.done,
+                    total: reader.total,
+                    bytes_per_sec: rate(reader.done, now.duration_since(reader.started)),
+                    elapsed: now.duration_since(reader.started),
+                },
+            );
+            self.sink.message(MessageLevel::Info, &line);
+        }
+        Ok(n)
+    }
+
+    /// pluginIO CLOSE.
+    pub fn close(&mut self) -> Result<(), PluginError> {
+        match &mut self.state {
+            State::Backup(state) => {
+                state.reader = None;
+                Ok(())
+            }
+            // Restore: the file is synced and handled in endRestoreFile (CLOSE comes after
+            // setFileAttributes and before endRestoreFile).
+            State::Restore(_) | State::Idle => Ok(()),
+        }
+    }
+
+    /// Event RestoreCommand (once per file): the plugin string saved at backup time.
+    pub fn restore_command(
+        &mut self,
+        cmd: &str,
+        where_: &str,
+        replace: char,
+    ) -> Result<(), PluginError> {
+        self.parse_args(cmd)?;
+        if !matches!(self.state, State::Restore(_)) {
+            self.state = State::Restore(Box::new(RestoreState {
+                where_: where_.to_string(),
+                replace,
+                incoming: None,
+                staging: HashMap::new(),
+                received: HashMap::new(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// createFile: decides what to do with a file Bacula restores.
+    pub fn create_file(
+        &mut self,
+        ofname: &str,
+        where_: &str,
+        replace: char,
+    ) -> Result<CreateResult, PluginError> {
+        let args = self.args.clone().ok_or_else(|| {
+            PluginError::Protocol("vm-backup: createFile before RestoreCommand".into())
+        })?;
+        if !matches!(self.state, State::Restore(_)) {
+            self.restore_command_state(where_, replace);
+        }
+        let Some(vp) = VirtualPath::parse_restored(ofname, where_)? else {
+            return Ok(CreateResult::Created);
+        };
+        if vp.file.contains('/')
+            || layout::safe_component(&vp.file).ok().as_deref() != Some(&vp.file)
+        {
+            return Err(PluginError::BadVirtualPath(ofname.to_string()));
+        }
+        let incoming = match args.mode {
+            Mode::Direct => Incoming::Memory(vp, Vec::new()),
+            Mode::Stream => {
+                let dir = self.staging_dir(&args, &vp)?;
+                let path = dir.join(&vp.file);
+                let file = fs::File::create(&path)
+                    .map_err(|e| PluginError::io(format!("create {}", path.display()), e))?;
+                Incoming::File(vp, file, path)
+            }
+        };
+        if let State::Restore(state) = &mut self.state {
+            state.incoming = Some(incoming);
+        }
+        Ok(CreateResult::Extract)
+    }
+
+    fn restore_command_state(&mut self, where_: &str, replace: char) {
+        self.state = State::Restore(Box::new(RestoreState {
+            where_: where_.to_string(),
+            replace,
+            incoming: None,
+            staging: HashMap::new(),
+            received: HashMap::new(),
+        }));
+    }
+
+    /// The folder a streamed backup is rebuilt in: `<where>/<vm>/<stamp>.partial`, or with an
+    /// empty `where` `<target>/<host>/<vm>/<stamp>.partial` (the backup as it would have been on
+    /// the target). Renamed without `.partial` once complete.
+    fn staging_dir(&mut self, args: &PluginArgs, vp: &VirtualPath) -> Result<PathBuf, PluginError> {
+        let State::Restore(state) = &mut self.state else {
+            return Err(PluginError::Protocol("vm-backup: not restoring".into()));
+        };
+        let key = (vp.vm.clone(), vp.stamp.clone());
+        if let Some(dir) = state.staging.get(&key) {
+            return Ok(dir.clone());
+        }
+        let base = match super::where_dir(&state.where_) {
+            Some(w) => w.join(&vp.vm),
+            None => {
+                let settings = super::settings_for(args)?;
+                layout::VmDir::new(&settings.target, &settings.host(), &vp.vm)
+                    .map_err(|e| PluginError::Engine(e.to_string()))?
+                    .path
+            }
+        };
+        let dir = base.join(format!("{}{}", vp.stamp, layout::PARTIAL_SUFFIX));
+        if base.join(&vp.stamp).exists() {
+            return Err(PluginError::Engine(format!(
+                "vm-backup: {} already exists; remove it or restore with another where=",
+                base.join(&vp.stamp).display()
+            )));
+        }
+        fs::create_dir_all(&dir)
+            .map_err(|e| PluginError::io(format!("create {}", dir.display()), e))?;
+        state.staging.insert(key, dir.clone());
+        Ok(dir)
+    }
+
+    /// pluginIO OPEN for writing (restore).
+    pub fn open_write(&mut self) -> Result<(), PluginError> {
+        match &self.state {
+            State::Restore(state) if state.incoming.is_some() => Ok(()),
+            _ => Err(PluginError::Protocol(
+                "vm-backup: open for write without createFile".into(),
+            )),
+        }
+    }
+
+    /// pluginIO WRITE.
+    pub fn write(&mut self, buf: &[u8]) -> Result<usize, PluginError> {
+        if self.cancel.is_cancelled() {
+            return Err(PluginError::Canceled);
+        }
+        let State::Restore(state) = &mut self.state else {
+            return Err(PluginError::Protocol(
+                "vm-backup: write outside a restore".into(),
+            ));
+        };
+        match &mut state.incoming {
+            Some(Incoming::Memory(_, data)) => {
+                if data.len() + buf.len() > MAX_SMALL_FILE {
+                    return Err(PluginError::Engine(
+                        "vm-backup: metadata file too large".into(),
+                    ));
+                }
+                data.extend_from_slice(buf);
+            }
+            Some(Incoming::File(_, file, path)) => file
+                .write_all(buf)
+                .map_err(|e| PluginError::io(format!("write {}", path.display()), e))?,
+            None => {
+                return Err(PluginError::Protocol(
+                    "vm-backup: write without createFile".into(),
+                ))
+            }
+        }
+        Ok(buf.len())
+    }
+
+    /// endRestoreFile: when the metadata of a backup has arrived (it is sent last), restores
+    /// the VM.
+    pub fn end_restore_file(&mut self) -> Result<(), PluginError> {
+        let State::Restore(state) = &mut self.state else {
+            return Ok(());
+        };
+        let (vp, is_metadata) = match state.incoming.take() {
+            Some(Incoming::Memory(vp, data)) => {
+                let meta = vp.file == layout::METADATA_FILE;
+                state.received.insert(vp.to_path(), data);
+                (vp, meta)
+            }
+            Some(Incoming::File(vp, file, path)) => {
+                file.sync_all()
+                    .map_err(|e| PluginError::io(format!("sync {}", path.display()), e))?;
+                let meta = vp.file == layout::METADATA_FILE;
+                (vp, meta)
+            }
+            None => return Ok(()),
+        };
+        if !is_metadata {
+            return Ok(());
+        }
+        let args = self.args.clone().ok_or_else(|| {
+            PluginError::Protocol("vm-backup: restore without plugin string".into())
+        })?;
+        let where_ = state.where_.clone();
+        let force = state.replace == 'a';
+        match args.mode {
+            Mode::Direct => {
+                let data = state
+                    .received
+                    .get(&vp.to_path())
+                    .cloned()
+                    .unwrap_or_default();
+                let meta: BackupMetadata = serde_json::from_slice(&data).map_err(|e| {
+                    PluginError::Engine(format!("vm-backup: {}: bad metadata: {e}", vp.to_path()))
+                })?;
+                let settings = super::settings_for(&args)?;
+                let cancel = self.cancel.clone();
+                self.say(
+                    MessageLevel::Info,
+                    &format!(
+                        "vm-backup: restoring {} from backup {} on {}",
+                        meta.vm_name,
+                        meta.stamp,
+                        settings.target.display()
+                    ),
+                );
+                let done = self.pump(|progress| {
+                    engine::restore_direct(&settings, &meta, &where_, force, progress, &cancel)
+                })?;
+                self.say(MessageLevel::Info, &format!("vm-backup: {done}"));
+            }
+            Mode::Stream => {
+                let key = (vp.vm.clone(), vp.stamp.clone());
+                let staged = state
+                    .staging
+                    .remove(&key)
+                    .ok_or_else(|| PluginError::Protocol("vm-backup: nothing staged".into()))?;
+                let settings = super::settings_for(&args)?;
+                let cancel = self.cancel.clone();
+                let done = self.pump(|progress| {
+                    stream::restore_staged(&settings, &staged, &where_, force, progress, &cancel)
+                })?;
+                self.say(MessageLevel::Info, &format!("vm-backup: {done}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // Stream mode: a session still open (error, cancel) is dropped here, and its guards
+        // commit the snapshot. Partial staging folders of a failed restore are removed.
+        if let State::Restore(state) = &mut self.state {
+            state.incoming = None;
+            for dir in state.staging.values() {
+                if dir.extension().is_some_and(|e| e == "partial") {
+                    let _ = fs::remove_dir_all(dir);
+                }
+            }
+        }
+    }
+}
+
+/// Largest metadata/checksum file accepted in memory on restore.
+const MAX_SMALL_FILE: usize = 64 << 20;
+/// How often progress lines reach the job log.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+fn level_name(level: char) -> String {
+    match level {
+        'I' | 'i' => "Incremental".into(),
+        'D' | 'd' => "Differential".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn rate(bytes: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        bytes as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// The progress line of a transfer, e.g. `vda: 42% (108 of 256 MiB, 95.3 MiB/s)`.
+pub fn transfer_line(what: &str, t: Transfer) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let pct = if t.total > 0 {
+        (t.done as f64 * 100.0 / t.total as f64).min(100.0)
+    } else {
+        100.0
+    };
+    format!(
+        "vm-backup: {what}: {pct:.0}% ({:.0} of {:.0} MiB, {:.1} MiB/s)",
+        t.done as f64 / MIB,
+        t.total as f64 / MIB,
+        t.bytes_per_sec / MIB
+    )
+}
+
+enum Event {
+    Line(MessageLevel, String),
+}
+
+/// The engine's [`Progress`] sink on the worker thread: lines go into a channel, transfers are
+/// thinned to one line per disk every few seconds (plus the last).
+struct ChannelProgress {
+    tx: Sender<Event>,
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl ChannelProgress {
+    fn new(tx: Sender<Event>) -> Self {
+        Self {
+            tx,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Progress for ChannelProgress {
+    fn transfer(&self, what: &str, transfer: Transfer) {
+        let finished = transfer.done >= transfer.total;
+        let now = Instant::now();
+        let due = {
+            let Ok(mut last) = self.last.lock() else {
+                return;
+            };
+            let due = match last.get(what) {
+                None => true,
+                Some(t) => finished || now.duration_since(*t) >= REPORT_EVERY,
+            };
+            if due {
+                last.insert(what.to_string(), now);
+            }
+            due
+        };
+        if due {
+            let _ = self.tx.send(Event::Line(
+                MessageLevel::Info,
+                transfer_line(what, transfer),
+            ));
+        }
+    }
+
+    fn message(&self, level: Level, text: &str) {
+        let level = match level {
+            Level::Info => MessageLevel::Info,
+            Level::Warning => MessageLevel::Warning,
+            // The engine's errors are reported; whether the job fails is decided by the result.
+            Level::Error => MessageLevel::Warning,
+        };
+        let _ = self
+            .tx
+            .send(Event::Line(level, format!("vm-backup: {text}")));
+    }
+}
+
+/// Forwards lines until the worker drops its sender.
+fn forward(rx: &Receiver<Event>, sink: &dyn MessageSink) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Event::Line(level, text)) => sink.message(level, &text),
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(MessageLevel, String)>>>);
+    impl MessageSink for Recorder {
+        fn message(&self, level: MessageLevel, text: &str) {
+            self.0.lock().unwrap().push((level, text.to_string()));
+        }
+    }
+
+    #[test]
+    fn job_start_is_parsed() {
+        let info = JobInfo::parse_start("JobId=42 Job=BackupWeb.2026-11-21_12.00.00_03");
+        assert_eq!(info.job_id, 42);
+        assert_eq!(info.job_name, "BackupWeb.2026-11-21_12.00.00_03");
+    }
+
+    #[test]
+    fn malformed_string_fails_before_anything_runs() {
+        let rec = Recorder::default();
+        let mut job = Job::new(Box::new(rec.clone()), CancelToken::new());
+        let err = job.backup_command("vm-backup: vm=a speed=max").unwrap_err();
+        assert!(err.to_string().contains("speed"), "{err}");
+        assert!(job.next_file().is_err());
+        assert!(rec.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn estimate_lists_metadata_files_without_touching_anything() {
+        let rec = Recorder::default();
+        let mut job = Job::new(Box::new(rec), CancelToken::new());
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = format!("vm-backup: vm=web01 target={}", dir.path().display());
+        job.estimate_command(&cmd).unwrap();
+        let mut names = Vec::new();
+        while let Some(f) = job.next_file().unwrap() {
+            names.push(f.path.clone());
+            if !job.end_file().unwrap() {
+                break;
+            }
+        }
+        assert_eq!(names.len(), 2);
+        assert!(names[0].starts_with("/@vm-backup/web01/"), "{names:?}");
+        assert!(names[1].ends_with("/backup-metadata.json"), "{names:?}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn progress_lines_are_thinned() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let p = ChannelProgress::new(tx);
+        let t = |done| Transfer {
+            done,
+            total: 100,
+            bytes_per_sec: 1.0,
+            elapsed: Duration::from_secs(1),
+        };
+        p.transfer("vda", t(1));
+        p.transfer("vda", t(2));
+        p.transfer("vda", t(100));
+        p.message(Level::Warning, "agent slow");
+        drop(p);
+        let lines: Vec<String> = rx.iter().map(|Event::Line(_, s)| s).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].contains("vda: 1%"), "{lines:?}");
+        assert!(lines[1].contains("vda: 100%"), "{lines:?}");
+        assert_eq!(lines[2], "vm-backup: agent slow");
+    }
+
+    #[test]
+    fn cancel_stops_reads() {
+        let rec = Recorder::default();
+        let token = CancelToken::new();
+        let mut job = Job::new(Box::new(rec), token.clone());
+        job.estimate_command("vm-backup: vm=a target=/nonexistent-vmb")
+            .unwrap();
+        job.next_file().unwrap();
+        job.open_read().unwrap();
+        token.cancel();
+        assert!(matches!(
+            job.read(&mut [0u8; 16]),
+            Err(PluginError::Canceled)
+        ));
+    }
+}

@@ -1,0 +1,736 @@
+//! Lab tests against real Bacula daemons (Director, Storage Daemon, File Daemon with the
+//! vm-backup plugin) driven by bconsole, and real libvirt guests.
+//!
+//! They skip unless `VMB_LAB_BACULA=1`; the tests that back up VMs also need
+//! `VMB_LAB_LIBVIRT=1` and the libvirt lab's `bac` domains:
+//!
+//! ```sh
+//! lab/libvirt-lab.sh up bac --only agent,noagent --data-size 1G --fill 600M
+//! VMB_LAB_BACULA=1 VMB_LAB_LIBVIRT=1 cargo test --test lab_bacula -- --test-threads=1
+//! ```
+//! Each test brings the Bacula lab up if needed (`lab/bacula-lab.sh ensure`, which also installs
+//! the plugin just built). The tests share one Director and run one at a time.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+const LAB: &str = "/var/lib/vm-backup-lab/bacula";
+const AGENT: &str = "bac-agent";
+const NOAGENT: &str = "bac-noagent";
+
+fn lab_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/bacula-lab.sh")
+}
+
+fn build_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_vm-backup"))
+        .parent()
+        .expect("binary folder")
+        .to_path_buf()
+}
+
+/// The lab, brought up once per test process; holding the guard serialises the tests.
+struct Lab {
+    _guard: MutexGuard<'static, ()>,
+}
+
+fn lab(test: &str, needs_vms: bool) -> Option<Lab> {
+    if std::env::var("VMB_LAB_BACULA").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIP: {test}: Bacula lab not enabled (set VMB_LAB_BACULA=1; see tests/lab_bacula.rs)"
+        );
+        return None;
+    }
+    if needs_vms && !support::lab_enabled(test) {
+        return None;
+    }
+    static LOCK: Mutex<()> = Mutex::new(());
+    static UP: OnceLock<()> = OnceLock::new();
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    UP.get_or_init(|| {
+        let out = Command::new(lab_script())
+            .arg("ensure")
+            .env("VMB_BUILD_DIR", build_dir())
+            .env("VMB_FD_PLUGIN_SO", env!("VMB_FD_PLUGIN"))
+            .output()
+            .expect("run lab/bacula-lab.sh");
+        assert!(
+            out.status.success(),
+            "bacula-lab.sh ensure: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    if needs_vms {
+        for vm in [AGENT, NOAGENT] {
+            let state = support::virsh_ok(&["domstate", vm]);
+            assert!(
+                state.contains("running"),
+                "{vm} must run (lab/libvirt-lab.sh up bac): {state}"
+            );
+        }
+    }
+    Some(Lab { _guard: guard })
+}
+
+impl Lab {
+    fn bconsole(&self, commands: &str) -> String {
+        let mut child = Command::new("timeout")
+            .args(["300", "bconsole", "-c"])
+            .arg(format!("{LAB}/etc/bconsole.conf"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run bconsole");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin
+                .write_all(commands.as_bytes())
+                .expect("write to bconsole");
+        }
+        let out = child.wait_with_output().expect("bconsole output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn sql(&self, query: &str) -> String {
+        let out = Command::new("sqlite3")
+            .arg(format!("{LAB}/work/dir/bacula.db"))
+            .arg(query)
+            .output()
+            .expect("run sqlite3");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Queues `run job=NAME yes` lines at once and returns their JobIds in order.
+    fn queue(&self, jobs: &[&str]) -> Vec<u32> {
+        let cmds: String = jobs.iter().map(|j| format!("run job={j} yes\n")).collect();
+        let out = self.bconsole(&cmds);
+        let ids: Vec<u32> = out
+            .lines()
+            .filter_map(|l| l.split("Job queued. JobId=").nth(1))
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        assert_eq!(ids.len(), jobs.len(), "not all queued: {out}");
+        ids
+    }
+
+    /// Waits until the job has ended (bconsole's `wait`, then the catalog's JobStatus: `wait`
+    /// returns at once for a job the Director has not started yet).
+    fn wait(&self, id: u32) -> char {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            self.bconsole(&format!("wait jobid={id}\n"));
+            let status = self.status(id);
+            if matches!(status, 'T' | 'E' | 'e' | 'f' | 'A') || Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn status(&self, id: u32) -> char {
+        self.sql(&format!("select JobStatus from Job where JobId={id}"))
+            .chars()
+            .next()
+            .unwrap_or('?')
+    }
+
+    fn run(&self, job: &str) -> (u32, char) {
+        let id = self.queue(&[job])[0];
+        (id, self.wait(id))
+    }
+
+    fn joblog(&self, id: u32) -> String {
+        self.sql(&format!(
+            "select LogText from Log where JobId={id} order by LogId"
+        ))
+    }
+
+    fn files(&self, id: u32) -> Vec<String> {
+        let out = self.sql(&format!(
+            "select Path.Path || Filename.Name from File join Path on File.PathId = Path.PathId join Filename on File.FilenameId = Filename.FilenameId where File.JobId={id} order by File.FileIndex"
+        ));
+        out.lines().map(str::to_string).collect()
+    }
+
+    /// Adds a drop-in Director configuration and reloads.
+    fn drop_in(&self, name: &str, text: &str) {
+        std::fs::write(format!("{LAB}/etc/dir.d/{name}.conf"), text).expect("write drop-in");
+        let out = self.bconsole("reload\n");
+        assert!(!out.contains("rror"), "reload: {out}");
+    }
+}
+
+/// Where the libvirt lab keeps the `bac` domains' disks.
+fn disk_dir() -> PathBuf {
+    Path::new(support::LAB_ROOT).join("bac")
+}
+
+fn vm_dir(vm: &str) -> PathBuf {
+    Path::new(LAB)
+        .join("target")
+        .join(vm_backup::layout::this_host())
+        .join(vm)
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The backup folder named by a job's virtual files.
+fn folder_of(files: &[String], vm: &str) -> PathBuf {
+    let meta = files
+        .iter()
+        .find(|f| f.ends_with("/backup-metadata.json"))
+        .unwrap_or_else(|| panic!("no metadata file among {files:?}"));
+    let stamp = meta.split('/').nth(3).expect("stamp component");
+    vm_dir(vm).join(stamp)
+}
+
+/// Removes a verified backup folder (the agent's disk holds hundreds of MiB).
+fn discard(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn sha256sum_check(dir: &Path) {
+    let out = Command::new("sha256sum")
+        .args(["-c", "checksums.sha256"])
+        .current_dir(dir)
+        .output()
+        .expect("run sha256sum");
+    assert!(
+        out.status.success(),
+        "sha256sum -c in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn disk_source(vm: &str) -> String {
+    support::virsh_ok(&["domblklist", vm, "--details"])
+}
+
+fn assert_on_base(vm: &str) {
+    let blk = disk_source(vm);
+    let base = disk_dir().join(format!("{}-vda.qcow2", vm.trim_start_matches("bac-")));
+    assert!(
+        blk.contains(&base.display().to_string()),
+        "{vm} is not back on its base image {}: {blk}",
+        base.display()
+    );
+    let xml = support::virsh_ok(&["dumpxml", vm]);
+    assert!(
+        !xml.contains("<backingStore type="),
+        "{vm} still has a backing chain"
+    );
+}
+
+#[test]
+fn plugin_is_loaded_and_listed_by_status_client() {
+    let Some(lab) = lab("plugin_is_loaded_and_listed_by_status_client", false) else {
+        return;
+    };
+    let fd_log = std::fs::read_to_string(format!("{LAB}/log/fd.log")).unwrap_or_default();
+    assert!(
+        fd_log.contains("Loaded plugin: vm-backup-fd.so"),
+        "fd.log: {fd_log}"
+    );
+    let out = lab.bconsole("status client=vmb-fd\n");
+    assert!(
+        out.contains("Plugin: vm-backup-fd.so(0.1.0)"),
+        "status client: {out}"
+    );
+}
+
+#[test]
+fn run_job_backs_up_the_vm_through_the_plugin() {
+    let Some(lab) = lab("run_job_backs_up_the_vm_through_the_plugin", true) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let (id, status) = lab.run(&format!("vm-{AGENT}"));
+    eprintln!(
+        "backup job {id}: {status} in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "job log: {log}");
+    let files = lab.files(id);
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(
+        files[0].starts_with(&format!("/@vm-backup/{AGENT}/")),
+        "{files:?}"
+    );
+    assert!(
+        files.iter().any(|f| f.ends_with("/checksums.sha256")),
+        "{files:?}"
+    );
+    let dir = folder_of(&files, AGENT);
+    assert!(dir.is_dir(), "{} missing", dir.display());
+    let names = entries(&dir);
+    for want in [
+        format!("{AGENT}-vda.qcow2"),
+        format!("{AGENT}.xml"),
+        "checksums.sha256".into(),
+        "backup-metadata.json".into(),
+        "backup.log".into(),
+    ] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    sha256sum_check(&dir);
+    // The engine's progress lines reach the job log.
+    for want in [
+        "vm-backup: copying vda",
+        "100% (",
+        "committed and pivoted",
+        "backup published",
+    ] {
+        assert!(log.contains(want), "{want:?} not in job log: {log}");
+    }
+    // `list files jobid=N` shows the virtual files too.
+    let listed = lab.bconsole(&format!("list files jobid={id}\n"));
+    assert!(listed.contains("/backup-metadata.json"), "{listed}");
+    assert_on_base(AGENT);
+    discard(&dir);
+}
+
+#[test]
+fn estimate_listing_takes_no_snapshot() {
+    let Some(lab) = lab("estimate_listing_takes_no_snapshot", true) else {
+        return;
+    };
+    let before = entries(&vm_dir(AGENT));
+    let disk_dir_before = entries(&disk_dir());
+    let out = lab.bconsole(&format!("estimate job=vm-{AGENT} listing\n"));
+    assert!(out.contains(&format!("/@vm-backup/{AGENT}/")), "{out}");
+    assert!(out.contains("backup-metadata.json"), "{out}");
+    assert_eq!(entries(&vm_dir(AGENT)), before, "estimate wrote a backup");
+    assert_eq!(
+        entries(&disk_dir()),
+        disk_dir_before,
+        "estimate created files (overlay?)"
+    );
+    assert_on_base(AGENT);
+}
+
+#[test]
+fn unknown_vm_and_malformed_string_fail_the_job() {
+    let Some(lab) = lab("unknown_vm_and_malformed_string_fail_the_job", false) else {
+        return;
+    };
+    let (id, status) = lab.run("vm-bac-missing");
+    let log = lab.joblog(id);
+    assert_eq!(status, 'f', "{log}");
+    assert!(
+        log.contains("Fatal error: vm-backup: backup of bac-missing pre-check failed (exit 1)"),
+        "{log}"
+    );
+    assert!(log.contains("no domain named \"bac-missing\""), "{log}");
+    assert!(
+        !vm_dir("bac-missing").exists(),
+        "something was written for an unknown VM"
+    );
+
+    lab.drop_in(
+        "zz-malformed",
+        "FileSet { Name = \"bad-set\"\n Include { Plugin = \"vm-backup: vm=bac-agent colour=red\" } }\n\
+         Job { Name = \"vm-bad-string\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"bad-set\" }\n",
+    );
+    let before = entries(&vm_dir(AGENT));
+    let (id, status) = lab.run("vm-bad-string");
+    let log = lab.joblog(id);
+    assert_eq!(status, 'f', "{log}");
+    assert!(log.contains("unknown key \"colour\""), "{log}");
+    assert_eq!(
+        entries(&vm_dir(AGENT)),
+        before,
+        "a malformed job touched the target"
+    );
+    assert!(lab.files(id).is_empty());
+}
+
+#[test]
+fn queued_jobs_run_one_at_a_time_in_priority_order() {
+    let Some(lab) = lab("queued_jobs_run_one_at_a_time_in_priority_order", true) else {
+        return;
+    };
+    // The first job occupies the single slot; of the two that wait, the lower Priority number
+    // (vm-bac-agent, 10) must run before vm-bac-noagent (20), although queued after it.
+    let ids = lab.queue(&[
+        &format!("vm-{AGENT}"),
+        &format!("vm-{NOAGENT}"),
+        &format!("vm-{AGENT}"),
+    ]);
+    for id in &ids {
+        assert_eq!(lab.wait(*id), 'T', "job {id}: {}", lab.joblog(*id));
+    }
+    let times: Vec<(i64, i64)> = ids
+        .iter()
+        .map(|id| {
+            let row = lab.sql(&format!(
+                "select strftime('%s', StartTime), strftime('%s', EndTime) from Job where JobId={id}"
+            ));
+            let mut it = row.split('|').map(|s| s.parse::<i64>().unwrap_or(0));
+            (it.next().unwrap_or(0), it.next().unwrap_or(0))
+        })
+        .collect();
+    let (first, low, high) = (times[0], times[1], times[2]);
+    assert!(high.0 >= first.1, "jobs overlapped: {times:?}");
+    assert!(
+        low.0 >= high.1,
+        "priority 20 ran before priority 10 finished: {times:?}"
+    );
+    for id in ids {
+        let files = lab.files(id);
+        let vm = if files.iter().any(|f| f.contains(NOAGENT)) {
+            NOAGENT
+        } else {
+            AGENT
+        };
+        discard(&folder_of(&files, vm));
+    }
+}
+
+#[test]
+fn scheduled_job_behaves_like_run_job() {
+    let Some(lab) = lab("scheduled_job_behaves_like_run_job", true) else {
+        return;
+    };
+    // A schedule for the next minute (at least 15 s away), on a copy of the VM's job.
+    let now = chrono::Local::now() + chrono::Duration::seconds(75);
+    let at = now.format("%H:%M").to_string();
+    lab.drop_in(
+        "zz-schedule",
+        &format!(
+            "Schedule {{\n Name = \"TestSoon\"\n Run = Level=Full daily at {at}\n}}\n\
+             Job {{ Name = \"vm-bac-agent-scheduled\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"vm-{AGENT}-set\"\n Schedule = \"TestSoon\" }}\n"
+        ),
+    );
+    let last: u32 = lab.sql("select max(JobId) from Job").parse().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let id = loop {
+        let id = lab.sql(&format!(
+            "select max(JobId) from Job where Name='vm-bac-agent-scheduled' and JobId>{last}"
+        ));
+        if let Ok(id) = id.parse::<u32>() {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the schedule did not start the job"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let status = lab.wait(id);
+    std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-schedule.conf")).ok();
+    lab.bconsole("reload\n");
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "{log}");
+    assert!(log.contains("vm-backup: copying vda"), "{log}");
+    let files = lab.files(id);
+    let dir = folder_of(&files, AGENT);
+    sha256sum_check(&dir);
+    assert_on_base(AGENT);
+    discard(&dir);
+}
+
+/// Waits until the copy of `vm` has begun (its `.partial` folder exists on the target).
+/// Log lines are no signal: the File Daemon delivers a plugin's job messages only when the
+/// BackupCommand event returns (observed with Bacula 9.6.7), i.e. after the whole direct backup.
+fn wait_copy(vm: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !partials(vm).is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn partials(vm: &str) -> Vec<String> {
+    entries(&vm_dir(vm))
+        .into_iter()
+        .filter(|e| e.ends_with(".partial"))
+        .collect()
+}
+
+fn overlays() -> Vec<String> {
+    let disks = disk_dir();
+    entries(&disks)
+        .into_iter()
+        .filter(|e| e.starts_with("agent-vda") && e != "agent-vda.qcow2")
+        .collect()
+}
+
+#[test]
+fn cancel_during_copy_ends_a_and_leaves_nothing() {
+    let Some(lab) = lab("cancel_during_copy_ends_a_and_leaves_nothing", true) else {
+        return;
+    };
+    let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
+    assert!(
+        wait_copy(AGENT, Duration::from_secs(60)),
+        "the copy did not start"
+    );
+    let out = lab.bconsole(&format!("cancel jobid={id} yes\n"));
+    let status = lab.wait(id);
+    let log = lab.joblog(id);
+    assert_eq!(status, 'A', "cancel: {out}\nlog: {log}");
+    assert!(
+        !log.contains("backup published"),
+        "the copy finished before the cancel (make the disk bigger: --fill): {log}"
+    );
+    // The Director ends the job as soon as it has told the FD; the FD's job thread then stops
+    // the copy, commits the snapshot and removes the partial folder.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (!partials(AGENT).is_empty() || !overlays().is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        partials(AGENT).is_empty(),
+        "partial left: {:?}",
+        partials(AGENT)
+    );
+    assert!(overlays().is_empty(), "overlay left: {:?}", overlays());
+    assert_on_base(AGENT);
+}
+
+#[test]
+fn kill_9_of_the_fd_mid_backup_is_repaired_by_the_next_job() {
+    let Some(lab) = lab(
+        "kill_9_of_the_fd_mid_backup_is_repaired_by_the_next_job",
+        true,
+    ) else {
+        return;
+    };
+    let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
+    assert!(
+        wait_copy(AGENT, Duration::from_secs(60)),
+        "the copy did not start"
+    );
+    let pid = std::fs::read_to_string(format!("{LAB}/work/fd.pid")).expect("fd pid");
+    let killed = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = lab.wait(id);
+    assert_ne!(status, 'T', "the job survived kill -9 of the FD");
+    let left = (partials(AGENT), overlays());
+    let out = Command::new(lab_script())
+        .arg("restart-fd")
+        .output()
+        .expect("restart fd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (id2, status2) = lab.run(&format!("vm-{AGENT}"));
+    let log2 = lab.joblog(id2);
+    assert_eq!(status2, 'T', "{log2}");
+    assert!(
+        log2.contains("did not finish: repairing its leftovers"),
+        "the next job did not repair (left after kill: {left:?}): {log2}"
+    );
+    assert_on_base(AGENT);
+    assert!(
+        partials(AGENT).is_empty(),
+        "partial left: {:?}",
+        partials(AGENT)
+    );
+    assert!(overlays().is_empty(), "overlay left: {:?}", overlays());
+    let dir = folder_of(&lab.files(id2), AGENT);
+    sha256sum_check(&dir);
+    discard(&dir);
+}
+
+#[test]
+fn restore_with_where_defines_a_new_domain_that_boots() {
+    let Some(lab) = lab("restore_with_where_defines_a_new_domain_that_boots", true) else {
+        return;
+    };
+    let restored = format!("{AGENT}-restored");
+    let _ = support::virsh(&["destroy", &restored]);
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    let (id, status) = lab.run(&format!("vm-{AGENT}"));
+    assert_eq!(status, 'T', "{}", lab.joblog(id));
+    let dir = folder_of(&lab.files(id), AGENT);
+    let where_ = PathBuf::from(format!("{LAB}/restore/job-{id}"));
+    let _ = std::fs::remove_dir_all(&where_);
+
+    let t0 = Instant::now();
+    let out = lab.bconsole(&format!(
+        "restore jobid={id} where={} all done yes\n",
+        where_.display()
+    ));
+    let rid: u32 = out
+        .lines()
+        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
+        .find_map(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("restore not queued: {out}"));
+    let rstatus = lab.wait(rid);
+    let log = lab.joblog(rid);
+    eprintln!(
+        "restore job {rid}: {rstatus} in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(rstatus, 'T', "{log}");
+    assert!(log.contains(&format!("as domain {restored}")), "{log}");
+
+    // Defined under the new name, its disk in `where`, byte-identical to the backup's copy.
+    let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
+    let disk = blk
+        .split_whitespace()
+        .find(|w| w.starts_with(&where_.display().to_string()))
+        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
+        .to_string();
+    let sums = std::fs::read_to_string(dir.join("checksums.sha256")).expect("checksums");
+    let want = sums
+        .lines()
+        .find(|l| l.ends_with(&format!("{AGENT}-vda.qcow2")))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("disk checksum")
+        .to_string();
+    let got = Command::new("sha256sum")
+        .arg(&disk)
+        .output()
+        .expect("sha256sum");
+    let got = String::from_utf8_lossy(&got.stdout);
+    assert!(
+        got.starts_with(&want),
+        "restored disk {disk} differs: {got} vs {want}"
+    );
+
+    // It boots: the guest agent answers.
+    support::virsh_ok(&["start", &restored]);
+    let booted = Command::new(support::lab_script())
+        .args(["wait-agent", &restored, "90"])
+        .status()
+        .expect("wait-agent");
+    let _ = support::virsh(&["destroy", &restored]);
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    assert!(booted.success(), "{restored} did not boot to its agent");
+    let _ = std::fs::remove_dir_all(&where_);
+    discard(&dir);
+}
+
+#[test]
+fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
+    let Some(lab) = lab(
+        "stream_mode_backs_up_through_bacula_and_restores_byte_exact",
+        true,
+    ) else {
+        return;
+    };
+    let restored = format!("{NOAGENT}-restored");
+    let _ = support::virsh(&["destroy", &restored]);
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    lab.drop_in(
+        "zz-stream",
+        &format!(
+            "FileSet {{\n Name = \"stream-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} mode=stream config={LAB}/etc/vm-backup.conf\"\n }}\n}}\n\
+             Job {{\n Name = \"vm-stream\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"stream-set\"\n}}\n"
+        ),
+    );
+    let before = entries(&vm_dir(NOAGENT));
+    let (id, status) = lab.run("vm-stream");
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "{log}");
+    let files = lab.files(id);
+    let names: Vec<&str> = files
+        .iter()
+        .map(|f| f.rsplit('/').next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            format!("{NOAGENT}-vda.qcow2").as_str(),
+            format!("{NOAGENT}.xml").as_str(),
+            "checksums.sha256",
+            "backup-metadata.json"
+        ],
+        "{files:?}"
+    );
+    let bytes: u64 = lab
+        .sql(&format!("select JobBytes from Job where JobId={id}"))
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        bytes > 1 << 20,
+        "the disk did not go through Bacula: JobBytes={bytes}"
+    );
+    assert_eq!(
+        entries(&vm_dir(NOAGENT)),
+        before,
+        "stream mode wrote to the target"
+    );
+    assert_on_base(NOAGENT);
+
+    let where_ = PathBuf::from(format!("{LAB}/restore/stream-{id}"));
+    let _ = std::fs::remove_dir_all(&where_);
+    let out = lab.bconsole(&format!(
+        "restore jobid={id} where={} all done yes\n",
+        where_.display()
+    ));
+    let rid: u32 = out
+        .lines()
+        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
+        .find_map(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("restore not queued: {out}"));
+    let rstatus = lab.wait(rid);
+    let rlog = lab.joblog(rid);
+    assert_eq!(rstatus, 'T', "{rlog}");
+    assert!(rlog.contains(&format!("as domain {restored}")), "{rlog}");
+    // The folder rebuilt from Bacula's data checks against the digests taken while streaming,
+    // and the restored disk is byte-identical to it.
+    let stamp = files[0].split('/').nth(3).expect("stamp");
+    let rebuilt = where_.join(NOAGENT).join(stamp);
+    sha256sum_check(&rebuilt);
+    let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
+    let disk = blk
+        .split_whitespace()
+        .find(|w| {
+            w.starts_with(&where_.display().to_string())
+                && w.ends_with(".qcow2")
+                && !w.contains(stamp)
+        })
+        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
+        .to_string();
+    let sum = |p: &str| {
+        let out = Command::new("sha256sum")
+            .arg(p)
+            .output()
+            .expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let streamed = rebuilt.join(format!("{NOAGENT}-vda.qcow2"));
+    assert_eq!(
+        sum(&disk),
+        sum(&streamed.display().to_string()),
+        "restored disk differs"
+    );
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    let _ = std::fs::remove_dir_all(&where_);
+    std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-stream.conf")).ok();
+    lab.bconsole("reload\n");
+}
