@@ -36,6 +36,13 @@
 //!    checks every copied chunk against the backup's manifest; then the NVRAM and `configs/`
 //!    (appliances: copied beside the disks as `<name>-configs/`). Only when everything is
 //!    copied are the files renamed into place.
+//!    A disk's backing chain (`backing_chain` in the metadata) is copied the same way: in
+//!    place to each layer's original path (a layer already there with the backup's SHA-256 is
+//!    left untouched), otherwise beside the restored disk under new names that collide with
+//!    nothing (`<name>-<target>.backing-<depth>.<ext>`, suffixed `-2`, `-3`, … when taken), so
+//!    a backing file the original or another domain uses is never overwritten. The headers are
+//!    then rebased top-down onto the restored layers ([`rebase_plan`], `qemu-img rebase -u`)
+//!    and `qemu-img info --backing-chain` must list exactly the restored files.
 //! 5. Rewrites the XML ([`xml`]): with `--as` a new name, UUID and MAC addresses, and file
 //!    paths for disks, NVRAM and file-backed consoles; always without `<backingStore>`.
 //! 6. Defines the domain (the `virt` crate) and starts it if asked.
@@ -56,7 +63,7 @@ use virt::sys;
 
 use crate::copier::{self, CopyOptions, HashMode};
 use crate::layout::{self, VmDir};
-use crate::metadata::BackupMetadata;
+use crate::metadata::{BackingRecord, BackupMetadata, DiskRecord};
 use crate::progress::{CancelToken, Level, Progress};
 use crate::verify::{self, VerifyOptions, VerifyReport};
 
@@ -145,6 +152,8 @@ pub struct RestoredDisk {
     pub path: PathBuf,
     /// Bytes copied.
     pub bytes: u64,
+    /// The restored backing chain under `path`, top to bottom (empty when it has none).
+    pub backing_chain: Vec<PathBuf>,
 }
 
 /// What a restore did.
@@ -251,6 +260,14 @@ pub enum RestoreError {
     /// A folder the restored domain needs is unusable (e.g. not traversable by QEMU).
     #[error("{0}")]
     Unusable(String),
+    /// A restored backing chain is not self-contained or could not be rebased.
+    #[error("backing chain of {path}: {detail}")]
+    Chain {
+        /// The restored disk image.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Cancelled; nothing was left behind.
     #[error("restore cancelled")]
     Cancelled,
@@ -307,9 +324,225 @@ pub fn locate(request: &RestoreRequest) -> Result<(PathBuf, String), RestoreErro
 #[derive(Debug, Clone)]
 struct Plan {
     disks: Vec<(crate::metadata::DiskRecord, PathBuf)>,
+    /// The backing layers of each disk (same order as `disks`), top to bottom.
+    chains: Vec<Vec<PlannedLayer>>,
+    /// True when the disks go back to their original paths.
+    in_place: bool,
     nvram: Option<(PathBuf, PathBuf)>,
     configs: Option<(PathBuf, PathBuf)>,
     edits: xml::XmlEdits,
+}
+
+/// One backing layer to restore.
+#[derive(Debug, Clone)]
+struct PlannedLayer {
+    record: BackingRecord,
+    dest: PathBuf,
+    /// In place, the file is already there with the backup's content: left untouched.
+    reuse: bool,
+}
+
+/// One `qemu-img rebase -u` of a restore: point `image`'s header at `backing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rebase {
+    /// The restored image whose header is rewritten.
+    pub image: PathBuf,
+    /// Its format.
+    pub format: String,
+    /// The restored image below it.
+    pub backing: PathBuf,
+    /// The format of that one.
+    pub backing_format: String,
+}
+
+impl Rebase {
+    /// The arguments of `qemu-img` for this rebase, applied to `file` (the image itself or
+    /// its staging copy).
+    pub fn args(&self, file: &Path) -> Vec<std::ffi::OsString> {
+        vec![
+            "rebase".into(),
+            "-u".into(),
+            "-f".into(),
+            self.format.clone().into(),
+            "-b".into(),
+            self.backing.clone().into_os_string(),
+            "-F".into(),
+            self.backing_format.clone().into(),
+            file.as_os_str().to_owned(),
+        ]
+    }
+}
+
+/// The rebases that make a restored disk's chain self-contained: for each layer from the top
+/// down, its header is pointed at the restored layer below. `top` is where the disk image was
+/// restored, `layers[i]` where `disk.backing_chain[i]` was. In an in-place restore a layer
+/// whose header already names the right file (its `backing_named_as`, resolved against its
+/// own folder) is skipped. Pure: runs nothing.
+pub fn rebase_plan(
+    disk: &DiskRecord,
+    top: &Path,
+    layers: &[PathBuf],
+    in_place: bool,
+) -> Vec<Rebase> {
+    let mut out = Vec::new();
+    for (i, (record, below)) in disk.backing_chain.iter().zip(layers).enumerate() {
+        let (image, format) = if i == 0 {
+            (top.to_path_buf(), disk.format.clone())
+        } else {
+            (
+                layers[i - 1].clone(),
+                disk.backing_chain[i - 1].format.clone(),
+            )
+        };
+        if in_place {
+            if let Some(named) = &record.backing_named_as {
+                let base = image.parent().unwrap_or(Path::new("/"));
+                if normalize(&base.join(named)) == normalize(below) {
+                    continue;
+                }
+            }
+        }
+        out.push(Rebase {
+            image,
+            format,
+            backing: below.clone(),
+            backing_format: record.format.clone(),
+        });
+    }
+    out
+}
+
+/// Lexical normalisation: drops `.`, resolves `..` against the preceding component.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// Checks with `qemu-img info -U --backing-chain` that the chain under `top` is exactly
+/// `top` followed by `layers`.
+fn check_chain(top: &Path, layers: &[PathBuf]) -> Result<(), RestoreError> {
+    let fail = |detail: String| RestoreError::Chain {
+        path: top.to_path_buf(),
+        detail,
+    };
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(top)
+        .output()
+        .map_err(|e| fail(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "qemu-img info failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| fail(format!("qemu-img info printed no JSON: {e}")))?;
+    let found: Vec<PathBuf> = json
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i.get("filename").and_then(|f| f.as_str()))
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let expected: Vec<&Path> = std::iter::once(top)
+        .chain(layers.iter().map(PathBuf::as_path))
+        .collect();
+    let same = |a: &Path, b: &Path| {
+        let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| normalize(p));
+        canon(a) == canon(b)
+    };
+    if found.len() != expected.len() || !found.iter().zip(&expected).all(|(a, b)| same(a, b)) {
+        return Err(fail(format!(
+            "expected {} image(s) {:?}, qemu-img sees {:?}",
+            expected.len(),
+            expected,
+            found
+        )));
+    }
+    Ok(())
+}
+
+/// Every image file in the backing chains of the other domains' disks (`qemu-img info -U
+/// --backing-chain`), with the domain using it.
+fn chain_files_of(others: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    for (disk, domain) in others {
+        let Ok(o) = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--backing-chain", "--output=json"])
+            .arg(disk)
+            .output()
+        else {
+            continue;
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+        for f in json
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.get("filename").and_then(|f| f.as_str()))
+        {
+            let p = PathBuf::from(f);
+            let p = fs::canonicalize(&p).unwrap_or(p);
+            out.insert(p, domain.clone());
+        }
+    }
+    out
+}
+
+/// Copies one image of the backup to `tmp` with the copier, checking each chunk against the
+/// backup's manifest (unless `force`). Returns the logical size.
+fn copy_image(
+    src: &Path,
+    tmp: &Path,
+    dest: &Path,
+    manifest: &crate::copier::ChunkManifest,
+    force: bool,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<u64, RestoreError> {
+    let mut options = CopyOptions {
+        hash: HashMode::Chunks,
+        ..CopyOptions::default()
+    };
+    let comparable =
+        manifest.chunk_size > 0 && manifest.chunk_size % options.buffer_size as u64 == 0;
+    if comparable {
+        options.chunk_size = manifest.chunk_size;
+    }
+    let report = copier::copy_file(src, tmp, &options, progress, cancel)?;
+    if comparable {
+        if let Some(m) = &report.manifest {
+            if let Some(chunk) = m
+                .digests
+                .iter()
+                .zip(&manifest.digests)
+                .position(|(a, b)| a != b)
+                .or((m.digests.len() != manifest.digests.len()).then_some(0))
+            {
+                if !force {
+                    return Err(RestoreError::Mismatch {
+                        path: dest.to_path_buf(),
+                        chunk,
+                    });
+                }
+            }
+        }
+    }
+    Ok(report.logical_size)
 }
 
 /// Removes the files a restore created if it does not complete.
@@ -420,6 +653,7 @@ pub fn restore(
     // 3. Plan the destinations and check them.
     let plan = plan(request, &dir, &meta, &domain_xml, &name)?;
     let others = disks_of_other_domains(&conn, &name)?;
+    let mut plan = plan;
     let mut seen = BTreeSet::new();
     let dests = plan
         .disks
@@ -445,6 +679,14 @@ pub fn restore(
             return Err(RestoreError::FileExists(configs.clone()));
         }
     }
+    check_layers(
+        &mut plan,
+        &others,
+        &mut seen,
+        &name,
+        request.force,
+        progress,
+    )?;
 
     // 4. Copy everything under temporary names, then rename into place.
     let mut created = CreatedFiles {
@@ -454,48 +696,88 @@ pub fn restore(
     };
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut restored = Vec::new();
-    for (disk, dest) in &plan.disks {
+    for ((disk, dest), chain) in plan.disks.iter().zip(&plan.chains) {
         let tmp = staging_path(dest);
         ensure_dir(dest, &mut created)?;
         created.files.push(tmp.clone());
-        let mut options = CopyOptions {
-            hash: HashMode::Chunks,
-            ..CopyOptions::default()
-        };
-        let comparable = disk.manifest.chunk_size > 0
-            && disk.manifest.chunk_size % options.buffer_size as u64 == 0;
-        if comparable {
-            options.chunk_size = disk.manifest.chunk_size;
-        }
         progress.message(
             Level::Info,
             &format!("copying {} to {}", disk.file, dest.display()),
         );
-        let report = copier::copy_file(&dir.join(&disk.file), &tmp, &options, progress, cancel)?;
-        if comparable {
-            if let Some(m) = &report.manifest {
-                if let Some(chunk) = m
-                    .digests
-                    .iter()
-                    .zip(&disk.manifest.digests)
-                    .position(|(a, b)| a != b)
-                    .or((m.digests.len() != disk.manifest.digests.len()).then_some(0))
-                {
-                    if !request.force {
-                        return Err(RestoreError::Mismatch {
-                            path: dest.clone(),
-                            chunk,
-                        });
-                    }
-                }
+        let bytes = copy_image(
+            &dir.join(&disk.file),
+            &tmp,
+            dest,
+            &disk.manifest,
+            request.force,
+            progress,
+            cancel,
+        )?;
+        staged.push((tmp, dest.clone()));
+        for layer in chain {
+            if layer.reuse {
+                progress.message(
+                    Level::Info,
+                    &format!(
+                        "{} is already in place with the backup's content: kept",
+                        layer.dest.display()
+                    ),
+                );
+                continue;
             }
+            let tmp = staging_path(&layer.dest);
+            ensure_dir(&layer.dest, &mut created)?;
+            created.files.push(tmp.clone());
+            progress.message(
+                Level::Info,
+                &format!("copying {} to {}", layer.record.file, layer.dest.display()),
+            );
+            copy_image(
+                &dir.join(&layer.record.file),
+                &tmp,
+                &layer.dest,
+                &layer.record.manifest,
+                request.force,
+                progress,
+                cancel,
+            )?;
+            staged.push((tmp, layer.dest.clone()));
         }
         restored.push(RestoredDisk {
             target: disk.target.clone(),
             path: dest.clone(),
-            bytes: report.logical_size,
+            bytes,
+            backing_chain: chain.iter().map(|l| l.dest.clone()).collect(),
         });
-        staged.push((tmp, dest.clone()));
+    }
+    // Point every copied header at the restored layer below, on the staging copies.
+    for ((disk, dest), chain) in plan.disks.iter().zip(&plan.chains) {
+        let layers: Vec<PathBuf> = chain.iter().map(|l| l.dest.clone()).collect();
+        for rebase in rebase_plan(disk, dest, &layers, plan.in_place) {
+            let Some((tmp, _)) = staged.iter().find(|(_, d)| *d == rebase.image) else {
+                // A layer kept in place is never edited; the chain check below judges it.
+                continue;
+            };
+            let out = std::process::Command::new("qemu-img")
+                .args(rebase.args(tmp))
+                .output()
+                .map_err(|source| RestoreError::Io {
+                    context: "cannot run qemu-img rebase on",
+                    path: tmp.clone(),
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(RestoreError::Chain {
+                    path: dest.clone(),
+                    detail: format!(
+                        "qemu-img rebase of {} onto {} failed: {}",
+                        rebase.image.display(),
+                        rebase.backing.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
     }
     if let Some((src, dest)) = &plan.nvram {
         let tmp = staging_path(dest);
@@ -537,6 +819,14 @@ pub fn restore(
             } else {
                 created.files.push(dest.clone());
             }
+        }
+    }
+
+    // Every restored chain is self-contained: exactly the restored files.
+    for ((_, dest), chain) in plan.disks.iter().zip(&plan.chains) {
+        if !chain.is_empty() {
+            let layers: Vec<PathBuf> = chain.iter().map(|l| l.dest.clone()).collect();
+            check_chain(dest, &layers)?;
         }
     }
 
@@ -613,7 +903,9 @@ fn plan(
     }
     edits.strip_interfaces = request.strip_interfaces;
 
+    let in_place = request.disk_dir.is_none() && !renamed;
     let mut disks = Vec::new();
+    let mut chains = Vec::new();
     for disk in &meta.disks {
         let file = layout::disk_file_name(name, &disk.target, &disk.format)?;
         let original = PathBuf::from(&disk.source);
@@ -634,6 +926,33 @@ fn plan(
         edits
             .disk_sources
             .insert(disk.target.clone(), dest.display().to_string());
+        // In place: each layer to its original path. Otherwise beside the disk; the final,
+        // non-colliding names are chosen when the destinations are checked.
+        let chain = disk
+            .backing_chain
+            .iter()
+            .map(|record| {
+                let dest = if in_place {
+                    PathBuf::from(&record.source)
+                } else {
+                    dest.with_file_name(backing_file_name(name, &disk.target, record, 1))
+                };
+                PlannedLayer {
+                    record: record.clone(),
+                    dest,
+                    reuse: false,
+                }
+            })
+            .collect::<Vec<_>>();
+        if in_place {
+            if let Some(l) = chain.iter().find(|l| !l.dest.is_absolute()) {
+                return Err(RestoreError::NotFound(format!(
+                    "no absolute original path for {} (use --disk-dir)",
+                    l.record.file
+                )));
+            }
+        }
+        chains.push(chain);
         disks.push((disk.clone(), dest));
     }
 
@@ -706,10 +1025,110 @@ fn plan(
     }
     Ok(Plan {
         disks,
+        chains,
+        in_place,
         nvram,
         configs,
         edits,
     })
+}
+
+/// `<name>-<target>.backing-<depth>.<ext>`, or with `-<n>` after the depth for `n > 1`.
+fn backing_file_name(name: &str, target: &str, record: &BackingRecord, n: usize) -> String {
+    let ext = if record.format == "qcow2" {
+        "qcow2"
+    } else {
+        "raw"
+    };
+    let safe = |s: &str| layout::safe_component(s).unwrap_or_else(|_| "disk".into());
+    if n > 1 {
+        format!(
+            "{}-{}.backing-{}-{n}.{ext}",
+            safe(name),
+            safe(target),
+            record.depth
+        )
+    } else {
+        format!(
+            "{}-{}.backing-{}.{ext}",
+            safe(name),
+            safe(target),
+            record.depth
+        )
+    }
+}
+
+/// Checks (and, beside the original, chooses) the destinations of the backing layers.
+/// In place: a layer already there with the backup's SHA-256 is kept; a different one is
+/// overwritten only with `force`, and never when another domain's chain uses it. Elsewhere:
+/// a name that exists or is planned already is never overwritten, the next free one is taken.
+fn check_layers(
+    plan: &mut Plan,
+    others: &BTreeMap<PathBuf, String>,
+    seen: &mut BTreeSet<PathBuf>,
+    name: &str,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<(), RestoreError> {
+    let mut other_chains: Option<BTreeMap<PathBuf, String>> = None;
+    let in_place = plan.in_place;
+    for ((disk, _), chain) in plan.disks.iter().zip(plan.chains.iter_mut()) {
+        for layer in chain.iter_mut() {
+            if in_place {
+                if let Some(domain) = others.get(&layer.dest) {
+                    return Err(RestoreError::InUse {
+                        path: layer.dest.clone(),
+                        domain: domain.clone(),
+                    });
+                }
+                if layer.dest.exists() {
+                    let same = verify::sha256_file(&layer.dest)
+                        .map(|d| d.eq_ignore_ascii_case(&layer.record.sha256))
+                        .unwrap_or(false);
+                    if same {
+                        layer.reuse = true;
+                    } else if !force {
+                        return Err(RestoreError::FileExists(layer.dest.clone()));
+                    } else {
+                        let chains = other_chains.get_or_insert_with(|| chain_files_of(others));
+                        let canon =
+                            fs::canonicalize(&layer.dest).unwrap_or_else(|_| layer.dest.clone());
+                        if let Some(domain) = chains.get(&canon) {
+                            return Err(RestoreError::InUse {
+                                path: layer.dest.clone(),
+                                domain: domain.clone(),
+                            });
+                        }
+                    }
+                }
+                if !layer.reuse && !seen.insert(layer.dest.clone()) {
+                    return Err(RestoreError::FileExists(layer.dest.clone()));
+                }
+            } else {
+                let mut n = 1;
+                while layer.dest.exists()
+                    || seen.contains(&layer.dest)
+                    || others.contains_key(&layer.dest)
+                {
+                    n += 1;
+                    layer.dest = layer.dest.with_file_name(backing_file_name(
+                        name,
+                        &disk.target,
+                        &layer.record,
+                        n,
+                    ));
+                }
+                if n > 1 {
+                    progress.message(
+                        Level::Info,
+                        &format!("backing file name taken: using {}", layer.dest.display()),
+                    );
+                }
+                seen.insert(layer.dest.clone());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `<dir>/.<file>.vmb-restore`: the temporary name of a file being restored.
@@ -798,4 +1217,140 @@ fn disks_of_other_domains(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copier::ChunkManifest;
+
+    fn manifest() -> ChunkManifest {
+        ChunkManifest {
+            chunk_size: 0,
+            file_size: 0,
+            digests: Vec::new(),
+            zero_chunks: Vec::new(),
+            root: String::new(),
+        }
+    }
+
+    fn layer(depth: usize, source: &str, format: &str, named: &str) -> BackingRecord {
+        BackingRecord {
+            depth,
+            file: format!("web-vdb.backing-{depth}.{format}"),
+            source: source.into(),
+            format: format.into(),
+            backing_named_as: Some(named.into()),
+            virtual_size: 0,
+            allocated_size: 0,
+            file_size: 0,
+            sha256: String::new(),
+            manifest: manifest(),
+            copy_seconds: 0.0,
+        }
+    }
+
+    /// vdb.qcow2 -> base.qcow2 (named relatively) -> golden.raw (named absolutely).
+    fn disk() -> DiskRecord {
+        DiskRecord {
+            target: "vdb".into(),
+            source: "/img/vdb.qcow2".into(),
+            format: "qcow2".into(),
+            file: "web-vdb.qcow2".into(),
+            virtual_size: 0,
+            allocated_size: 0,
+            file_size: 0,
+            sha256: String::new(),
+            manifest: manifest(),
+            copy_seconds: 0.0,
+            bytes_per_sec: 0.0,
+            io_path: String::new(),
+            backing_chain: vec![
+                layer(1, "/img/base.qcow2", "qcow2", "base.qcow2"),
+                layer(2, "/gold/golden.raw", "raw", "/gold/golden.raw"),
+            ],
+        }
+    }
+
+    #[test]
+    fn rebase_plan_points_each_layer_at_the_restored_one_below() {
+        let top = PathBuf::from("/r/copy-vdb.qcow2");
+        let layers = vec![
+            PathBuf::from("/r/copy-vdb.backing-1.qcow2"),
+            PathBuf::from("/r/copy-vdb.backing-2.raw"),
+        ];
+        let plan = rebase_plan(&disk(), &top, &layers, false);
+        assert_eq!(
+            plan,
+            vec![
+                Rebase {
+                    image: top.clone(),
+                    format: "qcow2".into(),
+                    backing: layers[0].clone(),
+                    backing_format: "qcow2".into(),
+                },
+                Rebase {
+                    image: layers[0].clone(),
+                    format: "qcow2".into(),
+                    backing: layers[1].clone(),
+                    backing_format: "raw".into(),
+                },
+            ]
+        );
+        let args: Vec<String> = plan[1]
+            .args(Path::new("/r/.tmp"))
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "rebase",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                "/r/copy-vdb.backing-2.raw",
+                "-F",
+                "raw",
+                "/r/.tmp"
+            ]
+        );
+        // A disk without a chain needs nothing.
+        let mut flat = disk();
+        flat.backing_chain.clear();
+        assert!(rebase_plan(&flat, &top, &[], false).is_empty());
+    }
+
+    #[test]
+    fn rebase_plan_in_place_skips_headers_that_already_name_the_right_file() {
+        let d = disk();
+        let top = PathBuf::from(&d.source);
+        let layers: Vec<PathBuf> = d
+            .backing_chain
+            .iter()
+            .map(|l| l.source.clone().into())
+            .collect();
+        assert!(rebase_plan(&d, &top, &layers, true).is_empty());
+        // A relative name that resolves elsewhere (`../`) is rebased even in place.
+        let mut moved = d.clone();
+        moved.backing_chain[0].backing_named_as = Some("../other/base.qcow2".into());
+        let plan = rebase_plan(&moved, &top, &layers, true);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].image, top);
+        assert_eq!(plan[0].backing, layers[0]);
+        // `./` and `x/../` spellings of the same file are recognised.
+        moved.backing_chain[0].backing_named_as = Some("./sub/../base.qcow2".into());
+        assert!(rebase_plan(&moved, &top, &layers, true).is_empty());
+    }
+
+    #[test]
+    fn backing_names_beside_the_copy_are_numbered_when_taken() {
+        let l = layer(2, "/x", "raw", "/x");
+        assert_eq!(backing_file_name("c", "vdb", &l, 1), "c-vdb.backing-2.raw");
+        assert_eq!(
+            backing_file_name("c", "vdb", &l, 3),
+            "c-vdb.backing-2-3.raw"
+        );
+    }
 }

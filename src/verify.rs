@@ -1,4 +1,5 @@
-//! Verification of published backups: every disk image re-hashed against its chunk manifest
+//! Verification of published backups: every disk image and every layer of its backing chain
+//! re-hashed against its chunk manifest
 //! (through [`crate::copier::verify_file`], all disks in parallel), every other file against
 //! `checksums.sha256`, and `qemu-img check` on qcow2 images.
 //!
@@ -150,12 +151,17 @@ pub fn verify_backup(
     })?;
     let mut checks = Vec::new();
 
-    // Disk images against their manifests, in parallel (the copier parallelises each one too).
+    // Disk images and every layer of their backing chains against their manifests, all in
+    // parallel (the copier parallelises each one too).
+    let images = images_of(&meta);
     let disk_checks: Vec<FileCheck> = std::thread::scope(|scope| {
-        let handles: Vec<_> = meta
-            .disks
+        let handles: Vec<_> = images
             .iter()
-            .map(|disk| scope.spawn(move || check_manifest(dir, disk, progress, cancel)))
+            .map(|image| {
+                scope.spawn(move || {
+                    check_manifest(dir, &image.file, image.manifest, progress, cancel)
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -179,8 +185,8 @@ pub fn verify_backup(
     checks.extend(check_checksums(dir, &meta));
 
     if options.qemu_img_check {
-        for disk in meta.disks.iter().filter(|d| d.format == "qcow2") {
-            checks.push(qemu_img_check(&dir.join(&disk.file), &disk.file));
+        for image in images.iter().filter(|i| i.format == "qcow2") {
+            checks.push(qemu_img_check(&dir.join(&image.file), &image.file));
         }
     }
     for c in checks.iter().filter(|c| !c.ok) {
@@ -193,21 +199,55 @@ pub fn verify_backup(
         vm: meta.vm_name.clone(),
         stamp: meta.stamp.clone(),
         ok,
-        bytes: meta.disks.iter().map(|d| d.file_size).sum(),
+        bytes: images.iter().map(|i| i.file_size).sum(),
         seconds: started.elapsed().as_secs_f64(),
         checks,
     })
 }
 
+/// One image file of a backup: a disk image or a layer of its backing chain.
+struct ImageRef<'a> {
+    file: String,
+    format: &'a str,
+    sha256: &'a str,
+    file_size: u64,
+    manifest: &'a crate::copier::ChunkManifest,
+}
+
+/// Every image file the metadata records: each disk, then its backing layers top to bottom.
+fn images_of(meta: &BackupMetadata) -> Vec<ImageRef<'_>> {
+    let mut out = Vec::new();
+    for disk in &meta.disks {
+        out.push(ImageRef {
+            file: disk.file.clone(),
+            format: &disk.format,
+            sha256: &disk.sha256,
+            file_size: disk.file_size,
+            manifest: &disk.manifest,
+        });
+        for layer in &disk.backing_chain {
+            out.push(ImageRef {
+                file: layer.file.clone(),
+                format: &layer.format,
+                sha256: &layer.sha256,
+                file_size: layer.file_size,
+                manifest: &layer.manifest,
+            });
+        }
+    }
+    out
+}
+
 fn check_manifest(
     dir: &Path,
-    disk: &crate::metadata::DiskRecord,
+    file: &str,
+    manifest: &crate::copier::ChunkManifest,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> FileCheck {
-    let path = dir.join(&disk.file);
+    let path = dir.join(file);
     let mut check = FileCheck {
-        file: disk.file.clone(),
+        file: file.to_string(),
         check: "manifest".into(),
         ok: false,
         detail: String::new(),
@@ -217,7 +257,7 @@ fn check_manifest(
         check.detail = "missing".into();
         return check;
     }
-    match crate::copier::verify_file(&path, &disk.manifest, progress, cancel) {
+    match crate::copier::verify_file(&path, manifest, progress, cancel) {
         Err(e) => check.detail = format!("cannot be verified: {e}"),
         Ok(report) => {
             if report.ok {
@@ -247,6 +287,7 @@ fn check_manifest(
 }
 
 fn check_checksums(dir: &Path, meta: &BackupMetadata) -> Vec<FileCheck> {
+    let images = images_of(meta);
     let mut out = Vec::new();
     let text = match fs::read_to_string(dir.join(CHECKSUMS_FILE)) {
         Ok(t) => t,
@@ -286,9 +327,9 @@ fn check_checksums(dir: &Path, meta: &BackupMetadata) -> Vec<FileCheck> {
         };
         if name.starts_with('/') || name.split('/').any(|c| c == "..") {
             check.detail = "names a path outside the backup folder".into();
-        } else if let Some(disk) = meta.disks.iter().find(|d| d.file == name) {
+        } else if let Some(image) = images.iter().find(|i| i.file == name) {
             // The image itself was re-hashed chunk by chunk; the line must agree with the record.
-            check.ok = disk.sha256.eq_ignore_ascii_case(digest.trim());
+            check.ok = image.sha256.eq_ignore_ascii_case(digest.trim());
             check.detail = if check.ok {
                 "agrees with the metadata".into()
             } else {
@@ -306,10 +347,10 @@ fn check_checksums(dir: &Path, meta: &BackupMetadata) -> Vec<FileCheck> {
         }
         out.push(check);
     }
-    for disk in &meta.disks {
-        if !out.iter().any(|c| c.file == disk.file) {
+    for image in &images {
+        if !out.iter().any(|c| c.file == image.file) {
             out.push(FileCheck {
-                file: disk.file.clone(),
+                file: image.file.clone(),
                 check: "sha256".into(),
                 ok: false,
                 detail: "not listed in checksums.sha256".into(),
@@ -336,7 +377,9 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 }
 
 /// `qemu-img check` of a qcow2 image: exit 0 is clean, 3 is leaked clusters only (harmless,
-/// reported), anything else is a fault.
+/// reported), anything else is a fault. The image is opened without its backing file (a
+/// backup's copies still name the original backing paths, which need not exist): only this
+/// file's own structure is checked.
 pub fn qemu_img_check(path: &Path, name: &str) -> FileCheck {
     let mut check = FileCheck {
         file: name.to_string(),
@@ -345,9 +388,14 @@ pub fn qemu_img_check(path: &Path, name: &str) -> FileCheck {
         detail: String::new(),
         bad_chunk: None,
     };
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": path.to_string_lossy()},
+        "backing": null,
+    });
     let out = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2", "--output=json"])
-        .arg(path)
+        .args(["check", "--output=json"])
+        .arg(format!("json:{spec}"))
         .output();
     match out {
         Err(e) => check.detail = format!("cannot run qemu-img: {e}"),

@@ -431,3 +431,246 @@ fn multi_disk_restore_as_a_copy_boots_with_every_disk() {
     assert_eq!(domstate(&orig), "running");
     assert!(agent_ping(&orig));
 }
+
+/// `qemu-img info -U --backing-chain` of an image: the file names, top to bottom.
+fn chain_of(image: &Path) -> Vec<PathBuf> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", texts(&out).1);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| PathBuf::from(i["filename"].as_str().unwrap()))
+        .collect()
+}
+
+fn qemu_img_ok(args: &[&str]) {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap();
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "qemu-img {args:?}: {o}\n{e}");
+}
+
+#[test]
+fn backing_chain_restores_self_contained_and_verify_names_a_bad_layer() {
+    if !lab_enabled("backing_chain_restores_self_contained_and_verify_names_a_bad_layer") {
+        return;
+    }
+    let orig = multi_dom();
+    let copy = format!("{orig}-chain");
+    let copy2 = format!("{orig}-chain2");
+    let mut s = Scratch::new("chain");
+    s.owns(&copy);
+    s.owns(&copy2);
+    for d in [&copy, &copy2] {
+        let _ = virsh(&["destroy", d]);
+        let _ = virsh(&["undefine", d, "--nvram"]);
+    }
+    wait_agent(&orig, Duration::from_secs(60));
+    let marker = format!("chain-{}", std::process::id());
+    gexec_ok(&orig, &format!("echo {marker} > /mnt/data2/m.txt; sync"));
+    let orig_sources = disk_sources(&orig);
+    let orig_vdb = PathBuf::from(&orig_sources.iter().find(|(t, _)| t == "vdb").unwrap().1);
+    let orig_chain = chain_of(&orig_vdb);
+    assert!(orig_chain.len() >= 2, "the lab's vdb has a backing file");
+    let base_sum = vm_backup::verify::sha256_file(&orig_chain[1]).unwrap();
+
+    // A real backup copies the chain.
+    let backup = s.backup(&orig);
+    let meta = BackupMetadata::read(&backup).unwrap();
+    let vdb = meta
+        .disks
+        .iter()
+        .find(|d| d.target == "vdb")
+        .unwrap()
+        .clone();
+    assert_eq!(vdb.backing_chain.len(), orig_chain.len() - 1, "{vdb:?}");
+
+    // The reference: the backup's own chain, copied to scratch and rebased onto itself.
+    let reference = s.dir.join("reference");
+    fs::create_dir_all(&reference).unwrap();
+    let mut files = vec![(vdb.file.clone(), vdb.format.clone())];
+    files.extend(
+        vdb.backing_chain
+            .iter()
+            .map(|l| (l.file.clone(), l.format.clone())),
+    );
+    for (f, _) in &files {
+        fs::copy(backup.join(f), reference.join(f)).unwrap();
+    }
+    for w in files.windows(2) {
+        let (img, fmt) = (&w[0].0, &w[0].1);
+        let (below, bfmt) = (&w[1].0, &w[1].1);
+        let img = reference.join(img).display().to_string();
+        let below = reference.join(below).display().to_string();
+        qemu_img_ok(&["rebase", "-u", "-f", fmt, "-b", &below, "-F", bfmt, &img]);
+    }
+    let reference_top = reference.join(&vdb.file);
+    assert_eq!(chain_of(&reference_top).len(), files.len());
+
+    // 1. --as with --disk-dir: the chain lands in the folder, self-contained.
+    let dd = s.dir.join("chain-copy");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd.display().to_string(),
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    let top = dd.join(format!("{copy}-vdb.qcow2"));
+    let chain = chain_of(&top);
+    assert_eq!(chain.len(), 1 + vdb.backing_chain.len(), "{chain:?}");
+    for f in &chain {
+        assert!(f.starts_with(&dd), "{f:?} is outside the restore folder");
+        assert!(!orig_chain.contains(f), "{f:?} belongs to the original");
+    }
+    assert_eq!(chain[1], dd.join(format!("{copy}-vdb.backing-1.qcow2")));
+    assert!(o.contains("backing:"), "{o}");
+    qemu_img_ok(&[
+        "compare",
+        "-U",
+        &top.display().to_string(),
+        &reference_top.display().to_string(),
+    ]);
+    let xml = virsh_ok(&["dumpxml", &copy, "--inactive"]);
+    assert!(!xml.contains("<backingStore type="), "{xml}");
+
+    // 2. --as beside the original: new names next to the restored top, the original's
+    // backing file untouched and not referenced.
+    let out = s.vmb(&["restore", &orig, "latest", "--as", &copy2]);
+    let (o, e) = texts(&out);
+    let top2 = orig_vdb.with_file_name(format!("{copy2}-vdb.qcow2"));
+    let restored2: Vec<PathBuf> = if top2.exists() {
+        chain_of(&top2)
+    } else {
+        Vec::new()
+    };
+    // Remove what this restore put into the lab folder, whatever the assertions say.
+    let _ = virsh(&["undefine", &copy2, "--nvram"]);
+    for f in fs::read_dir(orig_vdb.parent().unwrap()).unwrap().flatten() {
+        if f.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{copy2}-"))
+        {
+            let _ = fs::remove_file(f.path());
+        }
+    }
+    assert!(out.status.success(), "{o}\n{e}");
+    assert_eq!(restored2.len(), chain.len(), "{restored2:?}");
+    assert_eq!(
+        restored2[1],
+        orig_vdb.with_file_name(format!("{copy2}-vdb.backing-1.qcow2"))
+    );
+    for f in &restored2 {
+        assert!(!orig_chain.contains(f), "{f:?} belongs to the original");
+    }
+
+    // The original runs on its own, untouched images.
+    assert_eq!(domstate(&orig), "running");
+    assert_eq!(disk_sources(&orig), orig_sources);
+    assert_eq!(chain_of(&orig_vdb), orig_chain);
+    assert_eq!(
+        vm_backup::verify::sha256_file(&orig_chain[1]).unwrap(),
+        base_sum
+    );
+    assert!(agent_ping(&orig));
+    assert_eq!(gexec_ok(&orig, "cat /mnt/data2/m.txt").trim(), marker);
+
+    // 3. test-restore boots the chain and leaves nothing.
+    let before = test_restore_domains();
+    let out = s.vmb(&["test-restore", &orig]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{o}\n{e}");
+    assert!(o.contains("PASSED"), "{o}");
+    assert_eq!(test_restore_domains(), before);
+    assert_eq!(files_in(&s.dir.join("test-restore")), 0);
+
+    // 4. One flipped byte in the backing layer: verify names it, restore refuses.
+    let layer = &vdb.backing_chain[0];
+    let img = backup.join(&layer.file);
+    let mut bytes = fs::read(&img).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&img, &bytes).unwrap();
+    let out = s.vmb(&["verify", &orig, &meta.stamp]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{o}\n{e}");
+    assert!(o.contains(&layer.file) && o.contains("chunk"), "{o}");
+    let dd3 = s.dir.join("chain-refused");
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &format!("{orig}-chain3"),
+        "--disk-dir",
+        &dd3.display().to_string(),
+    ]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    assert!(e.contains("damaged") && e.contains(&layer.file), "{e}");
+    assert!(!dd3.exists(), "nothing created");
+    assert!(!domain_exists(&format!("{orig}-chain3")));
+}
+
+/// Starts a lab domain again when dropped (a failed assertion must not leave it shut off).
+struct StartAgain(String);
+
+impl Drop for StartAgain {
+    fn drop(&mut self) {
+        if domstate(&self.0) != "running" {
+            let _ = virsh(&["start", &self.0]);
+        }
+    }
+}
+
+#[test]
+fn backing_chain_restores_in_place_and_keeps_an_identical_base() {
+    if !lab_enabled("backing_chain_restores_in_place_and_keeps_an_identical_base") {
+        return;
+    }
+    let orig = multi_dom();
+    let s = Scratch::new("chainip");
+    wait_agent(&orig, Duration::from_secs(60));
+    let marker = format!("inplace-{}", std::process::id());
+    gexec_ok(&orig, &format!("echo {marker} > /mnt/data2/ip.txt; sync"));
+    let sources = disk_sources(&orig);
+    let vdb = PathBuf::from(&sources.iter().find(|(t, _)| t == "vdb").unwrap().1);
+    let chain = chain_of(&vdb);
+    assert!(chain.len() >= 2);
+    s.backup(&orig);
+    let base_sum = vm_backup::verify::sha256_file(&chain[1]).unwrap();
+    let base_mtime = fs::metadata(&chain[1]).unwrap().modified().unwrap();
+
+    let _again = StartAgain(orig.clone());
+    shutdown_wait(&orig);
+    // Defined (shut off) and its files exist: in place needs --force.
+    let out = s.vmb(&["restore", &orig, "latest"]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    let out = s.vmb(&["restore", &orig, "latest", "--force"]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    // Same files, the identical base kept as it was (not rewritten).
+    assert_eq!(chain_of(&vdb), chain);
+    assert_eq!(vm_backup::verify::sha256_file(&chain[1]).unwrap(), base_sum);
+    assert_eq!(
+        fs::metadata(&chain[1]).unwrap().modified().unwrap(),
+        base_mtime
+    );
+    assert_eq!(disk_sources(&orig), sources);
+    start_and_wait(&orig);
+    wait_agent(&orig, Duration::from_secs(120));
+    assert_eq!(gexec_ok(&orig, "cat /mnt/data2/ip.txt").trim(), marker);
+    assert!(gexec_ok(&orig, "cat /mnt/data2/seed.txt").contains("backing file"));
+}

@@ -158,3 +158,66 @@ fn truncated_and_missing_images_are_faults() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("a-vda.raw [manifest]: missing"), "{stdout}");
 }
+
+#[test]
+fn a_flipped_byte_in_a_backing_layer_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("backup");
+    let vda = tmp.path().join("a.qcow2");
+    let base = tmp.path().join("base.raw");
+    make_image(&vda, 6 << 20, 3, "qcow2");
+    make_image(&base, 9 << 20, 5, "raw");
+    let disks = [("vda", "qcow2", vda), ("vdz", "raw", base.clone())];
+    let (dir, mut meta) = hand_backup(&target, "hv1", "a", STAMP, &domain_xml("a", &disks), &disks);
+    // Turn the second image into the first disk's backing layer, as the engine records it.
+    let z = meta.disks.pop().unwrap();
+    let layer_file = "a-vda.backing-1.raw".to_string();
+    fs::rename(dir.join(&z.file), dir.join(&layer_file)).unwrap();
+    meta.disks[0]
+        .backing_chain
+        .push(vm_backup::metadata::BackingRecord {
+            depth: 1,
+            file: layer_file.clone(),
+            source: base.display().to_string(),
+            format: "raw".into(),
+            backing_named_as: Some(base.display().to_string()),
+            virtual_size: z.virtual_size,
+            allocated_size: z.allocated_size,
+            file_size: z.file_size,
+            sha256: z.sha256.clone(),
+            manifest: z.manifest.clone(),
+            copy_seconds: 0.0,
+        });
+    meta.write(&dir).unwrap();
+    let sums = fs::read_to_string(dir.join("checksums.sha256"))
+        .unwrap()
+        .replace(&z.file, &layer_file);
+    fs::write(dir.join("checksums.sha256"), sums).unwrap();
+    let args = [
+        "verify",
+        "a",
+        STAMP,
+        "--target",
+        target.to_str().unwrap(),
+        "--host",
+        "hv1",
+    ];
+    let out = run(&args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+
+    flip_byte(&dir.join(&layer_file), (4 << 20) + 7);
+    let out = run(&args);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("a-vda.backing-1.raw: chunk 1 (offset 4194304) does not match"),
+        "{stdout}"
+    );
+    // Removed: a missing layer is a fault too.
+    fs::remove_file(dir.join(&layer_file)).unwrap();
+    let out = run(&args);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("a-vda.backing-1.raw"), "{stdout}");
+}

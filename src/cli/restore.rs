@@ -106,6 +106,9 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     );
     for d in &outcome.disks {
         println!("  {}: {}", d.target, d.path.display());
+        for b in &d.backing_chain {
+            println!("    backing: {}", b.display());
+        }
     }
     if let Some(n) = &outcome.nvram {
         println!("  nvram: {}", n.display());
