@@ -18,6 +18,7 @@ use crate::plugin::{CreateResult, FileKind, Job, MessageLevel, MessageSink, Plug
 use crate::progress::CancelToken;
 
 /// Severity of a job-log line; the shim maps it onto Bacula's M_INFO, M_WARNING, M_ERROR, M_FATAL.
+/// cbindgen:rename-all=None
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbMessageLevel {
@@ -58,6 +59,7 @@ pub struct VmbJobCallbacks {
 }
 
 /// Which plugin command of the File Daemon is being forwarded.
+/// cbindgen:rename-all=None
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbCommand {
@@ -70,6 +72,7 @@ pub enum VmbCommand {
 }
 
 /// A regular file or a folder.
+/// cbindgen:rename-all=None
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbFileKind {
@@ -98,6 +101,7 @@ pub struct VmbFileInfo {
 }
 
 /// What to do with a file being restored.
+/// cbindgen:rename-all=None
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmbCreate {
