@@ -23,7 +23,7 @@ echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-
   export VMB_LAB_PREFIX="${VMB_LAB_PREFIX:-vmb}"
   trap 'lab/libvirt-lab.sh down "$VMB_LAB_PREFIX"' EXIT
   lab/libvirt-lab.sh up "$VMB_LAB_PREFIX"
-  VMB_LAB_LIBVIRT=1 cargo test --test 'lab_*' -- --test-threads=1
+  VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test 'lab_*' -- --test-threads=1
 )
 
 echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugin, TCG guests; prefix bac)"
@@ -31,7 +31,7 @@ echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugi
   trap 'lab/bacula-lab.sh stop || true; lab/libvirt-lab.sh down bac' EXIT
   # The 600 MiB fill lets the cancel and kill -9 tests act while the copy runs.
   lab/libvirt-lab.sh up bac --only agent,noagent --data-size 1G --fill 600M
-  VMB_LAB_BACULA=1 VMB_LAB_LIBVIRT=1 cargo test --test lab_bacula -- --test-threads=1
+  VMB_LAB_BACULA=1 VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test lab_bacula -- --test-threads=1
 )
 
 echo "== all tests passed"
