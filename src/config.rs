@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::metadata::Method;
+use crate::format::metadata::Method;
 
 /// The default location of the site configuration.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vm-backup/vm-backup.conf";
@@ -248,7 +248,7 @@ impl Settings {
     pub fn host(&self) -> String {
         self.hostname
             .clone()
-            .unwrap_or_else(crate::layout::this_host)
+            .unwrap_or_else(crate::format::layout::this_host)
     }
 }
 

@@ -13,34 +13,31 @@ pub enum Error {
     Copy(#[from] crate::copier::CopyError),
     /// A libvirt call failed.
     #[error(transparent)]
-    Libvirt(#[from] crate::libvirt::LibvirtError),
+    Libvirt(#[from] crate::hv::LibvirtError),
     /// The backup workflow failed.
     #[error(transparent)]
-    Backup(#[from] crate::backup::BackupError),
+    Backup(#[from] crate::engine::backup::BackupError),
     /// A restore failed.
     #[error(transparent)]
-    Restore(#[from] crate::restore::RestoreError),
+    Restore(#[from] crate::engine::restore::RestoreError),
     /// Verification found a fault or could not run.
     #[error(transparent)]
-    Verify(#[from] crate::verify::VerifyError),
+    Verify(#[from] crate::engine::verify::VerifyError),
     /// The configuration or inventory is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// The layout on the target is invalid.
     #[error(transparent)]
-    Layout(#[from] crate::layout::LayoutError),
+    Layout(#[from] crate::format::layout::LayoutError),
     /// The catalog on the share failed.
     #[error(transparent)]
-    Catalog(#[from] crate::catalog::CatalogError),
+    Catalog(#[from] crate::store::catalog::CatalogError),
     /// Retention planning or pruning failed.
     #[error(transparent)]
-    Prune(#[from] crate::prune::PruneError),
+    Prune(#[from] crate::engine::prune::PruneError),
     /// The Bacula plugin string or job state is invalid.
     #[error(transparent)]
-    Plugin(#[from] crate::plugin::PluginError),
-    /// The benchmark harness failed.
-    #[error(transparent)]
-    Bench(#[from] crate::bench::BenchError),
+    Plugin(#[from] crate::bacula::PluginError),
     /// An I/O error with the path it concerns.
     #[error("{context}: {source}")]
     Io {

@@ -9,43 +9,34 @@
 //!
 //! ## Map of the crate
 //!
-//! | module | responsibility |
+//! | room | responsibility |
 //! | --- | --- |
+//! | [`format`] | the on-disk contract: folder names, `backup-metadata.json`, chunk manifests |
+//! | [`store`] | the backup target and the catalog index on it |
+//! | [`hv`] | libvirt, the domain XML and `qemu-img` |
 //! | [`copier`] | copy one file at hardware speed (io_uring, or a thread-pool fallback), hashing it in the same pass |
-//! | [`libvirt`] | the few libvirt calls the engine needs, and domain XML parsing |
-//! | [`backup`] | the backup workflow: pre-checks, freeze/snapshot, copy, commit, publish, post-checks, guards, journal, orphans |
-//! | [`layout`] | where a backup lives on the target, name sanitisation, `.partial` folders |
-//! | [`metadata`] | `backup-metadata.json`, the record every backup carries |
-//! | [`restore`], [`verify`], [`prune`], [`catalog`] | operations on published backups |
-//! | [`notify`], [`metrics`], [`appliance`] | Slack webhooks, Prometheus textfile, Cisco ASAv configuration capture |
-//! | [`config`] | `vm-backup.conf` and the `vm-list.yaml` inventory |
-//! | [`plugin`] | the Bacula plugin string and the job state behind the C ABI |
-//! | [`bacula_config`] | Director resources generated from the inventory |
-//! | [`bench`] | the throughput harness behind `vm-backup bench` |
+//! | [`engine`] | backup, restore, verify, prune, orphan repair |
+//! | [`ops`] | Slack webhooks, Prometheus textfile, weekly report, Cisco ASAv configuration capture |
+//! | [`bacula`] | the Bacula plugin string, the job behind the C ABI, Director resources |
 //! | [`ffi`] | the C ABI (the only place besides the io_uring engine with `unsafe`) |
+//! | [`config`], [`progress`], [`error`] | shared leaves: settings and inventory, progress and cancellation, typed errors |
+//!
+//! `docs/architecture.md` draws the rooms and the arrows allowed between them.
 //!
 //! The layout on disk, the command line and the exit codes are contracts described in
 //! `DESIGN.md` and `docs/`.
 
-pub mod appliance;
-pub mod backup;
-pub mod bacula_config;
-pub mod bench;
-pub mod catalog;
+pub mod bacula;
 pub mod config;
 pub mod copier;
+pub mod engine;
 pub mod error;
 pub mod ffi;
-pub mod layout;
-pub mod libvirt;
-pub mod metadata;
-pub mod metrics;
-pub mod notify;
-pub mod plugin;
+pub mod format;
+pub mod hv;
+pub mod ops;
 pub mod progress;
-pub mod prune;
-pub mod restore;
-pub mod verify;
+pub mod store;
 
 pub use error::{Error, ExitStatus};
 

@@ -174,7 +174,7 @@ fn disk_dir() -> PathBuf {
 fn vm_dir(vm: &str) -> PathBuf {
     Path::new(LAB)
         .join("target")
-        .join(vm_backup::layout::this_host())
+        .join(vm_backup::format::layout::this_host())
         .join(vm)
 }
 

@@ -12,7 +12,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use support::*;
-use vm_backup::metadata::BackupMetadata;
+use vm_backup::format::metadata::BackupMetadata;
 
 /// A scratch area (target, restore folders, journal) that QEMU can traverse, and the domains a
 /// test defined: all removed on drop, also when an assertion fails.
@@ -66,7 +66,7 @@ impl Scratch {
         let (o, e) = texts(&out);
         assert!(out.status.success(), "backup of {dom} failed:\n{o}\n{e}");
         let vm_dir = self.target().join("labhost").join(dom);
-        let stamp = vm_backup::layout::VmDir {
+        let stamp = vm_backup::format::layout::VmDir {
             path: vm_dir.clone(),
         }
         .latest()
@@ -347,7 +347,8 @@ fn appliance_restore_gives_back_its_configs() {
     fs::create_dir_all(&configs).unwrap();
     let running = "hostname asa-lab\ninterface Management0/0\n";
     fs::write(configs.join("show-running-config.txt"), running).unwrap();
-    let sum = vm_backup::verify::sha256_file(&configs.join("show-running-config.txt")).unwrap();
+    let sum =
+        vm_backup::engine::verify::sha256_file(&configs.join("show-running-config.txt")).unwrap();
     let mut sums = fs::read_to_string(backup.join("checksums.sha256")).unwrap();
     sums.push_str(&format!("{sum}  configs/show-running-config.txt\n"));
     fs::write(backup.join("checksums.sha256"), sums).unwrap();
@@ -479,7 +480,7 @@ fn backing_chain_restores_self_contained_and_verify_names_a_bad_layer() {
     let orig_vdb = PathBuf::from(&orig_sources.iter().find(|(t, _)| t == "vdb").unwrap().1);
     let orig_chain = chain_of(&orig_vdb);
     assert!(orig_chain.len() >= 2, "the lab's vdb has a backing file");
-    let base_sum = vm_backup::verify::sha256_file(&orig_chain[1]).unwrap();
+    let base_sum = vm_backup::engine::verify::sha256_file(&orig_chain[1]).unwrap();
 
     // A real backup copies the chain.
     let backup = s.backup(&orig);
@@ -580,7 +581,7 @@ fn backing_chain_restores_self_contained_and_verify_names_a_bad_layer() {
     assert_eq!(disk_sources(&orig), orig_sources);
     assert_eq!(chain_of(&orig_vdb), orig_chain);
     assert_eq!(
-        vm_backup::verify::sha256_file(&orig_chain[1]).unwrap(),
+        vm_backup::engine::verify::sha256_file(&orig_chain[1]).unwrap(),
         base_sum
     );
     assert!(agent_ping(&orig));
@@ -649,7 +650,7 @@ fn backing_chain_restores_in_place_and_keeps_an_identical_base() {
     let chain = chain_of(&vdb);
     assert!(chain.len() >= 2);
     s.backup(&orig);
-    let base_sum = vm_backup::verify::sha256_file(&chain[1]).unwrap();
+    let base_sum = vm_backup::engine::verify::sha256_file(&chain[1]).unwrap();
     let base_mtime = fs::metadata(&chain[1]).unwrap().modified().unwrap();
 
     let _again = StartAgain(orig.clone());
@@ -663,7 +664,10 @@ fn backing_chain_restores_in_place_and_keeps_an_identical_base() {
     assert!(out.status.success(), "{o}\n{e}");
     // Same files, the identical base kept as it was (not rewritten).
     assert_eq!(chain_of(&vdb), chain);
-    assert_eq!(vm_backup::verify::sha256_file(&chain[1]).unwrap(), base_sum);
+    assert_eq!(
+        vm_backup::engine::verify::sha256_file(&chain[1]).unwrap(),
+        base_sum
+    );
     assert_eq!(
         fs::metadata(&chain[1]).unwrap().modified().unwrap(),
         base_mtime

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use vm_backup::appliance::{self, ApplianceError};
 use vm_backup::config::{Ssh, VmEntry};
+use vm_backup::ops::appliance::{self, ApplianceError};
 
 const RUNNING: &str =
     ": Saved\nASA Version 9.18(3)\nhostname asa-lab\ninterface Management0/0\n nameif management\n";
@@ -131,7 +131,7 @@ fn settings(dir: &Path, port: u16, known_hosts: PathBuf) -> Ssh {
 fn asa() -> VmEntry {
     VmEntry {
         name: "asa1".into(),
-        method: vm_backup::metadata::Method::Snapshot,
+        method: vm_backup::format::metadata::Method::Snapshot,
         priority: 10,
         retention: Default::default(),
         appliance: Some("asav".into()),

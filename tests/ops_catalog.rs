@@ -6,8 +6,8 @@ mod ops_support;
 use std::fs;
 
 use ops_support::*;
-use vm_backup::catalog::{self, Catalog, FailedRun};
-use vm_backup::metadata::Verdict;
+use vm_backup::format::metadata::Verdict;
+use vm_backup::store::catalog::{self, Catalog, FailedRun};
 use vm_backup::ExitStatus;
 
 fn populate(target: &std::path::Path) {

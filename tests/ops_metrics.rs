@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::fs;
 
 use ops_support::*;
-use vm_backup::catalog::{Catalog, FailedRun};
 use vm_backup::config::Settings;
-use vm_backup::notify::{self, BackupOutcome, Delivery};
+use vm_backup::ops::notify::{self, BackupOutcome, Delivery};
+use vm_backup::store::catalog::{Catalog, FailedRun};
 use vm_backup::ExitStatus;
 
 /// `name{labels} value` lines as a map.
@@ -99,6 +99,6 @@ fn after_each_run_catalog_alert_and_metrics_are_updated() {
         cat.latest_failure("hv1", "web01").unwrap().as_deref(),
         Some("snapshot failed")
     );
-    let last = vm_backup::catalog::read_last_runs(&settings.target);
+    let last = vm_backup::store::catalog::read_last_runs(&settings.target);
     assert_eq!(last.vms["hv1/web01"].result, "failed");
 }

@@ -6,9 +6,9 @@ mod ops_support;
 use std::time::{Duration, Instant};
 
 use ops_support::*;
-use vm_backup::catalog::{self, FailedRun};
 use vm_backup::config::Settings;
-use vm_backup::notify::{self, BackupOutcome, Delivery};
+use vm_backup::ops::notify::{self, BackupOutcome, Delivery};
+use vm_backup::store::catalog::{self, FailedRun};
 use vm_backup::ExitStatus;
 
 const SECRET_PATH: &str = "/services/T0000/B0000/s3cr3tT0k3n";
@@ -117,8 +117,8 @@ fn weekly_report_posts_one_summary_and_never_prints_the_url() {
     let tmp = tempfile::tempdir().unwrap();
     let target = tmp.path().join("backup");
     let now = chrono::Local::now();
-    let recent = vm_backup::layout::stamp_for(now - chrono::Duration::days(1));
-    let old = vm_backup::layout::stamp_for(now - chrono::Duration::days(20));
+    let recent = vm_backup::format::layout::stamp_for(now - chrono::Duration::days(1));
+    let old = vm_backup::format::layout::stamp_for(now - chrono::Duration::days(20));
     for (vm, stamp) in [("web01", &recent), ("web01", &old), ("db01", &recent)] {
         let meta = metadata("hv1", vm, stamp, ExitStatus::Success);
         let dir = fake_backup(&target, &meta);

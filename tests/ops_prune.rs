@@ -6,7 +6,7 @@ mod ops_support;
 use std::fs;
 
 use ops_support::*;
-use vm_backup::catalog::{self, FailedRun};
+use vm_backup::store::catalog::{self, FailedRun};
 use vm_backup::ExitStatus;
 
 fn stamps(dir: &std::path::Path) -> Vec<String> {

@@ -7,7 +7,7 @@ mod ops_support;
 use std::fs;
 
 use ops_support::*;
-use vm_backup::metadata::BackupMetadata;
+use vm_backup::format::metadata::BackupMetadata;
 
 const STAMP: &str = "2026-11-21-120000";
 
@@ -68,7 +68,7 @@ fn a_flipped_byte_is_named_refused_by_restore_and_recorded() {
         "{v:?}"
     );
     // The catalog has the verdict too.
-    let rows = vm_backup::catalog::Catalog::open(&target)
+    let rows = vm_backup::store::catalog::Catalog::open(&target)
         .unwrap()
         .backups(Some("web01"))
         .unwrap();
@@ -175,7 +175,7 @@ fn a_flipped_byte_in_a_backing_layer_is_named() {
     fs::rename(dir.join(&z.file), dir.join(&layer_file)).unwrap();
     meta.disks[0]
         .backing_chain
-        .push(vm_backup::metadata::BackingRecord {
+        .push(vm_backup::format::metadata::BackingRecord {
             depth: 1,
             file: layer_file.clone(),
             source: base.display().to_string(),

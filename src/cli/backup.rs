@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use vm_backup::backup::{run_backup, BackupRequest};
 use vm_backup::config::{Inventory, Settings};
-use vm_backup::metadata::Method;
+use vm_backup::engine::backup::{run_backup, BackupRequest};
+use vm_backup::format::metadata::Method;
 
 use super::common::{self, TargetArgs};
 

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use super::common::TargetArgs;
-use vm_backup::bacula_config::{self, ClientSpec, Options};
+use vm_backup::bacula::director_config::{self, ClientSpec, Options};
+use vm_backup::bacula::Mode;
 use vm_backup::config::Inventory;
-use vm_backup::plugin::Mode;
 
 /// Arguments of `vm-backup bacula-config`.
 #[derive(Debug, clap::Args)]
@@ -52,10 +52,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             Mode::Direct
         },
     };
-    let text = bacula_config::generate(&inventory, &opts)
+    let text = director_config::generate(&inventory, &opts)
         .map_err(|e| vm_backup::Error::Other(e.to_string()))?;
     match args.output {
-        Some(path) => vm_backup::metadata::write_atomic(&path, text.as_bytes())
+        Some(path) => vm_backup::format::metadata::write_atomic(&path, text.as_bytes())
             .map_err(|e| vm_backup::Error::io(format!("write {}", path.display()), e))?,
         None => print!("{text}"),
     }

@@ -1,8 +1,8 @@
-//! `vm-backup bench`: the throughput harness (see [`vm_backup::bench`]).
+//! `vm-backup bench`: the throughput harness (see [`super::bench_harness`]).
 
 use std::path::PathBuf;
 
-use vm_backup::bench::{self, BenchSettings, CachePolicy};
+use super::bench_harness::{self as bench, BenchSettings, CachePolicy};
 use vm_backup::progress::{Level, Progress, Transfer};
 
 use super::common::{self, TargetArgs};
@@ -87,7 +87,8 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     settings.exe = std::env::current_exe().ok();
 
     let cancel = common::cancel_on_signals();
-    let report = bench::run(&settings, &Lines, &cancel)?;
+    let report = bench::run(&settings, &Lines, &cancel)
+        .map_err(|e| vm_backup::Error::Other(e.to_string()))?;
     if args.common.json {
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| vm_backup::Error::Other(format!("cannot render the report: {e}")))?;

@@ -1,7 +1,7 @@
 //! `vm-backup catalog`: maintain the catalog on the share.
 
-use vm_backup::catalog::Catalog;
 use vm_backup::config::Settings;
+use vm_backup::store::catalog::Catalog;
 
 use super::common::TargetArgs;
 

@@ -1,6 +1,6 @@
 //! `vm-backup check`.
 
-use vm_backup::backup::{checks, BackupRequest};
+use vm_backup::engine::backup::{checks, BackupRequest};
 
 use super::common::{self, TargetArgs};
 
@@ -18,7 +18,7 @@ pub struct Args {
     post: bool,
     /// Method the pre-checks assume.
     #[arg(long, default_value = "auto")]
-    method: vm_backup::metadata::Method,
+    method: vm_backup::format::metadata::Method,
     /// Pre-checks of an offline backup with --shutdown.
     #[arg(long)]
     shutdown: bool,

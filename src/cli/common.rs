@@ -30,7 +30,7 @@ pub fn init_logging(verbose: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // ureq logs request URLs at debug level, and Slack webhook URLs are secrets.
-    let filter = match vm_backup::notify::LOG_DIRECTIVE.parse() {
+    let filter = match vm_backup::ops::notify::LOG_DIRECTIVE.parse() {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };

@@ -1,8 +1,8 @@
 //! `vm-backup list`: the backups on the target, from the catalog (kept in line with the share).
 
-use vm_backup::catalog::Catalog;
 use vm_backup::config::Settings;
-use vm_backup::notify::{human_bytes, human_rate, verdict_word};
+use vm_backup::ops::notify::{human_bytes, human_rate, verdict_word};
+use vm_backup::store::catalog::Catalog;
 
 use super::common::TargetArgs;
 

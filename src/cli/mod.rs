@@ -4,6 +4,7 @@
 mod backup;
 mod bacula_config;
 mod bench;
+mod bench_harness;
 mod catalog;
 mod check;
 mod common;

@@ -1,6 +1,6 @@
 //! `vm-backup orphans`.
 
-use vm_backup::backup::orphans;
+use vm_backup::engine::backup::orphans;
 
 use super::common::{self, TargetArgs};
 

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use vm_backup::catalog::Catalog;
 use vm_backup::config::{Inventory, Retention, Settings};
-use vm_backup::layout::{self, safe_component};
-use vm_backup::prune;
+use vm_backup::engine::prune;
+use vm_backup::format::layout::{self, safe_component};
+use vm_backup::store::catalog::Catalog;
 
 use super::common::TargetArgs;
 

@@ -1,8 +1,8 @@
 //! `vm-backup report --weekly`: post the summary of the last 7 days to the reports webhook.
 
-use vm_backup::catalog::Catalog;
 use vm_backup::config::Settings;
-use vm_backup::notify::{self, Delivery};
+use vm_backup::ops::notify::{self, Delivery};
+use vm_backup::store::catalog::Catalog;
 
 use super::common::TargetArgs;
 

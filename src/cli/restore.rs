@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use vm_backup::config::Settings;
+use vm_backup::engine::restore::{self, RestoreRequest, StampChoice};
 use vm_backup::progress::{Level, Progress, Transfer};
-use vm_backup::restore::{self, RestoreRequest, StampChoice};
 
 use super::common::{self, TargetArgs};
 
@@ -56,7 +56,7 @@ impl Progress for Lines {
             eprintln!(
                 "  {what}: {}% ({})",
                 tenth * 10,
-                vm_backup::notify::human_rate(t.bytes_per_sec)
+                vm_backup::ops::notify::human_rate(t.bytes_per_sec)
             );
         }
     }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vm_backup::config::Settings;
-use vm_backup::notify;
-use vm_backup::restore::test_restore::{self, TestRestoreRequest};
-use vm_backup::restore::StampChoice;
+use vm_backup::engine::restore::test_restore::{self, TestRestoreRequest};
+use vm_backup::engine::restore::StampChoice;
+use vm_backup::ops::notify;
 
 use super::common::{self, TargetArgs};
 use super::restore::Lines;

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use vm_backup::catalog;
 use vm_backup::config::Settings;
-use vm_backup::layout::VmDir;
-use vm_backup::notify;
-use vm_backup::restore::StampChoice;
-use vm_backup::verify::{self, VerifyOptions};
+use vm_backup::engine::restore::StampChoice;
+use vm_backup::engine::verify::{self, VerifyOptions};
+use vm_backup::format::layout::VmDir;
+use vm_backup::ops::notify;
+use vm_backup::store::catalog;
 
 use super::common::{self, TargetArgs};
 use super::restore::Lines;

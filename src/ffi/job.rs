@@ -1,6 +1,6 @@
 //! The job functions of the C ABI (`vmb_job_*`): one [`VmbJob`] per Bacula plugin instance,
 //! driven by the File Daemon shim `c-shim/vm-backup-fd.c` event by event. The logic lives in
-//! [`crate::plugin::Job`]; this module only converts C values and keeps panics out of C.
+//! [`crate::bacula::Job`]; this module only converts C values and keeps panics out of C.
 //!
 //! Conventions:
 //! * Functions returning `int` return 0 on success and -1 on failure. On failure a
@@ -14,7 +14,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::plugin::{CreateResult, FileKind, Job, MessageLevel, MessageSink, PluginError};
+use crate::bacula::{CreateResult, FileKind, Job, MessageLevel, MessageSink, PluginError};
 use crate::progress::CancelToken;
 
 /// Severity of a job-log line; the shim maps it onto Bacula's M_INFO, M_WARNING, M_ERROR, M_FATAL.
@@ -321,7 +321,7 @@ pub unsafe extern "C" fn vmb_is_our_command(cmd: *const c_char) -> bool {
     // SAFETY: per the contract.
     let cmd = unsafe { text(cmd) };
     cmd.trim_start()
-        .strip_prefix(crate::plugin::PLUGIN_NAME)
+        .strip_prefix(crate::bacula::PLUGIN_NAME)
         .is_some_and(|r| r.starts_with(':'))
 }
 
@@ -367,7 +367,7 @@ pub unsafe extern "C" fn vmb_job_next_file(job: *mut VmbJob, out: *mut VmbFileIn
             file.mode,
             file.size,
             file.mtime,
-            matches!(file.content, crate::plugin::Content::Listing)
+            matches!(file.content, crate::bacula::Content::Listing)
                 || file.kind == FileKind::Directory,
         );
         let path = CString::new(file.path.clone())

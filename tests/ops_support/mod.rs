@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vm_backup::copier::ChunkManifest;
-use vm_backup::metadata::{BackupMetadata, DiskRecord, Method, SCHEMA_VERSION};
+use vm_backup::format::metadata::{BackupMetadata, DiskRecord, Method, SCHEMA_VERSION};
 use vm_backup::ExitStatus;
 
 /// The `vm-backup` binary built for the tests.
@@ -36,7 +36,7 @@ pub fn text(out: &Output) -> (String, String) {
 
 /// Metadata of a backup with no disks, for tests of what reads metadata only.
 pub fn metadata(host: &str, vm: &str, stamp: &str, result: ExitStatus) -> BackupMetadata {
-    let t = vm_backup::layout::parse_stamp(stamp).unwrap();
+    let t = vm_backup::format::layout::parse_stamp(stamp).unwrap();
     BackupMetadata {
         schema_version: SCHEMA_VERSION,
         tool_version: vm_backup::VERSION.into(),
@@ -315,7 +315,7 @@ pub fn hand_backup(
     fs::create_dir_all(&dir).unwrap();
     let mut meta = metadata(host, vm, stamp, ExitStatus::Success);
     for (dev, format, src) in disks {
-        let file = vm_backup::layout::disk_file_name(vm, dev, format).unwrap();
+        let file = vm_backup::format::layout::disk_file_name(vm, dev, format).unwrap();
         let report = copy_file(
             src,
             &dir.join(&file),

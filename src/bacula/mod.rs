@@ -17,8 +17,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::metadata::Method;
+use crate::format::metadata::Method;
 
+pub mod director_config;
 mod engine;
 mod job;
 mod stream;
@@ -264,7 +265,7 @@ impl VirtualPath {
             [vm] | [vm, ""] if ok_part(vm) => Ok(None),
             [vm, stamp] | [vm, stamp, ""] if ok_part(vm) && ok_part(stamp) => Ok(None),
             [vm, stamp, file] if ok_part(vm) && ok_part(stamp) && ok_part(file) => {
-                crate::layout::parse_stamp(stamp)
+                crate::format::layout::parse_stamp(stamp)
                     .map_err(|_| PluginError::BadVirtualPath(ofname.to_string()))?;
                 Ok(Some(Self::new(vm, stamp, file)))
             }

@@ -19,8 +19,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use super::engine::{self, DirectBackup};
 use super::stream::{self, Hasher, StreamHash, StreamSession};
 use super::{Mode, PluginArgs, PluginError, VirtualPath};
-use crate::layout;
-use crate::metadata::BackupMetadata;
+use crate::format::layout;
+use crate::format::metadata::BackupMetadata;
 use crate::progress::{CancelToken, Level, Progress, Transfer};
 use crate::ExitStatus;
 

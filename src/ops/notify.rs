@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::catalog::{BackupRow, FailedRun};
 use crate::config::Settings;
-use crate::metadata::BackupMetadata;
+use crate::format::metadata::BackupMetadata;
+use crate::store::catalog::{BackupRow, FailedRun};
 use crate::ExitStatus;
 
 /// Default timeout of one POST.
@@ -102,10 +102,10 @@ impl AfterRun {
 }
 
 /// Everything ops does after a backup run, in one call for the backup workflow (CLI and
-/// plugin): records the run in the catalog on `settings.target` ([`crate::catalog::record_backup`]
-/// or [`crate::catalog::record_failure`]), sends the Slack alert when the run failed or warned
+/// plugin): records the run in the catalog on `settings.target` ([`crate::store::catalog::record_backup`]
+/// or [`crate::store::catalog::record_failure`]), sends the Slack alert when the run failed or warned
 /// ([`alert_backup`]), and updates the Prometheus textfile when `settings.metrics_file` is set
-/// ([`crate::metrics::record_run`]). `backup_dir` is the published folder (for
+/// ([`crate::ops::metrics::record_run`]). `backup_dir` is the published folder (for
 /// [`BackupOutcome::Published`]). Never fails; bounded by the Slack budget.
 pub fn after_backup_run(
     settings: &Settings,
@@ -119,19 +119,24 @@ pub fn after_backup_run(
                 .unwrap_or_else(|| {
                     settings
                         .target
-                        .join(crate::layout::safe_component(&meta.host).unwrap_or_default())
-                        .join(crate::layout::safe_component(&meta.vm_name).unwrap_or_default())
+                        .join(crate::format::layout::safe_component(&meta.host).unwrap_or_default())
+                        .join(
+                            crate::format::layout::safe_component(&meta.vm_name)
+                                .unwrap_or_default(),
+                        )
                         .join(&meta.stamp)
                 });
-            crate::catalog::record_backup(&settings.target, meta, &dir).err()
+            crate::store::catalog::record_backup(&settings.target, meta, &dir).err()
         }
-        BackupOutcome::Failed(f) => crate::catalog::record_failure(&settings.target, f).err(),
+        BackupOutcome::Failed(f) => {
+            crate::store::catalog::record_failure(&settings.target, f).err()
+        }
     }
     .map(|e| e.to_string());
     let metrics_error = settings
         .metrics_file
         .as_deref()
-        .and_then(|path| crate::metrics::record_run(path, outcome).err())
+        .and_then(|path| crate::ops::metrics::record_run(path, outcome).err())
         .map(|e| e.to_string());
     let alert = alert_backup(settings, outcome);
     let after = AfterRun {
@@ -291,7 +296,7 @@ pub fn weekly_report(
 ) -> String {
     let since = now - chrono::Duration::days(7);
     let in_week = |stamp: &str| {
-        crate::layout::parse_stamp(stamp)
+        crate::format::layout::parse_stamp(stamp)
             .map(|t| t >= since && t <= now)
             .unwrap_or(false)
     };
@@ -360,7 +365,7 @@ pub fn weekly_report(
 }
 
 /// `passed`, `FAILED` or `–` for a verdict.
-pub fn verdict_word(v: Option<&crate::metadata::Verdict>) -> &'static str {
+pub fn verdict_word(v: Option<&crate::format::metadata::Verdict>) -> &'static str {
     match v {
         Some(v) if v.ok => "passed",
         Some(_) => "FAILED",

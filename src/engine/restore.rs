@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! use vm_backup::progress::{CancelToken, NoProgress};
-//! use vm_backup::restore::{restore, RestoreRequest, StampChoice};
+//! use vm_backup::engine::restore::{restore, RestoreRequest, StampChoice};
 //!
 //! let mut request = RestoreRequest::new("/mnt/backup", "hv1", "web01", StampChoice::Latest);
 //! request.new_name = Some("web01-restored".into()); // `--as`: a copy beside the original
@@ -13,7 +13,7 @@
 //! // request.backup_dir = Some("/mnt/backup/hv1/web01/2026-11-21-120000".into());
 //! let outcome = restore(&request, &NoProgress, &CancelToken::new())?;
 //! println!("defined {} ({})", outcome.domain, outcome.uuid);
-//! # Ok::<(), vm_backup::restore::RestoreError>(())
+//! # Ok::<(), vm_backup::engine::restore::RestoreError>(())
 //! ```
 //!
 //! [`RestoreRequest`] carries the target, host, VM and stamp (or [`StampChoice::Latest`]), or
@@ -25,7 +25,7 @@
 //! ## What it does, in order
 //!
 //! 1. Reads the backup's metadata and domain XML.
-//! 2. Verifies the backup ([`crate::verify::verify_backup`]: every disk against its chunk
+//! 2. Verifies the backup ([`crate::engine::verify::verify_backup`]: every disk against its chunk
 //!    manifest in parallel, the other files against `checksums.sha256`, `qemu-img check`), and
 //!    refuses a damaged backup, naming the file and chunk, unless `force`.
 //! 3. Checks libvirt: a running domain of that name is never touched, even with `force`; a
@@ -62,10 +62,10 @@ use virt::connect::Connect;
 use virt::sys;
 
 use crate::copier::{self, CopyOptions, HashMode};
-use crate::layout::{self, VmDir};
-use crate::metadata::{BackingRecord, BackupMetadata, DiskRecord};
+use crate::engine::verify::{self, VerifyOptions, VerifyReport};
+use crate::format::layout::{self, VmDir};
+use crate::format::metadata::{BackingRecord, BackupMetadata, DiskRecord};
 use crate::progress::{CancelToken, Level, Progress};
-use crate::verify::{self, VerifyOptions, VerifyReport};
 
 /// Where libvirt keeps NVRAM files of auto-selected firmware.
 pub const DEFAULT_NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
@@ -80,7 +80,7 @@ pub enum StampChoice {
 }
 
 impl std::str::FromStr for StampChoice {
-    type Err = crate::layout::LayoutError;
+    type Err = crate::format::layout::LayoutError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "latest" {
             Ok(StampChoice::Latest)
@@ -189,7 +189,7 @@ pub enum RestoreError {
     NotFound(String),
     /// The layout on the target is invalid.
     #[error(transparent)]
-    Layout(#[from] crate::layout::LayoutError),
+    Layout(#[from] crate::format::layout::LayoutError),
     /// The backup's metadata or XML cannot be read.
     #[error("cannot read {path}: {detail}")]
     Unreadable {
@@ -211,7 +211,7 @@ pub enum RestoreError {
     },
     /// Verification could not run.
     #[error(transparent)]
-    Verify(#[from] crate::verify::VerifyError),
+    Verify(#[from] crate::engine::verify::VerifyError),
     /// A domain of that name is running: never touched.
     #[error("domain {0} is running: a running domain is never replaced (shut it down first)")]
     Running(String),
@@ -323,7 +323,7 @@ pub fn locate(request: &RestoreRequest) -> Result<(PathBuf, String), RestoreErro
 /// The planned destination of every file of a restore.
 #[derive(Debug, Clone)]
 struct Plan {
-    disks: Vec<(crate::metadata::DiskRecord, PathBuf)>,
+    disks: Vec<(crate::format::metadata::DiskRecord, PathBuf)>,
     /// The backing layers of each disk (same order as `disks`), top to bottom.
     chains: Vec<Vec<PlannedLayer>>,
     /// True when the disks go back to their original paths.

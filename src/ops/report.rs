@@ -4,14 +4,14 @@
 
 use chrono::{DateTime, Local};
 
-use crate::catalog::FailedRun;
-use crate::notify;
+use crate::ops::notify;
 use crate::progress::{Level, Progress};
+use crate::store::catalog::FailedRun;
 
-use super::{BackupOutcome, BackupRequest};
+use crate::engine::backup::{BackupOutcome, BackupRequest};
 
 /// Reports one finished run; `started` is when the run began.
-pub(super) fn after_run(
+pub fn after_run(
     request: &BackupRequest,
     outcome: &BackupOutcome,
     started: DateTime<Local>,
@@ -28,7 +28,7 @@ pub(super) fn after_run(
             let failed = FailedRun {
                 host: settings.host(),
                 vm: request.vm.clone(),
-                stamp: crate::layout::stamp_for(started),
+                stamp: crate::format::layout::stamp_for(started),
                 started_at: started.to_rfc3339(),
                 finished_at: Local::now().to_rfc3339(),
                 result: outcome.status,

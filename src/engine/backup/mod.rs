@@ -32,7 +32,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use vm_backup::backup::{BackupRequest, BackupSession};
+//! use vm_backup::engine::backup::{BackupRequest, BackupSession};
 //! use vm_backup::progress::{CancelToken, NoProgress};
 //!
 //! let request = BackupRequest::new("web01", vm_backup::config::Settings::default());
@@ -55,7 +55,7 @@
 //! let metadata = session.metadata_for(Vec::new(), vec!["web01.xml".into()]);
 //! let _json = serde_json::to_string_pretty(&metadata);
 //! let _problems = session.close();       // journal cleared, lock released
-//! # Ok::<(), vm_backup::backup::BackupError>(())
+//! # Ok::<(), vm_backup::engine::backup::BackupError>(())
 //! ```
 //!
 //! `prepare` takes the progress sink either borrowed (`&dyn Progress`, the session then lives
@@ -78,7 +78,6 @@ mod commit;
 mod direct;
 pub mod journal;
 pub mod orphans;
-mod report;
 mod runlog;
 mod session;
 
@@ -91,7 +90,7 @@ use serde::Serialize;
 
 use crate::config::{Settings, VmEntry};
 use crate::copier::CopyOptions;
-use crate::metadata::{BackupMetadata, Method};
+use crate::format::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
@@ -292,7 +291,7 @@ pub fn run_backup(
 ) -> BackupOutcome {
     let started = chrono::Local::now();
     let outcome = run_backup_unreported(request, progress, cancel);
-    report::after_run(request, &outcome, started, progress);
+    crate::ops::report::after_run(request, &outcome, started, progress);
     outcome
 }
 

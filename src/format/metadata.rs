@@ -203,7 +203,7 @@ pub struct BackupMetadata {
 impl BackupMetadata {
     /// Reads `backup-metadata.json` from a backup folder.
     pub fn read(backup_dir: &Path) -> io::Result<Self> {
-        let path = backup_dir.join(crate::layout::METADATA_FILE);
+        let path = backup_dir.join(crate::format::layout::METADATA_FILE);
         let text = fs::read_to_string(&path)?;
         serde_json::from_str(&text).map_err(|e| {
             io::Error::new(
@@ -217,7 +217,7 @@ impl BackupMetadata {
     pub fn write(&self, backup_dir: &Path) -> io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
         write_atomic(
-            &backup_dir.join(crate::layout::METADATA_FILE),
+            &backup_dir.join(crate::format::layout::METADATA_FILE),
             text.as_bytes(),
         )
     }

@@ -6,8 +6,8 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use crate::bacula::{Mode, PluginArgs};
 use crate::config::{Inventory, VmEntry};
-use crate::plugin::{Mode, PluginArgs};
 
 /// Errors generating the resources.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub enum BaculaConfigError {
         vm: String,
         /// The parse error.
         #[source]
-        source: crate::plugin::PluginError,
+        source: crate::bacula::PluginError,
     },
 }
 

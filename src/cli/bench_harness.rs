@@ -27,8 +27,8 @@ use std::time::Instant;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::copier::{self, CopyOptions, HashMode, IoPath};
-use crate::progress::{CancelToken, Level, NoProgress, Progress};
+use vm_backup::copier::{self, CopyOptions, HashMode, IoPath};
+use vm_backup::progress::{CancelToken, Level, NoProgress, Progress};
 
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: u64 = 1 << 20;

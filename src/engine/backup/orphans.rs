@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::layout;
-use crate::libvirt::{DomState, Hypervisor, LibvirtError};
+use crate::format::layout;
+use crate::hv::{DomState, Hypervisor, LibvirtError};
 use crate::progress::{Level, Progress};
 
 use super::commit;

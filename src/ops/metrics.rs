@@ -23,7 +23,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use crate::notify::BackupOutcome;
+use crate::ops::notify::BackupOutcome;
 use crate::ExitStatus;
 
 /// The metric families, with their help text, in the order written.
@@ -76,7 +76,7 @@ pub fn record_run(path: &Path, outcome: &BackupOutcome<'_>) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir)?;
     }
-    crate::metadata::write_atomic(path, render(&series).as_bytes())
+    crate::format::metadata::write_atomic(path, render(&series).as_bytes())
 }
 
 /// Sets the series of the run's VM from its outcome.
@@ -97,8 +97,11 @@ fn apply(series: &mut Series, outcome: &BackupOutcome<'_>) {
             let published = matches!(meta.result, ExitStatus::Success | ExitStatus::Warning);
             m.insert(FAMILIES[2].0.into(), if published { 1.0 } else { 0.0 });
             if published {
-                let duration =
-                    crate::catalog::run_seconds(&meta.started_at, &meta.finished_at, &meta.phases);
+                let duration = crate::store::catalog::run_seconds(
+                    &meta.started_at,
+                    &meta.finished_at,
+                    &meta.phases,
+                );
                 m.insert(FAMILIES[3].0.into(), end);
                 m.insert(FAMILIES[4].0.into(), duration);
                 m.insert(FAMILIES[5].0.into(), meta.total_bytes as f64);

@@ -1,16 +1,16 @@
 //! The plugin's calls into the engine: the backup of `vm-backup backup` ([`run_backup`], direct
-//! mode) and the restore of `vm-backup restore` ([`crate::restore::restore`]). Kept in one place
+//! mode) and the restore of `vm-backup restore` ([`crate::engine::restore::restore`]). Kept in one place
 //! so the plugin never grows a second code path.
 
 use std::path::PathBuf;
 
 use super::{PluginArgs, PluginError};
-use crate::backup::{run_backup, BackupRequest};
 use crate::config::{Inventory, Settings};
-use crate::layout::VmDir;
-use crate::metadata::{BackupMetadata, Method};
+use crate::engine::backup::{run_backup, BackupRequest};
+use crate::engine::restore::{restore, RestoreOutcome, RestoreRequest, StampChoice};
+use crate::format::layout::VmDir;
+use crate::format::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
-use crate::restore::{restore, RestoreOutcome, RestoreRequest, StampChoice};
 use crate::ExitStatus;
 
 /// A direct-mode backup that reached the target.
@@ -107,7 +107,7 @@ pub fn restore_direct(
 
 /// Words a restore's result for the job log.
 pub fn finish_restore(
-    result: Result<RestoreOutcome, crate::restore::RestoreError>,
+    result: Result<RestoreOutcome, crate::engine::restore::RestoreError>,
     vm: &str,
     cancel: &CancelToken,
 ) -> Result<String, PluginError> {

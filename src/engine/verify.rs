@@ -16,8 +16,8 @@ use std::time::Instant;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::layout::CHECKSUMS_FILE;
-use crate::metadata::{BackupMetadata, Verdict};
+use crate::format::layout::CHECKSUMS_FILE;
+use crate::format::metadata::{BackupMetadata, Verdict};
 use crate::progress::{CancelToken, Level, Progress};
 
 /// Errors of this module: verification could not run (a fault found is not an error, it is
@@ -106,7 +106,7 @@ impl VerifyReport {
             None => format!(
                 "{} checks passed ({} of disk images re-hashed in {:.1} s)",
                 self.checks.len(),
-                crate::notify::human_bytes(self.bytes),
+                crate::ops::notify::human_bytes(self.bytes),
                 self.seconds
             ),
         }
@@ -444,7 +444,7 @@ pub fn record_verdict(target: &Path, report: &VerifyReport) -> Result<BackupMeta
     meta.verify = Some(report.verdict());
     meta.write(&report.dir).map_err(record)?;
     // Keep checksums.sha256 untouched: the metadata is not listed in it.
-    if let Err(e) = crate::catalog::record_verdict(target, &meta, &report.dir) {
+    if let Err(e) = crate::store::catalog::record_verdict(target, &meta, &report.dir) {
         tracing::warn!(error = %e, "verify verdict not recorded in the catalog");
     }
     Ok(meta)

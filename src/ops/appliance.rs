@@ -142,7 +142,7 @@ pub fn capture_configs(
         match run_remote(vm, ssh, command) {
             Ok(output) => {
                 let path = configs_dir.join(file);
-                crate::metadata::write_atomic(&path, output.as_bytes())
+                crate::format::metadata::write_atomic(&path, output.as_bytes())
                     .map_err(|source| ApplianceError::Write { path, source })?;
                 written.push(file.to_string());
             }

@@ -14,11 +14,11 @@ use sha2::{Digest, Sha256};
 
 use super::job::{Content, FileKind, VirtualFile};
 use super::{PluginArgs, PluginError, VirtualPath};
-use crate::backup::{BackupSession, ProgressRef};
 use crate::config::Settings;
 use crate::copier::{root_digest, ChunkManifest, DEFAULT_CHUNK_SIZE};
-use crate::layout;
-use crate::metadata::{BackupMetadata, DiskRecord, SCHEMA_VERSION};
+use crate::engine::backup::{BackupSession, ProgressRef};
+use crate::format::layout;
+use crate::format::metadata::{BackupMetadata, DiskRecord, SCHEMA_VERSION};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
@@ -28,7 +28,7 @@ pub struct StreamSession {
     started_at: String,
 }
 
-fn engine_error(vm: &str, e: crate::backup::BackupError) -> PluginError {
+fn engine_error(vm: &str, e: crate::engine::backup::BackupError) -> PluginError {
     PluginError::Engine(format!(
         "vm-backup: backup of {vm} {} (exit {}): {e}",
         e.status,
@@ -159,7 +159,7 @@ impl StreamSession {
             tool_version: crate::VERSION.to_string(),
             vm_name: vm_name.clone(),
             vm_uuid: self.session.uuid().to_string(),
-            host: crate::layout::this_host(),
+            host: crate::format::layout::this_host(),
             stamp: stamp.clone(),
             method_requested: self.session.method(),
             method: self.session.method(),
@@ -320,11 +320,11 @@ pub fn restore_staged(
     })?;
     let meta = BackupMetadata::read(&folder)
         .map_err(|e| PluginError::Engine(format!("vm-backup: {}: {e}", folder.display())))?;
-    let mut request = crate::restore::RestoreRequest::new(
+    let mut request = crate::engine::restore::RestoreRequest::new(
         &settings.target,
         &meta.host,
         &meta.vm_name,
-        crate::restore::StampChoice::Stamp(stamp),
+        crate::engine::restore::StampChoice::Stamp(stamp),
     );
     request.backup_dir = Some(folder.clone());
     request.libvirt_uri = settings.libvirt_uri.clone();
@@ -334,7 +334,7 @@ pub fn restore_staged(
         request.new_name = Some(super::restored_name(&meta.vm_name));
     }
     let line = super::engine::finish_restore(
-        crate::restore::restore(&request, progress, cancel),
+        crate::engine::restore::restore(&request, progress, cancel),
         &meta.vm_name,
         cancel,
     )?;

@@ -18,8 +18,8 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::layout::safe_component;
-use crate::metadata::Method;
+use crate::format::layout::safe_component;
+use crate::format::metadata::Method;
 
 /// The sub-folder of `journal_dir` holding journals and locks.
 pub const JOURNAL_SUBDIR: &str = "journal";
@@ -258,7 +258,7 @@ impl Journal {
             path: self.path.clone(),
             source: io::Error::other(e),
         })?;
-        crate::metadata::write_atomic(&self.path, &text).map_err(io_err(&self.path))
+        crate::format::metadata::write_atomic(&self.path, &text).map_err(io_err(&self.path))
     }
 
     /// Removes the journal file: nothing is held any more.

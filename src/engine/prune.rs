@@ -33,8 +33,8 @@ use chrono::{Datelike, NaiveDateTime};
 use serde::Serialize;
 
 use crate::config::Retention;
-use crate::layout::{self, VmDir, STAMP_FORMAT};
-use crate::metadata::BackupMetadata;
+use crate::format::layout::{self, VmDir, STAMP_FORMAT};
+use crate::format::metadata::BackupMetadata;
 use crate::ExitStatus;
 
 /// Errors of this module.
@@ -42,7 +42,7 @@ use crate::ExitStatus;
 pub enum PruneError {
     /// The layout on the target is invalid or unreadable.
     #[error(transparent)]
-    Layout(#[from] crate::layout::LayoutError),
+    Layout(#[from] crate::format::layout::LayoutError),
     /// Removing a backup folder failed.
     #[error("cannot remove {path}: {source}")]
     Remove {

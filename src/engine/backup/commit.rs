@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::libvirt::{xml, Dom, Hypervisor};
+use crate::hv::{xml, Dom, Hypervisor};
 use crate::progress::{Level, Progress, Transfer};
 
 use super::RunLog;

@@ -21,8 +21,8 @@ use serde::Serialize;
 use virt::sys;
 
 use super::{connect, locate, restore, RestoreError, RestoreRequest, StampChoice};
-use crate::layout;
-use crate::metadata::{BackupMetadata, Verdict};
+use crate::format::layout;
+use crate::format::metadata::{BackupMetadata, Verdict};
 use crate::progress::{CancelToken, Level, Progress};
 
 /// What to test.
@@ -344,7 +344,7 @@ fn record(target: &Path, dir: &Path, verdict: &Verdict) {
                 tracing::error!(error = %e, "test-restore verdict not written to the metadata");
                 return;
             }
-            if let Err(e) = crate::catalog::record_verdict(target, &meta, dir) {
+            if let Err(e) = crate::store::catalog::record_verdict(target, &meta, dir) {
                 tracing::warn!(error = %e, "test-restore verdict not recorded in the catalog");
             }
         }

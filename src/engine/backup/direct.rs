@@ -10,8 +10,8 @@ use chrono::Local;
 
 use crate::copier::ChunkManifest;
 use crate::copier::{self, CopyOptions, HashMode, IoPath};
-use crate::layout::{self, VmDir};
-use crate::metadata::{self, BackingRecord, BackupMetadata, DiskRecord};
+use crate::format::layout::{self, VmDir};
+use crate::format::metadata::{self, BackingRecord, BackupMetadata, DiskRecord};
 use crate::progress::Level;
 use crate::ExitStatus;
 
@@ -287,14 +287,18 @@ impl BackupSession<'_> {
                 let captured = fs::create_dir_all(&dir)
                     .map_err(|e| e.to_string())
                     .and_then(|()| {
-                        crate::appliance::capture_configs(&entry, &self.request.settings.ssh, &dir)
-                            .map_err(|e| e.to_string())
+                        crate::ops::appliance::capture_configs(
+                            &entry,
+                            &self.request.settings.ssh,
+                            &dir,
+                        )
+                        .map_err(|e| e.to_string())
                     });
                 match captured {
                     Ok(names) => {
                         for n in names {
                             let rel = format!("{}/{n}", layout::CONFIGS_DIR);
-                            match crate::verify::sha256_file(&partial.join(&rel)) {
+                            match crate::engine::verify::sha256_file(&partial.join(&rel)) {
                                 Ok(sum) => files.push((rel, sum)),
                                 Err(e) => self.warn(format!("appliance config {rel}: {e}")),
                             }

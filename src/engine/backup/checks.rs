@@ -7,9 +7,9 @@ use std::process::Command;
 
 use serde::Serialize;
 
-use crate::layout;
-use crate::libvirt::{self, AgentChannel, Dom, DomState, Hypervisor};
-use crate::metadata::{BackupMetadata, Method, SkippedDisk};
+use crate::format::layout;
+use crate::format::metadata::{BackupMetadata, Method, SkippedDisk};
+use crate::hv::{self, AgentChannel, Dom, DomState, Hypervisor};
 use crate::progress::{CancelToken, Progress};
 
 use super::{BackupError, BackupRequest, SessionDisk, OVERLAY_MARKER};
@@ -132,7 +132,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
     let uuid = dom.uuid().map_err(|e| e.to_string())?;
     let inactive_xml = dom.xml(true).map_err(|e| e.to_string())?;
     let current = dom.parsed(!state.is_live()).map_err(|e| e.to_string())?;
-    let inactive = libvirt::xml::parse_domain(&inactive_xml)
+    let inactive = hv::xml::parse_domain(&inactive_xml)
         .map_err(|e| format!("cannot parse the inactive domain XML: {e}"))?;
     let mut notes: Vec<String> = Vec::new();
 
@@ -286,7 +286,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
         .clone()
         .or_else(|| inactive.nvram.clone())
         .or_else(|| {
-            let p = libvirt::default_nvram_path(vm);
+            let p = hv::default_nvram_path(vm);
             (current.efi && p.is_file()).then_some(p)
         });
     let mut nvram_size = 0;
@@ -439,7 +439,7 @@ pub fn post_check_folder(
         if disk_names.contains(name.as_str()) {
             continue; // checked against the manifest below
         }
-        match crate::verify::sha256_file(&dir.join(name)) {
+        match crate::engine::verify::sha256_file(&dir.join(name)) {
             Ok(actual) if &actual == sum => {}
             Ok(actual) => problems.push(format!(
                 "{name}: SHA-256 {actual} does not match checksums.sha256 ({sum})"

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde::Deserialize;
 
-use crate::layout::{self, LayoutError};
+use crate::format::layout::{self, LayoutError};
 
 /// One image below a disk's base image (depth 1 is the base's own backing file).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Local};
 
 use crate::config::VmEntry;
-use crate::layout::{self, VmDir};
-use crate::libvirt::image_lock::ImageLock;
-use crate::libvirt::{Dom, DomState, Hypervisor};
-use crate::metadata::{BackupMetadata, DiskRecord, Method, SkippedDisk};
+use crate::format::layout::{self, VmDir};
+use crate::format::metadata::{BackupMetadata, DiskRecord, Method, SkippedDisk};
+use crate::hv::image_lock::ImageLock;
+use crate::hv::{Dom, DomState, Hypervisor};
 use crate::progress::{CancelToken, Level, Progress};
 
 use super::chain::BackingImage;
@@ -48,7 +48,7 @@ pub struct SessionDisk {
     pub overlay: Option<PathBuf>,
 }
 
-/// A backup in progress. See the module documentation of [`crate::backup`] for the phases.
+/// A backup in progress. See the module documentation of [`crate::engine::backup`] for the phases.
 pub struct BackupSession<'a> {
     pub(super) progress: ProgressRef<'a>,
     pub(super) cancel: CancelToken,
@@ -486,7 +486,7 @@ impl<'a> BackupSession<'a> {
             return;
         }
         self.log(Level::Info, "appliance: write memory before the snapshot");
-        if let Err(e) = crate::appliance::write_memory(&entry, &self.request.settings.ssh) {
+        if let Err(e) = crate::ops::appliance::write_memory(&entry, &self.request.settings.ssh) {
             self.warn(format!("appliance write memory failed: {e}"));
         }
     }
@@ -862,7 +862,7 @@ fn create_overlay(disk: &SessionDisk, overlay: &Path) -> Result<(), String> {
 /// The `<domainsnapshot>` XML: every copied disk external into its overlay, every skipped
 /// disk excluded.
 pub(crate) fn snapshot_xml(stamp: &str, disks: &[SessionDisk], skipped: &[SkippedDisk]) -> String {
-    use crate::libvirt::xml::escape_attr;
+    use crate::hv::xml::escape_attr;
     let mut xml = format!(
         "<domainsnapshot><name>vmb-{}</name><description>vm-backup {}</description><disks>",
         escape_attr(stamp),

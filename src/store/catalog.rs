@@ -26,8 +26,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{self, METADATA_DIR};
-use crate::metadata::{self, BackupMetadata, Method};
+use crate::format::layout::{self, METADATA_DIR};
+use crate::format::metadata::{self, BackupMetadata, Method};
 use crate::ExitStatus;
 
 /// The catalog file name under `<target>/metadata/`.
@@ -108,7 +108,7 @@ pub enum CatalogError {
     },
     /// The layout of the share could not be read.
     #[error(transparent)]
-    Layout(#[from] crate::layout::LayoutError),
+    Layout(#[from] crate::format::layout::LayoutError),
 }
 
 /// A run that published no backup: pre-check failed or backup failed.
@@ -163,9 +163,9 @@ pub struct BackupRow {
     /// Warnings raised.
     pub warnings: Vec<String>,
     /// `verify` verdict: passed, when, detail.
-    pub verify: Option<crate::metadata::Verdict>,
+    pub verify: Option<crate::format::metadata::Verdict>,
     /// `test-restore` verdict.
-    pub test_restore: Option<crate::metadata::Verdict>,
+    pub test_restore: Option<crate::format::metadata::Verdict>,
 }
 
 impl BackupRow {
@@ -415,7 +415,7 @@ impl Catalog {
         let rows = stmt
             .query_map(params![vm], |r| {
                 let verdict = |ok: Option<bool>, at: Option<String>, detail: Option<String>| {
-                    ok.map(|ok| crate::metadata::Verdict {
+                    ok.map(|ok| crate::format::metadata::Verdict {
                         ok,
                         at: at.unwrap_or_default(),
                         detail: detail.unwrap_or_default(),

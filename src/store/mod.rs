@@ -1,0 +1,3 @@
+//! The backup target: the only code that touches its files, and the catalog index on it.
+
+pub mod catalog;
