@@ -366,6 +366,18 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+impl ConfigError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            ConfigError::Read { .. } => ErrorKind::Config,
+            ConfigError::Parse { .. } => ErrorKind::Config,
+            ConfigError::Invalid { .. } => ErrorKind::Config,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

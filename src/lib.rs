@@ -38,7 +38,7 @@ pub mod ops;
 pub mod progress;
 pub mod store;
 
-pub use error::{Error, ExitStatus};
+pub use error::{Error, ErrorKind, ExitStatus, Severity};
 
 /// The version of this build, as recorded in every backup's metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -205,6 +205,19 @@ pub fn generate(inventory: &Inventory, opts: &Options) -> Result<String, BaculaC
     Ok(out)
 }
 
+impl BaculaConfigError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            BaculaConfigError::NoClient => ErrorKind::InvalidInput,
+            BaculaConfigError::UnknownClient { .. } => ErrorKind::InvalidInput,
+            BaculaConfigError::BadName { .. } => ErrorKind::InvalidInput,
+            BaculaConfigError::PluginString { .. } => ErrorKind::InvalidInput,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

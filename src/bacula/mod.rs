@@ -301,6 +301,26 @@ pub fn where_dir(where_: &str) -> Option<&Path> {
     (!is_original_place(where_)).then(|| Path::new(where_.trim()))
 }
 
+impl PluginError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            PluginError::NotOurs { .. } => ErrorKind::InvalidInput,
+            PluginError::NotKeyValue { .. } => ErrorKind::InvalidInput,
+            PluginError::UnknownKey { .. } => ErrorKind::InvalidInput,
+            PluginError::Repeated { .. } => ErrorKind::InvalidInput,
+            PluginError::BadValue { .. } => ErrorKind::InvalidInput,
+            PluginError::MissingVm => ErrorKind::InvalidInput,
+            PluginError::BadVirtualPath { .. } => ErrorKind::InvalidInput,
+            PluginError::Engine { .. } => ErrorKind::Internal,
+            PluginError::Canceled => ErrorKind::Cancelled,
+            PluginError::Protocol { .. } => ErrorKind::Internal,
+            PluginError::Io { .. } => ErrorKind::Io,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

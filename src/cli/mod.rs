@@ -92,6 +92,7 @@ pub fn main() -> i32 {
                 eprintln!("  caused by: {cause}");
                 source = cause.source();
             }
+            eprintln!("  hint ({}): {}", e.kind(), e.guidance());
             2
         }
     }

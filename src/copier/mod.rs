@@ -468,6 +468,27 @@ pub mod duration_secs {
     }
 }
 
+impl CopyError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            CopyError::BadOptions { .. } => ErrorKind::InvalidInput,
+            CopyError::SourceOpen { .. } => ErrorKind::NotFound,
+            CopyError::SourceRead { .. } => ErrorKind::Io,
+            CopyError::SourceChanged { .. } => ErrorKind::Corrupt,
+            CopyError::DestinationFolderMissing { .. } => ErrorKind::TargetMissing,
+            CopyError::DestinationOpen { .. } => ErrorKind::TargetFailing,
+            CopyError::DestinationWrite { .. } => ErrorKind::TargetFailing,
+            CopyError::NoSpace { .. } => ErrorKind::TargetFull,
+            CopyError::Io { .. } => ErrorKind::Io,
+            CopyError::Cancelled { .. } => ErrorKind::Cancelled,
+            CopyError::UringUnavailable { .. } => ErrorKind::Internal,
+            CopyError::Uring { .. } => ErrorKind::Io,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

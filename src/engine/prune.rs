@@ -298,6 +298,17 @@ pub fn apply(vm_dir: &VmDir, decisions: &[Decision]) -> Result<Vec<PathBuf>, Pru
     Ok(removed)
 }
 
+impl PruneError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            PruneError::Layout(e) => e.kind(),
+            PruneError::Remove { .. } => ErrorKind::TargetFailing,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

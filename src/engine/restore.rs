@@ -1219,6 +1219,33 @@ fn disks_of_other_domains(
     Ok(out)
 }
 
+impl RestoreError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            RestoreError::NotFound { .. } => ErrorKind::NotFound,
+            RestoreError::Layout(e) => e.kind(),
+            RestoreError::Unreadable { .. } => ErrorKind::Corrupt,
+            RestoreError::Xml { .. } => ErrorKind::Corrupt,
+            RestoreError::Damaged { .. } => ErrorKind::Corrupt,
+            RestoreError::Verify(e) => e.kind(),
+            RestoreError::Running { .. } => ErrorKind::Busy,
+            RestoreError::Exists { .. } => ErrorKind::Busy,
+            RestoreError::FileExists { .. } => ErrorKind::Busy,
+            RestoreError::InUse { .. } => ErrorKind::Busy,
+            RestoreError::BadName { .. } => ErrorKind::InvalidInput,
+            RestoreError::Libvirt { .. } => ErrorKind::Libvirt,
+            RestoreError::Copy(e) => e.kind(),
+            RestoreError::Mismatch { .. } => ErrorKind::Corrupt,
+            RestoreError::Io { .. } => ErrorKind::Io,
+            RestoreError::Unusable { .. } => ErrorKind::Corrupt,
+            RestoreError::Chain { .. } => ErrorKind::Corrupt,
+            RestoreError::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

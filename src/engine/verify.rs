@@ -449,3 +449,15 @@ pub fn record_verdict(target: &Path, report: &VerifyReport) -> Result<BackupMeta
     }
     Ok(meta)
 }
+
+impl VerifyError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            VerifyError::Metadata { .. } => ErrorKind::Corrupt,
+            VerifyError::Record { .. } => ErrorKind::TargetFailing,
+            VerifyError::Cancelled { .. } => ErrorKind::Cancelled,
+        }
+    }
+}

@@ -233,6 +233,19 @@ pub fn this_host() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+impl LayoutError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            LayoutError::EmptyName { .. } => ErrorKind::InvalidInput,
+            LayoutError::BadStamp { .. } => ErrorKind::InvalidInput,
+            LayoutError::Exists { .. } => ErrorKind::Busy,
+            LayoutError::Io { .. } => ErrorKind::TargetFailing,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -385,3 +385,18 @@ impl Dom {
 pub fn default_nvram_path(vm: &str) -> std::path::PathBuf {
     Path::new("/var/lib/libvirt/qemu/nvram").join(format!("{vm}_VARS.fd"))
 }
+
+impl LibvirtError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            LibvirtError::Connect { .. } => ErrorKind::Libvirt,
+            LibvirtError::NoDomain { .. } => ErrorKind::NotFound,
+            LibvirtError::Call { .. } => ErrorKind::Libvirt,
+            LibvirtError::Xml { .. } => ErrorKind::Libvirt,
+            LibvirtError::Cancelled { .. } => ErrorKind::Cancelled,
+            LibvirtError::Timeout { .. } => ErrorKind::Libvirt,
+        }
+    }
+}

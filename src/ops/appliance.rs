@@ -298,6 +298,23 @@ fn tail(text: &str, max: usize) -> String {
     t[start..].replace('\n', " | ")
 }
 
+impl ApplianceError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            ApplianceError::NotConfigured { .. } => ErrorKind::Config,
+            ApplianceError::Spawn { .. } => ErrorKind::Tool,
+            ApplianceError::Timeout { .. } => ErrorKind::Tool,
+            ApplianceError::Connect { .. } => ErrorKind::Tool,
+            ApplianceError::Command { .. } => ErrorKind::Tool,
+            ApplianceError::NotConfirmed { .. } => ErrorKind::Tool,
+            ApplianceError::Write { .. } => ErrorKind::TargetFailing,
+            ApplianceError::Partial { .. } => ErrorKind::Tool,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

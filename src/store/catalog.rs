@@ -806,3 +806,16 @@ pub fn record_failure(target: &Path, failure: &FailedRun) -> Result<(), CatalogE
     catalog.upsert_failure(failure)?;
     write_last_run(target, RunSummary::of_failure(failure))
 }
+
+impl CatalogError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            CatalogError::Sqlite { .. } => ErrorKind::TargetFailing,
+            CatalogError::Io { .. } => ErrorKind::TargetFailing,
+            CatalogError::Damaged { .. } => ErrorKind::Corrupt,
+            CatalogError::Layout(e) => e.kind(),
+        }
+    }
+}

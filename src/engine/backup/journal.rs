@@ -275,6 +275,18 @@ impl Journal {
     }
 }
 
+impl JournalError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            JournalError::Busy { .. } => ErrorKind::Busy,
+            JournalError::Io { .. } => ErrorKind::Io,
+            JournalError::Corrupt { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

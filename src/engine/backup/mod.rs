@@ -181,6 +181,20 @@ impl BackupError {
     }
 }
 
+impl BackupError {
+    /// What kind of failure this is. Until the cause is typed, it is read from the phase:
+    /// a pre-check failure is the environment's, a later one the operation's.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self.phase {
+            Phase::Checks | Phase::Repair => ErrorKind::Busy,
+            Phase::Copy | Phase::Publish => ErrorKind::TargetFailing,
+            Phase::PostChecks => ErrorKind::Corrupt,
+            _ => ErrorKind::Libvirt,
+        }
+    }
+}
+
 /// What to back up and how.
 #[derive(Debug, Clone)]
 pub struct BackupRequest {

@@ -456,6 +456,17 @@ pub fn random_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
+impl XmlError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            XmlError::Parse { .. } => ErrorKind::Corrupt,
+            XmlError::NotADomain { .. } => ErrorKind::Corrupt,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
