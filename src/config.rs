@@ -71,6 +71,15 @@ pub enum ConfigError {
         /// Why.
         message: String,
     },
+    /// A target override (`--target`, the plugin's `target=`) cannot be made absolute.
+    #[error("target {target}: {source}")]
+    Target {
+        /// The target as given.
+        target: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Timeouts of the steps that wait on something outside our control.
@@ -232,16 +241,27 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Loads the configuration (see [`Settings::load`]) and applies a `--target` override.
+    /// Loads the configuration (see [`Settings::load`]) and applies a `--target` override
+    /// (see [`Settings::with_target`]).
     pub fn load_with_target(
         path: Option<&Path>,
         target: Option<&Path>,
     ) -> Result<Self, ConfigError> {
-        let mut settings = Self::load(path)?;
+        Self::load(path)?.with_target(target)
+    }
+
+    /// These settings with a target override applied: `--target` of the command line or
+    /// `target=` of the plugin string. A relative path is taken from the current folder (made
+    /// absolute here, so the layout never sees a relative target); `None` keeps the configured
+    /// target. The one place an override is applied.
+    pub fn with_target(mut self, target: Option<&Path>) -> Result<Self, ConfigError> {
         if let Some(t) = target {
-            settings.target = t.to_path_buf();
+            self.target = std::path::absolute(t).map_err(|source| ConfigError::Target {
+                target: t.to_path_buf(),
+                source,
+            })?;
         }
-        Ok(settings)
+        Ok(self)
     }
 
     /// The host name used in the layout.
@@ -374,6 +394,7 @@ impl ConfigError {
             ConfigError::Read { .. } => ErrorKind::Config,
             ConfigError::Parse { .. } => ErrorKind::Config,
             ConfigError::Invalid { .. } => ErrorKind::Config,
+            ConfigError::Target { .. } => ErrorKind::Config,
         }
     }
 }
@@ -396,6 +417,19 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("/etc/vm-backup/vm-backup.conf:3:"), "{msg}");
         assert!(msg.contains("agent_secs"), "{msg}");
+    }
+
+    #[test]
+    fn target_override_is_applied_once_and_made_absolute() {
+        let base = Settings::default();
+        let kept = base.clone().with_target(None).unwrap();
+        assert_eq!(kept.target, base.target);
+        let set = base.clone().with_target(Some(Path::new("/srv/b"))).unwrap();
+        assert_eq!(set.target, PathBuf::from("/srv/b"));
+        let relative = base.clone().with_target(Some(Path::new("b"))).unwrap();
+        assert!(relative.target.is_absolute() && relative.target.ends_with("b"));
+        let empty = base.with_target(Some(Path::new(""))).unwrap_err();
+        assert!(matches!(empty, ConfigError::Target { .. }), "{empty}");
     }
 
     #[test]

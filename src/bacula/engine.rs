@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::{PluginArgs, PluginError};
 use crate::config::{Inventory, Settings};
-use crate::engine::backup::{run_backup, BackupRequest};
+use crate::engine::backup::{run_backup, BackupError, BackupRequest, Phase};
 use crate::engine::restore::{restore, RestoreOutcome, RestoreRequest, StampChoice};
 use crate::format::layout::VmDir;
 use crate::format::metadata::{BackupMetadata, Method};
@@ -27,8 +27,7 @@ pub struct DirectBackup {
 /// The engine's request for a plugin string, built as `vm-backup backup` builds it: the method
 /// from the string, else from the inventory, else auto; the inventory entry for appliances.
 pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, PluginError> {
-    let inventory = Inventory::load(&settings.inventory)
-        .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?;
+    let inventory = Inventory::load(&settings.inventory)?;
     let entry = inventory.vm(&args.vm).cloned();
     let mut request = BackupRequest::new(&args.vm, settings.clone());
     request.method = args
@@ -59,13 +58,15 @@ pub fn backup_direct(
             if cancel.is_cancelled() {
                 return Err(PluginError::Canceled);
             }
-            Err(PluginError::Engine(format!(
-                "vm-backup: backup of {} {} (exit {}): {}",
-                args.vm,
+            let source = outcome.failure.unwrap_or_else(|| {
+                BackupError::failed(&args.vm, Phase::Publish, "no backup folder")
+            });
+            Err(PluginError::Backup {
+                vm: args.vm.clone(),
                 status,
-                status.code(),
-                outcome.error.unwrap_or_else(|| "no backup folder".into())
-            )))
+                source,
+                release_problems: outcome.warnings,
+            })
         }
     }
 }
@@ -91,11 +92,8 @@ pub fn restore_direct(
     );
     request.libvirt_uri = settings.libvirt_uri.clone();
     request.force = force;
-    request.backup_dir = Some(
-        VmDir::new(&settings.target, &meta.host, &meta.vm_name)
-            .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?
-            .backup_dir(&meta.stamp),
-    );
+    request.backup_dir =
+        Some(VmDir::new(&settings.target, &meta.host, &meta.vm_name)?.backup_dir(&meta.stamp));
     if let Some(dir) = super::where_dir(where_) {
         std::fs::create_dir_all(dir)
             .map_err(|e| PluginError::io(format!("create {}", dir.display()), e))?;
@@ -128,8 +126,9 @@ pub fn finish_restore(
                 .join(", ")
         )),
         Err(_) if cancel.is_cancelled() => Err(PluginError::Canceled),
-        Err(e) => Err(PluginError::Engine(format!(
-            "vm-backup: restore of {vm} failed: {e}"
-        ))),
+        Err(source) => Err(PluginError::Restore {
+            vm: vm.to_string(),
+            source,
+        }),
     }
 }

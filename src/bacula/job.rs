@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::engine::{self, DirectBackup};
-use super::stream::{self, Hasher, StreamHash, StreamSession};
+use super::stream::{self, StreamSession};
 use super::{Mode, PluginArgs, PluginError, VirtualPath};
+use crate::copier::{FileDigests, StreamHasher};
 use crate::format::layout;
 use crate::format::metadata::BackupMetadata;
 use crate::progress::{CancelToken, Level, Progress, Transfer};
@@ -166,7 +167,7 @@ struct BackupState {
     /// Stream mode: the last disk has been read; finish the session after it.
     finished: bool,
     /// Stream mode: digests of the files sent so far.
-    hashes: Vec<(String, StreamHash)>,
+    hashes: Vec<(String, FileDigests)>,
     /// Stream mode: the session's progress and log lines.
     messages: Option<Receiver<Event>>,
 }
@@ -178,7 +179,7 @@ struct Reader {
     total: u64,
     started: Instant,
     last_report: Instant,
-    hasher: Option<Hasher>,
+    hasher: Option<StreamHasher>,
 }
 
 struct RestoreState {
@@ -335,9 +336,8 @@ impl Job {
         let stamp = dir
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
-            .ok_or_else(|| PluginError::Engine(format!("bad backup folder {}", dir.display())))?;
-        let vm =
-            layout::safe_component(&args.vm).map_err(|e| PluginError::Engine(e.to_string()))?;
+            .ok_or(PluginError::Protocol("the engine published a folder without a name"))?;
+        let vm = layout::safe_component(&args.vm)?;
         match outcome.status {
             ExitStatus::Warning => {
                 for w in &outcome.warnings {
@@ -380,8 +380,7 @@ impl Job {
         let args = self.parse_args(cmd)?;
         let settings = super::settings_for(&args)?;
         let stamp = layout::stamp_for(chrono::Local::now());
-        let vm =
-            layout::safe_component(&args.vm).map_err(|e| PluginError::Engine(e.to_string()))?;
+        let vm = layout::safe_component(&args.vm)?;
         let mtime = chrono::Utc::now().timestamp();
         let mut files: Vec<VirtualFile> = Vec::new();
         if args.mode == Mode::Stream {
@@ -424,9 +423,7 @@ impl Job {
             forward(&rx, self.sink.as_ref());
             match handle.join() {
                 Ok(result) => result,
-                Err(_) => Err(PluginError::Engine(
-                    "vm-backup: internal error: the engine thread panicked".into(),
-                )),
+                Err(_) => Err(PluginError::WorkerPanicked),
             }
         })
     }
@@ -450,9 +447,7 @@ impl Job {
             }
             match handle.join() {
                 Ok(result) => result,
-                Err(_) => Err(PluginError::Engine(
-                    "vm-backup: internal error: the engine thread panicked".into(),
-                )),
+                Err(_) => Err(PluginError::WorkerPanicked),
             }
         })
     }
@@ -460,9 +455,7 @@ impl Job {
     /// startBackupFile: the next file, or `None` when there is none.
     pub fn next_file(&mut self) -> Result<Option<&VirtualFile>, PluginError> {
         let State::Backup(state) = &mut self.state else {
-            return Err(PluginError::Protocol(
-                "vm-backup: startBackupFile before a backup command".into(),
-            ));
+            return Err(PluginError::Protocol("startBackupFile before a backup command"));
         };
         let next = state.current.map_or(0, |i| i + 1);
         if next >= state.files.len() {
@@ -504,7 +497,7 @@ impl Job {
     fn finish_stream(
         &self,
         session: StreamSession,
-        hashes: Vec<(String, StreamHash)>,
+        hashes: Vec<(String, FileDigests)>,
         rx: Option<Receiver<Event>>,
     ) -> Result<Vec<VirtualFile>, PluginError> {
         let mtime = chrono::Utc::now().timestamp();
@@ -515,14 +508,12 @@ impl Job {
     /// pluginIO OPEN for reading (backup) of the current file.
     pub fn open_read(&mut self) -> Result<(), PluginError> {
         let State::Backup(state) = &mut self.state else {
-            return Err(PluginError::Protocol(
-                "vm-backup: open outside a backup".into(),
-            ));
+            return Err(PluginError::Protocol("open outside a backup"));
         };
         let file = state
             .current
             .and_then(|i| state.files.get(i))
-            .ok_or_else(|| PluginError::Protocol("vm-backup: open without a file".into()))?;
+            .ok_or_else(|| PluginError::Protocol("open without a file"))?;
         let source: Box<dyn Read + Send> = match &file.content {
             Content::Bytes(b) => Box::new(std::io::Cursor::new(b.clone())),
             Content::File(p) => Box::new(
@@ -532,7 +523,7 @@ impl Job {
             Content::Listing => Box::new(std::io::empty()),
         };
         let now = Instant::now();
-        let hasher = state.session.is_some().then(Hasher::default);
+        let hasher = state.session.is_some().then(stream::hasher);
         state.reader = Some(Reader {
             source,
             name: file.path.rsplit('/').next().unwrap_or_default().to_string(),
@@ -552,14 +543,12 @@ impl Job {
             return Err(PluginError::Canceled);
         }
         let State::Backup(state) = &mut self.state else {
-            return Err(PluginError::Protocol(
-                "vm-backup: read outside a backup".into(),
-            ));
+            return Err(PluginError::Protocol("read outside a backup"));
         };
         let reader = state
             .reader
             .as_mut()
-            .ok_or_else(|| PluginError::Protocol("vm-backup: read before open".into()))?;
+            .ok_or_else(|| PluginError::Protocol("read before open"))?;
         let n = loop {
             match reader.source.read(buf) {
                 Ok(n) => break n,
@@ -643,7 +632,7 @@ impl Job {
         replace: char,
     ) -> Result<CreateResult, PluginError> {
         let args = self.args.clone().ok_or_else(|| {
-            PluginError::Protocol("vm-backup: createFile before RestoreCommand".into())
+            PluginError::Protocol("createFile before RestoreCommand")
         })?;
         if !matches!(self.state, State::Restore(_)) {
             self.restore_command_state(where_, replace);
@@ -687,7 +676,7 @@ impl Job {
     /// the target). Renamed without `.partial` once complete.
     fn staging_dir(&mut self, args: &PluginArgs, vp: &VirtualPath) -> Result<PathBuf, PluginError> {
         let State::Restore(state) = &mut self.state else {
-            return Err(PluginError::Protocol("vm-backup: not restoring".into()));
+            return Err(PluginError::Protocol("not restoring"));
         };
         let key = (vp.vm.clone(), vp.stamp.clone());
         if let Some(dir) = state.staging.get(&key) {
@@ -697,17 +686,12 @@ impl Job {
             Some(w) => w.join(&vp.vm),
             None => {
                 let settings = super::settings_for(args)?;
-                layout::VmDir::new(&settings.target, &settings.host(), &vp.vm)
-                    .map_err(|e| PluginError::Engine(e.to_string()))?
-                    .path
+                layout::VmDir::new(&settings.target, &settings.host(), &vp.vm)?.path
             }
         };
         let dir = base.join(format!("{}{}", vp.stamp, layout::PARTIAL_SUFFIX));
         if base.join(&vp.stamp).exists() {
-            return Err(PluginError::Engine(format!(
-                "vm-backup: {} already exists; remove it or restore with another where=",
-                base.join(&vp.stamp).display()
-            )));
+            return Err(PluginError::AlreadyExists(base.join(&vp.stamp)));
         }
         fs::create_dir_all(&dir)
             .map_err(|e| PluginError::io(format!("create {}", dir.display()), e))?;
@@ -719,9 +703,7 @@ impl Job {
     pub fn open_write(&mut self) -> Result<(), PluginError> {
         match &self.state {
             State::Restore(state) if state.incoming.is_some() => Ok(()),
-            _ => Err(PluginError::Protocol(
-                "vm-backup: open for write without createFile".into(),
-            )),
+            _ => Err(PluginError::Protocol("open for write without createFile")),
         }
     }
 
@@ -731,16 +713,15 @@ impl Job {
             return Err(PluginError::Canceled);
         }
         let State::Restore(state) = &mut self.state else {
-            return Err(PluginError::Protocol(
-                "vm-backup: write outside a restore".into(),
-            ));
+            return Err(PluginError::Protocol("write outside a restore"));
         };
         match &mut state.incoming {
-            Some(Incoming::Memory(_, data)) => {
+            Some(Incoming::Memory(vp, data)) => {
                 if data.len() + buf.len() > MAX_SMALL_FILE {
-                    return Err(PluginError::Engine(
-                        "vm-backup: metadata file too large".into(),
-                    ));
+                    return Err(PluginError::TooLarge {
+                        path: vp.to_path(),
+                        limit: MAX_SMALL_FILE,
+                    });
                 }
                 data.extend_from_slice(buf);
             }
@@ -748,9 +729,7 @@ impl Job {
                 .write_all(buf)
                 .map_err(|e| PluginError::io(format!("write {}", path.display()), e))?,
             None => {
-                return Err(PluginError::Protocol(
-                    "vm-backup: write without createFile".into(),
-                ))
+                return Err(PluginError::Protocol("write without createFile"))
             }
         }
         Ok(buf.len())
@@ -780,7 +759,7 @@ impl Job {
             return Ok(());
         }
         let args = self.args.clone().ok_or_else(|| {
-            PluginError::Protocol("vm-backup: restore without plugin string".into())
+            PluginError::Protocol("restore without plugin string")
         })?;
         let where_ = state.where_.clone();
         let force = state.replace == 'a';
@@ -791,9 +770,11 @@ impl Job {
                     .get(&vp.to_path())
                     .cloned()
                     .unwrap_or_default();
-                let meta: BackupMetadata = serde_json::from_slice(&data).map_err(|e| {
-                    PluginError::Engine(format!("vm-backup: {}: bad metadata: {e}", vp.to_path()))
-                })?;
+                let meta: BackupMetadata =
+                    serde_json::from_slice(&data).map_err(|source| PluginError::BadMetadata {
+                        path: vp.to_path(),
+                        source,
+                    })?;
                 let settings = super::settings_for(&args)?;
                 let cancel = self.cancel.clone();
                 self.say(
@@ -815,7 +796,7 @@ impl Job {
                 let staged = state
                     .staging
                     .remove(&key)
-                    .ok_or_else(|| PluginError::Protocol("vm-backup: nothing staged".into()))?;
+                    .ok_or_else(|| PluginError::Protocol("nothing staged"))?;
                 let settings = super::settings_for(&args)?;
                 let cancel = self.cancel.clone();
                 let done = self.pump(|progress| {

@@ -38,7 +38,47 @@ pub const VIRTUAL_ROOT: &str = "/@vm-backup";
 /// The keys the plugin string accepts.
 pub const KEYS: [&str; 5] = ["vm", "method", "target", "mode", "config"];
 
-/// Errors of the plugin.
+/// The date of this version of the plugin, shown by the File Daemon (`status client`) next to
+/// the version; changed with the version.
+pub const PLUGIN_DATE: &str = "2026-11-22";
+
+/// The description of the plugin the File Daemon shows: what it is and its FileSet syntax.
+pub fn plugin_description() -> String {
+    let keys: Vec<String> = KEYS
+        .iter()
+        .map(|k| match *k {
+            "vm" => "vm=<name>".to_string(),
+            other => format!("{other}="),
+        })
+        .collect();
+    format!(
+        "{PLUGIN_NAME}: KVM/libvirt virtual machine backups ({})",
+        keys.join(" ")
+    )
+}
+
+/// The plugin string without its `vm-backup:` prefix (leading blanks allowed), or `None` when
+/// the string is not addressed to this plugin.
+fn our_arguments(cmd: &str) -> Option<&str> {
+    cmd.trim_start()
+        .strip_prefix(PLUGIN_NAME)
+        .and_then(|rest| rest.strip_prefix(':'))
+}
+
+/// Whether a plugin string is addressed to this plugin (starts with `vm-backup:`).
+pub fn is_our_command(cmd: &str) -> bool {
+    our_arguments(cmd).is_some()
+}
+
+/// Whether `path` is one of the virtual files the plugin shows to Bacula (under
+/// [`VIRTUAL_ROOT`]).
+pub fn is_virtual_path(path: &str) -> bool {
+    path.strip_prefix(VIRTUAL_ROOT)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Errors of the plugin. Their text is worded for the job log; the C ABI prefixes it with the
+/// plugin's name and the shim sends it as a fatal job message.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// The plugin string does not start with `vm-backup:`.
@@ -69,15 +109,82 @@ pub enum PluginError {
     /// A file Bacula named is not one of ours.
     #[error("{0:?} is not a vm-backup virtual file (expected /@vm-backup/<vm>/<stamp>/<file>)")]
     BadVirtualPath(String),
-    /// The engine failed; the text is already worded for the job log.
-    #[error("{0}")]
-    Engine(String),
+    /// The configuration file or the inventory cannot be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A name cannot be used in the layout of the target.
+    #[error(transparent)]
+    Layout(#[from] crate::format::layout::LayoutError),
+    /// The engine's backup did not complete (exit 1 or 2).
+    #[error("backup of {vm} {status} (exit {code}): {source}{releasing}",
+        code = status.code(),
+        releasing = while_releasing(release_problems))]
+    Backup {
+        /// The domain.
+        vm: String,
+        /// The backup's exit status.
+        status: crate::ExitStatus,
+        /// What failed: the VM, the phase and the cause.
+        #[source]
+        source: crate::engine::backup::BackupError,
+        /// What could not be released after the failure.
+        release_problems: Vec<String>,
+    },
+    /// The engine's restore failed.
+    #[error("restore of {vm} failed: {source}")]
+    Restore {
+        /// The domain.
+        vm: String,
+        /// The cause.
+        #[source]
+        source: crate::engine::restore::RestoreError,
+    },
+    /// The metadata of a backup does not parse.
+    #[error("{path}: bad metadata: {source}")]
+    BadMetadata {
+        /// The file (virtual path or path on disk).
+        path: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The metadata of a backup cannot be written as JSON.
+    #[error("cannot write the backup metadata of {vm}: {source}")]
+    WriteMetadata {
+        /// The domain.
+        vm: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Stream mode cannot send a disk that has a backing file.
+    #[error("mode=stream does not send backing files yet: disk {disk} has backing file {}; use mode=direct", backing.display())]
+    StreamBackingFile {
+        /// The disk's target name (`vda`).
+        disk: String,
+        /// Its first backing file.
+        backing: PathBuf,
+    },
+    /// A metadata or checksums file sent back by Bacula is larger than the plugin accepts.
+    #[error("{path}: metadata file too large (more than {limit} bytes)")]
+    TooLarge {
+        /// The virtual path.
+        path: String,
+        /// The largest size accepted.
+        limit: usize,
+    },
+    /// The backup folder a restore would rebuild exists already.
+    #[error("{} already exists; remove it or restore with another where=", .0.display())]
+    AlreadyExists(PathBuf),
+    /// The engine's worker thread panicked.
+    #[error("internal error: the engine thread panicked")]
+    WorkerPanicked,
     /// The job was canceled.
     #[error("canceled")]
     Canceled,
-    /// An event arrived out of order.
+    /// An event arrived out of order, or a state that cannot happen did.
     #[error("{0}")]
-    Protocol(String),
+    Protocol(&'static str),
     /// An I/O error with its context.
     #[error("{context}: {source}")]
     Io {
@@ -87,6 +194,15 @@ pub enum PluginError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The end of a failed backup's message: what could not be released, if anything.
+fn while_releasing(problems: &[String]) -> String {
+    if problems.is_empty() {
+        String::new()
+    } else {
+        format!(" (and while releasing: {})", problems.join("; "))
+    }
 }
 
 impl PluginError {
@@ -135,11 +251,7 @@ pub struct PluginArgs {
 impl PluginArgs {
     /// Parses a FileSet plugin string.
     pub fn parse(cmd: &str) -> Result<Self, PluginError> {
-        let rest = cmd
-            .trim()
-            .strip_prefix(PLUGIN_NAME)
-            .and_then(|r| r.strip_prefix(':'))
-            .ok_or_else(|| PluginError::NotOurs(cmd.to_string()))?;
+        let rest = our_arguments(cmd).ok_or_else(|| PluginError::NotOurs(cmd.to_string()))?;
         let mut vm = None;
         let mut method = None;
         let mut target = None;
@@ -277,12 +389,10 @@ impl VirtualPath {
 /// The effective site settings of a job: the configuration file named by `config=` (or the
 /// default one), with `target=` applied.
 pub fn settings_for(args: &PluginArgs) -> Result<crate::config::Settings, PluginError> {
-    let mut settings = crate::config::Settings::load(args.config.as_deref())
-        .map_err(|e| PluginError::Engine(e.to_string()))?;
-    if let Some(target) = &args.target {
-        settings.target = target.clone();
-    }
-    Ok(settings)
+    Ok(crate::config::Settings::load_with_target(
+        args.config.as_deref(),
+        args.target.as_deref(),
+    )?)
 }
 
 /// The name under which a VM restored with a non-empty `where` is defined.
@@ -313,10 +423,19 @@ impl PluginError {
             PluginError::BadValue { .. } => ErrorKind::InvalidInput,
             PluginError::MissingVm => ErrorKind::InvalidInput,
             PluginError::BadVirtualPath { .. } => ErrorKind::InvalidInput,
-            PluginError::Engine { .. } => ErrorKind::Internal,
+            PluginError::Config(e) => e.kind(),
+            PluginError::Layout(e) => e.kind(),
+            PluginError::Backup { source, .. } => source.kind(),
+            PluginError::Restore { source, .. } => source.kind(),
+            PluginError::BadMetadata { .. } => ErrorKind::Corrupt,
+            PluginError::WriteMetadata { .. } => ErrorKind::Internal,
+            PluginError::StreamBackingFile { .. } => ErrorKind::InvalidInput,
+            PluginError::TooLarge { .. } => ErrorKind::Corrupt,
+            PluginError::AlreadyExists(_) => ErrorKind::Busy,
+            PluginError::WorkerPanicked => ErrorKind::Internal,
             PluginError::Canceled => ErrorKind::Cancelled,
             PluginError::Protocol { .. } => ErrorKind::Internal,
-            PluginError::Io { .. } => ErrorKind::Io,
+            PluginError::Io { source, .. } => ErrorKind::from_io(source),
         }
     }
 }
@@ -407,6 +526,21 @@ mod tests {
         ] {
             assert!(VirtualPath::parse_restored(bad, "").is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn our_commands_paths_and_description() {
+        assert!(is_our_command("vm-backup: vm=a"));
+        assert!(is_our_command("  vm-backup:vm=a"));
+        assert!(!is_our_command("vm-backupx: vm=a"));
+        assert!(!is_our_command("bpipe:/x:a:b"));
+        assert!(is_virtual_path("/@vm-backup/web01/2026-11-21-120000/x"));
+        assert!(!is_virtual_path("/@vm-backupx/a"));
+        assert!(!is_virtual_path("/etc/passwd"));
+        assert_eq!(
+            plugin_description(),
+            "vm-backup: KVM/libvirt virtual machine backups (vm=<name> method= target= mode= config=)"
+        );
     }
 
     #[test]

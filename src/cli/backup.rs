@@ -34,12 +34,7 @@ pub struct Args {
 
 /// Loads the settings with the `--config` and `--target` overrides.
 pub fn settings(common: &TargetArgs) -> Result<Settings, vm_backup::Error> {
-    let mut settings = Settings::load(common.config.as_deref())?;
-    if let Some(t) = &common.target {
-        settings.target = std::path::absolute(t)
-            .map_err(|e| vm_backup::Error::io(format!("target {}", t.display()), e))?;
-    }
-    Ok(settings)
+    Ok(common.settings()?)
 }
 
 /// Runs `vm-backup backup`.

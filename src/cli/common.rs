@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use vm_backup::config::Settings;
 use vm_backup::progress::CancelToken;
 
 /// Options of every command that touches backups.
@@ -17,6 +18,13 @@ pub struct TargetArgs {
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+impl TargetArgs {
+    /// The settings of `--config` with `--target` applied ([`Settings::load_with_target`]).
+    pub fn settings(&self) -> Result<Settings, vm_backup::config::ConfigError> {
+        Settings::load_with_target(self.config.as_deref(), self.target.as_deref())
+    }
 }
 
 /// Sends `tracing` output to stderr; `RUST_LOG` overrides the level.

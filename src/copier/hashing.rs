@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::buffer::Filled;
 use super::ticker::Ticker;
-use super::HashMode;
+use super::{ChunkManifest, HashMode};
 
 /// A 64 KiB block of zeros, fed to hashers for holes.
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
@@ -295,9 +295,150 @@ fn chunk_worker(
     out
 }
 
+/// The manifest of a file of `file_size` bytes from its chunk digests, in order.
+pub(crate) fn manifest_of(chunk_size: u64, file_size: u64, chunks: &[ChunkDigest]) -> ChunkManifest {
+    let digests: Vec<[u8; 32]> = chunks.iter().map(|c| c.digest).collect();
+    ChunkManifest {
+        chunk_size,
+        file_size,
+        digests: digests.iter().map(hex::encode).collect(),
+        zero_chunks: chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.zero)
+            .map(|(i, _)| i as u64)
+            .collect(),
+        root: hex::encode(root_digest(&digests)),
+    }
+}
+
+/// The digests of a file that [`StreamHasher`] computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigests {
+    /// Whole-file SHA-256, lowercase hex (equals `sha256sum`'s).
+    pub sha256: String,
+    /// Per-chunk digests; `manifest.file_size` is the number of bytes hashed.
+    pub manifest: ChunkManifest,
+}
+
+/// The copier's hashing for a driver that reads the bytes itself, in file order (the Bacula
+/// plugin's stream mode, where the File Daemon pulls the data): the same whole-file digest,
+/// chunk digests, all-zero chunk detection and manifest root as a copy, in one thread.
+#[derive(Debug, Clone)]
+pub struct StreamHasher {
+    chunk_size: u64,
+    whole: Sha256,
+    /// The current chunk's hasher; `None` while the chunk has been all zeros so far.
+    chunk: Option<Sha256>,
+    /// Bytes of the current chunk so far.
+    in_chunk: u64,
+    size: u64,
+    chunks: Vec<ChunkDigest>,
+    /// The digest of a full all-zero chunk, computed on first use.
+    full_zero: Option<[u8; 32]>,
+}
+
+impl StreamHasher {
+    /// A hasher cutting chunks of `chunk_size` bytes (at least 1).
+    pub fn new(chunk_size: u64) -> Self {
+        Self {
+            chunk_size: chunk_size.max(1),
+            whole: Sha256::new(),
+            chunk: None,
+            in_chunk: 0,
+            size: 0,
+            chunks: Vec::new(),
+            full_zero: None,
+        }
+    }
+
+    /// Feeds the next bytes of the file.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.whole.update(data);
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            let room = (self.chunk_size - self.in_chunk).min(data.len() as u64) as usize;
+            let (now, rest) = data.split_at(room);
+            match self.chunk.as_mut() {
+                Some(h) => h.update(now),
+                None if is_zero(now) => {}
+                None => {
+                    let mut h = Sha256::new();
+                    feed_zeros(&mut h, self.in_chunk);
+                    h.update(now);
+                    self.chunk = Some(h);
+                }
+            }
+            self.in_chunk += now.len() as u64;
+            if self.in_chunk == self.chunk_size {
+                self.close_chunk();
+            }
+            data = rest;
+        }
+    }
+
+    fn close_chunk(&mut self) {
+        let digest = match self.chunk.take() {
+            Some(h) => ChunkDigest {
+                digest: h.finalize().into(),
+                zero: false,
+            },
+            None if self.in_chunk == self.chunk_size => ChunkDigest {
+                digest: *self
+                    .full_zero
+                    .get_or_insert_with(|| zero_digest(self.chunk_size)),
+                zero: true,
+            },
+            None => ChunkDigest {
+                digest: zero_digest(self.in_chunk),
+                zero: true,
+            },
+        };
+        self.chunks.push(digest);
+        self.in_chunk = 0;
+    }
+
+    /// The digests of everything fed.
+    pub fn finish(mut self) -> FileDigests {
+        if self.in_chunk > 0 {
+            self.close_chunk();
+        }
+        FileDigests {
+            sha256: hex::encode(self.whole.finalize()),
+            manifest: manifest_of(self.chunk_size, self.size, &self.chunks),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_hasher_matches_one_pass_digests_across_chunk_edges() {
+        let chunk = 1u64 << 16;
+        let mut data = vec![0u8; (3 * chunk + 10) as usize];
+        data[(chunk + 3) as usize] = 7;
+        data[(3 * chunk + 1) as usize] = 1;
+        let mut h = StreamHasher::new(chunk);
+        for piece in data.chunks(4096 + 3) {
+            h.update(piece);
+        }
+        let out = h.finish();
+        assert_eq!(out.sha256, hex::encode(Sha256::digest(&data)));
+        let m = &out.manifest;
+        assert_eq!((m.chunk_size, m.file_size), (chunk, data.len() as u64));
+        assert_eq!(m.zero_chunks, vec![0, 2]);
+        let expected: Vec<String> = data
+            .chunks(chunk as usize)
+            .map(|c| hex::encode(Sha256::digest(c)))
+            .collect();
+        assert_eq!(m.digests, expected);
+        let binary: Vec<[u8; 32]> = data.chunks(chunk as usize).map(|c| Sha256::digest(c).into()).collect();
+        assert_eq!(m.root, hex::encode(root_digest(&binary)));
+        let empty = StreamHasher::new(chunk).finish();
+        assert!(empty.manifest.digests.is_empty() && empty.manifest.file_size == 0);
+    }
 
     #[test]
     fn zero_detection() {

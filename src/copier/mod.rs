@@ -47,7 +47,7 @@ mod ticker;
 mod uring;
 mod verify;
 
-pub use hashing::{root_digest, zero_digest};
+pub use hashing::{root_digest, zero_digest, FileDigests, StreamHasher};
 pub use job::IO_ENV;
 pub use uring::probe as probe_uring;
 

@@ -3,9 +3,14 @@
 //!
 //! ## Conventions of every `vmb_*` function
 //!
-//! - It returns a [`vmb_status`]; [`vmb_status::VMB_OK`] is 0.
+//! - It returns a [`vmb_status`]; [`vmb_status::VMB_OK`] is 0. The only exceptions are calls
+//!   that cannot fail: the destructors (`vmb_*_free`), `vmb_cancel_request`, and the getters
+//!   and predicates that return their value (`vmb_version`, `vmb_abi_version`,
+//!   `vmb_status_str`, `vmb_cancel_is_requested`, `vmb_is_our_command`, `vmb_is_our_path`,
+//!   `vmb_plugin_date`, `vmb_plugin_description`).
 //! - Its last parameter is `char **error`. When not NULL, `*error` is set to NULL on entry and,
 //!   on failure, to a message allocated by Rust that the caller frees with `vmb_string_free`.
+//! - Results come back through out-parameters, written only on success.
 //! - Strings in are NUL-terminated UTF-8; a NULL where a value is required gives
 //!   `VMB_ERR_NULL_ARGUMENT`, bytes that are not UTF-8 give `VMB_ERR_INVALID_ARGUMENT`.
 //! - Progress and log lines reach the caller through a [`vmb_progress_fn`] and a `vmb_log_fn`
@@ -13,7 +18,7 @@
 //!   may be called from an engine thread other than the caller's.
 //! - A long call can be cancelled from any thread through a [`vmb_cancel`] handle.
 //!
-//! ## Adding entry points (e.g. the job functions in `job.rs`)
+//! ## Adding entry points
 //!
 //! Write `pub unsafe extern "C" fn vmb_…(…, error: *mut *mut c_char) -> vmb_status` with
 //! `#[no_mangle]`, and make its whole body one [`ffi_call`], using [`str_arg`]/[`path_arg`] for
@@ -31,13 +36,14 @@ pub mod job;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::copier::CopyError;
 use crate::progress::{CancelToken, Level, Progress, Transfer};
 
-/// The version of the C ABI described by the header; bumped on every incompatible change.
-pub const VMB_ABI_VERSION: u32 = 1;
+/// The version of the C ABI described by the header; bumped on every incompatible change
+/// (2: the job functions return a `vmb_status` and fill `char **error`).
+pub const VMB_ABI_VERSION: u32 = 2;
 
 /// The result of every call of the C ABI. Values are stable; new ones are only appended.
 /// cbindgen:rename-all=None
@@ -195,6 +201,23 @@ impl From<crate::Error> for FfiError {
     }
 }
 
+/// The status for a failure of a kind (see [`crate::ErrorKind`]).
+pub(crate) fn status_of_kind(kind: crate::ErrorKind) -> vmb_status {
+    use crate::ErrorKind as K;
+    match kind {
+        K::InvalidInput | K::Config => vmb_status::VMB_ERR_INVALID_ARGUMENT,
+        K::TargetMissing | K::TargetFull | K::TargetFailing | K::Io => vmb_status::VMB_ERR_IO,
+        K::Corrupt => vmb_status::VMB_ERR_VERIFY_MISMATCH,
+        K::Cancelled => vmb_status::VMB_ERR_CANCELLED,
+        K::NotFound
+        | K::Busy
+        | K::GuestAgent
+        | K::Libvirt
+        | K::Tool
+        | K::Internal => vmb_status::VMB_ERR_FAILED,
+    }
+}
+
 /// The text of a panic payload.
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {
@@ -215,6 +238,20 @@ pub(crate) fn ffi_call<F>(name: &str, error: *mut *mut c_char, body: F) -> vmb_s
 where
     F: FnOnce() -> Result<(), FfiError>,
 {
+    ffi_call_prefixed(name, "", error, body)
+}
+
+/// [`ffi_call`] whose failure messages start with `prefix: ` (the job functions name the
+/// plugin, so that the shim sends their messages to the job log as they are).
+pub(crate) fn ffi_call_prefixed<F>(
+    name: &str,
+    prefix: &str,
+    error: *mut *mut c_char,
+    body: F,
+) -> vmb_status
+where
+    F: FnOnce() -> Result<(), FfiError>,
+{
     // SAFETY: the caller of the entry point passes NULL or a valid `char **` (the header's
     // contract); store_error checks for NULL.
     unsafe { store_error(error, None) };
@@ -231,7 +268,10 @@ where
     });
     match outcome {
         Ok(()) => vmb_status::VMB_OK,
-        Err(e) => {
+        Err(mut e) => {
+            if !prefix.is_empty() {
+                e.message = format!("{prefix}: {}", e.message);
+            }
             tracing::debug!(function = name, status = ?e.status, "{}", e.message);
             // SAFETY: as above.
             unsafe { store_error(error, Some(&e.message)) };
@@ -264,6 +304,13 @@ pub(crate) fn c_string(text: &str) -> *mut c_char {
         .map(|b| if b == 0 { b' ' } else { b })
         .collect();
     CString::new(bytes).unwrap_or_default().into_raw()
+}
+
+/// A static C string for `text`, made once in `cell` (for the getters that return a string the
+/// caller never frees).
+pub(crate) fn static_c_str(cell: &'static OnceLock<CString>, text: &str) -> *const c_char {
+    cell.get_or_init(|| CString::new(text.replace('\0', " ")).unwrap_or_default())
+        .as_ptr()
 }
 
 /// Stores `message` (or NULL) into `*error` when `error` is not NULL.

@@ -253,6 +253,9 @@ pub struct BackupOutcome {
     pub failed_phase: Option<Phase>,
     /// Warnings (post-checks, appliance capture…).
     pub warnings: Vec<String>,
+    /// The error itself, for drivers that report it typed (the Bacula plugin).
+    #[serde(skip)]
+    pub failure: Option<BackupError>,
 }
 
 /// A [`Progress`] sink held by a session: borrowed for one call ([`run_backup`]) or shared
@@ -345,6 +348,7 @@ fn run_backup_unreported(
                 error: None,
                 failed_phase: None,
                 warnings,
+                failure: None,
             }
         }
         Err(e) => {
@@ -379,6 +383,7 @@ fn outcome_from_error(
         error: Some(error),
         failed_phase: Some(e.phase),
         warnings,
+        failure: Some(e),
     }
 }
 
