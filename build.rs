@@ -50,10 +50,6 @@ fn main() {
         "-DVMB_DEFAULT_LIBRARY=\"{}\"",
         engine.display().to_string().replace('"', "")
     ))
-    .arg(format!(
-        "-DVMB_PLUGIN_VERSION=\"{}\"",
-        env::var("CARGO_PKG_VERSION").unwrap_or_default()
-    ))
     .arg("-o")
     .arg(&plugin)
     .arg("c-shim/vm-backup-fd.c")

@@ -1,9 +1,14 @@
 /*
  * vm-backup-fd.so: the Bacula 9.6 File Daemon plugin of vm-backup.
  *
- * This shim holds no backup logic. It translates the File Daemon's plugin events into calls of
- * the engine's C ABI (include/vm_backup.h, the vmb_job_* functions of libvm_backup.so) and the
- * engine's job-log lines into JobMessage calls. FileSet syntax:
+ * This shim holds no backup logic and no constant of the engine's. It translates the File
+ * Daemon's plugin events into calls of the engine's C ABI (include/vm_backup.h, the vmb_job_*
+ * functions of libvm_backup.so) and the engine's job-log lines into JobMessage calls. Every
+ * vmb_job_* call returns a vmb_status and an error message; every failure, the engine's or the
+ * shim's own (a missing buffer, a seek, a packet of the wrong size), ends the job with an
+ * M_FATAL message. Which commands and paths are the plugin's, and the plugin's version, date and
+ * description, come from the engine (vmb_is_our_command, vmb_is_our_path, vmb_version,
+ * vmb_plugin_date, vmb_plugin_description). FileSet syntax:
  *
  *   Plugin = "vm-backup: vm=<name> [method=...] [target=<dir>] [mode=direct|stream] [config=<file>]"
  *
@@ -26,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,24 +44,27 @@
 #ifndef VMB_DEFAULT_LIBRARY
 #define VMB_DEFAULT_LIBRARY "/usr/lib/vm-backup/libvm_backup.so"
 #endif
-#ifndef VMB_PLUGIN_VERSION
-#define VMB_PLUGIN_VERSION "0.1.0"
-#endif
 
-#define VIRTUAL_PREFIX "/@vm-backup/"
 /* Only the two entry points are exported (the shim is built with -fvisibility=hidden). */
 #define VMB_EXPORT __attribute__((visibility("default")))
 
 /* ---- the engine's functions, resolved with dlsym ------------------------------------------ */
 
 struct vmb_api {
+    __typeof__(&vmb_abi_version) abi_version;
+    __typeof__(&vmb_version) version;
+    __typeof__(&vmb_plugin_date) plugin_date;
+    __typeof__(&vmb_plugin_description) plugin_description;
+    __typeof__(&vmb_status_str) status_str;
+    __typeof__(&vmb_string_free) string_free;
+    __typeof__(&vmb_is_our_command) is_our_command;
+    __typeof__(&vmb_is_our_path) is_our_path;
     __typeof__(&vmb_job_new) job_new;
     __typeof__(&vmb_job_free) job_free;
     __typeof__(&vmb_job_cancel) job_cancel;
     __typeof__(&vmb_job_start) job_start;
     __typeof__(&vmb_job_set_level) job_set_level;
     __typeof__(&vmb_job_set_since) job_set_since;
-    __typeof__(&vmb_is_our_command) is_our_command;
     __typeof__(&vmb_job_command) job_command;
     __typeof__(&vmb_job_next_file) job_next_file;
     __typeof__(&vmb_job_end_file) job_end_file;
@@ -79,7 +88,6 @@ static char load_error[1024];
 struct instance {
     bpContext *ctx;
     VmbJob *job; /* NULL when the engine library could not be loaded */
-    int ours;    /* a vm-backup: command was seen in this job */
 };
 
 static struct instance *inst(bpContext *ctx) {
@@ -105,16 +113,39 @@ static void on_message(void *opaque, enum VmbMessageLevel level, const char *tex
     }
 }
 
-static void fatal(bpContext *ctx, const char *what) {
+/* Ends the job with a fatal message of the shim itself; returns bRC_Error. */
+static bRC fatal(bpContext *ctx, const char *what) {
     if (bfuncs && bfuncs->JobMessage && ctx) {
-        bfuncs->JobMessage(ctx, __FILE__, __LINE__, BFD_M_FATAL, 0, "vm-backup: %s\n", what);
+        bfuncs->JobMessage(ctx, __FILE__, __LINE__, BFD_M_FATAL, 0, "vm-backup-fd: %s\n", what);
     }
+    return bRC_Error;
+}
+
+/* The result of an engine call: bRC_OK, or the job ends with the engine's message (already
+ * worded for the job log, "vm-backup: ...") as a fatal message and bRC_Error. Frees *error.
+ * It takes `char **` so that *error is read after the call (argument order is unspecified). */
+static bRC check(bpContext *ctx, vmb_status status, char **error) {
+    char *text = *error;
+    *error = NULL;
+    if (status == VMB_OK) {
+        if (text) api.string_free(text);
+        return bRC_OK;
+    }
+    if (bfuncs && bfuncs->JobMessage && ctx) {
+        bfuncs->JobMessage(ctx, __FILE__, __LINE__, BFD_M_FATAL, 0, "%s\n",
+                           text ? text : api.status_str(status));
+    }
+    if (text) api.string_free(text);
+    return bRC_Error;
 }
 
 /* Fails the current job when the engine is missing; returns the instance otherwise. */
 static struct instance *engine_or_fail(bpContext *ctx) {
     struct instance *in = inst(ctx);
-    if (!in) return NULL;
+    if (!in) {
+        fatal(ctx, "no plugin instance (internal error)");
+        return NULL;
+    }
     if (!in->job) {
         fatal(ctx, load_error[0] ? load_error : "the engine library is not loaded");
         return NULL;
@@ -142,13 +173,26 @@ static int resolve(void *h) {
             return 0;                                                                         \
         }                                                                                     \
     } while (0)
+    SYM(abi_version, vmb_abi_version);
+    if (api.abi_version() != VMB_ABI_VERSION) {
+        snprintf(load_error, sizeof load_error,
+                 "the engine library has C ABI version %u, this plugin was built for %u",
+                 (unsigned)api.abi_version(), (unsigned)VMB_ABI_VERSION);
+        return 0;
+    }
+    SYM(version, vmb_version);
+    SYM(plugin_date, vmb_plugin_date);
+    SYM(plugin_description, vmb_plugin_description);
+    SYM(status_str, vmb_status_str);
+    SYM(string_free, vmb_string_free);
+    SYM(is_our_command, vmb_is_our_command);
+    SYM(is_our_path, vmb_is_our_path);
     SYM(job_new, vmb_job_new);
     SYM(job_free, vmb_job_free);
     SYM(job_cancel, vmb_job_cancel);
     SYM(job_start, vmb_job_start);
     SYM(job_set_level, vmb_job_set_level);
     SYM(job_set_since, vmb_job_set_since);
-    SYM(is_our_command, vmb_is_our_command);
     SYM(job_command, vmb_job_command);
     SYM(job_next_file, vmb_job_next_file);
     SYM(job_end_file, vmb_job_end_file);
@@ -173,6 +217,7 @@ static int try_load(const char *path) {
         return 0;
     }
     if (!resolve(h)) {
+        memset(&api, 0, sizeof api);
         dlclose(h);
         return 0;
     }
@@ -202,13 +247,14 @@ static void load_engine(void) {
 
 static bRC newPlugin(bpContext *ctx) {
     struct instance *in = calloc(1, sizeof *in);
-    if (!in) return bRC_Error;
+    if (!in) return fatal(ctx, "out of memory");
     in->ctx = ctx;
+    ctx->pContext = in;
     if (engine_handle) {
         VmbJobCallbacks cb = {.opaque = ctx, .message = on_message};
-        in->job = api.job_new(&cb);
+        char *err = NULL;
+        return check(ctx, api.job_new(&cb, &in->job, &err), &err);
     }
-    ctx->pContext = in;
     return bRC_OK;
 }
 
@@ -231,33 +277,39 @@ static bRC setPluginValue(bpContext *ctx, pVariable var, void *value) {
     return bRC_OK;
 }
 
+/* Whether a plugin string is ours: the engine's rule. Without the engine every command the File
+ * Daemon routes here (it routes by the plugin's name) is taken as ours, so that the job fails
+ * with the reason the engine is missing. */
 static int is_ours(const char *cmd) {
-    return cmd && strncmp(cmd, "vm-backup:", 10) == 0;
+    return cmd && (!engine_handle || api.is_our_command(cmd));
 }
 
 static bRC command(bpContext *ctx, enum VmbCommand kind, const char *cmd) {
     struct instance *in = inst(ctx);
     if (!in || !is_ours(cmd)) return bRC_OK;
-    in->ours = 1;
     if (!engine_or_fail(ctx)) return bRC_Error;
-    return api.job_command(in->job, kind, cmd) == 0 ? bRC_OK : bRC_Error;
+    char *err = NULL;
+    return check(ctx, api.job_command(in->job, kind, cmd, &err), &err);
 }
 
 static bRC handlePluginEvent(bpContext *ctx, bEvent *event, void *value) {
     struct instance *in = inst(ctx);
+    char *err = NULL;
     if (!in || !event) return bRC_OK;
     switch (event->eventType) {
     case bEventJobStart:
-        if (in->job) api.job_start(in->job, (const char *)value);
-        return bRC_OK;
+        if (!in->job) return bRC_OK;
+        return check(ctx, api.job_start(in->job, (const char *)value, &err), &err);
     case bEventLevel:
-        if (in->job) api.job_set_level(in->job, (int)(intptr_t)value);
-        return bRC_OK;
+        if (!in->job) return bRC_OK;
+        return check(ctx, api.job_set_level(in->job, (int)(intptr_t)value, &err), &err);
     case bEventSince:
-        if (in->job) api.job_set_since(in->job, (int64_t)(intptr_t)value);
-        return bRC_OK;
-    case bEventCancelCommand: /* from the Director connection thread */
-        if (in->job) api.job_cancel(in->job);
+        if (!in->job) return bRC_OK;
+        return check(ctx, api.job_set_since(in->job, (int64_t)(intptr_t)value, &err), &err);
+    case bEventCancelCommand:
+        /* From the Director connection thread, where no job message may be sent; it only sets
+         * a flag and cannot fail for a live job. The job itself then ends as canceled. */
+        if (in->job) (void)api.job_cancel(in->job, NULL);
         return bRC_OK;
     case bEventPluginCommand:
         return command(ctx, VMB_COMMAND_CHECK, (const char *)value);
@@ -268,14 +320,13 @@ static bRC handlePluginEvent(bpContext *ctx, bEvent *event, void *value) {
     case bEventRestoreCommand: {
         const char *cmd = (const char *)value;
         if (!is_ours(cmd)) return bRC_OK;
-        in->ours = 1;
         if (!engine_or_fail(ctx)) return bRC_Error;
         char *where = NULL;
         int replace = 'a';
         if (bfuncs->getBaculaValue(ctx, bVarWhere, &where) != bRC_OK) where = NULL;
         if (bfuncs->getBaculaValue(ctx, bVarReplace, &replace) != bRC_OK) replace = 'a';
-        return api.job_restore_command(in->job, cmd, where ? where : "", replace) == 0
-                   ? bRC_OK : bRC_Error;
+        return check(ctx, api.job_restore_command(in->job, cmd, where ? where : "", replace, &err),
+                     &err);
     }
     default:
         return bRC_OK;
@@ -284,16 +335,15 @@ static bRC handlePluginEvent(bpContext *ctx, bEvent *event, void *value) {
 
 static bRC startBackupFile(bpContext *ctx, struct save_pkt *sp) {
     struct instance *in = engine_or_fail(ctx);
-    if (!in || !sp) return bRC_Error;
+    if (!in) return bRC_Error;
+    if (!sp) return fatal(ctx, "startBackupFile without a save packet");
     if (!packet_ok(ctx, sp->pkt_size, sizeof *sp, "save_pkt")) return bRC_Error;
     VmbFileInfo f;
+    bool found = false;
+    char *err = NULL;
     memset(&f, 0, sizeof f);
-    int rc = api.job_next_file(in->job, &f);
-    if (rc < 0) return bRC_Error;
-    if (rc == 0) {
-        fatal(ctx, "no file to save (internal error)");
-        return bRC_Error;
-    }
+    if (check(ctx, api.job_next_file(in->job, &f, &found, &err), &err) != bRC_OK) return bRC_Error;
+    if (!found) return fatal(ctx, "no file to save (internal error)");
     memset(&sp->statp, 0, sizeof sp->statp);
     sp->fname = (char *)f.path;
     sp->link = NULL;
@@ -317,8 +367,10 @@ static bRC startBackupFile(bpContext *ctx, struct save_pkt *sp) {
 static bRC endBackupFile(bpContext *ctx) {
     struct instance *in = engine_or_fail(ctx);
     if (!in) return bRC_Error;
-    int rc = api.job_end_file(in->job);
-    return rc > 0 ? bRC_More : rc == 0 ? bRC_OK : bRC_Error;
+    bool more = false;
+    char *err = NULL;
+    if (check(ctx, api.job_end_file(in->job, &more, &err), &err) != bRC_OK) return bRC_Error;
+    return more ? bRC_More : bRC_OK;
 }
 
 static bRC startRestoreFile(bpContext *ctx, const char *cmd) {
@@ -329,53 +381,80 @@ static bRC startRestoreFile(bpContext *ctx, const char *cmd) {
 static bRC endRestoreFile(bpContext *ctx) {
     struct instance *in = engine_or_fail(ctx);
     if (!in) return bRC_Error;
-    return api.job_end_restore_file(in->job) == 0 ? bRC_OK : bRC_Error;
+    char *err = NULL;
+    return check(ctx, api.job_end_restore_file(in->job, &err), &err);
+}
+
+/* pluginIO failed: the packet says so and the job ends with the message already sent. */
+static bRC io_failed(struct io_pkt *io, int error_number) {
+    io->status = -1;
+    io->io_errno = error_number;
+    return bRC_Error;
 }
 
 static bRC pluginIO(bpContext *ctx, struct io_pkt *io) {
     struct instance *in = engine_or_fail(ctx);
-    if (!in || !io) return bRC_Error;
-    if (!packet_ok(ctx, io->pkt_size, sizeof *io, "io_pkt")) return bRC_Error;
+    if (!in) {
+        if (io) io->status = -1, io->io_errno = EIO;
+        return bRC_Error;
+    }
+    if (!io) return fatal(ctx, "pluginIO without an I/O packet");
+    if (!packet_ok(ctx, io->pkt_size, sizeof *io, "io_pkt")) return io_failed(io, EINVAL);
     io->status = 0;
     io->io_errno = 0;
     io->lerror = 0;
-    int64_t n;
+    char *err = NULL;
+    size_t n = 0;
     switch (io->func) {
     case BFD_IO_OPEN:
-        if (api.job_open(in->job, (io->flags & (O_WRONLY | O_RDWR)) != 0) != 0) goto failed;
+        if (check(ctx, api.job_open(in->job, (io->flags & (O_WRONLY | O_RDWR)) != 0, &err), &err)
+            != bRC_OK)
+            return io_failed(io, EIO);
         return bRC_OK;
     case BFD_IO_READ:
-        if (!io->buf || io->count < 0) goto failed;
-        n = api.job_read(in->job, (uint8_t *)io->buf, (size_t)io->count);
-        if (n < 0) goto failed;
+        if (!io->buf || io->count < 0) {
+            fatal(ctx, "pluginIO read without a buffer or with a negative count");
+            return io_failed(io, EINVAL);
+        }
+        if (check(ctx, api.job_read(in->job, (uint8_t *)io->buf, (size_t)io->count, &n, &err), &err)
+            != bRC_OK)
+            return io_failed(io, EIO);
         io->status = (int32_t)n;
         return bRC_OK;
     case BFD_IO_WRITE:
-        if (!io->buf || io->count < 0) goto failed;
-        n = api.job_write(in->job, (const uint8_t *)io->buf, (size_t)io->count);
-        if (n < 0) goto failed;
-        io->status = (int32_t)n;
+        if (!io->buf || io->count < 0) {
+            fatal(ctx, "pluginIO write without a buffer or with a negative count");
+            return io_failed(io, EINVAL);
+        }
+        if (check(ctx, api.job_write(in->job, (const uint8_t *)io->buf, (size_t)io->count, &err),
+                  &err) != bRC_OK)
+            return io_failed(io, EIO);
+        io->status = io->count;
         return bRC_OK;
     case BFD_IO_CLOSE:
-        if (api.job_close(in->job) != 0) goto failed;
+        if (check(ctx, api.job_close(in->job, &err), &err) != bRC_OK) return io_failed(io, EIO);
         return bRC_OK;
     default: /* SEEK: the plugin's files are sequential */
-        io->status = -1;
-        io->io_errno = ESPIPE;
-        return bRC_Error;
+        fatal(ctx, "pluginIO seek is not supported: the plugin's files are read in order");
+        return io_failed(io, ESPIPE);
     }
-failed:
-    io->status = -1;
-    io->io_errno = EIO;
-    return bRC_Error;
 }
 
 static bRC createFile(bpContext *ctx, struct restore_pkt *rp) {
     struct instance *in = engine_or_fail(ctx);
-    if (!in || !rp) return bRC_Error;
-    if (!packet_ok(ctx, rp->pkt_size, sizeof *rp, "restore_pkt")) return bRC_Error;
+    if (!in) {
+        if (rp) rp->create_status = BFD_CF_ERROR;
+        return bRC_Error;
+    }
+    if (!rp) return fatal(ctx, "createFile without a restore packet");
+    if (!packet_ok(ctx, rp->pkt_size, sizeof *rp, "restore_pkt")) {
+        rp->create_status = BFD_CF_ERROR;
+        return bRC_Error;
+    }
     enum VmbCreate what = VMB_CREATE_SKIP;
-    if (api.job_create_file(in->job, rp->ofname, rp->where ? rp->where : "", rp->replace, &what) != 0) {
+    char *err = NULL;
+    if (check(ctx, api.job_create_file(in->job, rp->ofname, rp->where ? rp->where : "",
+                                       rp->replace, &what, &err), &err) != bRC_OK) {
         rp->create_status = BFD_CF_ERROR;
         return bRC_Error;
     }
@@ -393,20 +472,22 @@ static bRC setFileAttributes(bpContext *ctx, struct restore_pkt *rp) {
 /* Accurate mode asks about files it did not see; ours are virtual, never "deleted". */
 static bRC checkFile(bpContext *ctx, char *fname) {
     (void)ctx;
-    return fname && strncmp(fname, VIRTUAL_PREFIX, strlen(VIRTUAL_PREFIX)) == 0 ? bRC_Seen : bRC_OK;
+    return engine_handle && api.is_our_path(fname) ? bRC_Seen : bRC_OK;
 }
 
 /* ---- registration ------------------------------------------------------------------------- */
 
+/* The version, date and description are the engine's (filled in loadPlugin); without the
+ * engine, the description says why it is missing. */
 static pInfo plugin_info = {
     sizeof(pInfo),
     BFD_INTERFACE_VERSION,
     BFD_PLUGIN_MAGIC,
     "AGPLv3",
     "vm-backup authors",
-    "2026-11-22",
-    VMB_PLUGIN_VERSION,
-    "vm-backup: KVM/libvirt virtual machine backups (vm=<name> method= target= mode= config=)",
+    "",
+    "unknown",
+    "the engine library is not loaded",
 };
 
 static pFuncs plugin_funcs = {
@@ -432,9 +513,16 @@ static pFuncs plugin_funcs = {
 VMB_EXPORT bRC loadPlugin(bInfo *binfo, bFuncs *funcs, pInfo **pinfo, pFuncs **pfuncs) {
     (void)binfo;
     bfuncs = funcs;
+    load_engine();
+    if (engine_handle) {
+        plugin_info.plugin_date = api.plugin_date();
+        plugin_info.plugin_version = api.version();
+        plugin_info.plugin_description = api.plugin_description();
+    } else if (load_error[0]) {
+        plugin_info.plugin_description = load_error;
+    }
     *pinfo = &plugin_info;
     *pfuncs = &plugin_funcs;
-    load_engine();
     return bRC_OK;
 }
 

@@ -1,5 +1,5 @@
 /*
- * vm_backup.h -- the C ABI of the vm-backup engine (libvm_backup.so, VMB_ABI_VERSION 1).
+ * vm_backup.h -- the C ABI of the vm-backup engine (libvm_backup.so, VMB_ABI_VERSION 2).
  * SPDX-License-Identifier: AGPL-3.0-or-later
  *
  * Link with -lvm_backup. Check at run time that vmb_abi_version() == VMB_ABI_VERSION.
@@ -7,7 +7,14 @@
  * Conventions:
  *  - Every call returns a vmb_status (VMB_OK == 0) and takes `char **error` last. When `error`
  *    is not NULL, *error is set to NULL on entry and, on failure, to a message the caller frees
- *    with vmb_string_free().
+ *    with vmb_string_free(). Results come back through out-parameters, written only on success.
+ *    The exceptions cannot fail: the destructors (vmb_*_free), vmb_cancel_request, and the
+ *    getters and predicates that return their value (vmb_version, vmb_abi_version,
+ *    vmb_status_str, vmb_cancel_is_requested, vmb_is_our_command, vmb_is_our_path,
+ *    vmb_plugin_date, vmb_plugin_description).
+ *  - The job functions (vmb_job_*) drive one Bacula job for the File Daemon plugin; their error
+ *    messages start with "vm-backup: " and are meant for the job log as they are. Progress and
+ *    job-log lines reach the driver through the VmbJobCallbacks message callback.
  *  - Strings are NUL-terminated UTF-8. A NULL where a value is required gives
  *    VMB_ERR_NULL_ARGUMENT; bytes that are not UTF-8 give VMB_ERR_INVALID_ARGUMENT.
  *  - Progress and log callbacks (either may be NULL) receive the call's user_data. They are never
@@ -42,7 +49,7 @@
 #include <stdlib.h>
 
 /* The ABI version of this header; must equal vmb_abi_version() (checked by tests/c_abi_header.rs). */
-#define VMB_ABI_VERSION 1
+#define VMB_ABI_VERSION 2
 
 // Which plugin command of the File Daemon is being forwarded.
 typedef enum VmbCommand {
@@ -361,120 +368,157 @@ enum vmb_status vmb_verify_file(const char *file,
                                 struct vmb_verify_result *out,
                                 char **error);
 
-// Creates the state of one job. Cheap, no side effects (the File Daemon creates a plugin
-// instance for every job and console command). Returns NULL only if `callbacks` is NULL.
+// Creates the state of one job into `*job_out`. Cheap, no side effects (the File Daemon
+// creates a plugin instance for every job and console command).
 //
 // # Safety
-// `callbacks` must point to a valid [`VmbJobCallbacks`]; its `opaque` must stay valid until
-// [`vmb_job_free`].
-struct VmbJob *vmb_job_new(const struct VmbJobCallbacks *callbacks);
+// `callbacks` must be NULL or point to a valid [`VmbJobCallbacks`] whose `opaque` stays valid
+// until [`vmb_job_free`]; `job_out` must be NULL or valid for writing; `error` as everywhere.
+enum vmb_status vmb_job_new(const struct VmbJobCallbacks *callbacks,
+                            struct VmbJob **job_out,
+                            char **error);
 
 // Frees a job. Whatever it still holds is released here: a stream-mode snapshot is committed,
-// a partial restore folder removed. Accepts NULL.
+// a partial restore folder removed. Accepts NULL. Like the ABI's other destructors it returns
+// nothing: it cannot fail in a way the caller could act on.
 //
 // # Safety
 // `job` must be NULL or come from [`vmb_job_new`], and not be used afterwards.
 void vmb_job_free(struct VmbJob *job);
 
 // Requests cancellation; the engine stops at its next check and releases everything. Safe
-// from any thread.
+// from any thread while another call runs on the job.
 //
 // # Safety
 // `job` must be NULL or a live job from [`vmb_job_new`].
-void vmb_job_cancel(const struct VmbJob *job);
+enum vmb_status vmb_job_cancel(const struct VmbJob *job, char **error);
 
-// Event JobStart: `description` is `"JobId=N Job=<unique name>"`.
+// Event JobStart: `description` is `"JobId=N Job=<unique name>"` (NULL reads as "").
 //
 // # Safety
 // `job` from [`vmb_job_new`]; `description` NULL or NUL-terminated.
-int vmb_job_start(struct VmbJob *job, const char *description);
+enum vmb_status vmb_job_start(struct VmbJob *job, const char *description, char **error);
 
 // Event Level: the level letter (`'F'`, `'I'`, `'D'`…).
 //
 // # Safety
 // `job` from [`vmb_job_new`].
-int vmb_job_set_level(struct VmbJob *job, int level);
+enum vmb_status vmb_job_set_level(struct VmbJob *job, int level, char **error);
 
 // Event Since: the time of the previous backup, Unix seconds.
 //
 // # Safety
 // `job` from [`vmb_job_new`].
-int vmb_job_set_since(struct VmbJob *job, int64_t since);
+enum vmb_status vmb_job_set_since(struct VmbJob *job, int64_t since, char **error);
 
-// Whether `cmd` is addressed to this plugin (`vm-backup:` prefix).
+// Whether `cmd` is addressed to this plugin (`vm-backup:`, leading blanks allowed); false for
+// NULL. The rule [`crate::bacula::PluginArgs::parse`] applies.
 //
 // # Safety
 // `cmd` NULL or NUL-terminated.
 bool vmb_is_our_command(const char *cmd);
 
+// Whether `path` is one of the virtual files this plugin shows to Bacula
+// (`/@vm-backup/…`); false for NULL. Accurate mode asks about files it did not see: these are
+// never "deleted".
+//
+// # Safety
+// `path` NULL or NUL-terminated.
+bool vmb_is_our_path(const char *path);
+
+// The date of this version of the plugin, `YYYY-MM-DD`, as the File Daemon shows it; a static
+// string, never freed.
+const char *vmb_plugin_date(void);
+
+// The one-line description of the plugin the File Daemon shows (its FileSet syntax); a
+// static string, never freed.
+const char *vmb_plugin_description(void);
+
 // Events PluginCommand, BackupCommand, EstimateCommand. Backup runs the whole direct-mode
 // backup (or prepares the stream-mode session) before returning; progress goes to the job log.
 //
 // # Safety
-// `job` from [`vmb_job_new`]; `cmd` NULL or NUL-terminated.
-int vmb_job_command(struct VmbJob *job, enum VmbCommand kind, const char *cmd);
+// `job` from [`vmb_job_new`]; `cmd` NUL-terminated.
+enum vmb_status vmb_job_command(struct VmbJob *job,
+                                enum VmbCommand kind,
+                                const char *cmd,
+                                char **error);
 
-// startBackupFile: fills `out` with the next file. Returns 1 when a file was filled, 0 when
-// there is none, -1 on failure.
+// startBackupFile: sets `*found` and, when a file follows, fills `*out` with it.
 //
 // # Safety
-// `job` from [`vmb_job_new`]; `out` valid for writing.
-int vmb_job_next_file(struct VmbJob *job, struct VmbFileInfo *out);
+// `job` from [`vmb_job_new`]; `out` and `found` valid for writing.
+enum vmb_status vmb_job_next_file(struct VmbJob *job,
+                                  struct VmbFileInfo *out,
+                                  bool *found,
+                                  char **error);
 
-// endBackupFile: 1 when more files follow, 0 when done, -1 on failure.
+// endBackupFile: sets `*more` when more files follow.
 //
 // # Safety
-// `job` from [`vmb_job_new`].
-int vmb_job_end_file(struct VmbJob *job);
+// `job` from [`vmb_job_new`]; `more` valid for writing.
+enum vmb_status vmb_job_end_file(struct VmbJob *job, bool *more, char **error);
 
 // pluginIO OPEN of the current file: for reading on backup, for writing on restore.
 //
 // # Safety
 // `job` from [`vmb_job_new`].
-int vmb_job_open(struct VmbJob *job, bool for_write);
+enum vmb_status vmb_job_open(struct VmbJob *job, bool for_write, char **error);
 
-// pluginIO READ: up to `len` bytes into `buf`. Returns the count, 0 at the end, -1 on failure
-// (also once canceled).
+// pluginIO READ: up to `len` bytes into `buf`; `*count` is the number read, 0 at the end.
+// Fails with `VMB_ERR_CANCELLED` once the job is cancelled.
 //
 // # Safety
-// `job` from [`vmb_job_new`]; `buf` valid for `len` bytes of writing.
-int64_t vmb_job_read(struct VmbJob *job, uint8_t *buf, size_t len);
+// `job` from [`vmb_job_new`]; `buf` valid for `len` bytes of writing; `count` valid for
+// writing.
+enum vmb_status vmb_job_read(struct VmbJob *job,
+                             uint8_t *buf,
+                             size_t len,
+                             size_t *count,
+                             char **error);
 
-// pluginIO WRITE: `len` bytes from `buf`. Returns `len`, or -1 on failure.
+// pluginIO WRITE: all `len` bytes of `buf`, or a failure.
 //
 // # Safety
 // `job` from [`vmb_job_new`]; `buf` valid for `len` bytes of reading.
-int64_t vmb_job_write(struct VmbJob *job, const uint8_t *buf, size_t len);
+enum vmb_status vmb_job_write(struct VmbJob *job, const uint8_t *buf, size_t len, char **error);
 
 // pluginIO CLOSE.
 //
 // # Safety
 // `job` from [`vmb_job_new`].
-int vmb_job_close(struct VmbJob *job);
+enum vmb_status vmb_job_close(struct VmbJob *job, char **error);
 
 // Event RestoreCommand (before every restored file): the plugin string saved at backup time,
-// the restore's `where` and its `replace` letter (`'a'` always, `'n'` never…).
+// the restore's `where` (NULL reads as "") and its `replace` letter (`'a'` always, `'n'`
+// never…).
 //
 // # Safety
-// `job` from [`vmb_job_new`]; strings NULL or NUL-terminated.
-int vmb_job_restore_command(struct VmbJob *job, const char *cmd, const char *where_, int replace);
+// `job` from [`vmb_job_new`]; `cmd` NUL-terminated; `where_` NULL or NUL-terminated.
+enum vmb_status vmb_job_restore_command(struct VmbJob *job,
+                                        const char *cmd,
+                                        const char *where_,
+                                        int replace,
+                                        char **error);
 
 // createFile: `ofname` is the name the File Daemon would write (`where` + cataloged path).
-// Fills `out`; returns 0, or -1 on failure.
+// Sets `*out` to what the File Daemon should do with the file.
 //
 // # Safety
-// `job` from [`vmb_job_new`]; strings NULL or NUL-terminated; `out` valid for writing.
-int vmb_job_create_file(struct VmbJob *job,
-                        const char *ofname,
-                        const char *where_,
-                        int replace,
-                        enum VmbCreate *out);
+// `job` from [`vmb_job_new`]; `ofname` NUL-terminated; `where_` NULL or NUL-terminated;
+// `out` valid for writing.
+enum vmb_status vmb_job_create_file(struct VmbJob *job,
+                                    const char *ofname,
+                                    const char *where_,
+                                    int replace,
+                                    enum VmbCreate *out,
+                                    char **error);
 
 // endRestoreFile: after the last file of a backup (its metadata), restores the VM.
 //
 // # Safety
 // `job` from [`vmb_job_new`].
-int vmb_job_end_restore_file(struct VmbJob *job);
+enum vmb_status vmb_job_end_restore_file(struct VmbJob *job, char **error);
 
 #ifdef __cplusplus
 }  // extern "C"

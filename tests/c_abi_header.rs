@@ -76,10 +76,55 @@ fn header_declares_the_whole_abi() {
         "vmb_log_fn",
         "char sha256[65]",
         "char manifest_root[65]",
-        "#define VMB_ABI_VERSION 1",
+        "#define VMB_ABI_VERSION",
+        "vmb_is_our_command",
+        "vmb_is_our_path",
+        "vmb_plugin_date",
+        "vmb_plugin_description",
     ] {
         assert!(header.contains(symbol), "the header lacks {symbol}");
     }
+}
+
+/// Every job function follows the ABI's one convention: it returns a `vmb_status` and takes
+/// `char **error` last; only the destructor returns nothing.
+#[test]
+fn every_job_function_returns_a_status_and_takes_error_last() {
+    let header = generate();
+    let mut seen = 0;
+    let code: String = header
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    for piece in code.split(';') {
+        let declaration = piece.trim();
+        let Some(open) = declaration.find('(') else {
+            continue;
+        };
+        let name = declaration[..open]
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()
+            .unwrap_or_default();
+        if !name.starts_with("vmb_job_") {
+            continue;
+        }
+        seen += 1;
+        if name == "vmb_job_free" {
+            assert!(declaration.starts_with("void vmb_job_free("), "{declaration}");
+            continue;
+        }
+        assert!(
+            declaration.starts_with("enum vmb_status vmb_job_")
+                || declaration.starts_with("vmb_status vmb_job_"),
+            "{declaration}"
+        );
+        assert!(
+            declaration.replace(char::is_whitespace, "").ends_with("char**error)"),
+            "{declaration}"
+        );
+    }
+    assert_eq!(seen, 16, "the 16 job functions are declared");
 }
 
 #[test]

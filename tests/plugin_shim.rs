@@ -1,10 +1,30 @@
 //! The File Daemon plugin as the File Daemon sees it, without Bacula: `vm-backup-fd.so` (built by
 //! build.rs) is loaded with `dlopen`, and `loadPlugin` must hand back the identity and entry
-//! points the 9.6 File Daemon checks (magic, interface version 14, licence "AGPLv3", sizes).
-//! The real File Daemon's view is in `tests/lab_bacula.rs`.
+//! points the 9.6 File Daemon checks (magic, interface version 14, licence "AGPLv3", sizes),
+//! with the version, date and description of the engine library. `tests/c/shim_events.c` then
+//! sends it the events of a job. The real File Daemon's view is in `tests/lab_bacula.rs`.
 
 use std::ffi::{c_char, c_void, CStr};
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The engine library built with this test: `target/<profile>/deps/libvm_backup.so`, or the
+/// parent folder's copy when that one is newer (cargo refreshes it only on `cargo build`).
+fn engine_library() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let deps = exe.parent().expect("the test binary's folder").to_path_buf();
+    let candidates = [deps.clone(), deps.parent().unwrap_or(&deps).to_path_buf()];
+    candidates
+        .into_iter()
+        .map(|dir| dir.join("libvm_backup.so"))
+        .filter_map(|lib| {
+            let modified = std::fs::metadata(&lib).and_then(|m| m.modified()).ok()?;
+            Some((modified, lib))
+        })
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, lib)| lib)
+        .expect("cargo builds libvm_backup.so with the tests")
+}
 
 /// pInfo as the 9.6 File Daemon reads it (56 bytes).
 #[repr(C)]
@@ -41,6 +61,8 @@ fn load_plugin_returns_what_the_9_6_file_daemon_checks() {
     assert_eq!(std::mem::size_of::<PInfo>(), 56);
     assert_eq!(std::mem::size_of::<PFuncs>(), 128);
     let path = std::ffi::CString::new(env!("VMB_FD_PLUGIN")).unwrap();
+    // The shim loads the engine named here (this build's), not an older copy.
+    std::env::set_var("VMB_LIBRARY", engine_library());
     // SAFETY: dlopen/dlsym of the plugin built by build.rs; loadPlugin only stores the pointers
     // it gets (bfuncs is never called during loading) and fills the two out-pointers.
     unsafe {
@@ -67,6 +89,11 @@ fn load_plugin_returns_what_the_9_6_file_daemon_checks() {
         assert_eq!(text(info.magic), "*FDPluginData*");
         assert_eq!(text(info.license), "AGPLv3");
         assert_eq!(text(info.plugin_version), env!("CARGO_PKG_VERSION"));
+        assert_eq!(text(info.date), vm_backup::bacula::PLUGIN_DATE);
+        assert_eq!(
+            text(info.description),
+            vm_backup::bacula::plugin_description()
+        );
         let funcs = &*pfuncs;
         assert_eq!(funcs.size, 128);
         assert_eq!(funcs.version, 14);
@@ -97,4 +124,47 @@ fn only_the_two_entry_points_are_exported_and_the_name_is_right() {
         .collect();
     names.sort();
     assert_eq!(names, ["loadPlugin", "unloadPlugin"], "{text}");
+}
+
+/// Compiles `tests/c/shim_events.c` and runs it against the plugin and this build's engine: the
+/// events of an estimate job, and failures that must each end the job with an M_FATAL message.
+#[test]
+fn every_failure_of_a_job_ends_it_with_a_fatal_message() {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let scratch = tempfile::tempdir().unwrap();
+    let exe = scratch.path().join("shim_events");
+    let compiled = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(crate_dir.join("include"))
+        .arg(crate_dir.join("tests/c/shim_events.c"))
+        .arg("-ldl")
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("run cc");
+    assert!(
+        compiled.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    let target = scratch.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let out = Command::new(&exe)
+        .arg(env!("VMB_FD_PLUGIN"))
+        .arg(&target)
+        .arg(env!("CARGO_PKG_VERSION"))
+        .arg(vm_backup::bacula::PLUGIN_DATE)
+        .env("VMB_LIBRARY", engine_library())
+        .env("VM_BACKUP_CONFIG", "/nonexistent")
+        .output()
+        .expect("run shim_events");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "shim_events failed:\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fatals=4"), "{stdout}");
+    // An estimate touches nothing on the target.
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
 }
