@@ -9,7 +9,8 @@
 #                              generate the VM jobs (vm-backup bacula-config) into etc/dir.d/
 #   jobs [--inventory FILE]    regenerate etc/dir.d/vms.conf and `reload` the Director
 #   install-plugin             copy the freshly built vm-backup-fd.so + libvm_backup.so (regular files)
-#   start | stop | restart-fd | status
+#   start | stop | restart-fd | status   (starting the File Daemon waits until fd.log says
+#                              "Loaded plugin")
 #   up [--inventory FILE]      setup + install-plugin + start (the usual entry point)
 #   ensure [--inventory FILE]  up unless running with the current plugin (idempotent; for tests)
 #   console                    bconsole (stdin: commands) with timeout
@@ -168,13 +169,38 @@ wait_port() { # port name
   die "$2 did not listen on port $1"
 }
 
+# How many "Loaded plugin" lines fd.log holds (0 before the first start).
+plugin_lines() {
+  local n
+  n=$(grep -c "Loaded plugin" "$LAB/log/fd.log" 2>/dev/null) || true
+  echo "${n:-0}"
+}
+
+# The File Daemon logs "Loaded plugin: vm-backup-fd.so" to fd.log a moment after it listens:
+# wait (at most 30 s) for a line newer than the $1 lines counted before it started, so that
+# whoever reads fd.log next (the demo, the lab tests) finds it.
+wait_plugin_loaded() { # lines_before
+  local i
+  for i in $(seq 1 300); do
+    [ "$(plugin_lines)" -gt "$1" ] && return 0
+    pid_alive fd || break
+    sleep 0.1
+  done
+  tail -5 "$LAB/log/fd.log" "$LAB/log/fd.out" >&2 || true
+  die "the File Daemon did not log \"Loaded plugin\" (see $LAB/log/fd.log)"
+}
+
 cmd_start() {
   need_root
   [ -f "$LAB/etc/bacula-dir.conf" ] || die "not set up: run $0 setup"
+  local fd_was_running=0 before
+  pid_alive fd && fd_was_running=1
+  before=$(plugin_lines)
   start_one sd /usr/sbin/bacula-sd "$SD_PORT"
   start_one fd /usr/sbin/bacula-fd "$FD_PORT"
   start_one dir /usr/sbin/bacula-dir "$DIR_PORT"
   wait_port "$SD_PORT" sd; wait_port "$FD_PORT" fd; wait_port "$DIR_PORT" dir
+  [ "$fd_was_running" = 1 ] || wait_plugin_loaded "$before"
   log "daemons up (dir :$DIR_PORT, fd :$FD_PORT, sd :$SD_PORT)"
 }
 
@@ -197,9 +223,12 @@ cmd_stop() {
 
 cmd_restart_fd() {
   need_root
+  local before
   stop_one fd
+  before=$(plugin_lines)
   start_one fd /usr/sbin/bacula-fd "$FD_PORT"
   wait_port "$FD_PORT" fd
+  wait_plugin_loaded "$before"
 }
 
 cmd_up() {

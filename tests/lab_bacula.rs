@@ -244,14 +244,22 @@ fn plugin_is_loaded_and_listed_by_status_client() {
     let Some(lab) = lab("plugin_is_loaded_and_listed_by_status_client", false) else {
         return;
     };
-    let fd_log = std::fs::read_to_string(format!("{LAB}/log/fd.log")).unwrap_or_default();
+    // The File Daemon logs the plugin a moment after it listens: wait for it, bounded.
+    let mut fd_log = String::new();
+    for _ in 0..300 {
+        fd_log = std::fs::read_to_string(format!("{LAB}/log/fd.log")).unwrap_or_default();
+        if fd_log.contains("Loaded plugin") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         fd_log.contains("Loaded plugin: vm-backup-fd.so"),
         "fd.log: {fd_log}"
     );
     let out = lab.bconsole("status client=vmb-fd\n");
     assert!(
-        out.contains("Plugin: vm-backup-fd.so(0.1.0)"),
+        out.contains(&format!("Plugin: vm-backup-fd.so({})", env!("CARGO_PKG_VERSION"))),
         "status client: {out}"
     );
 }
