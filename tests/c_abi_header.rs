@@ -111,7 +111,10 @@ fn every_job_function_returns_a_status_and_takes_error_last() {
         }
         seen += 1;
         if name == "vmb_job_free" {
-            assert!(declaration.starts_with("void vmb_job_free("), "{declaration}");
+            assert!(
+                declaration.starts_with("void vmb_job_free("),
+                "{declaration}"
+            );
             continue;
         }
         assert!(
@@ -120,7 +123,9 @@ fn every_job_function_returns_a_status_and_takes_error_last() {
             "{declaration}"
         );
         assert!(
-            declaration.replace(char::is_whitespace, "").ends_with("char**error)"),
+            declaration
+                .replace(char::is_whitespace, "")
+                .ends_with("char**error)"),
             "{declaration}"
         );
     }

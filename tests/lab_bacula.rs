@@ -259,7 +259,10 @@ fn plugin_is_loaded_and_listed_by_status_client() {
     );
     let out = lab.bconsole("status client=vmb-fd\n");
     assert!(
-        out.contains(&format!("Plugin: vm-backup-fd.so({})", env!("CARGO_PKG_VERSION"))),
+        out.contains(&format!(
+            "Plugin: vm-backup-fd.so({})",
+            env!("CARGO_PKG_VERSION")
+        )),
         "status client: {out}"
     );
 }

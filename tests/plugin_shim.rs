@@ -12,7 +12,10 @@ use std::process::Command;
 /// parent folder's copy when that one is newer (cargo refreshes it only on `cargo build`).
 fn engine_library() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
-    let deps = exe.parent().expect("the test binary's folder").to_path_buf();
+    let deps = exe
+        .parent()
+        .expect("the test binary's folder")
+        .to_path_buf();
     let candidates = [deps.clone(), deps.parent().unwrap_or(&deps).to_path_buf()];
     candidates
         .into_iter()

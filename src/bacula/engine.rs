@@ -58,9 +58,9 @@ pub fn backup_direct(
             if cancel.is_cancelled() {
                 return Err(PluginError::Canceled);
             }
-            let source = outcome.failure.unwrap_or_else(|| {
+            let source = Box::new(outcome.failure.unwrap_or_else(|| {
                 BackupError::failed(&args.vm, Phase::Publish, "no backup folder")
-            });
+            }));
             Err(PluginError::Backup {
                 vm: args.vm.clone(),
                 status,
@@ -128,7 +128,7 @@ pub fn finish_restore(
         Err(_) if cancel.is_cancelled() => Err(PluginError::Canceled),
         Err(source) => Err(PluginError::Restore {
             vm: vm.to_string(),
-            source,
+            source: Box::new(source),
         }),
     }
 }

@@ -336,7 +336,9 @@ impl Job {
         let stamp = dir
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
-            .ok_or(PluginError::Protocol("the engine published a folder without a name"))?;
+            .ok_or(PluginError::Protocol(
+                "the engine published a folder without a name",
+            ))?;
         let vm = layout::safe_component(&args.vm)?;
         match outcome.status {
             ExitStatus::Warning => {
@@ -455,7 +457,9 @@ impl Job {
     /// startBackupFile: the next file, or `None` when there is none.
     pub fn next_file(&mut self) -> Result<Option<&VirtualFile>, PluginError> {
         let State::Backup(state) = &mut self.state else {
-            return Err(PluginError::Protocol("startBackupFile before a backup command"));
+            return Err(PluginError::Protocol(
+                "startBackupFile before a backup command",
+            ));
         };
         let next = state.current.map_or(0, |i| i + 1);
         if next >= state.files.len() {
@@ -513,7 +517,7 @@ impl Job {
         let file = state
             .current
             .and_then(|i| state.files.get(i))
-            .ok_or_else(|| PluginError::Protocol("open without a file"))?;
+            .ok_or(PluginError::Protocol("open without a file"))?;
         let source: Box<dyn Read + Send> = match &file.content {
             Content::Bytes(b) => Box::new(std::io::Cursor::new(b.clone())),
             Content::File(p) => Box::new(
@@ -548,7 +552,7 @@ impl Job {
         let reader = state
             .reader
             .as_mut()
-            .ok_or_else(|| PluginError::Protocol("read before open"))?;
+            .ok_or(PluginError::Protocol("read before open"))?;
         let n = loop {
             match reader.source.read(buf) {
                 Ok(n) => break n,
@@ -631,9 +635,10 @@ impl Job {
         where_: &str,
         replace: char,
     ) -> Result<CreateResult, PluginError> {
-        let args = self.args.clone().ok_or_else(|| {
-            PluginError::Protocol("createFile before RestoreCommand")
-        })?;
+        let args = self
+            .args
+            .clone()
+            .ok_or(PluginError::Protocol("createFile before RestoreCommand"))?;
         if !matches!(self.state, State::Restore(_)) {
             self.restore_command_state(where_, replace);
         }
@@ -728,9 +733,7 @@ impl Job {
             Some(Incoming::File(_, file, path)) => file
                 .write_all(buf)
                 .map_err(|e| PluginError::io(format!("write {}", path.display()), e))?,
-            None => {
-                return Err(PluginError::Protocol("write without createFile"))
-            }
+            None => return Err(PluginError::Protocol("write without createFile")),
         }
         Ok(buf.len())
     }
@@ -758,9 +761,10 @@ impl Job {
         if !is_metadata {
             return Ok(());
         }
-        let args = self.args.clone().ok_or_else(|| {
-            PluginError::Protocol("restore without plugin string")
-        })?;
+        let args = self
+            .args
+            .clone()
+            .ok_or(PluginError::Protocol("restore without plugin string"))?;
         let where_ = state.where_.clone();
         let force = state.replace == 'a';
         match args.mode {
@@ -796,7 +800,7 @@ impl Job {
                 let staged = state
                     .staging
                     .remove(&key)
-                    .ok_or_else(|| PluginError::Protocol("nothing staged"))?;
+                    .ok_or(PluginError::Protocol("nothing staged"))?;
                 let settings = super::settings_for(&args)?;
                 let cancel = self.cancel.clone();
                 let done = self.pump(|progress| {

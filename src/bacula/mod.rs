@@ -126,7 +126,7 @@ pub enum PluginError {
         status: crate::ExitStatus,
         /// What failed: the VM, the phase and the cause.
         #[source]
-        source: crate::engine::backup::BackupError,
+        source: Box<crate::engine::backup::BackupError>,
         /// What could not be released after the failure.
         release_problems: Vec<String>,
     },
@@ -137,7 +137,7 @@ pub enum PluginError {
         vm: String,
         /// The cause.
         #[source]
-        source: crate::engine::restore::RestoreError,
+        source: Box<crate::engine::restore::RestoreError>,
     },
     /// The metadata of a backup does not parse.
     #[error("{path}: bad metadata: {source}")]

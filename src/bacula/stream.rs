@@ -31,7 +31,7 @@ fn engine_error(vm: &str, source: BackupError) -> PluginError {
     PluginError::Backup {
         vm: vm.to_string(),
         status: source.status,
-        source,
+        source: Box::new(source),
         release_problems: Vec::new(),
     }
 }
@@ -156,12 +156,11 @@ impl StreamSession {
             }
         }
         let meta = self.session.metadata_for(disks, other);
-        let json = serde_json::to_vec_pretty(&meta).map_err(|source| {
-            PluginError::WriteMetadata {
+        let json =
+            serde_json::to_vec_pretty(&meta).map_err(|source| PluginError::WriteMetadata {
                 vm: vm_name.clone(),
                 source,
-            }
-        })?;
+            })?;
         let file = |name: &str, bytes: Vec<u8>| VirtualFile {
             path: VirtualPath::new(&vm, &stamp, name).to_path(),
             kind: FileKind::Regular,
@@ -214,12 +213,8 @@ pub fn restore_staged(
             e,
         )
     })?;
-    let meta = BackupMetadata::read(&folder).map_err(|e| {
-        PluginError::io(
-            format!("read the metadata of {}", folder.display()),
-            e,
-        )
-    })?;
+    let meta = BackupMetadata::read(&folder)
+        .map_err(|e| PluginError::io(format!("read the metadata of {}", folder.display()), e))?;
     let mut request = crate::engine::restore::RestoreRequest::new(
         &settings.target,
         &meta.host,

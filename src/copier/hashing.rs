@@ -296,7 +296,11 @@ fn chunk_worker(
 }
 
 /// The manifest of a file of `file_size` bytes from its chunk digests, in order.
-pub(crate) fn manifest_of(chunk_size: u64, file_size: u64, chunks: &[ChunkDigest]) -> ChunkManifest {
+pub(crate) fn manifest_of(
+    chunk_size: u64,
+    file_size: u64,
+    chunks: &[ChunkDigest],
+) -> ChunkManifest {
     let digests: Vec<[u8; 32]> = chunks.iter().map(|c| c.digest).collect();
     ChunkManifest {
         chunk_size,
@@ -434,7 +438,10 @@ mod tests {
             .map(|c| hex::encode(Sha256::digest(c)))
             .collect();
         assert_eq!(m.digests, expected);
-        let binary: Vec<[u8; 32]> = data.chunks(chunk as usize).map(|c| Sha256::digest(c).into()).collect();
+        let binary: Vec<[u8; 32]> = data
+            .chunks(chunk as usize)
+            .map(|c| Sha256::digest(c).into())
+            .collect();
         assert_eq!(m.root, hex::encode(root_digest(&binary)));
         let empty = StreamHasher::new(chunk).finish();
         assert!(empty.manifest.digests.is_empty() && empty.manifest.file_size == 0);

@@ -229,7 +229,8 @@ pub unsafe extern "C" fn vmb_job_new(
 ) -> vmb_status {
     ffi_call_prefixed("vmb_job_new", PLUGIN_NAME, error, || {
         // SAFETY: NULL or valid for reading, per the contract.
-        let callbacks = *unsafe { opt_arg(callbacks) }.ok_or_else(|| FfiError::null("callbacks"))?;
+        let callbacks =
+            *unsafe { opt_arg(callbacks) }.ok_or_else(|| FfiError::null("callbacks"))?;
         // SAFETY: NULL or valid for writing, per the contract.
         let out = unsafe { out_arg(job_out, "job_out") }?;
         let cancel = CancelToken::new();
@@ -532,7 +533,9 @@ pub unsafe extern "C" fn vmb_job_write(
 /// `job` from [`vmb_job_new`].
 #[no_mangle]
 pub unsafe extern "C" fn vmb_job_close(job: *mut VmbJob, error: *mut *mut c_char) -> vmb_status {
-    job_call("vmb_job_close", job, error, |inner| Ok(inner.job.close()?))
+    job_call("vmb_job_close", job, error, |inner| {
+        Ok(inner.job.close()?)
+    })
 }
 
 /// Event RestoreCommand (before every restored file): the plugin string saved at backup time,
@@ -580,8 +583,13 @@ pub unsafe extern "C" fn vmb_job_create_file(
 ) -> vmb_status {
     job_call("vmb_job_create_file", job, error, |inner| {
         // SAFETY: per the contract.
-        let (ofname, where_, out) =
-            unsafe { (str_arg(ofname, "ofname")?, text(where_), out_arg(out, "out")?) };
+        let (ofname, where_, out) = unsafe {
+            (
+                str_arg(ofname, "ofname")?,
+                text(where_),
+                out_arg(out, "out")?,
+            )
+        };
         let result = inner
             .job
             .create_file(ofname, &where_, replace_letter(replace))?;
@@ -659,9 +667,15 @@ mod tests {
                 vmb_status::VMB_ERR_INVALID_ARGUMENT
             );
             let message = take_error(error);
-            assert!(message.starts_with("vm-backup: plugin string: "), "{message}");
+            assert!(
+                message.starts_with("vm-backup: plugin string: "),
+                "{message}"
+            );
             assert!(message.contains("mode=\"tape\""), "{message}");
-            assert_eq!(vmb_job_cancel(job, std::ptr::null_mut()), vmb_status::VMB_OK);
+            assert_eq!(
+                vmb_job_cancel(job, std::ptr::null_mut()),
+                vmb_status::VMB_OK
+            );
             vmb_job_free(job);
             assert!(vmb_is_our_command(cmd.as_ptr()));
             assert!(!vmb_is_our_command(c"bpipe:/x:a:b".as_ptr()));
@@ -714,8 +728,11 @@ mod tests {
     #[test]
     fn estimate_lists_files_through_the_abi() {
         let dir = tempfile::tempdir().unwrap();
-        let cmd = CString::new(format!("vm-backup: vm=web01 target={}", dir.path().display()))
-            .unwrap();
+        let cmd = CString::new(format!(
+            "vm-backup: vm=web01 target={}",
+            dir.path().display()
+        ))
+        .unwrap();
         let cb = VmbJobCallbacks {
             opaque: std::ptr::null_mut(),
             message: None,
@@ -727,7 +744,12 @@ mod tests {
             let mut job: *mut VmbJob = std::ptr::null_mut();
             assert_eq!(vmb_job_new(&cb, &mut job, &mut error), vmb_status::VMB_OK);
             assert_eq!(
-                vmb_job_command(job, VmbCommand::VMB_COMMAND_ESTIMATE, cmd.as_ptr(), &mut error),
+                vmb_job_command(
+                    job,
+                    VmbCommand::VMB_COMMAND_ESTIMATE,
+                    cmd.as_ptr(),
+                    &mut error
+                ),
                 vmb_status::VMB_OK
             );
             loop {
@@ -744,13 +766,18 @@ mod tests {
                 assert!(info.no_read);
                 names.push(CStr::from_ptr(info.path).to_string_lossy().into_owned());
                 let mut more = false;
-                assert_eq!(vmb_job_end_file(job, &mut more, &mut error), vmb_status::VMB_OK);
+                assert_eq!(
+                    vmb_job_end_file(job, &mut more, &mut error),
+                    vmb_status::VMB_OK
+                );
                 if !more {
                     break;
                 }
             }
             vmb_job_free(job);
-            assert!(vmb_is_our_path(CString::new(names[0].clone()).unwrap().as_ptr()));
+            assert!(vmb_is_our_path(
+                CString::new(names[0].clone()).unwrap().as_ptr()
+            ));
             assert!(!vmb_is_our_path(c"/etc/passwd".as_ptr()));
             assert_eq!(
                 CStr::from_ptr(vmb_plugin_date()).to_str().unwrap(),

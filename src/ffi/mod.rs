@@ -209,12 +209,9 @@ pub(crate) fn status_of_kind(kind: crate::ErrorKind) -> vmb_status {
         K::TargetMissing | K::TargetFull | K::TargetFailing | K::Io => vmb_status::VMB_ERR_IO,
         K::Corrupt => vmb_status::VMB_ERR_VERIFY_MISMATCH,
         K::Cancelled => vmb_status::VMB_ERR_CANCELLED,
-        K::NotFound
-        | K::Busy
-        | K::GuestAgent
-        | K::Libvirt
-        | K::Tool
-        | K::Internal => vmb_status::VMB_ERR_FAILED,
+        K::NotFound | K::Busy | K::GuestAgent | K::Libvirt | K::Tool | K::Internal => {
+            vmb_status::VMB_ERR_FAILED
+        }
     }
 }
 
