@@ -19,6 +19,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 const LAB: &str = "/var/lib/vm-backup-lab/bacula";
+/// The host name the stream-mode test configures.
+const STREAM_HOST: &str = "vmb-stream-host";
 const AGENT: &str = "bac-agent";
 const NOAGENT: &str = "bac-noagent";
 
@@ -652,10 +654,19 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     let restored = format!("{NOAGENT}-restored");
     let _ = support::virsh(&["destroy", &restored]);
     let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    // The lab's settings with a configured host name, which the streamed metadata must record
+    // (as direct mode's does).
+    let stream_conf = format!("{LAB}/etc/vm-backup-stream.conf");
+    let settings = std::fs::read_to_string(format!("{LAB}/etc/vm-backup.conf")).unwrap();
+    std::fs::write(
+        &stream_conf,
+        format!("hostname = \"{STREAM_HOST}\"\n{settings}"),
+    )
+    .unwrap();
     lab.drop_in(
         "zz-stream",
         &format!(
-            "FileSet {{\n Name = \"stream-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} mode=stream config={LAB}/etc/vm-backup.conf\"\n }}\n}}\n\
+            "FileSet {{\n Name = \"stream-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} mode=stream config={stream_conf}\"\n }}\n}}\n\
              Job {{\n Name = \"vm-stream\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"stream-set\"\n}}\n"
         ),
     );
@@ -713,6 +724,12 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     let stamp = files[0].split('/').nth(3).expect("stamp");
     let rebuilt = where_.join(NOAGENT).join(stamp);
     sha256sum_check(&rebuilt);
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(rebuilt.join("backup-metadata.json")).expect("streamed metadata"),
+    )
+    .expect("metadata is JSON");
+    assert_eq!(meta["host"], STREAM_HOST, "{meta}");
+    assert!(meta["phases"]["copy"].as_f64().is_some(), "{meta}");
     let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
     let disk = blk
         .split_whitespace()
@@ -743,5 +760,6 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     let _ = support::virsh(&["undefine", &restored, "--nvram"]);
     let _ = std::fs::remove_dir_all(&where_);
     std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-stream.conf")).ok();
+    std::fs::remove_file(&stream_conf).ok();
     lab.bconsole("reload\n");
 }
