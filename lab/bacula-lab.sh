@@ -176,17 +176,19 @@ plugin_lines() {
   echo "${n:-0}"
 }
 
-# The File Daemon logs "Loaded plugin: vm-backup-fd.so" to fd.log a moment after it listens:
-# wait (at most 30 s) for a line newer than the $1 lines counted before it started, so that
-# whoever reads fd.log next (the demo, the lab tests) finds it.
+# The File Daemon queues "Loaded plugin: vm-backup-fd.so" at start and writes it to fd.log only
+# when a Director connects (a job, `status client`): connect, then wait (at most 30 s) for a line
+# newer than the $1 lines counted before it started, so that whoever reads fd.log next (the demo,
+# the lab tests) finds it.
 wait_plugin_loaded() { # lines_before
   local i
-  for i in $(seq 1 300); do
+  for i in $(seq 1 30); do
+    echo "status client=$FD_NAME" | timeout 10 /usr/sbin/bconsole -c "$LAB/etc/bconsole.conf" >/dev/null 2>&1 || true
     [ "$(plugin_lines)" -gt "$1" ] && return 0
     pid_alive fd || break
-    sleep 0.1
+    sleep 1
   done
-  tail -5 "$LAB/log/fd.log" "$LAB/log/fd.out" >&2 || true
+  tail -n 5 "$LAB/log/fd.log" "$LAB/log/fd.out" >&2 || true
   die "the File Daemon did not log \"Loaded plugin\" (see $LAB/log/fd.log)"
 }
 

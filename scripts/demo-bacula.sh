@@ -20,10 +20,11 @@ lab/libvirt-lab.sh up demo --only agent
 say "Bacula lab: configs from bacula-conf/, SQLite catalog, plugin installed, daemons started"
 VMB_BUILD_DIR=$build_dir lab/bacula-lab.sh ensure
 eval "$(lab/bacula-lab.sh env)"
-# The File Daemon writes "Loaded plugin" a moment after it starts: wait for it (at most 30 s).
-for _ in $(seq 1 300); do grep -q "Loaded plugin" "$FD_LOG" 2>/dev/null && break; sleep 0.1; done
-grep "Loaded plugin" "$FD_LOG" | tail -1 || { echo "demo: the File Daemon did not load the plugin (see $FD_LOG)"; exit 1; }
 echo "status client=$FD_NAME" | timeout 30 bconsole -c "$BCONSOLE_CONF" | grep "Plugin:"
+# The File Daemon writes its queued "Loaded plugin" line to fd.log only once a Director has
+# connected (the status above): wait for it, at most 30 s.
+for _ in $(seq 1 300); do grep -q "Loaded plugin" "$FD_LOG" 2>/dev/null && break; sleep 0.1; done
+grep "Loaded plugin" "$FD_LOG" | tail -1 || { echo "demo: the File Daemon did not log \"Loaded plugin\" (see $FD_LOG)"; exit 1; }
 
 say "bconsole: run job=vm-demo-agent yes (then wait)"
 t0=$(date +%s.%N)

@@ -246,7 +246,16 @@ fn plugin_is_loaded_and_listed_by_status_client() {
     let Some(lab) = lab("plugin_is_loaded_and_listed_by_status_client", false) else {
         return;
     };
-    // The File Daemon logs the plugin a moment after it listens: wait for it, bounded.
+    let out = lab.bconsole("status client=vmb-fd\n");
+    assert!(
+        out.contains(&format!(
+            "Plugin: vm-backup-fd.so({})",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "status client: {out}"
+    );
+    // The File Daemon writes its queued "Loaded plugin" line to fd.log only once a Director
+    // has connected (the status above): wait for it, bounded.
     let mut fd_log = String::new();
     for _ in 0..300 {
         fd_log = std::fs::read_to_string(format!("{LAB}/log/fd.log")).unwrap_or_default();
@@ -258,14 +267,6 @@ fn plugin_is_loaded_and_listed_by_status_client() {
     assert!(
         fd_log.contains("Loaded plugin: vm-backup-fd.so"),
         "fd.log: {fd_log}"
-    );
-    let out = lab.bconsole("status client=vmb-fd\n");
-    assert!(
-        out.contains(&format!(
-            "Plugin: vm-backup-fd.so({})",
-            env!("CARGO_PKG_VERSION")
-        )),
-        "status client: {out}"
     );
 }
 

@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use super::engine::{self, DirectBackup};
 use super::stream::{self, StreamSession};
 use super::{Mode, PluginArgs, PluginError, VirtualPath};
-use crate::copier::{FileDigests, StreamHasher};
+use crate::engine::{FileDigests, StreamHasher};
 use crate::format::layout;
 use crate::format::metadata::BackupMetadata;
 use crate::progress::{CancelToken, Level, Progress, Transfer};

@@ -14,8 +14,8 @@ use std::time::Instant;
 use super::job::{Content, FileKind, VirtualFile};
 use super::{PluginArgs, PluginError, VirtualPath};
 use crate::config::Settings;
-use crate::copier::{FileDigests, StreamHasher, DEFAULT_CHUNK_SIZE};
 use crate::engine::backup::{BackupError, BackupSession, ProgressRef};
+use crate::engine::{FileDigests, StreamHasher, STREAM_CHUNK_SIZE};
 use crate::format::layout;
 use crate::format::metadata::{BackupMetadata, DiskRecord};
 use crate::progress::{CancelToken, Progress};
@@ -38,7 +38,7 @@ fn engine_error(vm: &str, source: BackupError) -> PluginError {
 
 /// A hasher for a streamed file: the copier's, with the engine's chunk size.
 pub fn hasher() -> StreamHasher {
-    StreamHasher::new(DEFAULT_CHUNK_SIZE)
+    StreamHasher::new(STREAM_CHUNK_SIZE)
 }
 
 impl StreamSession {

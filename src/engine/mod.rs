@@ -7,3 +7,11 @@ pub mod backup;
 pub mod prune;
 pub mod restore;
 pub mod verify;
+
+/// The copier's hashing, for a driver that reads a disk's bytes itself instead of having the
+/// engine copy them (the Bacula plugin's stream mode): the same whole-file digest and chunk
+/// manifest as a backup's copy, cut at [`STREAM_CHUNK_SIZE`].
+pub use crate::copier::{FileDigests, StreamHasher};
+
+/// The chunk size of the manifests of a backup (the copier's default, as direct mode uses).
+pub const STREAM_CHUNK_SIZE: u64 = crate::copier::DEFAULT_CHUNK_SIZE;
