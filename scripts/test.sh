@@ -23,7 +23,7 @@ echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-
   export VMB_LAB_PREFIX="${VMB_LAB_PREFIX:-vmb}"
   trap 'lab/libvirt-lab.sh down "$VMB_LAB_PREFIX"' EXIT
   lab/libvirt-lab.sh up "$VMB_LAB_PREFIX"
-  VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test 'lab_*' -- --test-threads=1
+  VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test 'lab_*' --test compat_fixture -- --test-threads=1
 )
 
 echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugin, TCG guests; prefix bac)"

@@ -10,7 +10,6 @@
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -381,56 +380,24 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 /// backup's copies still name the original backing paths, which need not exist): only this
 /// file's own structure is checked.
 pub fn qemu_img_check(path: &Path, name: &str) -> FileCheck {
-    let mut check = FileCheck {
+    let (ok, detail) = match crate::hv::qemu_img::check(path) {
+        Ok(r) if r.leaks == 0 => (true, "qemu-img check: no errors".to_string()),
+        Ok(r) => (
+            true,
+            format!(
+                "qemu-img check: {} leaked cluster(s), no corruption",
+                r.leaks
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    FileCheck {
         file: name.to_string(),
         check: "qemu-img check".into(),
-        ok: false,
-        detail: String::new(),
+        ok,
+        detail,
         bad_chunk: None,
-    };
-    let spec = serde_json::json!({
-        "driver": "qcow2",
-        "file": {"driver": "file", "filename": path.to_string_lossy()},
-        "backing": null,
-    });
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(format!("json:{spec}"))
-        .output();
-    match out {
-        Err(e) => check.detail = format!("cannot run qemu-img: {e}"),
-        Ok(out) => {
-            let json: serde_json::Value =
-                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-            let field = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-            match out.status.code() {
-                Some(0) => {
-                    check.ok = true;
-                    check.detail = "qemu-img check: no errors".into();
-                }
-                Some(3) => {
-                    check.ok = true;
-                    check.detail = format!(
-                        "qemu-img check: {} leaked cluster(s), no corruption",
-                        field("leaks")
-                    );
-                }
-                code => {
-                    let stderr = String::from_utf8_lossy(&out.stderr);
-                    check.detail = format!(
-                        "qemu-img check failed (exit {}): {} corruption(s), {} error(s) {}",
-                        code.unwrap_or(-1),
-                        field("corruptions"),
-                        field("check-errors"),
-                        stderr.trim()
-                    )
-                    .trim()
-                    .to_string();
-                }
-            }
-        }
     }
-    check
 }
 
 /// Writes the verdict into the backup's metadata (atomically) and the catalog. A catalog

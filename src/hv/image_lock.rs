@@ -31,12 +31,71 @@ pub const LOCK_BYTE_UNSHARED_WRITE: i64 = 201;
 /// Byte read-locked by an opener that does not share the "resize" permission.
 pub const LOCK_BYTE_UNSHARED_RESIZE: i64 = 203;
 
+/// Errors taking or testing image locks; each names the image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageLockError {
+    /// The image cannot be opened.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The locks of the image cannot be tested.
+    #[error("cannot test the locks of {}: {source}", path.display())]
+    Probe {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// A process holds the image open for writing.
+    #[error("{} is open for writing by another process: is the domain running?", path.display())]
+    Written {
+        /// The image.
+        path: PathBuf,
+    },
+    /// A process refuses to share what the lock needs.
+    #[error("cannot lock byte {byte} of {} ({source}): another process refuses to share it", path.display())]
+    Refused {
+        /// The image.
+        path: PathBuf,
+        /// The lock byte.
+        byte: i64,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl ImageLockError {
+    /// What kind of failure this is (decides guidance, exit code and severity).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            ImageLockError::Open { source, .. } => ErrorKind::from_io(source),
+            ImageLockError::Probe { .. } => ErrorKind::Io,
+            ImageLockError::Written { .. } | ImageLockError::Refused { .. } => ErrorKind::Busy,
+        }
+    }
+}
+
 /// Shared locks held on one image for as long as the value lives (released on drop, when
 /// the file description is closed).
 #[derive(Debug)]
 pub struct ImageLock {
     file: File,
     path: PathBuf,
+}
+
+fn open(path: &Path) -> Result<File, ImageLockError> {
+    File::open(path).map_err(|source| ImageLockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn flock(kind: i32, start: i64) -> libc::flock {
@@ -53,18 +112,19 @@ impl ImageLock {
     /// Opens `path` read-only and takes the locks of a read-only, write-unsharing opener.
     /// Fails when a process holds the image open for writing (a running QEMU) or refuses to
     /// share reading, naming the image; nothing is held then.
-    pub fn acquire(path: &Path) -> Result<ImageLock, String> {
-        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    pub fn acquire(path: &Path) -> Result<ImageLock, ImageLockError> {
+        let file = open(path)?;
         let fd = file.as_raw_fd();
         // Is there a writer? A write lock on its byte would conflict with its read lock.
         let mut probe = flock(libc::F_WRLCK, LOCK_BYTE_HOLDS_WRITE);
-        fcntl(fd, FcntlArg::F_OFD_GETLK(&mut probe))
-            .map_err(|e| format!("cannot test the locks of {}: {e}", path.display()))?;
+        fcntl(fd, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|source| ImageLockError::Probe {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if probe.l_type != libc::F_UNLCK as libc::c_short {
-            return Err(format!(
-                "{} is open for writing by another process: is the domain running?",
-                path.display()
-            ));
+            return Err(ImageLockError::Written {
+                path: path.to_path_buf(),
+            });
         }
         for byte in [
             LOCK_BYTE_HOLDS_READ,
@@ -72,11 +132,10 @@ impl ImageLock {
             LOCK_BYTE_UNSHARED_RESIZE,
         ] {
             let lock = flock(libc::F_RDLCK, byte);
-            fcntl(fd, FcntlArg::F_OFD_SETLK(&lock)).map_err(|e| {
-                format!(
-                    "cannot lock byte {byte} of {} ({e}): another process refuses to share it",
-                    path.display()
-                )
+            fcntl(fd, FcntlArg::F_OFD_SETLK(&lock)).map_err(|source| ImageLockError::Refused {
+                path: path.to_path_buf(),
+                byte,
+                source,
             })?;
         }
         Ok(ImageLock {
@@ -92,11 +151,15 @@ impl ImageLock {
 
     /// True when a process other than this lock's holder holds a lock on `byte` of the
     /// image that a write lock would conflict with (a test of what QEMU sees).
-    pub fn conflicts_with_write(path: &Path, byte: i64) -> Result<bool, String> {
-        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    pub fn conflicts_with_write(path: &Path, byte: i64) -> Result<bool, ImageLockError> {
+        let file = open(path)?;
         let mut probe = flock(libc::F_WRLCK, byte);
-        fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe))
-            .map_err(|e| format!("cannot test the locks of {}: {e}", path.display()))?;
+        fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|source| {
+            ImageLockError::Probe {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
     }
 }
@@ -143,7 +206,7 @@ mod tests {
         let writer = File::open(&img).unwrap();
         let l = flock(libc::F_RDLCK, LOCK_BYTE_HOLDS_WRITE);
         fcntl(writer.as_raw_fd(), FcntlArg::F_OFD_SETLK(&l)).unwrap();
-        let e = ImageLock::acquire(&img).unwrap_err();
+        let e = ImageLock::acquire(&img).unwrap_err().to_string();
         assert!(e.contains("open for writing"), "{e}");
         drop(writer);
         assert!(ImageLock::acquire(&img).is_ok());

@@ -1,4 +1,6 @@
-//! The libvirt calls the engine needs (through the `virt` crate), and domain XML parsing.
+//! The hypervisor room: every libvirt call the engine makes (through the `virt` crate), the
+//! domain XML ([`xml`] reads it, [`xml_edit`] rewrites it; one XML library, `quick-xml`) and
+//! `qemu-img` ([`qemu_img`]). Nothing outside this module calls libvirt or spawns `qemu-img`.
 //!
 //! Everything goes through libvirt's dedicated APIs, never through `virsh` output or raw
 //! agent commands (which taint the domain): snapshots with the quiesce flag
@@ -7,8 +9,10 @@
 //! Calls without a safe wrapper in `virt` 0.5 live in [`raw`], the only `unsafe` here.
 
 pub mod image_lock;
+pub mod qemu_img;
 pub mod raw;
 pub mod xml;
+pub mod xml_edit;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,8 +23,9 @@ use virt::enumutil::Enum;
 use virt::error::{Error as VirtError, ErrorNumber};
 use virt::sys;
 
+pub use qemu_img::QemuImgError;
 pub use raw::BlockJob;
-pub use xml::{AgentChannel, DiskDef, DomainXml};
+pub use xml::{AgentChannel, DiskDef, DomainXml, XmlError};
 
 /// Errors of this module; each names the VM (or URI) and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +52,13 @@ pub enum LibvirtError {
         message: String,
     },
     /// The domain XML did not parse.
-    #[error("cannot parse the domain XML of {vm:?}: {message}")]
+    #[error("cannot parse the domain XML of {vm:?}: {source}")]
     Xml {
         /// The domain name.
         vm: String,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: XmlError,
     },
     /// Waiting was cancelled (signal, Bacula cancel).
     #[error("cancelled while waiting for {0}")]
@@ -99,6 +105,15 @@ impl std::fmt::Display for DomState {
             DomState::Other => "crashed/suspended/unknown",
         })
     }
+}
+
+/// What [`Dom::undefine`] does with the domain's NVRAM file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nvram {
+    /// Remove it with the definition (a throw-away domain).
+    Remove,
+    /// Keep it (a definition replaced by a restore).
+    Keep,
 }
 
 /// A connection to libvirt.
@@ -148,6 +163,37 @@ impl Hypervisor {
         }
     }
 
+    /// Looks a domain up by name; `None` when no domain has that name.
+    pub fn find_domain(&self, name: &str) -> Result<Option<Dom>, LibvirtError> {
+        match self.domain(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(LibvirtError::NoDomain(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The inactive XML (without security info) of every defined domain, with its name. A
+    /// domain whose XML cannot be read (it vanished meanwhile) is left out.
+    pub fn inactive_xmls(&self) -> Result<Vec<(String, String)>, LibvirtError> {
+        let call = |op: &str, e: VirtError| LibvirtError::Call {
+            vm: String::new(),
+            op: op.into(),
+            message: e.message().to_string(),
+        };
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| call("listing domains", e))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in doms {
+            let name = d.name().map_err(|e| call("reading a domain name", e))?;
+            if let Ok(text) = d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE) {
+                out.push((name, text));
+            }
+        }
+        Ok(out)
+    }
+
     /// The names of every defined domain.
     pub fn domain_names(&self) -> Result<Vec<String>, LibvirtError> {
         let doms = self
@@ -163,14 +209,17 @@ impl Hypervisor {
         Ok(names)
     }
 
-    /// (Re)defines a domain from XML (used by the offline repair).
-    pub fn define(&self, vm: &str, xml: &str) -> Result<(), LibvirtError> {
+    /// (Re)defines domain `vm` from XML (the offline repair, a restore) and returns it.
+    pub fn define(&self, vm: &str, xml: &str) -> Result<Dom, LibvirtError> {
         self.conn
             .define_domain_xml(xml)
-            .map(|_| ())
+            .map(|dom| Dom {
+                dom,
+                name: vm.to_string(),
+            })
             .map_err(|e| LibvirtError::Call {
                 vm: vm.to_string(),
-                op: "redefining the domain".into(),
+                op: "defining the domain".into(),
                 message: e.message().to_string(),
             })
     }
@@ -241,9 +290,9 @@ impl Dom {
     /// The parsed domain XML (live when running, else the definition).
     pub fn parsed(&self, inactive: bool) -> Result<DomainXml, LibvirtError> {
         let text = self.xml(inactive)?;
-        xml::parse_domain(&text).map_err(|message| LibvirtError::Xml {
+        xml::parse_domain(&text).map_err(|source| LibvirtError::Xml {
             vm: self.name.clone(),
-            message,
+            source,
         })
     }
 
@@ -330,6 +379,43 @@ impl Dom {
     /// Thaws the guest filesystems; returns how many were thawed.
     pub fn fs_thaw(&self) -> Result<u32, LibvirtError> {
         raw::fs_thaw(&self.dom).map_err(|e| self.err("thawing the guest filesystems", e))
+    }
+
+    /// Whether QEMU runs for this domain (running, paused, shutting down, PM-suspended).
+    pub fn is_active(&self) -> Result<bool, LibvirtError> {
+        self.dom
+            .is_active()
+            .map_err(|e| self.err("reading whether the domain is active", e))
+    }
+
+    /// Stops the domain at once (pulls the plug): only for throw-away domains.
+    pub fn destroy(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .destroy()
+            .map_err(|e| self.err("destroying the domain", e))
+    }
+
+    /// Undefines the domain with its snapshot and checkpoint metadata and managed save image;
+    /// its NVRAM file is removed or kept as `nvram` says.
+    pub fn undefine(&self, nvram: Nvram) -> Result<(), LibvirtError> {
+        let flags = sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | match nvram {
+                Nvram::Remove => sys::VIR_DOMAIN_UNDEFINE_NVRAM,
+                Nvram::Keep => sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM,
+            };
+        self.dom
+            .undefine_flags(flags)
+            .map(drop)
+            .map_err(|e| self.err("undefining the domain", e))
+    }
+
+    /// The guest's host name, asked of the guest agent (a dedicated API served by qemu-ga).
+    pub fn agent_hostname(&self) -> Result<String, LibvirtError> {
+        self.dom
+            .hostname(sys::VIR_DOMAIN_GET_HOSTNAME_AGENT)
+            .map_err(|e| self.err("asking the guest agent for the host name", e))
     }
 
     /// Starts the domain.

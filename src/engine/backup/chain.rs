@@ -3,7 +3,6 @@
 //! backup as `<vm>-<dev>.backing-<n>.<ext>` so that a backup restores on its own.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::Deserialize;
 
@@ -104,26 +103,9 @@ pub fn backing_chain(
     if format == "raw" {
         return Ok(Vec::new()); // raw images have no header, hence no backing file
     }
-    let out = Command::new("qemu-img")
-        .args([
-            "info",
-            "-U",
-            "--backing-chain",
-            "--output=json",
-            "-f",
-            format,
-        ])
-        .arg(base)
-        .output()
-        .map_err(|e| format!("cannot run qemu-img info: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "disk {target}: qemu-img info --backing-chain {} failed: {}",
-            base.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    parse_chain(&String::from_utf8_lossy(&out.stdout), vm, target)
+    let json = crate::hv::qemu_img::info_chain_json(base, Some(format))
+        .map_err(|e| format!("disk {target}: {e}"))?;
+    parse_chain(&json, vm, target)
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::Serialize;
 
@@ -494,7 +493,7 @@ pub fn post_check_folder(
                         Err(e) => p.push(format!("{}: verification failed: {e}", d.file)),
                     }
                     if d.format == "qcow2" {
-                        if let Err(e) = qemu_img_check(&path) {
+                        if let Err(e) = crate::hv::qemu_img::check(&path) {
                             p.push(format!("{}: {e}", d.file));
                         }
                     }
@@ -521,25 +520,6 @@ struct ImageFile<'a> {
     sha256: &'a str,
     manifest: &'a crate::copier::ChunkManifest,
     format: &'a str,
-}
-
-/// `qemu-img check` of a qcow2 image.
-pub fn qemu_img_check(path: &Path) -> Result<(), String> {
-    let out = Command::new("qemu-img")
-        .args(["check", "-q", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .map_err(|e| format!("cannot run qemu-img check: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img check failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// Checks the domain runs on the images the backup recorded (`md.disks[].source`), with no

@@ -4,7 +4,6 @@
 //! orphan repair.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::hv::{xml, Dom, Hypervisor};
@@ -147,18 +146,7 @@ pub(crate) fn commit_offline(
     base_format: &str,
 ) -> Result<(), String> {
     if overlay.exists() {
-        let out = Command::new("qemu-img")
-            .args(["commit", "-q"])
-            .arg(overlay)
-            .output()
-            .map_err(|e| format!("cannot run qemu-img commit: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img commit {} failed: {}",
-                overlay.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        crate::hv::qemu_img::commit(overlay).map_err(|e| e.to_string())?;
     }
     let inactive = dom.xml(true).map_err(|e| e.to_string())?;
     let fixed = xml::point_disk_at(&inactive, target, &base.to_string_lossy(), base_format)

@@ -833,30 +833,8 @@ pub(crate) fn overlay_path(base: &Path, stamp: &str) -> PathBuf {
 /// Creates the qcow2 overlay `overlay` on top of `disk.source` (absolute backing path and
 /// format recorded in the header; `-u`: the base is in use, its size is given).
 fn create_overlay(disk: &SessionDisk, overlay: &Path) -> Result<(), String> {
-    let out = std::process::Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            &disk.format,
-            "-b",
-        ])
-        .arg(&disk.source)
-        .arg(overlay)
-        .arg(disk.virtual_size.to_string())
-        .output()
-        .map_err(|e| format!("cannot run qemu-img create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cannot create overlay {}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    crate::hv::qemu_img::create_overlay(&disk.source, &disk.format, overlay, disk.virtual_size)
+        .map_err(|e| e.to_string())
 }
 
 /// The `<domainsnapshot>` XML: every copied disk external into its overlay, every skipped
@@ -930,17 +908,11 @@ mod tests {
             reason: "cdrom device".into(),
         }];
         let xml = snapshot_xml("s", &disks, &skipped);
-        let doc = roxmltree::Document::parse(&xml).unwrap();
-        let d: Vec<_> = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("disk"))
-            .collect();
+        let doc = crate::hv::xml::parse_tree(&xml).unwrap();
+        let d: Vec<_> = doc.child("disks").unwrap().children_named("disk").collect();
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].attribute("snapshot"), Some("external"));
-        let src = d[0]
-            .descendants()
-            .find(|n| n.has_tag_name("source"))
-            .unwrap();
+        let src = d[0].child("source").unwrap();
         assert_eq!(
             src.attribute("file"),
             Some("/i/a'b.qcow2.vmb-overlay-s.qcow2")

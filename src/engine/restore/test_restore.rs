@@ -18,12 +18,75 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use virt::sys;
 
-use super::{connect, locate, restore, RestoreError, RestoreRequest, StampChoice};
+use super::{locate, restore, RestoreError, RestoreRequest, StampChoice};
 use crate::format::layout;
 use crate::format::metadata::{BackupMetadata, Verdict};
+use crate::hv::{xml, Dom, DomState, Hypervisor, LibvirtError, Nvram};
 use crate::progress::{CancelToken, Level, Progress};
+
+/// Why a test restore failed: the verdict's detail.
+#[derive(Debug, thiserror::Error)]
+enum TestFailure {
+    /// The work folder could not be made.
+    #[error("work folder: {0}")]
+    WorkDir(#[source] std::io::Error),
+    /// The backup failed verification.
+    #[error("backup damaged: {0}")]
+    Damaged(String),
+    /// The restore failed for another reason.
+    #[error("restore failed: {0}")]
+    Restore(#[source] RestoreError),
+    /// The restored domain is not defined.
+    #[error("restored domain not found: {0}")]
+    NotDefined(#[source] LibvirtError),
+    /// The domain did not start.
+    #[error("start failed: {0}")]
+    Start(#[source] LibvirtError),
+    /// Another libvirt call failed.
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    /// The test was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The guest stopped running.
+    #[error("domain left the running state after {seconds:.1} s: {state}")]
+    Stopped {
+        /// Seconds since the start.
+        seconds: f64,
+        /// The state it is in.
+        state: DomState,
+    },
+    /// The guest agent never answered.
+    #[error("guest agent did not answer within {seconds} s ({last})")]
+    AgentSilent {
+        /// The bound.
+        seconds: u64,
+        /// The last thing seen.
+        last: AgentSeen,
+    },
+}
+
+/// The last thing seen of the guest agent while waiting for it.
+#[derive(Debug)]
+enum AgentSeen {
+    /// The live XML does not say `connected`.
+    NotConnected,
+    /// The channel's state in the live XML.
+    Channel(String),
+    /// Connected, but the call served by the agent failed.
+    NotAnswering(LibvirtError),
+}
+
+impl std::fmt::Display for AgentSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentSeen::NotConnected => f.write_str("agent channel not connected"),
+            AgentSeen::Channel(state) => write!(f, "agent channel {state}"),
+            AgentSeen::NotAnswering(e) => write!(f, "agent connected but not answering: {e}"),
+        }
+    }
+}
 
 /// What to test.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -85,28 +148,21 @@ impl TempDomain {
         }
         self.done = true;
         let mut problems = Vec::new();
-        match connect(&self.uri) {
-            Err(e) => problems.push(format!("cannot connect to libvirt: {e}")),
-            Ok(conn) => match conn.lookup_domain_by_name(&self.name) {
-                Ok(d) => {
+        match Hypervisor::connect(&self.uri) {
+            Err(e) => problems.push(e.to_string()),
+            Ok(hv) => match hv.find_domain(&self.name) {
+                Ok(Some(d)) => {
                     if d.is_active().unwrap_or(false) {
                         if let Err(e) = d.destroy() {
-                            problems.push(format!("destroy {}: {}", self.name, e.message()));
+                            problems.push(format!("destroy {}: {e}", self.name));
                         }
                     }
-                    if let Err(e) = d.undefine_flags(
-                        sys::VIR_DOMAIN_UNDEFINE_NVRAM
-                            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                            | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
-                    ) {
-                        problems.push(format!("undefine {}: {}", self.name, e.message()));
+                    if let Err(e) = d.undefine(Nvram::Remove) {
+                        problems.push(format!("undefine {}: {e}", self.name));
                     }
                 }
-                Err(e)
-                    if e.code()
-                        == virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain) => {}
-                Err(e) => problems.push(format!("lookup {}: {}", self.name, e.message())),
+                Ok(None) => {}
+                Err(e) => problems.push(format!("lookup {}: {e}", self.name)),
             },
         }
         if self.dir.exists() {
@@ -145,7 +201,7 @@ pub fn run(
     let (dir, stamp) = locate(&base)?;
     let meta = BackupMetadata::read(&dir).map_err(|e| RestoreError::Unreadable {
         path: dir.join(layout::METADATA_FILE),
-        detail: e.to_string(),
+        source: e,
     })?;
     let vm_safe = layout::safe_component(&meta.vm_name)?;
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
@@ -160,9 +216,9 @@ pub fn run(
         done: false,
     };
     let mut agent = false;
-    let verdict = (|| -> Result<String, String> {
-        prepare_dir(&request.work_dir).map_err(|e| format!("work folder: {e}"))?;
-        prepare_dir(&work).map_err(|e| format!("work folder: {e}"))?;
+    let verdict = (|| -> Result<String, TestFailure> {
+        prepare_dir(&request.work_dir).map_err(TestFailure::WorkDir)?;
+        prepare_dir(&work).map_err(TestFailure::WorkDir)?;
         let mut req = base.clone();
         req.backup_dir = Some(dir.clone());
         req.new_name = Some(temp_name.clone());
@@ -170,19 +226,12 @@ pub fn run(
         req.strip_interfaces = true;
         req.libvirt_uri = request.libvirt_uri.clone();
         let outcome = restore(&req, progress, cancel).map_err(|e| match e {
-            RestoreError::Damaged { detail, .. } => format!("backup damaged: {detail}"),
-            other => format!("restore failed: {other}"),
+            RestoreError::Damaged { detail, .. } => TestFailure::Damaged(detail),
+            other => TestFailure::Restore(other),
         })?;
-        let conn = connect(&request.libvirt_uri).map_err(|e| e.to_string())?;
-        let domain = conn
-            .lookup_domain_by_name(&temp_name)
-            .map_err(|e| format!("restored domain not found: {}", e.message()))?;
-        let defined = domain
-            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
-            .map_err(|e| e.message().to_string())?;
-        agent = super::xml::inspect(&defined)
-            .map(|x| x.agent_channel)
-            .unwrap_or(false);
+        let hv = Hypervisor::connect(&request.libvirt_uri)?;
+        let domain = hv.domain(&temp_name).map_err(TestFailure::NotDefined)?;
+        agent = domain.parsed(true).is_ok_and(|x| x.agent.present());
         progress.message(
             Level::Info,
             &format!(
@@ -190,9 +239,7 @@ pub fn run(
                 outcome.disks.len()
             ),
         );
-        domain
-            .create()
-            .map_err(|e| format!("start failed: {}", e.message()))?;
+        domain.start().map_err(TestFailure::Start)?;
         let boot = Instant::now();
         if agent {
             wait_for_agent(&domain, request.boot_timeout, cancel, boot)
@@ -204,7 +251,7 @@ pub fn run(
     drop(guard);
     let (ok, mut detail) = match verdict {
         Ok(d) => (true, d),
-        Err(d) => (false, d),
+        Err(e) => (false, e.to_string()),
     };
     if !cleanup_problems.is_empty() {
         detail.push_str(&format!(
@@ -253,12 +300,10 @@ fn check_traversable(dir: &Path) -> Result<(), RestoreError> {
     for ancestor in dir.ancestors().skip(1) {
         if let Ok(meta) = fs::metadata(ancestor) {
             if meta.permissions().mode() & 0o001 == 0 {
-                return Err(RestoreError::Unusable(format!(
-                    "{} is not traversable by the QEMU user (mode {:o}): choose another \
-                     test_restore.dir or --work-dir",
-                    ancestor.display(),
-                    meta.permissions().mode() & 0o7777
-                )));
+                return Err(RestoreError::NotTraversable {
+                    dir: ancestor.to_path_buf(),
+                    mode: meta.permissions().mode() & 0o7777,
+                });
             }
         }
     }
@@ -266,52 +311,52 @@ fn check_traversable(dir: &Path) -> Result<(), RestoreError> {
 }
 
 fn wait_for_agent(
-    domain: &virt::domain::Domain,
+    domain: &Dom,
     timeout: Duration,
     cancel: &CancelToken,
     boot: Instant,
-) -> Result<String, String> {
-    let mut last = String::from("agent channel not connected");
+) -> Result<String, TestFailure> {
+    let mut last = AgentSeen::NotConnected;
     while boot.elapsed() < timeout {
         if cancel.is_cancelled() {
-            return Err("cancelled".into());
+            return Err(TestFailure::Cancelled);
         }
         still_running(domain, boot)?;
-        let live = domain.xml_desc(0).map_err(|e| e.message().to_string())?;
-        let state = super::xml::inspect(&live)
+        let live = domain.xml(false)?;
+        let state = xml::parse_domain(&live)
             .ok()
-            .and_then(|x| x.agent_state)
+            .and_then(|x| x.agent.state().map(str::to_string))
             .unwrap_or_default();
         if state == "connected" {
-            match domain.hostname(sys::VIR_DOMAIN_GET_HOSTNAME_AGENT) {
+            match domain.agent_hostname() {
                 Ok(host) => {
                     return Ok(format!(
                         "booted; guest agent answered after {:.1} s (hostname {host:?})",
                         boot.elapsed().as_secs_f64()
                     ))
                 }
-                Err(e) => last = format!("agent connected but not answering: {}", e.message()),
+                Err(e) => last = AgentSeen::NotAnswering(e),
             }
         } else if !state.is_empty() {
-            last = format!("agent channel {state}");
+            last = AgentSeen::Channel(state);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    Err(format!(
-        "guest agent did not answer within {} s ({last})",
-        timeout.as_secs()
-    ))
+    Err(TestFailure::AgentSilent {
+        seconds: timeout.as_secs(),
+        last,
+    })
 }
 
 fn keep_running(
-    domain: &virt::domain::Domain,
+    domain: &Dom,
     run_time: Duration,
     cancel: &CancelToken,
     boot: Instant,
-) -> Result<String, String> {
+) -> Result<String, TestFailure> {
     while boot.elapsed() < run_time {
         if cancel.is_cancelled() {
-            return Err("cancelled".into());
+            return Err(TestFailure::Cancelled);
         }
         still_running(domain, boot)?;
         std::thread::sleep(Duration::from_millis(500));
@@ -323,15 +368,13 @@ fn keep_running(
     ))
 }
 
-fn still_running(domain: &virt::domain::Domain, boot: Instant) -> Result<(), String> {
-    use virt::domain::DomainState;
-    let (state, reason) = domain.state().map_err(|e| e.message().to_string())?;
-    match state {
-        virt::enumutil::Enum::Known(DomainState::Running | DomainState::Blocked) => Ok(()),
-        other => Err(format!(
-            "domain left the running state after {:.1} s: {other:?} ({reason:?})",
-            boot.elapsed().as_secs_f64()
-        )),
+fn still_running(domain: &Dom, boot: Instant) -> Result<(), TestFailure> {
+    match domain.state()? {
+        DomState::Running => Ok(()),
+        state => Err(TestFailure::Stopped {
+            seconds: boot.elapsed().as_secs_f64(),
+            state,
+        }),
     }
 }
 

@@ -1,0 +1,370 @@
+//! The acting half of a restore: carries out a [`RestorePlan`]. Every file is copied under a
+//! temporary name first and checked against the backup's chunk manifest; the copied headers
+//! are rebased onto the restored layers; only when everything is copied are the files renamed
+//! into place; then the restored chains are checked, the domain defined (replacing a shut-off
+//! definition when the plan says so) and started if asked.
+//!
+//! On any failure, files this restore created are removed (a guard), and a definition it
+//! replaced is put back.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::plan::{normalize, RestorePlan};
+use super::{RestoreError, RestoredDisk};
+use crate::copier::{self, CopyOptions, HashMode};
+use crate::hv::{qemu_img, xml, xml_edit, Hypervisor, Nvram};
+use crate::progress::{CancelToken, Level, Progress};
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The UUID of the defined domain.
+    pub uuid: String,
+    /// Where each disk went.
+    pub disks: Vec<RestoredDisk>,
+    /// Whether a defined domain was replaced.
+    pub replaced: bool,
+    /// Whether the domain was started.
+    pub started: bool,
+}
+
+/// Carries out `plan`: `xml_text` is the backup's domain XML, rewritten with the plan's edits.
+pub fn apply(
+    plan: &RestorePlan,
+    xml_text: &str,
+    hv: &Hypervisor,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<Applied, RestoreError> {
+    // The XML first: a document that cannot be rewritten stops the restore before any copy.
+    let new_xml = xml_edit::rewrite(xml_text, &plan.edits)?;
+    let uuid = xml::parse_domain(&new_xml)?.uuid;
+
+    // Copy everything under temporary names, then rename into place.
+    let mut created = CreatedFiles {
+        files: Vec::new(),
+        dirs: Vec::new(),
+        armed: true,
+    };
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut restored = Vec::new();
+    for disk in &plan.disks {
+        let tmp = staging_path(&disk.dest);
+        ensure_dir(&disk.dest, &mut created)?;
+        created.files.push(tmp.clone());
+        progress.message(
+            Level::Info,
+            &format!("copying {} to {}", disk.record.file, disk.dest.display()),
+        );
+        let bytes = copy_image(
+            &disk.from,
+            &tmp,
+            &disk.dest,
+            &disk.record.manifest,
+            plan.force,
+            progress,
+            cancel,
+        )?;
+        staged.push((tmp, disk.dest.clone()));
+        for layer in &disk.layers {
+            if layer.reuse {
+                progress.message(
+                    Level::Info,
+                    &format!(
+                        "{} is already in place with the backup's content: kept",
+                        layer.dest.display()
+                    ),
+                );
+                continue;
+            }
+            let tmp = staging_path(&layer.dest);
+            ensure_dir(&layer.dest, &mut created)?;
+            created.files.push(tmp.clone());
+            progress.message(
+                Level::Info,
+                &format!("copying {} to {}", layer.record.file, layer.dest.display()),
+            );
+            copy_image(
+                &layer.from,
+                &tmp,
+                &layer.dest,
+                &layer.record.manifest,
+                plan.force,
+                progress,
+                cancel,
+            )?;
+            staged.push((tmp, layer.dest.clone()));
+        }
+        restored.push(RestoredDisk {
+            target: disk.record.target.clone(),
+            path: disk.dest.clone(),
+            bytes,
+            backing_chain: disk.layers.iter().map(|l| l.dest.clone()).collect(),
+        });
+    }
+    // Point every copied header at the restored layer below, on the staging copies.
+    for rebase in plan.disks.iter().flat_map(|d| &d.rebases) {
+        let Some((tmp, _)) = staged.iter().find(|(_, d)| *d == rebase.image) else {
+            // A layer kept in place is never edited; the chain check below judges it.
+            continue;
+        };
+        qemu_img::rebase_unsafe(tmp, &rebase.format, &rebase.backing, &rebase.backing_format)
+            .map_err(|source| RestoreError::Rebase {
+                image: rebase.image.clone(),
+                backing: rebase.backing.clone(),
+                source: Box::new(source),
+            })?;
+    }
+    if let Some(nvram) = &plan.nvram {
+        let tmp = staging_path(&nvram.to);
+        ensure_dir(&nvram.to, &mut created)?;
+        created.files.push(tmp.clone());
+        fs::copy(&nvram.from, &tmp).map_err(|source| RestoreError::Io {
+            context: "cannot copy the NVRAM to",
+            path: tmp.clone(),
+            source,
+        })?;
+        staged.push((tmp, nvram.to.clone()));
+    }
+    if let Some(configs) = &plan.configs {
+        let tmp = staging_path(&configs.to);
+        created.dirs.push(tmp.clone());
+        copy_tree(&configs.from, &tmp)?;
+        staged.push((tmp, configs.to.clone()));
+    }
+    if cancel.is_cancelled() {
+        return Err(RestoreError::Cancelled);
+    }
+    for (tmp, dest) in &staged {
+        let existed = dest.exists();
+        if dest.is_dir() {
+            let _ = fs::remove_dir_all(dest);
+        }
+        fs::rename(tmp, dest).map_err(|source| RestoreError::Io {
+            context: "cannot rename into place",
+            path: dest.clone(),
+            source,
+        })?;
+        // From now on the guard removes the final file if the restore does not complete,
+        // unless it existed before (then it was overwritten on purpose, with --force).
+        created.files.retain(|f| f != tmp);
+        created.dirs.retain(|f| f != tmp);
+        if !existed {
+            if dest.is_dir() {
+                created.dirs.push(dest.clone());
+            } else {
+                created.files.push(dest.clone());
+            }
+        }
+    }
+
+    // Every restored chain is self-contained: exactly the restored files.
+    for disk in &plan.disks {
+        if !disk.layers.is_empty() {
+            let layers: Vec<PathBuf> = disk.layers.iter().map(|l| l.dest.clone()).collect();
+            check_chain(&disk.dest, &layers)?;
+        }
+    }
+
+    // Define (replacing a shut-off domain with --force), start. The domain is looked at again
+    // here: the copy took time, and a running domain is never touched.
+    let existing = hv.find_domain(&plan.name)?;
+    let mut old_xml = None;
+    if let Some(old) = &existing {
+        if old.is_active()? {
+            return Err(RestoreError::Running(plan.name.clone()));
+        }
+        if !plan.force {
+            return Err(RestoreError::Exists(plan.name.clone()));
+        }
+        old_xml = Some(old.xml(true)?);
+        if old.uuid()? != uuid {
+            old.undefine(Nvram::Keep)?;
+        }
+    }
+    let domain = match hv.define(&plan.name, &new_xml) {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(old) = &old_xml {
+                if let Err(e2) = hv.define(&plan.name, old) {
+                    tracing::error!(error = %e2, "could not put back the replaced definition");
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    created.armed = false;
+    let mut started = false;
+    if plan.start {
+        domain.start()?;
+        started = true;
+    }
+    Ok(Applied {
+        uuid,
+        disks: restored,
+        replaced: existing.is_some(),
+        started,
+    })
+}
+
+/// Checks with `qemu-img info -U --backing-chain` that the chain under `top` is exactly
+/// `top` followed by `layers`.
+fn check_chain(top: &Path, layers: &[PathBuf]) -> Result<(), RestoreError> {
+    let chain =
+        qemu_img::info_chain(top, None).map_err(|source| RestoreError::ChainUnreadable {
+            path: top.to_path_buf(),
+            source: Box::new(source),
+        })?;
+    let found: Vec<PathBuf> = chain.iter().map(|i| PathBuf::from(&i.filename)).collect();
+    let expected: Vec<PathBuf> = std::iter::once(top.to_path_buf())
+        .chain(layers.iter().cloned())
+        .collect();
+    let same = |a: &Path, b: &Path| {
+        let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| normalize(p));
+        canon(a) == canon(b)
+    };
+    if found.len() != expected.len() || !found.iter().zip(&expected).all(|(a, b)| same(a, b)) {
+        return Err(RestoreError::Chain {
+            path: top.to_path_buf(),
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Copies one image of the backup to `tmp` with the copier, checking each chunk against the
+/// backup's manifest (unless `force`). Returns the logical size.
+fn copy_image(
+    src: &Path,
+    tmp: &Path,
+    dest: &Path,
+    manifest: &crate::copier::ChunkManifest,
+    force: bool,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<u64, RestoreError> {
+    let mut options = CopyOptions {
+        hash: HashMode::Chunks,
+        ..CopyOptions::default()
+    };
+    let comparable =
+        manifest.chunk_size > 0 && manifest.chunk_size % options.buffer_size as u64 == 0;
+    if comparable {
+        options.chunk_size = manifest.chunk_size;
+    }
+    let report = copier::copy_file(src, tmp, &options, progress, cancel)?;
+    if comparable {
+        if let Some(m) = &report.manifest {
+            if let Some(chunk) = m
+                .digests
+                .iter()
+                .zip(&manifest.digests)
+                .position(|(a, b)| a != b)
+                .or((m.digests.len() != manifest.digests.len()).then_some(0))
+            {
+                if !force {
+                    return Err(RestoreError::Mismatch {
+                        path: dest.to_path_buf(),
+                        chunk,
+                    });
+                }
+            }
+        }
+    }
+    Ok(report.logical_size)
+}
+
+/// Removes the files a restore created if it does not complete.
+struct CreatedFiles {
+    files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for CreatedFiles {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for f in self.files.iter().rev() {
+            let _ = fs::remove_file(f);
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// `<dir>/.<file>.vmb-restore`: the temporary name of a file being restored.
+fn staging_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.vmb-restore"))
+}
+
+fn ensure_dir(dest: &Path, created: &mut CreatedFiles) -> Result<(), RestoreError> {
+    let Some(parent) = dest.parent() else {
+        return Ok(());
+    };
+    if parent.is_dir() {
+        return Ok(());
+    }
+    // Remember the topmost folder we create, to remove it on failure.
+    let mut top = parent.to_path_buf();
+    while let Some(p) = top.parent() {
+        if p.exists() {
+            break;
+        }
+        top = p.to_path_buf();
+    }
+    fs::create_dir_all(parent).map_err(|source| RestoreError::Io {
+        context: "cannot create",
+        path: parent.to_path_buf(),
+        source,
+    })?;
+    created.dirs.push(top);
+    Ok(())
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> Result<(), RestoreError> {
+    let io = |context, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RestoreError::Io {
+            context,
+            path,
+            source,
+        }
+    };
+    fs::create_dir_all(dst).map_err(io("cannot create", dst))?;
+    for entry in fs::read_dir(src).map_err(io("cannot list", src))? {
+        let entry = entry.map_err(io("cannot list", src))?;
+        let to = dst.join(entry.file_name());
+        if entry
+            .file_type()
+            .map_err(io("cannot stat", &entry.path()))?
+            .is_dir()
+        {
+            copy_tree(&entry.path(), &to)?;
+        } else {
+            fs::copy(entry.path(), &to).map_err(io("cannot copy to", &to))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_names_are_hidden_beside_the_destination() {
+        assert_eq!(
+            staging_path(Path::new("/r/web-vda.qcow2")),
+            PathBuf::from("/r/.web-vda.qcow2.vmb-restore")
+        );
+    }
+}
