@@ -124,7 +124,6 @@ fn ops_uses_only_engine_store_format() {
 }
 
 #[test]
-#[ignore = "until stream mode gets its chunk manifest through the engine/format, not the copier"]
 fn bacula_uses_only_engine_and_format() {
     assert_arrows("bacula");
 }
