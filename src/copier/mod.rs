@@ -47,8 +47,9 @@ mod ticker;
 mod uring;
 mod verify;
 
+pub use dest::{write_manifest, Sink};
 pub use hashing::{root_digest, zero_digest};
-pub use job::IO_ENV;
+pub use job::{copy_into, IO_ENV};
 pub use uring::probe as probe_uring;
 
 /// Default size of one I/O buffer.
