@@ -71,7 +71,7 @@ pub fn fake_backup(target: &Path, meta: &BackupMetadata) -> PathBuf {
         .join(&meta.vm_name)
         .join(&meta.stamp);
     fs::create_dir_all(&dir).unwrap();
-    vm_backup::store::write_metadata(&dir, &meta).unwrap();
+    vm_backup::store::write_metadata(&dir, meta).unwrap();
     dir
 }
 
