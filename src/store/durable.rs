@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temporary_file() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::store::scratch();
         let path = dir.path().join("a.json");
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn a_staged_file_dropped_uncommitted_is_removed() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::store::scratch();
         let path = dir.path().join("disk.raw");
         {
             let staged = StagedFile::create(&path, false).unwrap();
@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_staged_file_commits_under_its_final_name() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::store::scratch();
         let path = dir.path().join("disk.raw");
         let mut staged = StagedFile::create(&path, false).unwrap();
         staged.file.write_all(b"data").unwrap();
@@ -226,14 +226,14 @@ mod tests {
     fn direct_is_used_or_explained() {
         // tmpfs refuses O_DIRECT on older kernels and accepts it on newer ones: either way the
         // file is usable and a refusal is noted.
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::store::scratch();
         let staged = StagedFile::create(&dir.path().join("x"), true).unwrap();
         assert!(staged.is_direct() || staged.note().is_some());
     }
 
     #[test]
     fn a_missing_folder_is_a_target_error() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::store::scratch();
         let err = write_atomic(&dir.path().join("nope/a"), b"x").unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::TargetMissing);
     }

@@ -47,7 +47,11 @@ impl FolderStore {
         let probe = self
             .root
             .join(format!(".vm-backup-write-test-{}", std::process::id()));
-        std::fs::write(&probe, b"x")
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| StoreError::io("write a test file in", &self.root, e))
     }
@@ -260,7 +264,7 @@ mod tests {
     use crate::error::ErrorKind;
 
     fn store() -> (tempfile::TempDir, FolderStore) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::store::scratch();
         let store = FolderStore::open(dir.path());
         (dir, store)
     }

@@ -120,3 +120,19 @@ impl StoreError {
         }
     }
 }
+
+/// A scratch folder for the store's unit tests: on tmpfs (`/dev/shm`) when there is one, so
+/// that they stay off the disk and meet a file system that may refuse O_DIRECT.
+#[cfg(test)]
+pub(crate) fn scratch() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("vmb-store-")
+            .tempdir_in(shm)
+        {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("a temporary folder")
+}
