@@ -7,7 +7,6 @@
 //! Restore rebuilds the backup folder from the files Bacula sends and restores from it with the
 //! engine's restore.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -20,6 +19,7 @@ use crate::engine::backup::{BackupSession, ProgressRef};
 use crate::format::layout;
 use crate::format::metadata::{BackupMetadata, DiskRecord, SCHEMA_VERSION};
 use crate::progress::{CancelToken, Progress};
+use crate::store::PartialBackup;
 use crate::ExitStatus;
 
 /// An open backup session of the engine; dropping it commits the snapshot.
@@ -297,13 +297,14 @@ pub fn estimate(
 /// `.partial`): renames it into place and restores from it as from any backup.
 pub fn restore_staged(
     settings: &Settings,
-    staged: &Path,
+    staged: PartialBackup,
     where_: &str,
     force: bool,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<String, PluginError> {
     let name = staged
+        .path()
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -311,13 +312,14 @@ pub fn restore_staged(
         .strip_suffix(layout::PARTIAL_SUFFIX)
         .unwrap_or(&name)
         .to_string();
-    let folder = staged.with_file_name(&stamp);
-    std::fs::rename(staged, &folder).map_err(|e| {
-        PluginError::io(
-            format!("rename {} to {}", staged.display(), folder.display()),
-            e,
-        )
-    })?;
+    let what = format!(
+        "rename {} to {}",
+        staged.path().display(),
+        staged.final_path().display()
+    );
+    let folder = staged
+        .publish()
+        .map_err(|e| PluginError::io(what, e.into()))?;
     let meta = BackupMetadata::read(&folder)
         .map_err(|e| PluginError::Engine(format!("vm-backup: {}: {e}", folder.display())))?;
     let mut request = crate::engine::restore::RestoreRequest::new(

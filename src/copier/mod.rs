@@ -24,7 +24,7 @@
 //! | `uring` | the io_uring engine and the runtime probe (the only `unsafe` here) |
 //! | `threads` | the pread/pwrite fallback engine |
 //! | `hashing` | the in-order stage and the chunk-hashing pool |
-//! | `dest` | opening the source; the temporary destination and its atomic publication |
+//! | `dest` | opening the source; the [`Sink`] a copy writes into, and the copier's own temporary file for a copy to a path |
 //! | `job` | one copy from options to report |
 //! | `verify` | parallel re-hash of a file against a manifest |
 //!
@@ -47,8 +47,9 @@ mod ticker;
 mod uring;
 mod verify;
 
+pub use dest::{write_manifest, Sink};
 pub use hashing::{root_digest, zero_digest};
-pub use job::IO_ENV;
+pub use job::{copy_into, IO_ENV};
 pub use uring::probe as probe_uring;
 
 /// Default size of one I/O buffer.

@@ -6,4 +6,5 @@
 pub mod backup;
 pub mod prune;
 pub mod restore;
+mod sink;
 pub mod verify;

@@ -142,8 +142,12 @@ pub fn capture_configs(
         match run_remote(vm, ssh, command) {
             Ok(output) => {
                 let path = configs_dir.join(file);
-                crate::format::metadata::write_atomic(&path, output.as_bytes())
-                    .map_err(|source| ApplianceError::Write { path, source })?;
+                crate::store::write_atomic(&path, output.as_bytes()).map_err(|e| {
+                    ApplianceError::Write {
+                        path,
+                        source: e.into(),
+                    }
+                })?;
                 written.push(file.to_string());
             }
             // No connection: the other commands would fail the same way, only slower.

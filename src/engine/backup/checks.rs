@@ -309,9 +309,8 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
     if !meta.is_dir() {
         return Err(format!("target {} is not a folder", target.display()));
     }
-    let probe = target.join(format!(".vm-backup-write-test-{}", std::process::id()));
-    fs::write(&probe, b"x")
-        .and_then(|_| fs::remove_file(&probe))
+    crate::store::FolderStore::open(target)
+        .check_writable()
         .map_err(|e| format!("target {} is not writable: {e}", target.display()))?;
     let st = nix::sys::statvfs::statvfs(target.as_path())
         .map_err(|e| format!("target {}: statvfs: {e}", target.display()))?;

@@ -2,7 +2,6 @@
 //! commit → XML, NVRAM, configs, checksums, metadata, log → fsync → rename → post-checks).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use crate::copier::{self, CopyOptions, HashMode, IoPath};
 use crate::format::layout::{self, VmDir};
 use crate::format::metadata::{self, BackingRecord, BackupMetadata, DiskRecord};
 use crate::progress::Level;
+use crate::store::{FolderStore, PartialBackup};
 use crate::ExitStatus;
 
 use super::checks;
@@ -110,13 +110,10 @@ impl BackupSession<'_> {
         self.journal
             .update(|r| r.partial_dir = Some(p))
             .map_err(|e| self.failed(Phase::Copy, e))?;
-        self.partial = Some(partial.clone());
-        fs::create_dir_all(&partial).map_err(|e| {
-            self.failed(
-                Phase::Copy,
-                format!("cannot create {}: {e}", partial.display()),
-            )
-        })?;
+        let guard = FolderStore::open(&self.request.settings.target)
+            .begin(&self.host, &self.request.vm, &self.stamp)
+            .map_err(|e| self.failed(Phase::Copy, e))?;
+        self.partial = Some(guard);
         self.log(Level::Info, &format!("writing into {}", partial.display()));
         Ok(())
     }
@@ -218,14 +215,17 @@ impl BackupSession<'_> {
         if self.cancel.is_cancelled() {
             return Err(self.failed(Phase::Copy, "cancelled"));
         }
-        let partial = self.partial.clone().unwrap_or_default();
         let options = CopyOptions {
             hash: HashMode::Both,
             ..self.request.copy_options.clone()
         };
-        let dst = partial.join(file_name);
-        let report = copier::copy_file(src, &dst, &options, self.progress(), &self.cancel)
+        let sink = self
+            .partial_backup(Phase::Copy)?
+            .create_file(file_name, options.direct_write)
             .map_err(|e| self.failed(Phase::Copy, format!("disk {label}: {e}")))?;
+        let report =
+            copier::copy_into(src, Box::new(sink), &options, self.progress(), &self.cancel)
+                .map_err(|e| self.failed(Phase::Copy, format!("disk {label}: {e}")))?;
         for note in &report.notes {
             self.log(Level::Info, &format!("copier: {note}"));
         }
@@ -259,22 +259,22 @@ impl BackupSession<'_> {
 
     /// XML, NVRAM and appliance configs; returns (relative name, sha256) of each.
     fn write_extras(&mut self) -> Result<Vec<(String, String)>, BackupError> {
-        let partial = self.partial.clone().unwrap_or_default();
+        let partial = self.partial_backup(Phase::Publish)?.path().to_owned();
         let mut files = Vec::new();
         let vm = self.request.vm.clone();
         let xml_name = layout::xml_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
-        let xml_path = partial.join(&xml_name);
-        write_synced(&xml_path, self.inactive_xml.as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", xml_path.display())))?;
+        self.partial_backup(Phase::Publish)?
+            .write_file(&xml_name, self.inactive_xml.as_bytes())
+            .map_err(|e| self.failed(Phase::Publish, e))?;
         files.push((xml_name, hex_sha256(self.inactive_xml.as_bytes())));
         if let Some(nvram) = self.nvram.clone() {
             let name = layout::nvram_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
             let bytes = fs::read(&nvram).map_err(|e| {
                 self.failed(Phase::Publish, format!("NVRAM {}: {e}", nvram.display()))
             })?;
-            let dst = partial.join(&name);
-            write_synced(&dst, &bytes)
-                .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", dst.display())))?;
+            self.partial_backup(Phase::Publish)?
+                .write_file(&name, &bytes)
+                .map_err(|e| self.failed(Phase::Publish, e))?;
             self.log(
                 Level::Info,
                 &format!("NVRAM {} copied ({} bytes)", nvram.display(), bytes.len()),
@@ -283,10 +283,11 @@ impl BackupSession<'_> {
         }
         if let Some(entry) = self.request.vm_entry.clone() {
             if entry.appliance.as_deref() == Some("asav") {
-                let dir = partial.join(layout::CONFIGS_DIR);
-                let captured = fs::create_dir_all(&dir)
+                let captured = self
+                    .partial_backup(Phase::Publish)?
+                    .create_dir(layout::CONFIGS_DIR)
                     .map_err(|e| e.to_string())
-                    .and_then(|()| {
+                    .and_then(|dir| {
                         crate::ops::appliance::capture_configs(
                             &entry,
                             &self.request.settings.ssh,
@@ -325,7 +326,6 @@ impl BackupSession<'_> {
         extra: Vec<(String, String)>,
         t: Instant,
     ) -> Result<(PathBuf, BackupMetadata), BackupError> {
-        let partial = self.partial.clone().unwrap_or_default();
         let mut sums = String::new();
         for d in &self.disk_records {
             sums.push_str(&format!("{}  {}\n", d.sha256, d.file));
@@ -336,7 +336,8 @@ impl BackupSession<'_> {
         for (name, sum) in &extra {
             sums.push_str(&format!("{sum}  {name}\n"));
         }
-        metadata::write_atomic(&partial.join(layout::CHECKSUMS_FILE), sums.as_bytes())
+        self.partial_backup(Phase::Publish)?
+            .write_file(layout::CHECKSUMS_FILE, sums.as_bytes())
             .map_err(|e| self.failed(Phase::Publish, format!("checksums.sha256: {e}")))?;
         self.phases
             .insert("publish".into(), t.elapsed().as_secs_f64());
@@ -346,35 +347,24 @@ impl BackupSession<'_> {
             ExitStatus::Warning
         };
         let md = self.metadata(&extra, result);
-        md.write(&partial)
+        crate::store::write_metadata(self.partial_backup(Phase::Publish)?.path(), &md)
             .map_err(|e| self.failed(Phase::Publish, format!("backup-metadata.json: {e}")))?;
         self.log(Level::Info, "publishing the backup folder");
-        write_synced(&partial.join(layout::LOG_FILE), self.log.text().as_bytes())
+        self.partial_backup(Phase::Publish)?
+            .write_file(layout::LOG_FILE, self.log.text().as_bytes())
             .map_err(|e| self.failed(Phase::Publish, format!("backup.log: {e}")))?;
-        sync_tree(&partial).map_err(|e| {
-            self.failed(
-                Phase::Publish,
-                format!("fsync of {}: {e}", partial.display()),
-            )
-        })?;
         if self.cancel.is_cancelled() {
             return Err(self.failed(Phase::Publish, "cancelled"));
         }
-        let final_dir = self.vm_dir()?.backup_dir(&self.stamp);
-        fs::rename(&partial, &final_dir).map_err(|e| {
-            self.failed(
-                Phase::Publish,
-                format!(
-                    "cannot rename {} to {}: {e}",
-                    partial.display(),
-                    final_dir.display()
-                ),
-            )
-        })?;
-        self.partial = None;
-        if let Some(parent) = final_dir.parent() {
-            let _ = fs::File::open(parent).and_then(|f| f.sync_all());
-        }
+        // Syncs every file and folder, renames `.partial` away and syncs the folder above.
+        let partial = self
+            .partial
+            .take()
+            .ok_or_else(|| self.no_partial(Phase::Publish))?;
+        let final_dir = match partial.publish() {
+            Ok(dir) => dir,
+            Err(e) => return Err(self.failed(Phase::Publish, e)),
+        };
         let _ = self.journal.update(|r| {
             r.partial_dir = None;
             r.phase = "published".into();
@@ -417,10 +407,12 @@ impl BackupSession<'_> {
         if !md.warnings.is_empty() {
             md.result = ExitStatus::Warning;
         }
-        if let Err(e) = md.write(&dir) {
+        if let Err(e) = crate::store::write_metadata(&dir, &md) {
             self.warn(format!("cannot update backup-metadata.json: {e}"));
         }
-        if let Err(e) = write_synced(&dir.join(layout::LOG_FILE), self.log.text().as_bytes()) {
+        if let Err(e) =
+            crate::store::write_backup_file(&dir, layout::LOG_FILE, self.log.text().as_bytes())
+        {
             self.warn(format!("cannot update backup.log: {e}"));
         }
         md.warnings = self.warnings.clone();
@@ -451,23 +443,13 @@ fn hex_sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-/// fsyncs every file and folder under `dir` (the copier syncs its own files; this is cheap
-/// for them and covers the small ones).
-fn sync_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            sync_tree(&path)?;
-        } else {
-            fs::File::open(&path)?.sync_all()?;
-        }
+impl BackupSession<'_> {
+    /// The `.partial` folder being written.
+    fn partial_backup(&self, phase: Phase) -> Result<&PartialBackup, BackupError> {
+        self.partial.as_ref().ok_or_else(|| self.no_partial(phase))
     }
-    fs::File::open(dir)?.sync_all()
+
+    fn no_partial(&self, phase: Phase) -> BackupError {
+        self.failed(phase, "no partial backup folder (internal error)")
+    }
 }

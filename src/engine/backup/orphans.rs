@@ -160,7 +160,7 @@ pub(crate) fn repair_record(
             .file_name()
             .is_some_and(|n| n.to_string_lossy().ends_with(layout::PARTIAL_SUFFIX));
         if is_partial && is_inside(p, &settings.target) && p.exists() {
-            fs::remove_dir_all(p).map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+            crate::store::remove_partial(p).map_err(|e| e.to_string())?;
             actions.push(format!("partial backup {} removed", p.display()));
         }
     }
@@ -330,7 +330,7 @@ pub fn scan(
                     repaired: None,
                 };
                 if cleanup {
-                    match fs::remove_dir_all(&p) {
+                    match crate::store::remove_partial(&p) {
                         Ok(()) => {
                             orphan.repair = Some("removed".into());
                             orphan.repaired = Some(true);

@@ -74,7 +74,7 @@ pub struct BackupSession<'a> {
     pub(super) frozen_ms: Option<f64>,
     pub(super) phases: PhaseTimes,
     pub(super) warnings: Vec<String>,
-    pub(super) partial: Option<PathBuf>,
+    pub(super) partial: Option<crate::store::PartialBackup>,
     pub(super) disk_records: Vec<DiskRecord>,
     pub(super) published: Option<(BackupMetadata, PathBuf)>,
     /// Offline method: QEMU-compatible shared locks on every image, held until the copy is
@@ -154,7 +154,7 @@ impl<'a> BackupSession<'a> {
         // `.partial` folders of this VM: we hold its lock, so no run is writing them.
         if let Ok(partials) = vm_dir.partial_dirs() {
             for p in partials {
-                match fs::remove_dir_all(&p) {
+                match crate::store::remove_partial(&p) {
                     Ok(()) => log.log(
                         progress.get(),
                         Level::Warning,
@@ -440,15 +440,14 @@ impl<'a> BackupSession<'a> {
             }
         }
         self.restore_agent_timeout();
-        if let Some(p) = self.partial.take() {
-            match fs::remove_dir_all(&p) {
+        if let Some(mut p) = self.partial.take() {
+            match p.discard() {
                 Ok(()) => self.log(
                     Level::Info,
-                    &format!("removed the partial backup {}", p.display()),
+                    &format!("removed the partial backup {}", p.path().display()),
                 ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    problems.push(format!("cannot remove {}: {e}", p.display()));
+                    problems.push(e.to_string());
                     self.partial = Some(p);
                 }
             }
