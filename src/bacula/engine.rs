@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 
 use super::{PluginArgs, PluginError};
-use crate::config::{Inventory, Settings};
-use crate::engine::backup::{run_backup, BackupRequest};
+use crate::config::Settings;
+use crate::engine::backup::{configured_inventory, run_backup, BackupRequest};
 use crate::engine::restore::{restore, RestoreOutcome, RestoreRequest, StampChoice};
 use crate::format::layout::VmDir;
-use crate::format::metadata::{BackupMetadata, Method};
+use crate::format::metadata::BackupMetadata;
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
@@ -25,18 +25,15 @@ pub struct DirectBackup {
 }
 
 /// The engine's request for a plugin string, built as `vm-backup backup` builds it: the method
-/// from the string, else from the inventory, else auto; the inventory entry for appliances.
+/// from the string, else from the inventory, else auto; the inventory entry for appliances. A
+/// missing inventory file means no inventory (as the command line), not an error.
 pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, PluginError> {
-    let inventory = Inventory::load(&settings.inventory)
+    let inventory = configured_inventory(settings)
         .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?;
-    let entry = inventory.vm(&args.vm).cloned();
-    let mut request = BackupRequest::new(&args.vm, settings.clone());
-    request.method = args
-        .method
-        .or(entry.as_ref().map(|e| e.method))
-        .unwrap_or(Method::Auto);
-    request.vm_entry = entry;
-    Ok(request)
+    Ok(
+        BackupRequest::from_inventory(&args.vm, settings.clone(), inventory.as_ref())
+            .with_method(args.method),
+    )
 }
 
 /// Runs the engine's backup exactly as `vm-backup backup` does. Failures (exit 1 and 2) come back

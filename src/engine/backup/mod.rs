@@ -88,7 +88,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Settings, VmEntry};
+use crate::config::{ConfigError, Inventory, Settings, VmEntry};
 use crate::copier::CopyOptions;
 use crate::format::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
@@ -227,6 +227,38 @@ impl BackupRequest {
             crash_consistent_fallback: false,
             copy_options: CopyOptions::default(),
         }
+    }
+
+    /// The request every driver builds (the command line and the Bacula plugin): the VM's
+    /// inventory entry when it is listed (appliance capture) and its method, else `auto`. A
+    /// driver's own method (`--method`, `method=` in the plugin string) goes on top with
+    /// [`Self::with_method`]. `None` (no inventory) is the same as an inventory without the VM.
+    pub fn from_inventory(vm: &str, settings: Settings, inventory: Option<&Inventory>) -> Self {
+        let entry = inventory.and_then(|i| i.vm(vm)).cloned();
+        let mut request = Self::new(vm, settings);
+        request.method = entry.as_ref().map_or(Method::Auto, |e| e.method);
+        request.vm_entry = entry;
+        request
+    }
+
+    /// Overrides the method when `method` is given (the driver's choice beats the inventory).
+    pub fn with_method(mut self, method: Option<Method>) -> Self {
+        if let Some(m) = method {
+            self.method = m;
+        }
+        self
+    }
+}
+
+/// The inventory named in the settings (`inventory:`), or `None` when that file does not
+/// exist: a site without an inventory backs VMs up with method `auto` and no appliance
+/// capture. A file that exists but does not parse is an error. (What `vm-backup backup` does
+/// without `--inventory`; the Bacula plugin does the same.)
+pub fn configured_inventory(settings: &Settings) -> Result<Option<Inventory>, ConfigError> {
+    if settings.inventory.exists() {
+        Inventory::load(&settings.inventory).map(Some)
+    } else {
+        Ok(None)
     }
 }
 
