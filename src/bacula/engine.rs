@@ -45,7 +45,8 @@ pub fn backup_direct(
     cancel: &CancelToken,
 ) -> Result<DirectBackup, PluginError> {
     let request = request(args, settings)?;
-    let outcome = run_backup(&request, progress, cancel);
+    let reporter = crate::ops::report::Reporter::new(progress);
+    let outcome = run_backup(&request, progress, &reporter, cancel);
     match (outcome.status, outcome.backup_dir) {
         (ExitStatus::Success | ExitStatus::Warning, Some(dir)) => Ok(DirectBackup {
             status: outcome.status,

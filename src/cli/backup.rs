@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use vm_backup::config::{Inventory, Settings};
 use vm_backup::engine::backup::{configured_inventory, run_backup, BackupRequest};
 use vm_backup::format::metadata::Method;
+use vm_backup::ops::report::Reporter;
 
 use super::common::{self, TargetArgs};
 
@@ -59,7 +60,8 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     request.crash_consistent_fallback = args.allow_crash_consistent;
     let cancel = common::cancel_on_signals();
     let progress = common::LineProgress::new(!args.common.json);
-    let outcome = run_backup(&request, &progress, &cancel);
+    let reporter = Reporter::new(&progress);
+    let outcome = run_backup(&request, &progress, &reporter, &cancel);
     if args.common.json {
         let text = serde_json::to_string_pretty(&outcome)
             .map_err(|e| vm_backup::Error::Other(format!("cannot print JSON: {e}")))?;

@@ -16,7 +16,7 @@ use crate::progress::Level;
 use crate::ExitStatus;
 
 use super::checks;
-use super::{BackupError, BackupSession, Phase, DEBUG_PAUSE_ENV};
+use super::{BackupError, BackupEvent, BackupSession, Phase, DEBUG_PAUSE_ENV};
 
 impl BackupSession<'_> {
     /// Runs the rest of a direct-mode backup after [`BackupSession::prepare`]: copy into the
@@ -28,6 +28,7 @@ impl BackupSession<'_> {
         self.debug_pause()?;
         self.copy_disks()?;
         self.finish()?;
+        self.phase_started(Phase::Publish);
         let t = Instant::now();
         let extra_files = self.write_extras()?;
         let (dir, md) = self.publish(extra_files, t)?;
@@ -144,6 +145,7 @@ impl BackupSession<'_> {
     }
 
     fn copy_disks(&mut self) -> Result<(), BackupError> {
+        self.phase_started(Phase::Copy);
         let t = Instant::now();
         for d in self.disks.clone() {
             self.log(
@@ -204,7 +206,7 @@ impl BackupSession<'_> {
                 backing_chain,
             });
         }
-        self.phases.insert("copy".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::Copy, t.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -247,6 +249,13 @@ impl BackupSession<'_> {
                 sha256
             ),
         );
+        self.observer.emit(BackupEvent::DiskCopied {
+            label,
+            file: file_name,
+            bytes: report.logical_size,
+            seconds: report.duration.as_secs_f64(),
+            sha256: &sha256,
+        });
         Ok(CopiedImage {
             logical_size: report.logical_size,
             sha256,
@@ -338,8 +347,7 @@ impl BackupSession<'_> {
         }
         metadata::write_atomic(&partial.join(layout::CHECKSUMS_FILE), sums.as_bytes())
             .map_err(|e| self.failed(Phase::Publish, format!("checksums.sha256: {e}")))?;
-        self.phases
-            .insert("publish".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::Publish, t.elapsed().as_secs_f64());
         let result = if self.warnings.is_empty() {
             ExitStatus::Success
         } else {
@@ -387,14 +395,14 @@ impl BackupSession<'_> {
     }
 
     fn post_checks(&mut self, dir: PathBuf, mut md: BackupMetadata) {
+        self.phase_started(Phase::PostChecks);
         let t = Instant::now();
         let mut problems = checks::post_check_folder(&dir, &md, self.progress(), &self.cancel);
         problems.extend(checks::post_check_domain(&self.dom, &md));
         for p in problems {
             self.warn(format!("post-check: {p}"));
         }
-        self.phases
-            .insert("post-checks".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::PostChecks, t.elapsed().as_secs_f64());
         self.log(
             Level::Info,
             &format!(

@@ -76,6 +76,7 @@ pub mod chain;
 pub mod checks;
 mod commit;
 mod direct;
+mod events;
 pub mod journal;
 pub mod orphans;
 mod runlog;
@@ -94,6 +95,7 @@ use crate::format::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
+pub use events::{BackupEvent, BackupObserver, NoObserver, ObserverRef};
 pub use runlog::RunLog;
 pub use session::{BackupSession, SessionDisk};
 
@@ -327,31 +329,43 @@ impl From<Arc<dyn Progress>> for ProgressRef<'_> {
 
 /// Runs a whole backup in direct mode (the engine writes the folder on the target): what
 /// `vm-backup backup` and the plugin's `mode=direct` do. Never panics on bad input; every
-/// acquired state is released before it returns. Every run, failed or not, is then recorded
-/// in the catalog on the share, alerted to Slack when it failed or warned, and written to the
-/// metrics textfile (best effort: problems there are warnings).
+/// acquired state is released before it returns. `observer` is told every [`BackupEvent`],
+/// ending with [`BackupEvent::Finished`] once everything is released: the drivers pass the
+/// observer that records the run in the catalog, alerts Slack and writes the metrics
+/// (`ops::report::Reporter`); the engine itself reports nothing.
 pub fn run_backup(
     request: &BackupRequest,
     progress: &dyn Progress,
+    observer: &dyn BackupObserver,
     cancel: &CancelToken,
 ) -> BackupOutcome {
     let started = chrono::Local::now();
-    let outcome = run_backup_unreported(request, progress, cancel);
-    crate::ops::report::after_run(request, &outcome, started, progress);
+    observer.on_event(&BackupEvent::Started {
+        request,
+        at: started,
+    });
+    let outcome = run_session(request, progress, observer, cancel);
+    observer.on_event(&BackupEvent::Finished {
+        request,
+        started,
+        outcome: &outcome,
+    });
     outcome
 }
 
-/// [`run_backup`] without the catalog, Slack and metrics reporting.
-fn run_backup_unreported(
+/// [`run_backup`] between its first and its last event.
+fn run_session(
     request: &BackupRequest,
     progress: &dyn Progress,
+    observer: &dyn BackupObserver,
     cancel: &CancelToken,
 ) -> BackupOutcome {
     let t0 = std::time::Instant::now();
-    let mut session = match BackupSession::prepare(request, progress, cancel.clone()) {
-        Ok(s) => s,
-        Err(e) => return outcome_from_error(request, e, t0, Vec::new()),
-    };
+    let mut session =
+        match BackupSession::prepare_observed(request, progress, observer, cancel.clone()) {
+            Ok(s) => s,
+            Err(e) => return outcome_from_error(request, e, t0, Vec::new()),
+        };
     match session.run_direct() {
         Ok(()) => {
             let (metadata, backup_dir) = session.published();
@@ -431,5 +445,78 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("\"Prüf VM\"") && text.contains("copy") && text.contains("no space"));
         assert_eq!(BackupError::pre("x", "y").status.code(), 1);
+    }
+
+    #[test]
+    fn the_request_takes_method_and_entry_from_the_inventory_and_the_driver_wins() {
+        let inventory = Inventory::parse(
+            "vms:\n  - name: fw01\n    method: offline\n    appliance: asav\n",
+            std::path::Path::new("vm-list.yaml"),
+        )
+        .unwrap();
+        let listed = BackupRequest::from_inventory("fw01", Settings::default(), Some(&inventory));
+        assert_eq!(listed.method, Method::Offline);
+        assert_eq!(
+            listed.vm_entry.as_ref().and_then(|e| e.appliance.as_deref()),
+            Some("asav")
+        );
+        let ours = listed.with_method(Some(Method::Snapshot));
+        assert_eq!(ours.method, Method::Snapshot);
+        for inv in [Some(&inventory), None] {
+            let r = BackupRequest::from_inventory("web01", Settings::default(), inv)
+                .with_method(None);
+            assert_eq!(r.method, Method::Auto);
+            assert!(r.vm_entry.is_none());
+        }
+        let settings = Settings {
+            inventory: "/nonexistent/vm-list.yaml".into(),
+            ..Settings::default()
+        };
+        assert!(configured_inventory(&settings).unwrap().is_none());
+    }
+
+    /// Records the events it is told, by name.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl BackupObserver for Recorder {
+        fn on_event(&self, event: &BackupEvent<'_>) {
+            let name = match event {
+                BackupEvent::Started { .. } => "started".to_string(),
+                BackupEvent::PhaseStarted { phase } => format!("{phase} started"),
+                BackupEvent::PhaseFinished { phase, .. } => format!("{phase} finished"),
+                BackupEvent::FrozenWindow { .. } => "frozen".to_string(),
+                BackupEvent::DiskCopied { file, .. } => format!("copied {file}"),
+                BackupEvent::Warning { .. } => "warning".to_string(),
+                BackupEvent::Finished { outcome, .. } => format!("finished {}", outcome.status),
+            };
+            self.0.lock().unwrap().push(name);
+        }
+    }
+
+    #[test]
+    fn a_refused_backup_tells_the_observer_it_started_and_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            target: dir.path().to_path_buf(),
+            journal_dir: dir.path().join("journal"),
+            // Nothing answers there: the pre-checks fail at the connection.
+            libvirt_uri: format!("qemu+unix:///system?socket={}", dir.path().join("none").display()),
+            ..Settings::default()
+        };
+        let request = BackupRequest::new("vmb-test", settings);
+        let recorder = Recorder::default();
+        let outcome = run_backup(
+            &request,
+            &crate::progress::NoProgress,
+            &recorder,
+            &CancelToken::new(),
+        );
+        assert_eq!(outcome.status, ExitStatus::PreCheckFailed);
+        let events = recorder.0.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            ["started", "checks started", "finished pre-check failed"]
+        );
     }
 }

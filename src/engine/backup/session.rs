@@ -19,7 +19,8 @@ use super::checks::{self, PreCheck};
 use super::commit;
 use super::journal::{Journal, OverlayRecord};
 use super::{
-    orphans, BackupError, BackupRequest, Phase, PhaseTimes, ProgressRef, RunLog, OVERLAY_MARKER,
+    orphans, BackupError, BackupEvent, BackupRequest, ObserverRef, Phase, PhaseTimes,
+    ProgressRef, RunLog, OVERLAY_MARKER,
 };
 
 /// One disk the backup copies.
@@ -51,6 +52,7 @@ pub struct SessionDisk {
 /// A backup in progress. See the module documentation of [`crate::engine::backup`] for the phases.
 pub struct BackupSession<'a> {
     pub(super) progress: ProgressRef<'a>,
+    pub(super) observer: ObserverRef<'a>,
     pub(super) cancel: CancelToken,
     pub(super) log: RunLog,
     pub(super) request: BackupRequest,
@@ -105,7 +107,22 @@ impl<'a> BackupSession<'a> {
         progress: impl Into<ProgressRef<'a>>,
         cancel: CancelToken,
     ) -> Result<Self, BackupError> {
+        Self::prepare_observed(request, progress, ObserverRef::default(), cancel)
+    }
+
+    /// [`Self::prepare`], telling `observer` the phases, the frozen window, the copies and
+    /// the warnings of this session as they happen (see [`BackupEvent`]).
+    pub fn prepare_observed(
+        request: &BackupRequest,
+        progress: impl Into<ProgressRef<'a>>,
+        observer: impl Into<ObserverRef<'a>>,
+        cancel: CancelToken,
+    ) -> Result<Self, BackupError> {
         let progress = progress.into();
+        let observer = observer.into();
+        observer.emit(BackupEvent::PhaseStarted {
+            phase: Phase::Checks,
+        });
         let log = RunLog::new();
         let vm = request.vm.as_str();
         let settings = &request.settings;
@@ -242,8 +259,13 @@ impl<'a> BackupSession<'a> {
 
         let mut phases = PhaseTimes::new();
         phases.insert("checks".into(), t0.elapsed().as_secs_f64());
+        observer.emit(BackupEvent::PhaseFinished {
+            phase: Phase::Checks,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
         let mut session = BackupSession {
             progress,
+            observer,
             cancel,
             log,
             request: request.clone(),
@@ -363,11 +385,24 @@ impl<'a> BackupSession<'a> {
     /// Records a warning (the run ends with status 3).
     pub fn warn(&mut self, text: String) {
         self.log(Level::Warning, &text);
+        self.observer.emit(BackupEvent::Warning { text: &text });
         self.warnings.push(text);
     }
 
     pub(super) fn progress(&self) -> &dyn Progress {
         self.progress.get()
+    }
+
+    /// Tells the observer a phase begins.
+    pub(super) fn phase_started(&self, phase: Phase) {
+        self.observer.emit(BackupEvent::PhaseStarted { phase });
+    }
+
+    /// Records a phase's time (in `phases` of the metadata) and tells the observer it ended.
+    pub(super) fn phase_finished(&mut self, phase: Phase, seconds: f64) {
+        self.phases.insert(phase.to_string(), seconds);
+        self.observer
+            .emit(BackupEvent::PhaseFinished { phase, seconds });
     }
 
     pub(super) fn failed(&self, phase: Phase, cause: impl std::fmt::Display) -> BackupError {
@@ -396,20 +431,20 @@ impl<'a> BackupSession<'a> {
         }
         let t = Instant::now();
         if self.overlays_active {
+            self.phase_started(Phase::Commit);
             self.log(
                 Level::Info,
                 "committing the overlays back into the base images",
             );
             self.commit_overlays()
                 .map_err(|c| self.failed(Phase::Commit, c))?;
-            self.phases
-                .insert("commit".into(), t.elapsed().as_secs_f64());
+            self.phase_finished(Phase::Commit, t.elapsed().as_secs_f64());
         }
         if self.shut_down_by_us {
+            self.phase_started(Phase::Restart);
             let t = Instant::now();
             self.restart().map_err(|c| self.failed(Phase::Restart, c))?;
-            self.phases
-                .insert("restart".into(), t.elapsed().as_secs_f64());
+            self.phase_finished(Phase::Restart, t.elapsed().as_secs_f64());
         }
         self.restore_agent_timeout();
         Ok(())
@@ -492,6 +527,7 @@ impl<'a> BackupSession<'a> {
     }
 
     fn shut_down(&mut self, agent: bool) -> Result<(), BackupError> {
+        self.phase_started(Phase::Shutdown);
         let t = Instant::now();
         let bound = Duration::from_secs(self.request.settings.timeouts.shutdown_seconds);
         self.journal
@@ -520,8 +556,7 @@ impl<'a> BackupSession<'a> {
         self.dom
             .wait_shut_off(bound, &|| cancel.is_cancelled())
             .map_err(|e| self.failed(Phase::Shutdown, e))?;
-        self.phases
-            .insert("shutdown".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::Shutdown, t.elapsed().as_secs_f64());
         self.log(
             Level::Info,
             &format!("domain shut off after {:.1} s", t.elapsed().as_secs_f64()),
@@ -589,6 +624,7 @@ impl<'a> BackupSession<'a> {
     }
 
     fn take_snapshot(&mut self) -> Result<(), BackupError> {
+        self.phase_started(Phase::Snapshot);
         let t = Instant::now();
         let quiesce = self.method == Method::Quiesce;
         for d in &mut self.disks {
@@ -666,6 +702,8 @@ impl<'a> BackupSession<'a> {
         }
         if quiesce {
             self.frozen_ms = Some(call_ms);
+            self.observer
+                .emit(BackupEvent::FrozenWindow { ms: call_ms });
         }
         let _ = self.journal.update(|r| {
             r.may_be_frozen = false;
@@ -696,8 +734,7 @@ impl<'a> BackupSession<'a> {
                 Err(e) => return Err(self.failed(Phase::Snapshot, e)),
             }
         }
-        self.phases
-            .insert("snapshot".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::Snapshot, t.elapsed().as_secs_f64());
         Ok(())
     }
 
