@@ -32,7 +32,8 @@ pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, 
         .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?;
     Ok(
         BackupRequest::from_inventory(&args.vm, settings.clone(), inventory.as_ref())
-            .with_method(args.method),
+            .with_method(args.method)
+            .with_appliance(std::sync::Arc::new(crate::ops::appliance::SshAppliance)),
     )
 }
 

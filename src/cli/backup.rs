@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use vm_backup::config::{Inventory, Settings};
 use vm_backup::engine::backup::{configured_inventory, run_backup, BackupRequest};
 use vm_backup::format::metadata::Method;
+use vm_backup::ops::appliance::SshAppliance;
 use vm_backup::ops::report::Reporter;
 
 use super::common::{self, TargetArgs};
@@ -55,7 +56,8 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         None => configured_inventory(&settings)?,
     };
     let mut request = BackupRequest::from_inventory(&args.vm, settings, inventory.as_ref())
-        .with_method(args.method);
+        .with_method(args.method)
+        .with_appliance(std::sync::Arc::new(SshAppliance));
     request.shutdown = args.shutdown;
     request.crash_consistent_fallback = args.allow_crash_consistent;
     let cancel = common::cancel_on_signals();

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::config::Settings;
 pub use crate::ops::outcome::BackupOutcome;
+pub use crate::progress::{human_bytes, human_rate};
 use crate::store::catalog::{BackupRow, FailedRun};
 use crate::ExitStatus;
 
@@ -283,27 +284,6 @@ pub fn verdict_word(v: Option<&crate::format::metadata::Verdict>) -> &'static st
         Some(_) => "FAILED",
         None => "–",
     }
-}
-
-/// Bytes in binary units: `512 B`, `1.5 GiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// A rate in binary units per second.
-pub fn human_rate(bytes_per_sec: f64) -> String {
-    format!("{}/s", human_bytes(bytes_per_sec.max(0.0) as u64))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::progress::Level;
 use crate::ExitStatus;
 
 use super::checks;
-use super::{BackupError, BackupEvent, BackupSession, Phase, DEBUG_PAUSE_ENV};
+use super::{ApplianceFailure, BackupError, BackupEvent, BackupSession, Phase, DEBUG_PAUSE_ENV};
 
 impl BackupSession<'_> {
     /// Runs the rest of a direct-mode backup after [`BackupSession::prepare`]: copy into the
@@ -290,18 +290,16 @@ impl BackupSession<'_> {
             );
             files.push((name, hex_sha256(&bytes)));
         }
-        if let Some(entry) = self.request.vm_entry.clone() {
-            if entry.appliance.as_deref() == Some("asav") {
+        if let (Some(entry), Some(hook)) = (
+            self.request.vm_entry.clone(),
+            self.request.appliance.clone(),
+        ) {
+            if super::appliance::is_supported(&entry) {
                 let dir = partial.join(layout::CONFIGS_DIR);
                 let captured = fs::create_dir_all(&dir)
-                    .map_err(|e| e.to_string())
+                    .map_err(ApplianceFailure::from)
                     .and_then(|()| {
-                        crate::ops::appliance::capture_configs(
-                            &entry,
-                            &self.request.settings.ssh,
-                            &dir,
-                        )
-                        .map_err(|e| e.to_string())
+                        hook.capture_configs(&entry, &self.request.settings.ssh, &dir)
                     });
                 match captured {
                     Ok(names) => {

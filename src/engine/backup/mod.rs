@@ -72,6 +72,7 @@
 //! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
 //! folder; [`BackupSession::close`] does the same and reports what could not be released.
 
+mod appliance;
 pub mod chain;
 pub mod checks;
 mod commit;
@@ -95,6 +96,7 @@ use crate::format::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
+pub use appliance::{ApplianceFailure, ApplianceHook};
 pub use events::{BackupEvent, BackupObserver, NoObserver, ObserverRef};
 pub use runlog::RunLog;
 pub use session::{BackupSession, SessionDisk};
@@ -215,6 +217,9 @@ pub struct BackupRequest {
     pub crash_consistent_fallback: bool,
     /// Copier settings (hashing is always both per-chunk and whole-file).
     pub copy_options: CopyOptions,
+    /// What talks to an appliance listed in the inventory (`write memory`, configuration
+    /// capture); without it an appliance is backed up like any VM, with a warning.
+    pub appliance: Option<Arc<dyn ApplianceHook>>,
 }
 
 impl BackupRequest {
@@ -228,7 +233,14 @@ impl BackupRequest {
             shutdown: false,
             crash_consistent_fallback: false,
             copy_options: CopyOptions::default(),
+            appliance: None,
         }
+    }
+
+    /// Sets what talks to appliances (see [`ApplianceHook`]).
+    pub fn with_appliance(mut self, hook: Arc<dyn ApplianceHook>) -> Self {
+        self.appliance = Some(hook);
+        self
     }
 
     /// The request every driver builds (the command line and the Bacula plugin): the VM's

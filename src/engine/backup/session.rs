@@ -517,11 +517,15 @@ impl<'a> BackupSession<'a> {
         let Some(entry) = self.request.vm_entry.clone() else {
             return;
         };
-        if entry.appliance.as_deref() != Some("asav") {
+        if !super::appliance::is_supported(&entry) {
             return;
         }
+        let Some(hook) = self.request.appliance.clone() else {
+            self.warn("appliance: no appliance support in this driver: write memory and configuration capture skipped".to_string());
+            return;
+        };
         self.log(Level::Info, "appliance: write memory before the snapshot");
-        if let Err(e) = crate::ops::appliance::write_memory(&entry, &self.request.settings.ssh) {
+        if let Err(e) = hook.write_memory(&entry, &self.request.settings.ssh) {
             self.warn(format!("appliance write memory failed: {e}"));
         }
     }
