@@ -16,7 +16,9 @@ use crate::progress::Level;
 use crate::ExitStatus;
 
 use super::checks;
-use super::{ApplianceFailure, BackupError, BackupEvent, BackupSession, Phase, DEBUG_PAUSE_ENV};
+use super::{
+    ApplianceFailure, BackupError, BackupEvent, BackupSession, Cause, Phase, DEBUG_PAUSE_ENV,
+};
 
 impl BackupSession<'_> {
     /// Runs the rest of a direct-mode backup after [`BackupSession::prepare`]: copy into the
@@ -115,7 +117,7 @@ impl BackupSession<'_> {
         fs::create_dir_all(&partial).map_err(|e| {
             self.failed(
                 Phase::Copy,
-                format!("cannot create {}: {e}", partial.display()),
+                Cause::target(format_args!("cannot create {}", partial.display()), e),
             )
         })?;
         self.log(Level::Info, &format!("writing into {}", partial.display()));
@@ -137,7 +139,7 @@ impl BackupSession<'_> {
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(ms) {
             if self.cancel.is_cancelled() {
-                return Err(self.failed(Phase::Copy, "cancelled"));
+                return Err(self.failed(Phase::Copy, Cause::Cancelled));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -218,7 +220,7 @@ impl BackupSession<'_> {
         label: &str,
     ) -> Result<CopiedImage, BackupError> {
         if self.cancel.is_cancelled() {
-            return Err(self.failed(Phase::Copy, "cancelled"));
+            return Err(self.failed(Phase::Copy, Cause::Cancelled));
         }
         let partial = self.partial.clone().unwrap_or_default();
         let options = CopyOptions {
@@ -227,7 +229,15 @@ impl BackupSession<'_> {
         };
         let dst = partial.join(file_name);
         let report = copier::copy_file(src, &dst, &options, self.progress(), &self.cancel)
-            .map_err(|e| self.failed(Phase::Copy, format!("disk {label}: {e}")))?;
+            .map_err(|source| {
+                self.failed(
+                    Phase::Copy,
+                    Cause::Copy {
+                        label: label.to_string(),
+                        source,
+                    },
+                )
+            })?;
         for note in &report.notes {
             self.log(Level::Info, &format!("copier: {note}"));
         }
@@ -235,7 +245,9 @@ impl BackupSession<'_> {
         else {
             return Err(self.failed(
                 Phase::Copy,
-                format!("disk {label}: the copier returned no digests"),
+                Cause::NoDigests {
+                    label: label.to_string(),
+                },
             ));
         };
         self.log(
@@ -274,16 +286,22 @@ impl BackupSession<'_> {
         let xml_name = layout::xml_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
         let xml_path = partial.join(&xml_name);
         write_synced(&xml_path, self.inactive_xml.as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", xml_path.display())))?;
+            .map_err(|e| self.failed(Phase::Publish, Cause::target(xml_path.display(), e)))?;
         files.push((xml_name, hex_sha256(self.inactive_xml.as_bytes())));
         if let Some(nvram) = self.nvram.clone() {
             let name = layout::nvram_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
-            let bytes = fs::read(&nvram).map_err(|e| {
-                self.failed(Phase::Publish, format!("NVRAM {}: {e}", nvram.display()))
+            let bytes = fs::read(&nvram).map_err(|source| {
+                self.failed(
+                    Phase::Publish,
+                    Cause::Io {
+                        context: format!("NVRAM {}", nvram.display()),
+                        source,
+                    },
+                )
             })?;
             let dst = partial.join(&name);
             write_synced(&dst, &bytes)
-                .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", dst.display())))?;
+                .map_err(|e| self.failed(Phase::Publish, Cause::target(dst.display(), e)))?;
             self.log(
                 Level::Info,
                 &format!("NVRAM {} copied ({} bytes)", nvram.display(), bytes.len()),
@@ -344,7 +362,7 @@ impl BackupSession<'_> {
             sums.push_str(&format!("{sum}  {name}\n"));
         }
         metadata::write_atomic(&partial.join(layout::CHECKSUMS_FILE), sums.as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, format!("checksums.sha256: {e}")))?;
+            .map_err(|e| self.failed(Phase::Publish, Cause::target(layout::CHECKSUMS_FILE, e)))?;
         self.phase_finished(Phase::Publish, t.elapsed().as_secs_f64());
         let result = if self.warnings.is_empty() {
             ExitStatus::Success
@@ -353,27 +371,30 @@ impl BackupSession<'_> {
         };
         let md = self.metadata(&extra, result);
         md.write(&partial)
-            .map_err(|e| self.failed(Phase::Publish, format!("backup-metadata.json: {e}")))?;
+            .map_err(|e| self.failed(Phase::Publish, Cause::target("backup-metadata.json", e)))?;
         self.log(Level::Info, "publishing the backup folder");
         write_synced(&partial.join(layout::LOG_FILE), self.log.text().as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, format!("backup.log: {e}")))?;
+            .map_err(|e| self.failed(Phase::Publish, Cause::target(layout::LOG_FILE, e)))?;
         sync_tree(&partial).map_err(|e| {
             self.failed(
                 Phase::Publish,
-                format!("fsync of {}: {e}", partial.display()),
+                Cause::target(format_args!("fsync of {}", partial.display()), e),
             )
         })?;
         if self.cancel.is_cancelled() {
-            return Err(self.failed(Phase::Publish, "cancelled"));
+            return Err(self.failed(Phase::Publish, Cause::Cancelled));
         }
         let final_dir = self.vm_dir()?.backup_dir(&self.stamp);
         fs::rename(&partial, &final_dir).map_err(|e| {
             self.failed(
                 Phase::Publish,
-                format!(
-                    "cannot rename {} to {}: {e}",
-                    partial.display(),
-                    final_dir.display()
+                Cause::target(
+                    format_args!(
+                        "cannot rename {} to {}",
+                        partial.display(),
+                        final_dir.display()
+                    ),
+                    e,
                 ),
             )
         })?;

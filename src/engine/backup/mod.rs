@@ -77,6 +77,7 @@ pub mod chain;
 pub mod checks;
 mod commit;
 mod direct;
+mod error;
 mod events;
 pub mod journal;
 pub mod orphans;
@@ -97,6 +98,7 @@ use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
 pub use appliance::{ApplianceFailure, ApplianceHook};
+pub use error::{BackupError, Cause, ToolError};
 pub use events::{BackupEvent, BackupObserver, NoObserver, ObserverRef};
 pub use runlog::RunLog;
 pub use session::{BackupSession, SessionDisk};
@@ -146,56 +148,6 @@ impl fmt::Display for Phase {
             Phase::PostChecks => "post-checks",
             Phase::Restart => "restart",
         })
-    }
-}
-
-/// A failed backup step: which VM, which phase, what happened, and the exit status it means.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("VM {vm:?}: {phase} failed: {cause}")]
-pub struct BackupError {
-    /// The domain name.
-    pub vm: String,
-    /// The phase that failed.
-    pub phase: Phase,
-    /// 1 (pre-check, VM untouched) or 2 (failed, VM restored).
-    pub status: ExitStatus,
-    /// The cause, worded for the operator.
-    pub cause: String,
-}
-
-impl BackupError {
-    /// A pre-check failure (exit 1).
-    pub fn pre(vm: &str, cause: impl fmt::Display) -> Self {
-        Self {
-            vm: vm.to_string(),
-            phase: Phase::Checks,
-            status: ExitStatus::PreCheckFailed,
-            cause: cause.to_string(),
-        }
-    }
-
-    /// A failure after the VM was touched (exit 2).
-    pub fn failed(vm: &str, phase: Phase, cause: impl fmt::Display) -> Self {
-        Self {
-            vm: vm.to_string(),
-            phase,
-            status: ExitStatus::Failed,
-            cause: cause.to_string(),
-        }
-    }
-}
-
-impl BackupError {
-    /// What kind of failure this is. Until the cause is typed, it is read from the phase:
-    /// a pre-check failure is the environment's, a later one the operation's.
-    pub fn kind(&self) -> crate::error::ErrorKind {
-        use crate::error::ErrorKind;
-        match self.phase {
-            Phase::Checks | Phase::Repair => ErrorKind::Busy,
-            Phase::Copy | Phase::Publish => ErrorKind::TargetFailing,
-            Phase::PostChecks => ErrorKind::Corrupt,
-            _ => ErrorKind::Libvirt,
-        }
     }
 }
 
@@ -452,11 +404,24 @@ mod tests {
         fn assert_send<T: Send>() {}
         assert_send::<BackupSession<'static>>();
         assert_send::<BackupOutcome>();
-        let e = BackupError::failed("Prüf VM", Phase::Copy, "disk vda: no space left");
+        let e = BackupError::failed(
+            "Prüf VM",
+            Phase::Copy,
+            Cause::Copy {
+                label: "vda".into(),
+                source: crate::copier::CopyError::NoSpace {
+                    path: "/t/vda.qcow2".into(),
+                    offset: 0,
+                },
+            },
+        );
+        assert_eq!(e.kind(), crate::error::ErrorKind::TargetFull);
         assert_eq!(e.status, ExitStatus::Failed);
         let text = e.to_string();
         assert!(text.contains("\"Prüf VM\"") && text.contains("copy") && text.contains("no space"));
-        assert_eq!(BackupError::pre("x", "y").status.code(), 1);
+        let pre = BackupError::pre("x", Cause::Cancelled);
+        assert_eq!(pre.status.code(), 1);
+        assert_eq!(pre.kind(), crate::error::ErrorKind::Cancelled);
     }
 
     #[test]

@@ -16,11 +16,11 @@ use crate::progress::{CancelToken, Level, Progress};
 
 use super::chain::BackingImage;
 use super::checks::{self, PreCheck};
-use super::commit;
+use super::commit::{self, CommitError};
 use super::journal::{Journal, OverlayRecord};
 use super::{
-    orphans, BackupError, BackupEvent, BackupRequest, ObserverRef, Phase, PhaseTimes,
-    ProgressRef, RunLog, OVERLAY_MARKER,
+    orphans, BackupError, BackupEvent, BackupRequest, Cause, ObserverRef, Phase, PhaseTimes,
+    ProgressRef, RunLog, ToolError, OVERLAY_MARKER,
 };
 
 /// One disk the backup copies.
@@ -161,7 +161,7 @@ impl<'a> BackupSession<'a> {
                     vm: vm.to_string(),
                     phase: Phase::Repair,
                     status: crate::ExitStatus::PreCheckFailed,
-                    cause,
+                    cause: cause.into(),
                 })?;
             for a in actions {
                 log.log(progress.get(), Level::Info, &format!("repaired: {a}"));
@@ -183,9 +183,12 @@ impl<'a> BackupSession<'a> {
                     Err(e) => {
                         return Err(BackupError::pre(
                             vm,
-                            format!(
-                                "cannot remove the leftover partial backup {}: {e}",
-                                p.display()
+                            Cause::target(
+                                format_args!(
+                                    "cannot remove the leftover partial backup {}",
+                                    p.display()
+                                ),
+                                e,
                             ),
                         ))
                     }
@@ -306,7 +309,7 @@ impl<'a> BackupSession<'a> {
             }
             Method::Quiesce | Method::Snapshot => session.take_snapshot()?,
             Method::Auto => {
-                return Err(BackupError::pre(vm, "internal: no method chosen"));
+                return Err(BackupError::pre(vm, Cause::Internal("no method chosen")));
             }
         }
         Ok(session)
@@ -405,7 +408,7 @@ impl<'a> BackupSession<'a> {
             .emit(BackupEvent::PhaseFinished { phase, seconds });
     }
 
-    pub(super) fn failed(&self, phase: Phase, cause: impl std::fmt::Display) -> BackupError {
+    pub(super) fn failed(&self, phase: Phase, cause: impl Into<Cause>) -> BackupError {
         let e = BackupError::failed(&self.request.vm, phase, cause);
         self.log(Level::Error, &e.to_string());
         e
@@ -421,10 +424,7 @@ impl<'a> BackupSession<'a> {
             let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
             if state != DomState::ShutOff {
                 self.image_locks.clear();
-                return Err(self.failed(
-                    Phase::Copy,
-                    format!("the domain was started during the offline copy (it is {state}): the copy may be inconsistent"),
-                ));
+                return Err(self.failed(Phase::Copy, Cause::StartedDuringCopy(state)));
             }
             self.image_locks.clear();
             self.log(Level::Info, "image locks released");
@@ -585,20 +585,14 @@ impl<'a> BackupSession<'a> {
                 Ok(l) => self.image_locks.push(l),
                 Err(e) => {
                     self.image_locks.clear();
-                    return Err(self.failed(
-                        Phase::Copy,
-                        format!("cannot lock the images for the offline copy: {e}"),
-                    ));
+                    return Err(self.failed(Phase::Copy, Cause::ImageLock(e)));
                 }
             }
         }
         let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
         if state != DomState::ShutOff {
             self.image_locks.clear();
-            return Err(self.failed(
-                Phase::Copy,
-                format!("the domain was started before the offline copy began (it is {state})"),
-            ));
+            return Err(self.failed(Phase::Copy, Cause::StartedBeforeCopy(state)));
         }
         self.log(
             Level::Info,
@@ -610,11 +604,11 @@ impl<'a> BackupSession<'a> {
         Ok(())
     }
 
-    fn restart(&mut self) -> Result<(), String> {
-        match self.dom.state().map_err(|e| e.to_string())? {
+    fn restart(&mut self) -> Result<(), CommitError> {
+        match self.dom.state()? {
             DomState::ShutOff => {
                 self.log(Level::Info, "starting the domain again");
-                self.dom.start().map_err(|e| e.to_string())?;
+                self.dom.start()?;
             }
             other => self.log(
                 Level::Warning,
@@ -622,9 +616,8 @@ impl<'a> BackupSession<'a> {
             ),
         }
         self.shut_down_by_us = false;
-        self.journal
-            .update(|r| r.shut_down_by_us = false)
-            .map_err(|e| e.to_string())
+        self.journal.update(|r| r.shut_down_by_us = false)?;
+        Ok(())
     }
 
     fn take_snapshot(&mut self) -> Result<(), BackupError> {
@@ -637,10 +630,7 @@ impl<'a> BackupSession<'a> {
         for d in &self.disks {
             if let Some(o) = &d.overlay {
                 if o.exists() {
-                    return Err(self.failed(
-                        Phase::Snapshot,
-                        format!("overlay {} already exists", o.display()),
-                    ));
+                    return Err(self.failed(Phase::Snapshot, Cause::OverlayExists(o.clone())));
                 }
             }
         }
@@ -693,12 +683,13 @@ impl<'a> BackupSession<'a> {
         let call_ms = call.elapsed().as_secs_f64() * 1000.0;
         if let Err(e) = result {
             let cause = if quiesce {
-                format!(
-                    "{e} (after {:.0} ms; the guest agent timeout is {} s)",
-                    call_ms, self.request.settings.timeouts.agent_seconds
-                )
+                Cause::Quiesce {
+                    source: e,
+                    ms: call_ms,
+                    timeout_seconds: self.request.settings.timeouts.agent_seconds,
+                }
             } else {
-                e.to_string()
+                Cause::Libvirt(e)
             };
             let err = self.failed(Phase::Snapshot, cause);
             self.undo_failed_snapshot(quiesce);
@@ -728,11 +719,10 @@ impl<'a> BackupSession<'a> {
                 Ok(false) => {
                     return Err(self.failed(
                         Phase::Snapshot,
-                        format!(
-                            "after the snapshot, disk {} is not on {}",
-                            d.target,
-                            o.display()
-                        ),
+                        Cause::NotOnOverlay {
+                            target: d.target.clone(),
+                            overlay: o.clone(),
+                        },
                     ))
                 }
                 Err(e) => return Err(self.failed(Phase::Snapshot, e)),
@@ -779,16 +769,16 @@ impl<'a> BackupSession<'a> {
     }
 
     /// Commits every disk on one of our overlays back into its base, deletes the overlays.
-    fn commit_overlays(&mut self) -> Result<(), String> {
+    fn commit_overlays(&mut self) -> Result<(), CommitError> {
         let bound = Duration::from_secs(self.request.settings.timeouts.commit_seconds);
-        let live = self.dom.state().map_err(|e| e.to_string())?.is_live();
+        let live = self.dom.state()?.is_live();
         let mut problems = Vec::new();
         for d in self.disks.clone() {
             let Some(o) = &d.overlay else { continue };
             let on_overlay = match commit::on_source(&self.dom, &d.target, o) {
                 Ok(v) => v,
                 Err(e) => {
-                    problems.push(e);
+                    problems.push(e.into());
                     continue;
                 }
             };
@@ -824,33 +814,35 @@ impl<'a> BackupSession<'a> {
             }
             if let Err(e) = fs::remove_file(o) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    problems.push(format!("cannot delete overlay {}: {e}", o.display()));
+                    problems.push(CommitError::DeleteOverlay {
+                        path: o.clone(),
+                        source: e,
+                    });
                     continue;
                 }
             }
         }
-        if !problems.is_empty() {
-            return Err(problems.join("; "));
+        if problems.len() == 1 {
+            return Err(problems.remove(0));
+        } else if !problems.is_empty() {
+            return Err(CommitError::Several(problems));
         }
         self.overlays_active = false;
         for d in &mut self.disks {
             d.overlay = None;
         }
-        self.journal
-            .update(|r| {
-                r.overlays.clear();
-                r.phase = "committed".into();
-            })
-            .map_err(|e| e.to_string())?;
+        self.journal.update(|r| {
+            r.overlays.clear();
+            r.phase = "committed".into();
+        })?;
         // No block job may remain on a copied disk.
         if live {
             for d in &self.disks {
                 if let Ok(Some(job)) = self.dom.block_job(&d.target) {
-                    return Err(format!(
-                        "{}: a {} block job remains after the commit",
-                        d.target,
-                        job.kind_name()
-                    ));
+                    return Err(CommitError::JobRemains {
+                        target: d.target.clone(),
+                        job: job.kind_name().to_string(),
+                    });
                 }
             }
         }
@@ -873,30 +865,25 @@ pub(crate) fn overlay_path(base: &Path, stamp: &str) -> PathBuf {
 
 /// Creates the qcow2 overlay `overlay` on top of `disk.source` (absolute backing path and
 /// format recorded in the header; `-u`: the base is in use, its size is given).
-fn create_overlay(disk: &SessionDisk, overlay: &Path) -> Result<(), String> {
-    let out = std::process::Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            &disk.format,
-            "-b",
-        ])
-        .arg(&disk.source)
-        .arg(overlay)
-        .arg(disk.virtual_size.to_string())
-        .output()
-        .map_err(|e| format!("cannot run qemu-img create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cannot create overlay {}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+fn create_overlay(disk: &SessionDisk, overlay: &Path) -> Result<(), ToolError> {
+    ToolError::run(
+        "create",
+        || format!("qemu-img create of overlay {}", overlay.display()),
+        std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-F",
+                &disk.format,
+                "-b",
+            ])
+            .arg(&disk.source)
+            .arg(overlay)
+            .arg(disk.virtual_size.to_string()),
+    )?;
     Ok(())
 }
 
