@@ -121,18 +121,13 @@ pub fn after_backup_run(
 ) -> AfterRun {
     let catalog_error = match outcome {
         BackupOutcome::Published(meta) => {
-            let dir = backup_dir
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| {
-                    settings
-                        .target
-                        .join(crate::format::layout::safe_component(&meta.host).unwrap_or_default())
-                        .join(
-                            crate::format::layout::safe_component(&meta.vm_name)
-                                .unwrap_or_default(),
-                        )
-                        .join(&meta.stamp)
-                });
+            let dir = backup_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+                settings
+                    .target
+                    .join(crate::format::layout::safe_component(&meta.host).unwrap_or_default())
+                    .join(crate::format::layout::safe_component(&meta.vm_name).unwrap_or_default())
+                    .join(&meta.stamp)
+            });
             crate::store::catalog::record_backup(&settings.target, meta, &dir).err()
         }
         BackupOutcome::Failed(f) => {
@@ -156,4 +151,3 @@ pub fn after_backup_run(
     }
     after
 }
-

@@ -32,7 +32,9 @@ pub enum ChainError {
         depth: usize,
     },
     /// A backing image has a format other than qcow2 or raw.
-    #[error("disk {target}: backing image {file} has format {format}: only qcow2 and raw are supported")]
+    #[error(
+        "disk {target}: backing image {file} has format {format}: only qcow2 and raw are supported"
+    )]
     Format {
         /// The disk.
         target: String,

@@ -190,9 +190,9 @@ impl CheckError {
             | CheckError::LeftState { .. } => ErrorKind::Busy,
             CheckError::CannotQuiesce(_) => ErrorKind::GuestAgent,
             CheckError::InactiveXml(_) => ErrorKind::Libvirt,
-            CheckError::NotFileBacked { .. } | CheckError::NotAFile { .. } | CheckError::NoDisks => {
-                ErrorKind::InvalidInput
-            }
+            CheckError::NotFileBacked { .. }
+            | CheckError::NotAFile { .. }
+            | CheckError::NoDisks => ErrorKind::InvalidInput,
             CheckError::Unreadable { source, .. } | CheckError::Nvram { source, .. } => {
                 ErrorKind::from_io(source)
             }
@@ -303,7 +303,10 @@ pub fn choose_method(
                 AgentState::Hung(cause) => (AgentProblem::Hung(cause), false),
             };
             if requested == Method::Auto && auto_may_fall_back {
-                Ok((Method::Snapshot, Some(format!("{why}: crash-consistent snapshot"))))
+                Ok((
+                    Method::Snapshot,
+                    Some(format!("{why}: crash-consistent snapshot")),
+                ))
             } else if fallback {
                 Ok((
                     Method::Snapshot,
@@ -324,9 +327,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, CheckEr
     let state = dom.state()?;
     match state {
         DomState::Running | DomState::Paused | DomState::ShutOff => {}
-        other => {
-            return Err(CheckError::DomainState(other))
-        }
+        other => return Err(CheckError::DomainState(other)),
     }
     let uuid = dom.uuid()?;
     let inactive_xml = dom.xml(true)?;
@@ -457,7 +458,8 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, CheckEr
         };
         let backing_chain = super::chain::backing_chain(&source, &format, vm, &d.target)?;
         for b in &backing_chain {
-            fs::File::open(&b.path).map_err(unreadable("cannot read its backing image ", &b.path))?;
+            fs::File::open(&b.path)
+                .map_err(unreadable("cannot read its backing image ", &b.path))?;
         }
         disks.push(SessionDisk {
             target: d.target.clone(),
@@ -809,9 +811,7 @@ pub fn run_post_checks(
     let stamp = vm_dir
         .latest()
         .map_err(|e| BackupError::pre(vm, e))?
-        .ok_or_else(|| {
-            BackupError::pre(vm, CheckError::NoBackup(vm_dir.path.clone()))
-        })?;
+        .ok_or_else(|| BackupError::pre(vm, CheckError::NoBackup(vm_dir.path.clone())))?;
     let dir = vm_dir.backup_dir(&stamp);
     let md = BackupMetadata::read(&dir).map_err(|source| {
         BackupError::pre(

@@ -316,9 +316,7 @@ impl BackupSession<'_> {
                 let dir = partial.join(layout::CONFIGS_DIR);
                 let captured = fs::create_dir_all(&dir)
                     .map_err(ApplianceFailure::from)
-                    .and_then(|()| {
-                        hook.capture_configs(&entry, &self.request.settings.ssh, &dir)
-                    });
+                    .and_then(|()| hook.capture_configs(&entry, &self.request.settings.ssh, &dir));
                 match captured {
                     Ok(names) => {
                         for n in names {

@@ -28,9 +28,9 @@ pub struct BackupError {
     pub phase: Phase,
     /// 1 (pre-check, VM untouched) or 2 (failed, VM restored).
     pub status: ExitStatus,
-    /// What went wrong.
+    /// What went wrong (boxed: the error stays small on every `Result` of the engine).
     #[source]
-    pub cause: Cause,
+    pub cause: Box<Cause>,
 }
 
 impl BackupError {
@@ -40,7 +40,7 @@ impl BackupError {
             vm: vm.to_string(),
             phase: Phase::Checks,
             status: ExitStatus::PreCheckFailed,
-            cause: cause.into(),
+            cause: Box::new(cause.into()),
         }
     }
 
@@ -50,7 +50,7 @@ impl BackupError {
             vm: vm.to_string(),
             phase,
             status: ExitStatus::Failed,
-            cause: cause.into(),
+            cause: Box::new(cause.into()),
         }
     }
 
@@ -146,7 +146,9 @@ pub enum Cause {
     #[error("the domain was started before the offline copy began (it is {0})")]
     StartedBeforeCopy(DomState),
     /// The shut-off domain was started during the offline copy.
-    #[error("the domain was started during the offline copy (it is {0}): the copy may be inconsistent")]
+    #[error(
+        "the domain was started during the offline copy (it is {0}): the copy may be inconsistent"
+    )]
     StartedDuringCopy(DomState),
     /// The operator or Bacula cancelled the run.
     #[error("cancelled")]
@@ -178,9 +180,7 @@ impl Cause {
             Cause::OverlayExists(_)
             | Cause::ImageLock(_)
             | Cause::StartedBeforeCopy(_)
-            | Cause::StartedDuringCopy(_) => {
-                ErrorKind::Busy
-            }
+            | Cause::StartedDuringCopy(_) => ErrorKind::Busy,
             Cause::NotOnOverlay { .. } => ErrorKind::Libvirt,
             Cause::Cancelled => ErrorKind::Cancelled,
         }

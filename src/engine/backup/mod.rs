@@ -434,14 +434,17 @@ mod tests {
         let listed = BackupRequest::from_inventory("fw01", Settings::default(), Some(&inventory));
         assert_eq!(listed.method, Method::Offline);
         assert_eq!(
-            listed.vm_entry.as_ref().and_then(|e| e.appliance.as_deref()),
+            listed
+                .vm_entry
+                .as_ref()
+                .and_then(|e| e.appliance.as_deref()),
             Some("asav")
         );
         let ours = listed.with_method(Some(Method::Snapshot));
         assert_eq!(ours.method, Method::Snapshot);
         for inv in [Some(&inventory), None] {
-            let r = BackupRequest::from_inventory("web01", Settings::default(), inv)
-                .with_method(None);
+            let r =
+                BackupRequest::from_inventory("web01", Settings::default(), inv).with_method(None);
             assert_eq!(r.method, Method::Auto);
             assert!(r.vm_entry.is_none());
         }
@@ -478,7 +481,10 @@ mod tests {
             target: dir.path().to_path_buf(),
             journal_dir: dir.path().join("journal"),
             // Nothing answers there: the pre-checks fail at the connection.
-            libvirt_uri: format!("qemu+unix:///system?socket={}", dir.path().join("none").display()),
+            libvirt_uri: format!(
+                "qemu+unix:///system?socket={}",
+                dir.path().join("none").display()
+            ),
             ..Settings::default()
         };
         let request = BackupRequest::new("vmb-test", settings);

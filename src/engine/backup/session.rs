@@ -161,7 +161,7 @@ impl<'a> BackupSession<'a> {
                     vm: vm.to_string(),
                     phase: Phase::Repair,
                     status: crate::ExitStatus::PreCheckFailed,
-                    cause: cause.into(),
+                    cause: Box::new(cause.into()),
                 })?;
             for a in actions {
                 log.log(progress.get(), Level::Info, &format!("repaired: {a}"));
