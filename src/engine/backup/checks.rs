@@ -470,7 +470,6 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, CheckEr
             allocated_size,
             backing_file: backing_chain.first().map(|b| b.path.clone()),
             backing_chain,
-            overlay: None,
         });
     }
     if disks.is_empty() {

@@ -16,6 +16,7 @@ use crate::progress::Level;
 use crate::ExitStatus;
 
 use super::checks;
+use super::guards::PartialFolder;
 use super::{
     ApplianceFailure, BackupError, BackupEvent, BackupSession, Cause, Phase, DEBUG_PAUSE_ENV,
 };
@@ -48,23 +49,23 @@ impl BackupSession<'_> {
             .iter()
             .map(|d| d.file_size + d.backing_chain.iter().map(|b| b.file_size).sum::<u64>())
             .sum();
-        let copy_secs = self.phases.get("copy").copied().unwrap_or(0.0);
+        let copy_secs = self.run.phases.get("copy").copied().unwrap_or(0.0);
         BackupMetadata {
             schema_version: metadata::SCHEMA_VERSION,
             tool_version: crate::VERSION.to_string(),
-            vm_name: self.request.vm.clone(),
-            vm_uuid: self.uuid.clone(),
-            host: self.host.clone(),
-            stamp: self.stamp.clone(),
-            method_requested: self.request.method,
-            method: self.method,
-            method_note: self.method_note.clone(),
-            started_at: self.started_at.to_rfc3339(),
+            vm_name: self.run.request.vm.clone(),
+            vm_uuid: self.run.uuid.clone(),
+            host: self.run.host.clone(),
+            stamp: self.run.stamp.clone(),
+            method_requested: self.run.request.method,
+            method: self.plan.method,
+            method_note: self.plan.method_note.clone(),
+            started_at: self.run.started_at.to_rfc3339(),
             finished_at: Local::now().to_rfc3339(),
-            frozen_ms: self.frozen_ms,
-            phases: self.phases.clone(),
+            frozen_ms: self.run.frozen_ms,
+            phases: self.run.phases.clone(),
             disks,
-            skipped_disks: self.skipped.clone(),
+            skipped_disks: self.plan.skipped.clone(),
             files,
             total_bytes: total,
             bytes_per_sec: if copy_secs > 0.0 {
@@ -72,13 +73,14 @@ impl BackupSession<'_> {
             } else {
                 0.0
             },
-            result: if self.warnings.is_empty() {
+            result: if self.run.warnings.is_empty() {
                 ExitStatus::Success
             } else {
                 ExitStatus::Warning
             },
-            warnings: self.warnings.clone(),
+            warnings: self.run.warnings.clone(),
             appliance: self
+                .run
                 .request
                 .vm_entry
                 .as_ref()
@@ -90,7 +92,7 @@ impl BackupSession<'_> {
 
     /// Records the seconds a phase took (a driver's own `copy`, for instance).
     pub fn record_phase(&mut self, name: &str, seconds: f64) {
-        self.phases.insert(name.to_string(), seconds);
+        self.run.phases.insert(name.to_string(), seconds);
     }
 
     /// The published metadata and folder, once [`Self::run_direct`] succeeded.
@@ -101,19 +103,33 @@ impl BackupSession<'_> {
         }
     }
 
+    /// The `.partial` folder being written (empty before [`Self::begin_partial`]).
+    fn partial_dir(&self) -> PathBuf {
+        self.held
+            .partial
+            .as_ref()
+            .map(|p| p.0.clone())
+            .unwrap_or_default()
+    }
+
     fn vm_dir(&self) -> Result<VmDir, BackupError> {
-        VmDir::new(&self.request.settings.target, &self.host, &self.request.vm)
-            .map_err(|e| self.failed(Phase::Copy, e))
+        VmDir::new(
+            &self.run.request.settings.target,
+            &self.run.host,
+            &self.run.request.vm,
+        )
+        .map_err(|e| self.failed(Phase::Copy, e))
     }
 
     /// Creates `<target>/<host>/<vm>/<stamp>.partial/` (journaled first).
     fn begin_partial(&mut self) -> Result<(), BackupError> {
-        let partial = self.vm_dir()?.partial_dir(&self.stamp);
+        let partial = self.vm_dir()?.partial_dir(&self.run.stamp);
         let p = partial.clone();
-        self.journal
+        self.run
+            .journal
             .update(|r| r.partial_dir = Some(p))
             .map_err(|e| self.failed(Phase::Copy, e))?;
-        self.partial = Some(partial.clone());
+        self.held.partial = Some(PartialFolder(partial.clone()));
         fs::create_dir_all(&partial).map_err(|e| {
             self.failed(
                 Phase::Copy,
@@ -138,7 +154,7 @@ impl BackupSession<'_> {
         );
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(ms) {
-            if self.cancel.is_cancelled() {
+            if self.run.cancel.is_cancelled() {
                 return Err(self.failed(Phase::Copy, Cause::Cancelled));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -149,7 +165,7 @@ impl BackupSession<'_> {
     fn copy_disks(&mut self) -> Result<(), BackupError> {
         self.phase_started(Phase::Copy);
         let t = Instant::now();
-        for d in self.disks.clone() {
+        for d in self.plan.disks.clone() {
             self.log(
                 Level::Info,
                 &format!(
@@ -192,7 +208,7 @@ impl BackupSession<'_> {
                     copy_seconds: c.seconds,
                 });
             }
-            self.disk_records.push(DiskRecord {
+            self.copied.push(DiskRecord {
                 target: d.target.clone(),
                 source: d.source.to_string_lossy().into_owned(),
                 format: d.format.clone(),
@@ -219,16 +235,16 @@ impl BackupSession<'_> {
         file_name: &str,
         label: &str,
     ) -> Result<CopiedImage, BackupError> {
-        if self.cancel.is_cancelled() {
+        if self.run.cancel.is_cancelled() {
             return Err(self.failed(Phase::Copy, Cause::Cancelled));
         }
-        let partial = self.partial.clone().unwrap_or_default();
+        let partial = self.partial_dir();
         let options = CopyOptions {
             hash: HashMode::Both,
-            ..self.request.copy_options.clone()
+            ..self.run.request.copy_options.clone()
         };
         let dst = partial.join(file_name);
-        let report = copier::copy_file(src, &dst, &options, self.progress(), &self.cancel)
+        let report = copier::copy_file(src, &dst, &options, self.progress(), &self.run.cancel)
             .map_err(|source| {
                 self.failed(
                     Phase::Copy,
@@ -261,7 +277,7 @@ impl BackupSession<'_> {
                 sha256
             ),
         );
-        self.observer.emit(BackupEvent::DiskCopied {
+        self.run.observer.emit(BackupEvent::DiskCopied {
             label,
             file: file_name,
             bytes: report.logical_size,
@@ -280,15 +296,15 @@ impl BackupSession<'_> {
 
     /// XML, NVRAM and appliance configs; returns (relative name, sha256) of each.
     fn write_extras(&mut self) -> Result<Vec<(String, String)>, BackupError> {
-        let partial = self.partial.clone().unwrap_or_default();
+        let partial = self.partial_dir();
         let mut files = Vec::new();
-        let vm = self.request.vm.clone();
+        let vm = self.run.request.vm.clone();
         let xml_name = layout::xml_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
         let xml_path = partial.join(&xml_name);
-        write_synced(&xml_path, self.inactive_xml.as_bytes())
+        write_synced(&xml_path, self.plan.inactive_xml.as_bytes())
             .map_err(|e| self.failed(Phase::Publish, Cause::target(xml_path.display(), e)))?;
-        files.push((xml_name, hex_sha256(self.inactive_xml.as_bytes())));
-        if let Some(nvram) = self.nvram.clone() {
+        files.push((xml_name, hex_sha256(self.plan.inactive_xml.as_bytes())));
+        if let Some(nvram) = self.plan.nvram.clone() {
             let name = layout::nvram_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
             let bytes = fs::read(&nvram).map_err(|source| {
                 self.failed(
@@ -309,14 +325,16 @@ impl BackupSession<'_> {
             files.push((name, hex_sha256(&bytes)));
         }
         if let (Some(entry), Some(hook)) = (
-            self.request.vm_entry.clone(),
-            self.request.appliance.clone(),
+            self.run.request.vm_entry.clone(),
+            self.run.request.appliance.clone(),
         ) {
             if super::appliance::is_supported(&entry) {
                 let dir = partial.join(layout::CONFIGS_DIR);
                 let captured = fs::create_dir_all(&dir)
                     .map_err(ApplianceFailure::from)
-                    .and_then(|()| hook.capture_configs(&entry, &self.request.settings.ssh, &dir));
+                    .and_then(|()| {
+                        hook.capture_configs(&entry, &self.run.request.settings.ssh, &dir)
+                    });
                 match captured {
                     Ok(names) => {
                         for n in names {
@@ -336,7 +354,7 @@ impl BackupSession<'_> {
 
     fn metadata(&self, extra: &[(String, String)], result: ExitStatus) -> BackupMetadata {
         let mut md = self.metadata_for(
-            self.disk_records.clone(),
+            self.copied.clone(),
             extra.iter().map(|(n, _)| n.clone()).collect(),
         );
         md.result = result;
@@ -348,9 +366,9 @@ impl BackupSession<'_> {
         extra: Vec<(String, String)>,
         t: Instant,
     ) -> Result<(PathBuf, BackupMetadata), BackupError> {
-        let partial = self.partial.clone().unwrap_or_default();
+        let partial = self.partial_dir();
         let mut sums = String::new();
-        for d in &self.disk_records {
+        for d in &self.copied {
             sums.push_str(&format!("{}  {}\n", d.sha256, d.file));
             for b in &d.backing_chain {
                 sums.push_str(&format!("{}  {}\n", b.sha256, b.file));
@@ -362,7 +380,7 @@ impl BackupSession<'_> {
         metadata::write_atomic(&partial.join(layout::CHECKSUMS_FILE), sums.as_bytes())
             .map_err(|e| self.failed(Phase::Publish, Cause::target(layout::CHECKSUMS_FILE, e)))?;
         self.phase_finished(Phase::Publish, t.elapsed().as_secs_f64());
-        let result = if self.warnings.is_empty() {
+        let result = if self.run.warnings.is_empty() {
             ExitStatus::Success
         } else {
             ExitStatus::Warning
@@ -371,18 +389,21 @@ impl BackupSession<'_> {
         md.write(&partial)
             .map_err(|e| self.failed(Phase::Publish, Cause::target("backup-metadata.json", e)))?;
         self.log(Level::Info, "publishing the backup folder");
-        write_synced(&partial.join(layout::LOG_FILE), self.log.text().as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, Cause::target(layout::LOG_FILE, e)))?;
+        write_synced(
+            &partial.join(layout::LOG_FILE),
+            self.run.log.text().as_bytes(),
+        )
+        .map_err(|e| self.failed(Phase::Publish, Cause::target(layout::LOG_FILE, e)))?;
         sync_tree(&partial).map_err(|e| {
             self.failed(
                 Phase::Publish,
                 Cause::target(format_args!("fsync of {}", partial.display()), e),
             )
         })?;
-        if self.cancel.is_cancelled() {
+        if self.run.cancel.is_cancelled() {
             return Err(self.failed(Phase::Publish, Cause::Cancelled));
         }
-        let final_dir = self.vm_dir()?.backup_dir(&self.stamp);
+        let final_dir = self.vm_dir()?.backup_dir(&self.run.stamp);
         fs::rename(&partial, &final_dir).map_err(|e| {
             self.failed(
                 Phase::Publish,
@@ -396,11 +417,11 @@ impl BackupSession<'_> {
                 ),
             )
         })?;
-        self.partial = None;
+        self.held.partial = None;
         if let Some(parent) = final_dir.parent() {
             let _ = fs::File::open(parent).and_then(|f| f.sync_all());
         }
-        let _ = self.journal.update(|r| {
+        let _ = self.run.journal.update(|r| {
             r.partial_dir = None;
             r.phase = "published".into();
         });
@@ -414,8 +435,8 @@ impl BackupSession<'_> {
     fn post_checks(&mut self, dir: PathBuf, mut md: BackupMetadata) {
         self.phase_started(Phase::PostChecks);
         let t = Instant::now();
-        let mut problems = checks::post_check_folder(&dir, &md, self.progress(), &self.cancel);
-        problems.extend(checks::post_check_domain(&self.dom, &md));
+        let mut problems = checks::post_check_folder(&dir, &md, self.progress(), &self.run.cancel);
+        problems.extend(checks::post_check_domain(&self.run.dom, &md));
         for p in problems {
             self.warn(format!("post-check: {p}"));
         }
@@ -424,20 +445,21 @@ impl BackupSession<'_> {
             Level::Info,
             &format!(
                 "backup of {:?} {} in {:.1} s{}",
-                self.request.vm,
-                if self.warnings.is_empty() {
+                self.run.request.vm,
+                if self.run.warnings.is_empty() {
                     "completed"
                 } else {
                     "completed with warnings"
                 },
-                self.t0.elapsed().as_secs_f64(),
-                self.frozen_ms
+                self.run.t0.elapsed().as_secs_f64(),
+                self.run
+                    .frozen_ms
                     .map(|ms| format!(", guest frozen {ms:.0} ms"))
                     .unwrap_or_default()
             ),
         );
-        md.phases = self.phases.clone();
-        md.warnings = self.warnings.clone();
+        md.phases = self.run.phases.clone();
+        md.warnings = self.run.warnings.clone();
         md.finished_at = Local::now().to_rfc3339();
         if !md.warnings.is_empty() {
             md.result = ExitStatus::Warning;
@@ -445,10 +467,10 @@ impl BackupSession<'_> {
         if let Err(e) = md.write(&dir) {
             self.warn(format!("cannot update backup-metadata.json: {e}"));
         }
-        if let Err(e) = write_synced(&dir.join(layout::LOG_FILE), self.log.text().as_bytes()) {
+        if let Err(e) = write_synced(&dir.join(layout::LOG_FILE), self.run.log.text().as_bytes()) {
             self.warn(format!("cannot update backup.log: {e}"));
         }
-        md.warnings = self.warnings.clone();
+        md.warnings = self.run.warnings.clone();
         self.published = Some((md, dir));
     }
 }

@@ -25,8 +25,12 @@
 //!
 //! ## Using it
 //!
-//! The command line and the C ABI's direct mode call [`run_backup`], which returns a
-//! [`BackupOutcome`] (exit status, folder, metadata, error naming VM, phase and cause).
+//! The command line and the C ABI's direct mode build a [`BackupRequest`] with
+//! [`BackupRequest::from_inventory`] and call [`run_backup`], which returns a
+//! [`BackupOutcome`] (exit status, folder, metadata, error naming VM, phase and cause) and
+//! tells the driver's [`BackupObserver`] what happens ([`BackupEvent`]): the engine itself
+//! sends no alert and writes no catalog or metrics. Appliances (`write memory`, configuration
+//! capture) go through the request's [`ApplianceHook`].
 //!
 //! The Bacula plugin's stream mode drives the phases itself:
 //!
@@ -64,8 +68,9 @@
 //! [`CancelToken`] is polled during the copy, the shutdown wait and the debug pause; the
 //! commit always runs to the end.
 //!
-//! Errors are [`BackupError`]s: VM, [`Phase`], cause and the exit status they mean (1 before
-//! the VM was touched, 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
+//! Errors are [`BackupError`]s: VM, [`Phase`], a typed [`Cause`] (which decides the
+//! [`crate::error::ErrorKind`]) and the exit status they mean (1 before the VM was touched,
+//! 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
 //! appliance-capture problems of a published backup.
 //!
 //! Dropping a session without [`BackupSession::finish`] (an error, a cancel) commits and
@@ -79,6 +84,7 @@ mod commit;
 mod direct;
 mod error;
 mod events;
+mod guards;
 pub mod journal;
 pub mod orphans;
 mod runlog;
