@@ -151,3 +151,57 @@ pub fn after_backup_run(
     }
     after
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::backup::{BackupOutcome as Outcome, Phase};
+    use crate::ExitStatus;
+
+    #[test]
+    fn the_reporter_records_a_finished_failed_run_and_ignores_the_other_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("vm-backup.prom");
+        let settings = Settings {
+            target: dir.path().join("target"),
+            hostname: Some("hv-test".into()),
+            metrics_file: Some(metrics.clone()),
+            ..Settings::default()
+        };
+        std::fs::create_dir_all(&settings.target).unwrap();
+        let request = BackupRequest::new("web01", settings);
+        let outcome = Outcome {
+            status: ExitStatus::PreCheckFailed,
+            exit_code: 1,
+            vm: "web01".into(),
+            backup_dir: None,
+            metadata: None,
+            frozen_ms: None,
+            seconds: 0.1,
+            error: Some("VM \"web01\": checks failed: no domain".into()),
+            failed_phase: Some(Phase::Checks),
+            warnings: Vec::new(),
+        };
+        let reporter = Reporter::new(&crate::progress::NoProgress);
+        reporter.on_event(&BackupEvent::PhaseStarted {
+            phase: Phase::Checks,
+        });
+        assert!(!metrics.exists(), "only the end of a run is reported");
+        reporter.on_event(&BackupEvent::Finished {
+            request: &request,
+            started: Local::now(),
+            outcome: &outcome,
+        });
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        assert!(
+            text.contains("vm_backup_last_run_result{host=\"hv-test\",vm=\"web01\"} 1"),
+            "{text}"
+        );
+        let failed = request
+            .settings
+            .target
+            .join("metadata")
+            .join(crate::store::catalog::FAILURES_DIR);
+        assert!(failed.is_dir(), "failed run recorded in the catalog");
+    }
+}
