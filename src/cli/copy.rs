@@ -68,7 +68,7 @@ enum HashArg {
 }
 
 /// Parses sizes such as `4M`, `1MiB`, `64k`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, copier::SizeError> {
     copier::parse_size(text)
 }
 

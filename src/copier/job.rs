@@ -107,7 +107,7 @@ pub(crate) fn choose_io(requested: IoPath, notes: &mut Vec<String>) -> Result<Io
         IoPath::Threads => Ok(IoPath::Threads),
         IoPath::Uring => uring::probe()
             .map(|()| IoPath::Uring)
-            .map_err(CopyError::UringUnavailable),
+            .map_err(CopyError::from),
         IoPath::Auto => match uring::probe() {
             Ok(()) => Ok(IoPath::Uring),
             Err(why) => {

@@ -105,7 +105,7 @@ impl VerifyReport {
             None => format!(
                 "{} checks passed ({} of disk images re-hashed in {:.1} s)",
                 self.checks.len(),
-                crate::ops::notify::human_bytes(self.bytes),
+                crate::progress::human_bytes(self.bytes),
                 self.seconds
             ),
         }

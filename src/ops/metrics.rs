@@ -23,7 +23,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use crate::ops::notify::BackupOutcome;
+use crate::ops::outcome::BackupOutcome;
 use crate::ExitStatus;
 
 /// The metric families, with their help text, in the order written.
