@@ -8,7 +8,8 @@ use std::fs;
 
 use ops_support::*;
 use vm_backup::config::Settings;
-use vm_backup::ops::notify::{self, BackupOutcome, Delivery};
+use vm_backup::ops::notify::{BackupOutcome, Delivery};
+use vm_backup::ops::report;
 use vm_backup::store::catalog::{Catalog, FailedRun};
 use vm_backup::ExitStatus;
 
@@ -38,7 +39,7 @@ fn after_each_run_catalog_alert_and_metrics_are_updated() {
     // A clean success: catalog row, metrics, no alert.
     let ok = metadata("hv1", "web01", "2026-11-21-120000", ExitStatus::Success);
     let dir = fake_backup(&settings.target, &ok);
-    let after = notify::after_backup_run(&settings, &BackupOutcome::Published(&ok), Some(&dir));
+    let after = report::after_backup_run(&settings, &BackupOutcome::Published(&ok), Some(&dir));
     assert!(after.warnings().is_empty(), "{after:?}");
     assert_eq!(after.alert, Delivery::NotNeeded);
     let m = samples(&fs::read_to_string(&prom).unwrap());
@@ -69,7 +70,7 @@ fn after_each_run_catalog_alert_and_metrics_are_updated() {
         fail("db01", "2026-11-22-120000"),
         fail("web01", "2026-11-22-120000"),
     ] {
-        let after = notify::after_backup_run(&settings, &BackupOutcome::Failed(&f), None);
+        let after = report::after_backup_run(&settings, &BackupOutcome::Failed(&f), None);
         assert_eq!(after.alert, Delivery::Sent { attempts: 1 }, "{after:?}");
         assert!(after.catalog_error.is_none() && after.metrics_error.is_none());
     }

@@ -188,7 +188,7 @@ fn a_flipped_byte_in_a_backing_layer_is_named() {
             manifest: z.manifest.clone(),
             copy_seconds: 0.0,
         });
-    meta.write(&dir).unwrap();
+    vm_backup::store::write_metadata(&dir, &meta).unwrap();
     let sums = fs::read_to_string(dir.join("checksums.sha256"))
         .unwrap()
         .replace(&z.file, &layer_file);

@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 
 use super::{PluginArgs, PluginError};
-use crate::config::{Inventory, Settings};
-use crate::engine::backup::{run_backup, BackupError, BackupRequest, Phase};
+use crate::config::Settings;
+use crate::engine::backup::{configured_inventory, run_backup, BackupRequest};
 use crate::engine::restore::{restore, RestoreOutcome, RestoreRequest, StampChoice};
 use crate::format::layout::VmDir;
-use crate::format::metadata::{BackupMetadata, Method};
+use crate::format::metadata::BackupMetadata;
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
@@ -25,17 +25,15 @@ pub struct DirectBackup {
 }
 
 /// The engine's request for a plugin string, built as `vm-backup backup` builds it: the method
-/// from the string, else from the inventory, else auto; the inventory entry for appliances.
+/// from the string, else from the inventory, else auto; the inventory entry for appliances. A
+/// missing inventory file means no inventory (as the command line), not an error.
 pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, PluginError> {
-    let inventory = Inventory::load(&settings.inventory)?;
-    let entry = inventory.vm(&args.vm).cloned();
-    let mut request = BackupRequest::new(&args.vm, settings.clone());
-    request.method = args
-        .method
-        .or(entry.as_ref().map(|e| e.method))
-        .unwrap_or(Method::Auto);
-    request.vm_entry = entry;
-    Ok(request)
+    let inventory = configured_inventory(settings)?;
+    Ok(
+        BackupRequest::from_inventory(&args.vm, settings.clone(), inventory.as_ref())
+            .with_method(args.method)
+            .with_appliance(std::sync::Arc::new(crate::ops::appliance::SshAppliance)),
+    )
 }
 
 /// Runs the engine's backup exactly as `vm-backup backup` does. Failures (exit 1 and 2) come back
@@ -47,7 +45,8 @@ pub fn backup_direct(
     cancel: &CancelToken,
 ) -> Result<DirectBackup, PluginError> {
     let request = request(args, settings)?;
-    let outcome = run_backup(&request, progress, cancel);
+    let reporter = crate::ops::report::Reporter::new(progress);
+    let outcome = run_backup(&request, progress, &reporter, cancel);
     match (outcome.status, outcome.backup_dir) {
         (ExitStatus::Success | ExitStatus::Warning, Some(dir)) => Ok(DirectBackup {
             status: outcome.status,
@@ -58,15 +57,17 @@ pub fn backup_direct(
             if cancel.is_cancelled() {
                 return Err(PluginError::Canceled);
             }
-            let source = Box::new(outcome.failure.unwrap_or_else(|| {
-                BackupError::failed(&args.vm, Phase::Publish, "no backup folder")
-            }));
-            Err(PluginError::Backup {
-                vm: args.vm.clone(),
-                status,
-                source,
-                release_problems: outcome.warnings,
-            })
+            match outcome.failure {
+                Some(source) => Err(PluginError::Backup {
+                    vm: args.vm.clone(),
+                    status,
+                    source,
+                    release_problems: outcome.warnings,
+                }),
+                None => Err(PluginError::Protocol(
+                    "the engine's backup ended without a folder and without an error",
+                )),
+            }
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::engine::{FileDigests, StreamHasher};
 use crate::format::layout;
 use crate::format::metadata::BackupMetadata;
 use crate::progress::{CancelToken, Level, Progress, Transfer};
+use crate::store::PartialBackup;
 use crate::ExitStatus;
 
 /// How important a message for the job log is; the shim maps it onto Bacula's message types.
@@ -187,7 +188,7 @@ struct RestoreState {
     replace: char,
     incoming: Option<Incoming>,
     /// Stream mode: the folder the files of each backup are written into.
-    staging: HashMap<(String, String), PathBuf>,
+    staging: HashMap<(String, String), PartialBackup>,
     /// Direct mode: small files received, by virtual path.
     received: HashMap<String, Vec<u8>>,
 }
@@ -653,10 +654,9 @@ impl Job {
         let incoming = match args.mode {
             Mode::Direct => Incoming::Memory(vp, Vec::new()),
             Mode::Stream => {
-                let dir = self.staging_dir(&args, &vp)?;
-                let path = dir.join(&vp.file);
-                let file = fs::File::create(&path)
-                    .map_err(|e| PluginError::io(format!("create {}", path.display()), e))?;
+                let staging = self.staging(&args, &vp)?;
+                let path = staging.path().join(&vp.file);
+                let file = staging.create_stream(&vp.file)?;
                 Incoming::File(vp, file, path)
             }
         };
@@ -679,13 +679,20 @@ impl Job {
     /// The folder a streamed backup is rebuilt in: `<where>/<vm>/<stamp>.partial`, or with an
     /// empty `where` `<target>/<host>/<vm>/<stamp>.partial` (the backup as it would have been on
     /// the target). Renamed without `.partial` once complete.
-    fn staging_dir(&mut self, args: &PluginArgs, vp: &VirtualPath) -> Result<PathBuf, PluginError> {
+    fn staging(
+        &mut self,
+        args: &PluginArgs,
+        vp: &VirtualPath,
+    ) -> Result<&PartialBackup, PluginError> {
         let State::Restore(state) = &mut self.state else {
             return Err(PluginError::Protocol("not restoring"));
         };
         let key = (vp.vm.clone(), vp.stamp.clone());
-        if let Some(dir) = state.staging.get(&key) {
-            return Ok(dir.clone());
+        if state.staging.contains_key(&key) {
+            return state
+                .staging
+                .get(&key)
+                .ok_or(PluginError::Protocol("nothing staged"));
         }
         let base = match super::where_dir(&state.where_) {
             Some(w) => w.join(&vp.vm),
@@ -698,10 +705,8 @@ impl Job {
         if base.join(&vp.stamp).exists() {
             return Err(PluginError::AlreadyExists(base.join(&vp.stamp)));
         }
-        fs::create_dir_all(&dir)
-            .map_err(|e| PluginError::io(format!("create {}", dir.display()), e))?;
-        state.staging.insert(key, dir.clone());
-        Ok(dir)
+        let staged = PartialBackup::create(dir, base.join(&vp.stamp))?;
+        Ok(state.staging.entry(key).or_insert(staged))
     }
 
     /// pluginIO OPEN for writing (restore).
@@ -804,7 +809,7 @@ impl Job {
                 let settings = super::settings_for(&args)?;
                 let cancel = self.cancel.clone();
                 let done = self.pump(|progress| {
-                    stream::restore_staged(&settings, &staged, &where_, force, progress, &cancel)
+                    stream::restore_staged(&settings, staged, &where_, force, progress, &cancel)
                 })?;
                 self.say(MessageLevel::Info, &format!("vm-backup: {done}"));
             }
@@ -819,11 +824,7 @@ impl Drop for Job {
         // commit the snapshot. Partial staging folders of a failed restore are removed.
         if let State::Restore(state) = &mut self.state {
             state.incoming = None;
-            for dir in state.staging.values() {
-                if dir.extension().is_some_and(|e| e == "partial") {
-                    let _ = fs::remove_dir_all(dir);
-                }
-            }
+            state.staging.clear(); // each guard removes its `.partial` folder
         }
     }
 }

@@ -115,6 +115,9 @@ pub enum PluginError {
     /// A name cannot be used in the layout of the target.
     #[error(transparent)]
     Layout(#[from] crate::format::layout::LayoutError),
+    /// The target refused a write, a rename or a delete (stream-mode restore staging).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// The engine's backup did not complete (exit 1 or 2).
     #[error("backup of {vm} {status} (exit {code}): {source}{releasing}",
         code = status.code(),
@@ -124,9 +127,9 @@ pub enum PluginError {
         vm: String,
         /// The backup's exit status.
         status: crate::ExitStatus,
-        /// What failed: the VM, the phase and the cause.
+        /// What failed: the VM, the phase and the cause (shared with the engine's outcome).
         #[source]
-        source: Box<crate::engine::backup::BackupError>,
+        source: std::sync::Arc<crate::engine::backup::BackupError>,
         /// What could not be released after the failure.
         release_problems: Vec<String>,
     },
@@ -425,6 +428,7 @@ impl PluginError {
             PluginError::BadVirtualPath { .. } => ErrorKind::InvalidInput,
             PluginError::Config(e) => e.kind(),
             PluginError::Layout(e) => e.kind(),
+            PluginError::Store(e) => e.kind(),
             PluginError::Backup { source, .. } => source.kind(),
             PluginError::Restore { source, .. } => source.kind(),
             PluginError::BadMetadata { .. } => ErrorKind::Corrupt,

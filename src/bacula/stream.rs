@@ -7,7 +7,6 @@
 //! Restore rebuilds the backup folder from the files Bacula sends and restores from it with the
 //! engine's restore.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,6 +18,7 @@ use crate::engine::{FileDigests, StreamHasher, STREAM_CHUNK_SIZE};
 use crate::format::layout;
 use crate::format::metadata::{BackupMetadata, DiskRecord};
 use crate::progress::{CancelToken, Progress};
+use crate::store::PartialBackup;
 
 /// An open backup session of the engine; dropping it commits the snapshot.
 pub struct StreamSession {
@@ -31,7 +31,7 @@ fn engine_error(vm: &str, source: BackupError) -> PluginError {
     PluginError::Backup {
         vm: vm.to_string(),
         status: source.status,
-        source: Box::new(source),
+        source: std::sync::Arc::new(source),
         release_problems: Vec::new(),
     }
 }
@@ -192,13 +192,14 @@ pub fn estimate(
 /// `.partial`): renames it into place and restores from it as from any backup.
 pub fn restore_staged(
     settings: &Settings,
-    staged: &Path,
+    staged: PartialBackup,
     where_: &str,
     force: bool,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<String, PluginError> {
     let name = staged
+        .path()
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -206,13 +207,7 @@ pub fn restore_staged(
         .strip_suffix(layout::PARTIAL_SUFFIX)
         .unwrap_or(&name)
         .to_string();
-    let folder = staged.with_file_name(&stamp);
-    std::fs::rename(staged, &folder).map_err(|e| {
-        PluginError::io(
-            format!("rename {} to {}", staged.display(), folder.display()),
-            e,
-        )
-    })?;
+    let folder = staged.publish()?;
     let meta = BackupMetadata::read(&folder)
         .map_err(|e| PluginError::io(format!("read the metadata of {}", folder.display()), e))?;
     let mut request = crate::engine::restore::RestoreRequest::new(

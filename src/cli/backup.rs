@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 use vm_backup::config::{Inventory, Settings};
-use vm_backup::engine::backup::{run_backup, BackupRequest};
+use vm_backup::engine::backup::{configured_inventory, run_backup, BackupRequest};
 use vm_backup::format::metadata::Method;
+use vm_backup::ops::appliance::SshAppliance;
+use vm_backup::ops::report::Reporter;
 
 use super::common::{self, TargetArgs};
 
@@ -45,22 +47,18 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     }
     // An explicit --inventory must exist; the configured one may be absent (no inventory).
     let inventory = match &args.inventory {
-        Some(path) => Inventory::load(path)?,
-        None if settings.inventory.exists() => Inventory::load(&settings.inventory)?,
-        None => Inventory::default(),
+        Some(path) => Some(Inventory::load(path)?),
+        None => configured_inventory(&settings)?,
     };
-    let entry = inventory.vm(&args.vm).cloned();
-    let mut request = BackupRequest::new(&args.vm, settings);
-    request.method = args
-        .method
-        .or(entry.as_ref().map(|e| e.method))
-        .unwrap_or(Method::Auto);
-    request.vm_entry = entry;
+    let mut request = BackupRequest::from_inventory(&args.vm, settings, inventory.as_ref())
+        .with_method(args.method)
+        .with_appliance(std::sync::Arc::new(SshAppliance));
     request.shutdown = args.shutdown;
     request.crash_consistent_fallback = args.allow_crash_consistent;
     let cancel = common::cancel_on_signals();
     let progress = common::LineProgress::new(!args.common.json);
-    let outcome = run_backup(&request, &progress, &cancel);
+    let reporter = Reporter::new(&progress);
+    let outcome = run_backup(&request, &progress, &reporter, &cancel);
     if args.common.json {
         let text = serde_json::to_string_pretty(&outcome)
             .map_err(|e| vm_backup::Error::Other(format!("cannot print JSON: {e}")))?;

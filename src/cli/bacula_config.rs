@@ -55,8 +55,8 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let text = director_config::generate(&inventory, &opts)
         .map_err(|e| vm_backup::Error::Other(e.to_string()))?;
     match args.output {
-        Some(path) => vm_backup::format::metadata::write_atomic(&path, text.as_bytes())
-            .map_err(|e| vm_backup::Error::io(format!("write {}", path.display()), e))?,
+        Some(path) => vm_backup::store::write_atomic(&path, text.as_bytes())
+            .map_err(|e| vm_backup::Error::io(format!("write {}", path.display()), e.into()))?,
         None => print!("{text}"),
     }
     Ok(0)

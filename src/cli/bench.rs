@@ -48,7 +48,7 @@ enum CacheArg {
     Warm,
 }
 
-fn parse_size(text: &str) -> Result<u64, String> {
+fn parse_size(text: &str) -> Result<u64, vm_backup::copier::SizeError> {
     vm_backup::copier::parse_size(text)
 }
 

@@ -68,7 +68,7 @@ enum HashArg {
 }
 
 /// Parses sizes such as `4M`, `1MiB`, `64k`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, copier::SizeError> {
     copier::parse_size(text)
 }
 
@@ -153,10 +153,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     bar.done();
     let report = result?;
     if let (Some(path), Some(manifest)) = (&args.manifest, &report.manifest) {
-        let text = serde_json::to_string_pretty(manifest)
-            .map_err(|e| vm_backup::Error::Other(format!("cannot encode manifest: {e}")))?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| vm_backup::Error::io(format!("writing manifest {}", path.display()), e))?;
+        copier::write_manifest(path, manifest)?;
     }
     if args.json {
         let text = serde_json::to_string_pretty(&report)

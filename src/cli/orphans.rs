@@ -20,8 +20,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let settings = super::backup::settings(&args.common)?;
     let progress = common::LineProgress::new(!args.common.json);
-    let report =
-        orphans::scan(&settings, args.cleanup, &progress).map_err(vm_backup::Error::Other)?;
+    let report = orphans::scan(&settings, args.cleanup, &progress)
+        .map_err(|e| vm_backup::Error::Other(e.to_string()))?;
     if args.common.json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| vm_backup::Error::Other(format!("cannot print JSON: {e}")))?;

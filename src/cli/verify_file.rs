@@ -21,7 +21,8 @@ pub struct Args {
 
 /// Runs `vm-backup verify-file`: exit 0 when the file matches, 1 when it does not.
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
-    let manifest = ChunkManifest::read_json(&args.manifest).map_err(vm_backup::Error::Other)?;
+    let manifest = ChunkManifest::read_json(&args.manifest)
+        .map_err(|e| vm_backup::Error::Other(e.to_string()))?;
     let cancel = super::common::cancel_on_signals();
     let bar = Bar::new(args.json);
     let result = copier::verify_file(&args.file, &manifest, &bar, &cancel);

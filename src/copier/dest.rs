@@ -1,5 +1,8 @@
-//! Opening the source, and the destination's temporary file: created beside the final name,
-//! removed by its guard on every path unless committed (fsync, rename, fsync of the folder).
+//! Opening the source, and the destination: a [`Sink`], the file the copy writes into and
+//! its owner commits. The backup target's sinks come from the store; [`TempFile`] is the
+//! copier's own, for a copy to a path it is handed (`vm-backup copy`, the C ABI, restores to a
+//! local disk): created beside the final name, removed by its guard on every path unless
+//! committed (fsync, rename, fsync of the folder).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -102,7 +105,40 @@ fn folder_of(path: &Path) -> PathBuf {
     }
 }
 
-/// The temporary destination file. Dropping it without [`TempFile::commit`] removes it.
+/// Where a copy writes: a file open for positional writes (io_uring or pwrite, O_DIRECT when
+/// [`Sink::is_direct`]), preallocated and filled by the copier, then committed through
+/// [`Sink::commit`] by the copier once complete. Dropped uncommitted, its owner removes it.
+pub trait Sink {
+    /// The open file.
+    fn file(&self) -> &File;
+    /// Whether the file is open with O_DIRECT (writes are padded to 4 KiB, then cut back).
+    fn is_direct(&self) -> bool;
+    /// The final path, for errors and the report.
+    fn path(&self) -> &Path;
+    /// Why O_DIRECT was not used although asked for, if so (goes into the report's notes).
+    fn note(&self) -> Option<&str> {
+        None
+    }
+    /// Makes the file durable and visible under its final name.
+    fn commit(self: Box<Self>) -> std::io::Result<()>;
+}
+
+/// Writes a chunk manifest as pretty JSON to `path` (for `vm-backup copy --manifest` and
+/// `vmb_copy_file`), through the same temporary file and commit as a copy.
+pub fn write_manifest(path: &Path, manifest: &super::ChunkManifest) -> Result<(), CopyError> {
+    let mut json = serde_json::to_vec_pretty(manifest)
+        .map_err(|e| CopyError::write(path, 0, std::io::Error::other(e)))?;
+    json.push(b'\n');
+    let temp = TempFile::create(path, false, &mut Vec::new())?;
+    std::io::Write::write_all(&mut &temp.file, &json).map_err(|e| CopyError::write(path, 0, e))?;
+    let size = json.len() as u64;
+    Box::new(temp)
+        .commit()
+        .map_err(|e| CopyError::write(path, size, e))
+}
+
+/// The copier's own temporary destination file. Dropping it without [`Sink::commit`] removes
+/// it.
 pub(crate) struct TempFile {
     /// The open file.
     pub file: File,
@@ -175,18 +211,27 @@ impl TempFile {
     pub(crate) fn temp_path(&self) -> &Path {
         &self.temp
     }
+}
+
+impl Sink for TempFile {
+    fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn path(&self) -> &Path {
+        &self.target
+    }
 
     /// Syncs the data, renames the file to its final name and syncs the folder.
-    pub(crate) fn commit(mut self, size: u64) -> Result<(), CopyError> {
-        let write_err = |offset, e| CopyError::write(&self.target, offset, e);
-        self.file.sync_all().map_err(|e| write_err(size, e))?;
-        std::fs::rename(&self.temp, &self.target).map_err(|e| write_err(size, e))?;
+    fn commit(mut self: Box<Self>) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.temp, &self.target)?;
         self.armed = false;
-        let folder = folder_of(&self.target);
-        File::open(&folder)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| write_err(size, e))?;
-        Ok(())
+        File::open(folder_of(&self.target))?.sync_all()
     }
 }
 

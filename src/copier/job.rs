@@ -8,7 +8,7 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 
 use super::buffer::Pool;
-use super::dest::{self, TempFile};
+use super::dest::{self, Sink, TempFile};
 use super::hashing::{self, HashResult, HashSettings, Item};
 use super::plan::Planner;
 use super::ticker::Ticker;
@@ -107,7 +107,7 @@ pub(crate) fn choose_io(requested: IoPath, notes: &mut Vec<String>) -> Result<Io
         IoPath::Threads => Ok(IoPath::Threads),
         IoPath::Uring => uring::probe()
             .map(|()| IoPath::Uring)
-            .map_err(CopyError::UringUnavailable),
+            .map_err(CopyError::from),
         IoPath::Auto => match uring::probe() {
             Ok(()) => Ok(IoPath::Uring),
             Err(why) => {
@@ -120,7 +120,8 @@ pub(crate) fn choose_io(requested: IoPath, notes: &mut Vec<String>) -> Result<Io
     }
 }
 
-/// The body of [`super::copy_file`].
+/// The body of [`super::copy_file`]: the copier's own temporary file at `dst`, committed
+/// when the copy is complete.
 pub(crate) fn run(
     src: &Path,
     dst: &Path,
@@ -129,23 +130,70 @@ pub(crate) fn run(
     cancel: &CancelToken,
 ) -> Result<CopyReport, CopyError> {
     let started = Instant::now();
-    let mut settings = validate(options)?;
+    validate(options)?;
     let dst = dest::resolve_destination(src, dst)?;
     let mut notes = Vec::new();
+    let temp = TempFile::create(&dst, options.direct_write, &mut notes)?;
+    tracing::debug!(
+        "copying {} to {} via {}",
+        src.display(),
+        dst.display(),
+        temp.temp_path().display()
+    );
+    fill(
+        src,
+        Box::new(temp),
+        options,
+        progress,
+        cancel,
+        notes,
+        started,
+    )
+}
+
+/// Copies `src` into a sink that its owner (the store) created, and commits it through
+/// [`Sink::commit`] once the copy is complete; dropped on error (the owner removes it). The
+/// speed path is [`super::copy_file`]'s, only the file comes from outside.
+pub fn copy_into(
+    src: &Path,
+    sink: Box<dyn Sink + '_>,
+    options: &CopyOptions,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<CopyReport, CopyError> {
+    let mut notes = Vec::new();
+    if let Some(note) = sink.note() {
+        notes.push(note.to_string());
+    }
+    fill(src, sink, options, progress, cancel, notes, Instant::now())
+}
+
+/// Copies `src` into the sink's file (preallocated, then written by the chosen engine, the
+/// O_DIRECT padding cut off), hashing on the way, and commits it.
+fn fill(
+    src: &Path,
+    sink: Box<dyn Sink + '_>,
+    options: &CopyOptions,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+    mut notes: Vec<String>,
+    started: Instant,
+) -> Result<CopyReport, CopyError> {
+    let mut settings = validate(options)?;
+    let dst = sink.path().to_owned();
     let io = choose_io(settings.io, &mut notes)?;
     settings.io = io;
     let source = dest::open_source(src, settings.direct_read, &mut notes)?;
     settings.direct_read = source.direct;
     let size = source.size;
-    let temp = TempFile::create(&dst, settings.direct_write, &mut notes)?;
-    settings.direct_write = temp.direct;
+    settings.direct_write = sink.is_direct();
+    let dst_file = sink.file();
     tracing::debug!(
-        "copying {} ({size} bytes) to {} via {}",
+        "copying {} ({size} bytes) to {}",
         src.display(),
-        dst.display(),
-        temp.temp_path().display()
+        dst.display()
     );
-    temp.file
+    dst_file
         .set_len(size)
         .map_err(|e| CopyError::write(&dst, 0, e))?;
 
@@ -153,12 +201,12 @@ pub(crate) fn run(
     let job = Job {
         src: &source.file,
         src_path: src,
-        dst: &temp.file,
+        dst: dst_file,
         dst_path: &dst,
         size,
         zero_as_holes: settings.zero_as_holes,
         direct_read: source.direct,
-        direct_write: temp.direct,
+        direct_write: settings.direct_write,
         cancel,
         pool: &pool,
         io_threads: threads::io_threads(settings.queue_depth),
@@ -198,13 +246,13 @@ pub(crate) fn run(
             offset: size,
         });
     }
-    if temp.direct && size % 4096 != 0 {
+    if settings.direct_write && size % 4096 != 0 {
         // O_DIRECT writes were padded to the alignment: cut the padding off.
-        temp.file
+        dst_file
             .set_len(size)
             .map_err(|e| CopyError::write(&dst, size, e))?;
     }
-    temp.commit(size)?;
+    sink.commit().map_err(|e| CopyError::write(&dst, size, e))?;
     ticker.finish(size);
     for note in &notes {
         tracing::info!("{note}");

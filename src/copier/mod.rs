@@ -24,7 +24,7 @@
 //! | `uring` | the io_uring engine and the runtime probe (the only `unsafe` here) |
 //! | `threads` | the pread/pwrite fallback engine |
 //! | `hashing` | the in-order stage and the chunk-hashing pool |
-//! | `dest` | opening the source; the temporary destination and its atomic publication |
+//! | `dest` | opening the source; the [`Sink`] a copy writes into, and the copier's own temporary file for a copy to a path |
 //! | `job` | one copy from options to report |
 //! | `verify` | parallel re-hash of a file against a manifest |
 //!
@@ -47,9 +47,11 @@ mod ticker;
 mod uring;
 mod verify;
 
+pub use dest::{write_manifest, Sink};
 pub use hashing::{root_digest, zero_digest, FileDigests, StreamHasher};
-pub use job::IO_ENV;
+pub use job::{copy_into, IO_ENV};
 pub use uring::probe as probe_uring;
+pub use uring::ProbeError;
 
 /// Default size of one I/O buffer.
 pub const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
@@ -286,7 +288,7 @@ pub enum CopyError {
     },
     /// io_uring was asked for explicitly but is not available here.
     #[error("io_uring is not available: {0}")]
-    UringUnavailable(String),
+    UringUnavailable(#[from] ProbeError),
     /// The io_uring instance itself failed (not a file error).
     #[error("io_uring failed: {0}")]
     Uring(#[source] std::io::Error),
@@ -370,36 +372,105 @@ pub fn verify_file(
     verify::run(file, manifest, progress, cancel)
 }
 
+/// A byte size that [`parse_size`] refused; the message quotes the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// No digits, or too many of them.
+    #[error("`{0}` is not a size (e.g. 4096, 64k, 4M, 1MiB)")]
+    NotASize(String),
+    /// A suffix other than b, k, m, g, t (with optional `b`/`ib`).
+    #[error("unknown size suffix `{suffix}` in `{text}`")]
+    UnknownSuffix {
+        /// The suffix, lower-cased.
+        suffix: String,
+        /// The whole text.
+        text: String,
+    },
+    /// The size does not fit in 64 bits.
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+}
+
+impl SizeError {
+    /// What kind of failure this is (always bad input).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::InvalidInput
+    }
+}
+
 /// Parses a byte size with an optional suffix: `4096`, `64k`, `4M`, `1MiB`, `2G`, `1T`
 /// (powers of 1024; `KB`/`MB`… are accepted as the same).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, suffix) = t.split_at(split);
     if digits.is_empty() {
-        return Err(format!("`{text}` is not a size (e.g. 4096, 64k, 4M, 1MiB)"));
+        return Err(SizeError::NotASize(text.to_string()));
     }
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("`{text}` is not a size"))?;
+        .map_err(|_| SizeError::NotASize(text.to_string()))?;
     let shift = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        other => return Err(format!("unknown size suffix `{other}` in `{text}`")),
+        other => {
+            return Err(SizeError::UnknownSuffix {
+                suffix: other.to_string(),
+                text: text.to_string(),
+            })
+        }
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{text}` is too large"))
+        .ok_or_else(|| SizeError::TooLarge(text.to_string()))
+}
+
+/// A chunk manifest file that [`ChunkManifest::read_json`] could not read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("cannot read manifest {path}: {source}")]
+    Read {
+        /// The manifest file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a manifest.
+    #[error("bad manifest {path}: {source}")]
+    Parse {
+        /// The manifest file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ManifestError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ManifestError::Read { source, .. } => crate::error::ErrorKind::from_io(source),
+            ManifestError::Parse { .. } => crate::error::ErrorKind::InvalidInput,
+        }
+    }
 }
 
 impl ChunkManifest {
     /// Reads a manifest written as JSON (by `vm-backup copy --manifest`).
-    pub fn read_json(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("bad manifest {}: {e}", path.display()))
+    pub fn read_json(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ManifestError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The number of chunks a file of `file_size` bytes has.

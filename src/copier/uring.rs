@@ -25,34 +25,55 @@ use super::CopyError;
 /// How long to wait for a free buffer before looking at the cancel flag again.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Why io_uring cannot be used on this machine (what [`probe`] found).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// `kernel.io_uring_disabled` is 2.
+    #[error("kernel.io_uring_disabled = 2")]
+    Disabled,
+    /// `io_uring_setup` failed with ENOSYS.
+    #[error("io_uring_setup: ENOSYS (no io_uring, or blocked by seccomp)")]
+    NoSys,
+    /// `io_uring_setup` failed with EPERM.
+    #[error("io_uring_setup: EPERM (kernel.io_uring_disabled, or blocked by seccomp)")]
+    NotPermitted,
+    /// `io_uring_setup` failed otherwise (the error's text: the answer is cached and cloned).
+    #[error("io_uring_setup: {0}")]
+    Setup(String),
+    /// Registering the opcode probe failed.
+    #[error("io_uring probe: {0}")]
+    Probe(String),
+    /// An opcode the engine needs is not supported.
+    #[error("io_uring opcode {0} not supported")]
+    Opcode(&'static str),
+}
+
 /// Whether io_uring can be used here: `Ok(())`, or why not. Checks
 /// `kernel.io_uring_disabled`, creates a ring (ENOSYS under old kernels or seccomp, EPERM when
 /// disabled) and probes the READ and WRITE opcodes. The answer is computed once per process.
-pub fn probe() -> Result<(), String> {
-    static ANSWER: OnceLock<Result<(), String>> = OnceLock::new();
+pub fn probe() -> Result<(), ProbeError> {
+    static ANSWER: OnceLock<Result<(), ProbeError>> = OnceLock::new();
     ANSWER.get_or_init(probe_now).clone()
 }
 
-fn probe_now() -> Result<(), String> {
+fn probe_now() -> Result<(), ProbeError> {
     if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
         if v.trim() == "2" {
-            return Err("kernel.io_uring_disabled = 2".into());
+            return Err(ProbeError::Disabled);
         }
     }
     let ring = IoUring::new(4).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSYS) => "io_uring_setup: ENOSYS (no io_uring, or blocked by seccomp)".into(),
-        Some(libc::EPERM) => {
-            "io_uring_setup: EPERM (kernel.io_uring_disabled, or blocked by seccomp)".into()
-        }
-        _ => format!("io_uring_setup: {e}"),
+        Some(libc::ENOSYS) => ProbeError::NoSys,
+        Some(libc::EPERM) => ProbeError::NotPermitted,
+        _ => ProbeError::Setup(e.to_string()),
     })?;
     let mut probe = Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
-        .map_err(|e| format!("io_uring probe: {e}"))?;
+        .map_err(|e| ProbeError::Probe(e.to_string()))?;
     for (code, name) in [(opcode::Read::CODE, "READ"), (opcode::Write::CODE, "WRITE")] {
         if !probe.is_supported(code) {
-            return Err(format!("io_uring opcode {name} not supported"));
+            return Err(ProbeError::Opcode(name));
         }
     }
     Ok(())

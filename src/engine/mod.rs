@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod prune;
 pub mod restore;
+mod sink;
 pub mod verify;
 
 /// The copier's hashing, for a driver that reads a disk's bytes itself instead of having the

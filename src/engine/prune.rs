@@ -26,7 +26,6 @@
 //! failed verification or a test restore count for no rule and are removed unless protected.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use chrono::{Datelike, NaiveDateTime};
@@ -44,14 +43,8 @@ pub enum PruneError {
     #[error(transparent)]
     Layout(#[from] crate::format::layout::LayoutError),
     /// Removing a backup folder failed.
-    #[error("cannot remove {path}: {source}")]
-    Remove {
-        /// The folder.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Remove(#[from] crate::store::StoreError),
 }
 
 /// What is known about one backup folder of a VM.
@@ -281,17 +274,9 @@ pub fn scan_vm(vm_dir: &VmDir) -> Result<Vec<Candidate>, PruneError> {
 pub fn apply(vm_dir: &VmDir, decisions: &[Decision]) -> Result<Vec<PathBuf>, PruneError> {
     let mut removed = Vec::new();
     for d in decisions.iter().filter(|d| !d.keep && !d.partial) {
-        let path = vm_dir.backup_dir(&d.stamp);
-        // Rename first, so that a folder half-removed by a crash is never taken for a backup.
-        let doomed = vm_dir.path.join(format!(".{}.pruning", d.stamp));
-        fs::rename(&path, &doomed).map_err(|source| PruneError::Remove {
-            path: path.clone(),
-            source,
-        })?;
-        fs::remove_dir_all(&doomed).map_err(|source| PruneError::Remove {
-            path: doomed.clone(),
-            source,
-        })?;
+        // Renamed first by the store, so that a folder half-removed by a crash is never
+        // taken for a backup.
+        let path = crate::store::delete_backup(vm_dir, &d.stamp)?;
         tracing::info!(path = %path.display(), "pruned backup");
         removed.push(path);
     }
@@ -301,10 +286,9 @@ pub fn apply(vm_dir: &VmDir, decisions: &[Decision]) -> Result<Vec<PathBuf>, Pru
 impl PruneError {
     /// What kind of failure this is (decides guidance, exit code and severity).
     pub fn kind(&self) -> crate::error::ErrorKind {
-        use crate::error::ErrorKind;
         match self {
             PruneError::Layout(e) => e.kind(),
-            PruneError::Remove { .. } => ErrorKind::TargetFailing,
+            PruneError::Remove(e) => e.kind(),
         }
     }
 }

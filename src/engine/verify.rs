@@ -105,7 +105,7 @@ impl VerifyReport {
             None => format!(
                 "{} checks passed ({} of disk images re-hashed in {:.1} s)",
                 self.checks.len(),
-                crate::ops::notify::human_bytes(self.bytes),
+                crate::progress::human_bytes(self.bytes),
                 self.seconds
             ),
         }
@@ -409,7 +409,7 @@ pub fn record_verdict(target: &Path, report: &VerifyReport) -> Result<BackupMeta
     };
     let mut meta = BackupMetadata::read(&report.dir).map_err(record)?;
     meta.verify = Some(report.verdict());
-    meta.write(&report.dir).map_err(record)?;
+    crate::store::write_metadata(&report.dir, &meta).map_err(|e| record(e.into()))?;
     // Keep checksums.sha256 untouched: the metadata is not listed in it.
     if let Err(e) = crate::store::catalog::record_verdict(target, &meta, &report.dir) {
         tracing::warn!(error = %e, "verify verdict not recorded in the catalog");

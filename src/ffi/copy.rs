@@ -2,7 +2,6 @@
 //! `vmb_verify_file`, with their option and result structures.
 
 use std::ffi::{c_char, c_void};
-use std::io::Write;
 use std::path::Path;
 
 use super::{
@@ -193,40 +192,6 @@ fn options_from_c(c: &vmb_copy_options) -> Result<CopyOptions, FfiError> {
     })
 }
 
-/// Writes the manifest as JSON, atomically: a temporary file beside it, synced, then renamed;
-/// the temporary file is removed on failure.
-fn write_manifest(path: &Path, manifest: &ChunkManifest) -> Result<(), FfiError> {
-    let io_error = |what: &str, e: std::io::Error| {
-        FfiError::new(
-            vmb_status::VMB_ERR_IO,
-            format!("cannot {what} manifest {}: {e}", path.display()),
-        )
-    };
-    let mut json = serde_json::to_vec_pretty(manifest)
-        .map_err(|e| FfiError::new(vmb_status::VMB_ERR_FAILED, e.to_string()))?;
-    json.push(b'\n');
-    let name = path.file_name().ok_or_else(|| {
-        FfiError::invalid(format!("manifest path {} names no file", path.display()))
-    })?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".vmb-tmp-{}", std::process::id()));
-    let temp = path.with_file_name(temp_name);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&temp)
-        .and_then(|mut file| {
-            file.write_all(&json)?;
-            file.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&temp, path));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        io_error("write", e)
-    })
-}
-
 /// Fills `out` with the defaults of the engine.
 ///
 /// # Safety
@@ -303,7 +268,7 @@ pub unsafe extern "C" fn vmb_copy_file(
                     "the copier produced no chunk manifest",
                 )
             })?;
-            write_manifest(path, manifest)?;
+            copier::write_manifest(path, manifest)?;
         }
         if let Some(out) = out {
             out.logical_size = report.logical_size;
@@ -563,7 +528,7 @@ mod tests {
             zero_chunks: vec![],
             root: "cc".into(),
         };
-        write_manifest(&path, &manifest).unwrap();
+        copier::write_manifest(&path, &manifest).unwrap();
         assert_eq!(read_manifest(&path).unwrap(), manifest);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -213,32 +213,8 @@ impl BackupMetadata {
         })
     }
 
-    /// Writes it into a backup folder atomically (temporary file, fsync, rename).
-    pub fn write(&self, backup_dir: &Path) -> io::Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
-        write_atomic(
-            &backup_dir.join(crate::format::layout::METADATA_FILE),
-            text.as_bytes(),
-        )
+    /// The bytes of `backup-metadata.json` (pretty JSON), as the target stores them.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec_pretty(self)
     }
-}
-
-/// Writes a small file atomically: `<path>.tmp`, fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp~");
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }

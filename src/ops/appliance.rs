@@ -1,7 +1,7 @@
 //! Cisco ASAv (and other agent-less appliances): `write memory` before the snapshot and
 //! configuration capture over SSH after the copy.
 //!
-//! The backup workflow calls [`write_memory`] before the snapshot, so that the disk image holds
+//! The backup workflow calls (through [`SshAppliance`], the engine's hook) [`write_memory`] before the snapshot, so that the disk image holds
 //! the running configuration, and [`capture_configs`] after the copy, which saves the output of
 //! `show running-config`, `show startup-config`, `show version` and `show failover` into the
 //! backup's `configs/` folder, one file per command (`show-running-config.txt`, …).
@@ -23,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::{Ssh, VmEntry};
+use crate::engine::backup::{ApplianceFailure, ApplianceHook};
 
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 10;
@@ -110,6 +111,26 @@ pub enum ApplianceError {
     },
 }
 
+/// The engine's [`ApplianceHook`] over SSH ([`write_memory`], [`capture_configs`]): what the
+/// drivers put in the backup request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SshAppliance;
+
+impl ApplianceHook for SshAppliance {
+    fn write_memory(&self, vm: &VmEntry, ssh: &Ssh) -> Result<(), ApplianceFailure> {
+        write_memory(vm, ssh).map_err(ApplianceFailure::from)
+    }
+
+    fn capture_configs(
+        &self,
+        vm: &VmEntry,
+        ssh: &Ssh,
+        dir: &Path,
+    ) -> Result<Vec<String>, ApplianceFailure> {
+        capture_configs(vm, ssh, dir).map_err(ApplianceFailure::from)
+    }
+}
+
 /// Saves the running configuration to the startup configuration (`write memory`) before the
 /// snapshot, so the disk image holds the current configuration.
 pub fn write_memory(vm: &VmEntry, ssh: &Ssh) -> Result<(), ApplianceError> {
@@ -142,8 +163,12 @@ pub fn capture_configs(
         match run_remote(vm, ssh, command) {
             Ok(output) => {
                 let path = configs_dir.join(file);
-                crate::format::metadata::write_atomic(&path, output.as_bytes())
-                    .map_err(|source| ApplianceError::Write { path, source })?;
+                crate::store::write_atomic(&path, output.as_bytes()).map_err(|e| {
+                    ApplianceError::Write {
+                        path,
+                        source: e.into(),
+                    }
+                })?;
                 written.push(file.to_string());
             }
             // No connection: the other commands would fail the same way, only slower.

@@ -23,7 +23,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use crate::ops::notify::BackupOutcome;
+use crate::ops::outcome::BackupOutcome;
 use crate::ExitStatus;
 
 /// The metric families, with their help text, in the order written.
@@ -76,7 +76,7 @@ pub fn record_run(path: &Path, outcome: &BackupOutcome<'_>) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir)?;
     }
-    crate::format::metadata::write_atomic(path, render(&series).as_bytes())
+    crate::store::write_atomic(path, render(&series).as_bytes()).map_err(io::Error::from)
 }
 
 /// Sets the series of the run's VM from its outcome.

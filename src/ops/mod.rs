@@ -1,7 +1,12 @@
 //! Operations around the engine: Slack alerts, the metrics textfile, the weekly report and the
 //! appliance configuration capture.
+//!
+//! Inside: `outcome` (a run as ops sees it) ← `notify` (Slack), `metrics` (textfile) ←
+//! `report` (the engine's observer that does both and records the catalog). `appliance`
+//! stands alone.
 
 pub mod appliance;
 pub mod metrics;
 pub mod notify;
+pub mod outcome;
 pub mod report;

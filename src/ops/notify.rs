@@ -2,7 +2,7 @@
 //!
 //! - An **alert** goes to `slack.alerts_webhook` at once for every failed run, every run that
 //!   completed with warnings, and every failed `verify` or `test-restore`:
-//!   [`alert_backup`] (called by the backup workflow after each run) and [`alert_check`].
+//!   [`alert_backup`] (called after each run by [`crate::ops::report`]) and [`alert_check`].
 //! - A **report** goes to `slack.reports_webhook`: [`weekly_report`] builds the summary of the
 //!   last 7 days from the catalog (VMs, results, sizes, durations, throughput, frozen windows,
 //!   verify and test-restore verdicts) and [`send_report`] posts it (`vm-backup report --weekly`).
@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::format::metadata::BackupMetadata;
+pub use crate::ops::outcome::BackupOutcome;
+pub use crate::progress::{human_bytes, human_rate};
 use crate::store::catalog::{BackupRow, FailedRun};
 use crate::ExitStatus;
 
@@ -60,94 +61,6 @@ impl Delivery {
     pub fn is_ok(&self) -> bool {
         !matches!(self, Delivery::Failed { .. })
     }
-}
-
-/// The outcome of one backup run, as the backup workflow knows it.
-#[derive(Debug, Clone, Copy)]
-pub enum BackupOutcome<'a> {
-    /// A backup was published (success or warning).
-    Published(&'a BackupMetadata),
-    /// The run failed and published nothing.
-    Failed(&'a FailedRun),
-}
-
-/// What [`after_backup_run`] did; every part is best effort and none fails the backup.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AfterRun {
-    /// The catalog error, if recording failed.
-    pub catalog_error: Option<String>,
-    /// The Slack alert.
-    pub alert: Delivery,
-    /// The metrics error, if writing the textfile failed (`None` also when not configured).
-    pub metrics_error: Option<String>,
-}
-
-impl AfterRun {
-    /// Warnings worth a line in the run's log.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(e) = &self.catalog_error {
-            out.push(format!("catalog not updated: {e}"));
-        }
-        if let Delivery::Failed { attempts, reason } = &self.alert {
-            out.push(format!(
-                "Slack alert not delivered after {attempts} attempt(s): {reason}"
-            ));
-        }
-        if let Some(e) = &self.metrics_error {
-            out.push(format!("metrics file not written: {e}"));
-        }
-        out
-    }
-}
-
-/// Everything ops does after a backup run, in one call for the backup workflow (CLI and
-/// plugin): records the run in the catalog on `settings.target` ([`crate::store::catalog::record_backup`]
-/// or [`crate::store::catalog::record_failure`]), sends the Slack alert when the run failed or warned
-/// ([`alert_backup`]), and updates the Prometheus textfile when `settings.metrics_file` is set
-/// ([`crate::ops::metrics::record_run`]). `backup_dir` is the published folder (for
-/// [`BackupOutcome::Published`]). Never fails; bounded by the Slack budget.
-pub fn after_backup_run(
-    settings: &Settings,
-    outcome: &BackupOutcome<'_>,
-    backup_dir: Option<&std::path::Path>,
-) -> AfterRun {
-    let catalog_error = match outcome {
-        BackupOutcome::Published(meta) => {
-            let dir = backup_dir
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_else(|| {
-                    settings
-                        .target
-                        .join(crate::format::layout::safe_component(&meta.host).unwrap_or_default())
-                        .join(
-                            crate::format::layout::safe_component(&meta.vm_name)
-                                .unwrap_or_default(),
-                        )
-                        .join(&meta.stamp)
-                });
-            crate::store::catalog::record_backup(&settings.target, meta, &dir).err()
-        }
-        BackupOutcome::Failed(f) => {
-            crate::store::catalog::record_failure(&settings.target, f).err()
-        }
-    }
-    .map(|e| e.to_string());
-    let metrics_error = settings
-        .metrics_file
-        .as_deref()
-        .and_then(|path| crate::ops::metrics::record_run(path, outcome).err())
-        .map(|e| e.to_string());
-    let alert = alert_backup(settings, outcome);
-    let after = AfterRun {
-        catalog_error,
-        alert,
-        metrics_error,
-    };
-    for w in after.warnings() {
-        tracing::warn!("{w}");
-    }
-    after
 }
 
 /// Sends an alert for a backup run when it failed or warned; a clean success sends nothing.
@@ -371,27 +284,6 @@ pub fn verdict_word(v: Option<&crate::format::metadata::Verdict>) -> &'static st
         Some(_) => "FAILED",
         None => "–",
     }
-}
-
-/// Bytes in binary units: `512 B`, `1.5 GiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// A rate in binary units per second.
-pub fn human_rate(bytes_per_sec: f64) -> String {
-    format!("{}/s", human_bytes(bytes_per_sec.max(0.0) as u64))
 }
 
 #[cfg(test)]

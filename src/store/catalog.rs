@@ -27,7 +27,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::format::layout::{self, METADATA_DIR};
-use crate::format::metadata::{self, BackupMetadata, Method};
+use crate::format::metadata::{BackupMetadata, Method};
 use crate::ExitStatus;
 
 /// The catalog file name under `<target>/metadata/`.
@@ -109,6 +109,9 @@ pub enum CatalogError {
     /// The layout of the share could not be read.
     #[error(transparent)]
     Layout(#[from] crate::format::layout::LayoutError),
+    /// A file on the share could not be written.
+    #[error(transparent)]
+    Store(#[from] super::StoreError),
 }
 
 /// A run that published no backup: pre-check failed or backup failed.
@@ -752,11 +755,7 @@ fn write_last_run(target: &Path, summary: RunSummary) -> Result<(), CatalogError
         .insert(format!("{}/{}", summary.host, summary.vm), summary.clone());
     runs.last = Some(summary);
     let text = serde_json::to_string_pretty(&runs).unwrap_or_default();
-    metadata::write_atomic(&path, text.as_bytes()).map_err(|source| CatalogError::Io {
-        context: "cannot write",
-        path,
-        source,
-    })
+    Ok(super::write_atomic(&path, text.as_bytes())?)
 }
 
 /// Indexes a published backup and updates `last-run-summary.json`. Called by the backup
@@ -797,11 +796,7 @@ pub fn record_failure(target: &Path, failure: &FailedRun) -> Result<(), CatalogE
     })?;
     let file = dir.join(format!("{}.json", layout::safe_component(&failure.stamp)?));
     let text = serde_json::to_string_pretty(failure).unwrap_or_default();
-    metadata::write_atomic(&file, text.as_bytes()).map_err(|source| CatalogError::Io {
-        context: "cannot write",
-        path: file.clone(),
-        source,
-    })?;
+    super::write_atomic(&file, text.as_bytes())?;
     let catalog = Catalog::open(target)?;
     catalog.upsert_failure(failure)?;
     write_last_run(target, RunSummary::of_failure(failure))
@@ -816,6 +811,7 @@ impl CatalogError {
             CatalogError::Io { .. } => ErrorKind::TargetFailing,
             CatalogError::Damaged { .. } => ErrorKind::Corrupt,
             CatalogError::Layout(e) => e.kind(),
+            CatalogError::Store(e) => e.kind(),
         }
     }
 }

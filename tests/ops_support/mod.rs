@@ -71,7 +71,7 @@ pub fn fake_backup(target: &Path, meta: &BackupMetadata) -> PathBuf {
         .join(&meta.vm_name)
         .join(&meta.stamp);
     fs::create_dir_all(&dir).unwrap();
-    meta.write(&dir).unwrap();
+    vm_backup::store::write_metadata(&dir, meta).unwrap();
     dir
 }
 
@@ -346,7 +346,7 @@ pub fn hand_backup(
     fs::write(dir.join(&xml_name), xml).unwrap();
     meta.files.push(xml_name);
     write_checksums(&dir, &meta);
-    meta.write(&dir).unwrap();
+    vm_backup::store::write_metadata(&dir, &meta).unwrap();
     (dir, meta)
 }
 

@@ -6,7 +6,58 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::error::ErrorKind;
 use crate::format::layout::{self, LayoutError};
+
+use super::ToolError;
+
+/// Why the backing chain of a disk cannot be backed up.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// `qemu-img info` failed.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// Its output is not what we expect.
+    #[error("cannot parse qemu-img info --backing-chain: {0}")]
+    Parse(#[source] serde_json::Error),
+    /// A backing image is not a local file (NBD, a `json:` pseudo-protocol…).
+    #[error("disk {target}: backing image {file:?} (depth {depth}) is not a local file: cannot back it up")]
+    NotLocal {
+        /// The disk.
+        target: String,
+        /// The file name qemu-img reports.
+        file: String,
+        /// Its depth.
+        depth: usize,
+    },
+    /// A backing image has a format other than qcow2 or raw.
+    #[error(
+        "disk {target}: backing image {file} has format {format}: only qcow2 and raw are supported"
+    )]
+    Format {
+        /// The disk.
+        target: String,
+        /// The image.
+        file: String,
+        /// Its format.
+        format: String,
+    },
+    /// A name is not allowed in the layout.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+impl ChainError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ChainError::Tool(e) => e.kind(),
+            ChainError::Parse(_) => ErrorKind::Tool,
+            ChainError::NotLocal { .. } | ChainError::Format { .. } => ErrorKind::InvalidInput,
+            ChainError::Layout(e) => e.kind(),
+        }
+    }
+}
 
 /// One image below a disk's base image (depth 1 is the base's own backing file).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,30 +109,30 @@ pub fn backing_file_name(
 
 /// Parses the JSON of `qemu-img info --backing-chain --output=json` of a base image into the
 /// images below it (the first element, the base itself, is left out).
-pub fn parse_chain(json: &str, vm: &str, target: &str) -> Result<Vec<BackingImage>, String> {
-    let entries: Vec<InfoEntry> = serde_json::from_str(json)
-        .map_err(|e| format!("cannot parse qemu-img info --backing-chain: {e}"))?;
+pub fn parse_chain(json: &str, vm: &str, target: &str) -> Result<Vec<BackingImage>, ChainError> {
+    let entries: Vec<InfoEntry> = serde_json::from_str(json).map_err(ChainError::Parse)?;
     let mut out = Vec::new();
     for (i, pair) in entries.windows(2).enumerate() {
         let (above, e) = (&pair[0], &pair[1]);
         let depth = i + 1;
         let path = PathBuf::from(&e.filename);
         if !path.is_absolute() || e.filename.starts_with("json:") {
-            return Err(format!(
-                "disk {target}: backing image {:?} (depth {depth}) is not a local file: cannot back it up",
-                e.filename
-            ));
+            return Err(ChainError::NotLocal {
+                target: target.to_string(),
+                file: e.filename.clone(),
+                depth,
+            });
         }
         if e.format != "qcow2" && e.format != "raw" {
-            return Err(format!(
-                "disk {target}: backing image {} has format {}: only qcow2 and raw are supported",
-                e.filename, e.format
-            ));
+            return Err(ChainError::Format {
+                target: target.to_string(),
+                file: e.filename.clone(),
+                format: e.format.clone(),
+            });
         }
         out.push(BackingImage {
             depth,
-            file_name: backing_file_name(vm, target, depth, &e.format)
-                .map_err(|x| x.to_string())?,
+            file_name: backing_file_name(vm, target, depth, &e.format)?,
             path,
             format: e.format.clone(),
             named_as: above.backing_filename.clone(),
@@ -99,12 +150,11 @@ pub fn backing_chain(
     format: &str,
     vm: &str,
     target: &str,
-) -> Result<Vec<BackingImage>, String> {
+) -> Result<Vec<BackingImage>, ChainError> {
     if format == "raw" {
         return Ok(Vec::new()); // raw images have no header, hence no backing file
     }
-    let json = crate::hv::qemu_img::info_chain_json(base, Some(format))
-        .map_err(|e| format!("disk {target}: {e}"))?;
+    let json = crate::hv::qemu_img::info_chain_json(base, Some(format))?;
     parse_chain(&json, vm, target)
 }
 
@@ -143,6 +193,6 @@ mod tests {
         let j = r#"[{"filename": "/i/a.qcow2", "format": "qcow2"},
                    {"filename": "json:{\"driver\":\"nbd\"}", "format": "raw"}]"#;
         let e = parse_chain(j, "x", "vda").unwrap_err();
-        assert!(e.contains("not a local file"), "{e}");
+        assert!(e.to_string().contains("not a local file"), "{e}");
     }
 }

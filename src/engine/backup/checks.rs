@@ -6,12 +6,218 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::format::layout;
+use crate::error::ErrorKind;
+use crate::format::layout::{self, LayoutError};
 use crate::format::metadata::{BackupMetadata, Method, SkippedDisk};
-use crate::hv::{self, AgentChannel, Dom, DomState, Hypervisor};
+use crate::hv::{self, AgentChannel, Dom, DomState, Hypervisor, LibvirtError};
 use crate::progress::{CancelToken, Progress};
 
+use super::chain::ChainError;
+use super::journal::JournalError;
 use super::{BackupError, BackupRequest, SessionDisk, OVERLAY_MARKER};
+
+/// Why the pre-checks refuse a backup (nothing was touched: exit 1), or a check could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// A libvirt call failed.
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    /// The journal could not be read.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A name is not allowed in the layout.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A disk's backing chain cannot be backed up.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The domain is neither running, paused nor shut off.
+    #[error("domain is {0}: it must be running, paused or shut off")]
+    DomainState(DomState),
+    /// An offline backup of a running domain without `--shutdown`.
+    #[error("domain is {0}: an offline backup needs it shut off (or --shutdown to shut it down cleanly and start it again)")]
+    NeedsShutOff(DomState),
+    /// A live method on a shut-off domain.
+    #[error("domain is shut off: method {0} needs it running (use --method offline or auto)")]
+    NeedsRunning(Method),
+    /// Quiesce is impossible (agent absent, disconnected or hung) and no fallback applies.
+    #[error("{0}: cannot quiesce")]
+    CannotQuiesce(AgentProblem),
+    /// The inactive XML does not parse.
+    #[error("cannot parse the inactive domain XML: {0}")]
+    InactiveXml(#[source] crate::hv::xml::XmlError),
+    /// A disk runs on an overlay of ours that no journal lists.
+    #[error(
+        "disk {target} runs on {}, an overlay left by an earlier vm-backup run that the journal in {} does not list; \
+         commit it back by hand (virsh blockcommit {vm} {target} --active --pivot) before backing up",
+        source_file.display(),
+        journal_folder.display()
+    )]
+    UnknownOverlay {
+        /// The VM.
+        vm: String,
+        /// The disk.
+        target: String,
+        /// The overlay it runs on.
+        source_file: PathBuf,
+        /// Where the journals are.
+        journal_folder: PathBuf,
+    },
+    /// A disk has a block job running.
+    #[error("disk {target} has a running {job} block job ({cur} of {end}): wait for it or abort it first")]
+    BlockJob {
+        /// The disk.
+        target: String,
+        /// The job's kind.
+        job: String,
+        /// Progress.
+        cur: u64,
+        /// Total.
+        end: u64,
+    },
+    /// A disk that is not a file.
+    #[error("disk {target} is a {kind} disk: only file-backed disks can be backed up")]
+    NotFileBacked {
+        /// The disk.
+        target: String,
+        /// Its type (`block`, `network`…).
+        kind: String,
+    },
+    /// A disk image (or a backing image) cannot be read.
+    #[error("disk {target}: {what}{}: {source}", path.display())]
+    Unreadable {
+        /// The disk.
+        target: String,
+        /// `""`, `"cannot read "` or `"cannot read its backing image "`.
+        what: &'static str,
+        /// The image.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk image is not a regular file.
+    #[error("disk {target}: {} is not a regular file", path.display())]
+    NotAFile {
+        /// The disk.
+        target: String,
+        /// The image.
+        path: PathBuf,
+    },
+    /// Every disk is skipped.
+    #[error("the domain has no disk to back up")]
+    NoDisks,
+    /// The NVRAM file cannot be read.
+    #[error("NVRAM {}: {source}", path.display())]
+    Nvram {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The target is missing, unreadable or not writable.
+    #[error("target {}{what}: {source}", path.display())]
+    Target {
+        /// The target folder.
+        path: PathBuf,
+        /// `""` or `" is not writable"`.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// statvfs of the target failed.
+    #[error("target {}: statvfs: {source}", path.display())]
+    Statvfs {
+        /// The target folder.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: nix::Error,
+    },
+    /// The target is not a folder.
+    #[error("target {} is not a folder", .0.display())]
+    TargetNotFolder(PathBuf),
+    /// The target has not enough free space.
+    #[error("target {} has {} MiB free, the backup needs about {} MiB (allocated size of the disks and their backing chains plus a margin)", path.display(), free >> 20, needed.div_ceil(1 << 20))]
+    TargetFull {
+        /// The target folder.
+        path: PathBuf,
+        /// Bytes free.
+        free: u64,
+        /// Bytes needed.
+        needed: u64,
+    },
+    /// An earlier run left state that the journal records.
+    #[error("an earlier run (pid {pid}, stamp {stamp}, phase {phase}) left state behind: `vm-backup orphans --cleanup` or the next backup repairs it")]
+    LeftState {
+        /// Its process.
+        pid: u32,
+        /// Its stamp.
+        stamp: String,
+        /// Its phase.
+        phase: String,
+    },
+    /// `check --post`: the VM has no backup.
+    #[error("no backup of this VM in {}", .0.display())]
+    NoBackup(PathBuf),
+    /// `check --post`: the metadata of the newest backup cannot be read.
+    #[error("{}: {source}", path.display())]
+    Metadata {
+        /// The backup folder.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CheckError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CheckError::Libvirt(e) => e.kind(),
+            CheckError::Journal(e) => e.kind(),
+            CheckError::Layout(e) => e.kind(),
+            CheckError::Chain(e) => e.kind(),
+            CheckError::DomainState(_)
+            | CheckError::NeedsShutOff(_)
+            | CheckError::NeedsRunning(_)
+            | CheckError::UnknownOverlay { .. }
+            | CheckError::BlockJob { .. }
+            | CheckError::LeftState { .. } => ErrorKind::Busy,
+            CheckError::CannotQuiesce(_) => ErrorKind::GuestAgent,
+            CheckError::InactiveXml(_) => ErrorKind::Libvirt,
+            CheckError::NotFileBacked { .. }
+            | CheckError::NotAFile { .. }
+            | CheckError::NoDisks => ErrorKind::InvalidInput,
+            CheckError::Unreadable { source, .. } | CheckError::Nvram { source, .. } => {
+                ErrorKind::from_io(source)
+            }
+            CheckError::Target { source, .. } => ErrorKind::from_target_io(source),
+            CheckError::Statvfs { .. } => ErrorKind::TargetFailing,
+            CheckError::TargetNotFolder(_) => ErrorKind::TargetMissing,
+            CheckError::TargetFull { .. } => ErrorKind::TargetFull,
+            CheckError::NoBackup(_) => ErrorKind::NotFound,
+            CheckError::Metadata { source, .. } => ErrorKind::from_target_io(source),
+        }
+    }
+}
+
+/// Why the guest agent cannot quiesce.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentProblem {
+    /// No agent channel.
+    #[error("no guest agent channel in the domain")]
+    Absent,
+    /// A channel, nobody connected.
+    #[error("the guest agent is not connected")]
+    Disconnected,
+    /// It did not answer (libvirt's words).
+    #[error("the guest agent {0}")]
+    Hung(String),
+}
 
 /// Bytes kept free on the target beyond the allocated size of the disks.
 pub const SPACE_MARGIN: u64 = 16 << 20;
@@ -80,86 +286,76 @@ pub fn choose_method(
     shutdown: bool,
     fallback: bool,
     probe: &mut dyn FnMut() -> AgentState,
-) -> Result<(Method, Option<String>), String> {
+) -> Result<(Method, Option<String>), CheckError> {
     let live = state.is_live();
     match (requested, live) {
         (Method::Offline | Method::Auto, false) => Ok((Method::Offline, None)),
         (Method::Offline, true) if shutdown => Ok((Method::Offline, None)),
-        (Method::Offline, true) => Err(format!(
-            "domain is {state}: an offline backup needs it shut off (or --shutdown to shut it down cleanly and start it again)"
-        )),
-        (Method::Quiesce | Method::Snapshot, false) => Err(format!(
-            "domain is shut off: method {requested} needs it running (use --method offline or auto)"
-        )),
+        (Method::Offline, true) => Err(CheckError::NeedsShutOff(state)),
+        (Method::Quiesce | Method::Snapshot, false) => Err(CheckError::NeedsRunning(requested)),
         (Method::Snapshot, true) => Ok((Method::Snapshot, None)),
         (Method::Quiesce | Method::Auto, true) => {
             let (why, auto_may_fall_back) = match probe() {
                 AgentState::Answers => return Ok((Method::Quiesce, None)),
-                AgentState::Absent => ("no guest agent channel in the domain".to_string(), true),
-                AgentState::Disconnected => ("the guest agent is not connected".to_string(), true),
-                AgentState::Hung(cause) => (format!("the guest agent {cause}"), false),
+                AgentState::Absent => (AgentProblem::Absent, true),
+                AgentState::Disconnected => (AgentProblem::Disconnected, true),
+                AgentState::Hung(cause) => (AgentProblem::Hung(cause), false),
             };
             if requested == Method::Auto && auto_may_fall_back {
-                Ok((Method::Snapshot, Some(format!("{why}: crash-consistent snapshot"))))
+                Ok((
+                    Method::Snapshot,
+                    Some(format!("{why}: crash-consistent snapshot")),
+                ))
             } else if fallback {
                 Ok((
                     Method::Snapshot,
                     Some(format!("{why}: crash-consistent fallback as configured")),
                 ))
             } else {
-                Err(format!("{why}: cannot quiesce"))
+                Err(CheckError::CannotQuiesce(why))
             }
         }
     }
 }
 
 /// Runs every pre-check on `dom` for `request`. Read-only except for setting the domain's
-/// agent response timeout (a runtime setting). The error is the cause, worded for the
-/// operator.
-pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String> {
+/// agent response timeout (a runtime setting).
+pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, CheckError> {
     let vm = request.vm.as_str();
     let settings = &request.settings;
-    let state = dom.state().map_err(|e| e.to_string())?;
+    let state = dom.state()?;
     match state {
         DomState::Running | DomState::Paused | DomState::ShutOff => {}
-        other => {
-            return Err(format!(
-                "domain is {other}: it must be running, paused or shut off"
-            ))
-        }
+        other => return Err(CheckError::DomainState(other)),
     }
-    let uuid = dom.uuid().map_err(|e| e.to_string())?;
-    let inactive_xml = dom.xml(true).map_err(|e| e.to_string())?;
-    let current = dom.parsed(!state.is_live()).map_err(|e| e.to_string())?;
-    let inactive = hv::xml::parse_domain(&inactive_xml)
-        .map_err(|e| format!("cannot parse the inactive domain XML: {e}"))?;
+    let uuid = dom.uuid()?;
+    let inactive_xml = dom.xml(true)?;
+    let current = dom.parsed(!state.is_live())?;
+    let inactive = hv::xml::parse_domain(&inactive_xml).map_err(CheckError::InactiveXml)?;
     let mut notes: Vec<String> = Vec::new();
 
     // Leftovers of an earlier run that the journal did not explain.
     for d in current.disks.iter().chain(inactive.disks.iter()) {
         if let Some(src) = &d.source {
             if src.to_string_lossy().contains(OVERLAY_MARKER) {
-                return Err(format!(
-                    "disk {} runs on {}, an overlay left by an earlier vm-backup run that the journal in {} does not list; \
-                     commit it back by hand (virsh blockcommit {vm} {} --active --pivot) before backing up",
-                    d.target,
-                    src.display(),
-                    super::journal::journal_folder(&settings.journal_dir).display(),
-                    d.target
-                ));
+                return Err(CheckError::UnknownOverlay {
+                    vm: vm.to_string(),
+                    target: d.target.clone(),
+                    source_file: src.clone(),
+                    journal_folder: super::journal::journal_folder(&settings.journal_dir),
+                });
             }
         }
     }
     if state.is_live() {
         for d in current.disks.iter().filter(|d| d.device == "disk") {
-            if let Some(job) = dom.block_job(&d.target).map_err(|e| e.to_string())? {
-                return Err(format!(
-                    "disk {} has a running {} block job ({} of {}): wait for it or abort it first",
-                    d.target,
-                    job.kind_name(),
-                    job.cur,
-                    job.end
-                ));
+            if let Some(job) = dom.block_job(&d.target)? {
+                return Err(CheckError::BlockJob {
+                    target: d.target.clone(),
+                    job: job.kind_name().to_string(),
+                    cur: job.cur,
+                    end: job.end,
+                });
             }
         }
     }
@@ -228,23 +424,29 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
             continue;
         }
         if d.kind != "file" {
-            return Err(format!(
-                "disk {} is a {} disk: only file-backed disks can be backed up",
-                d.target, d.kind
-            ));
+            return Err(CheckError::NotFileBacked {
+                target: d.target.clone(),
+                kind: d.kind.clone(),
+            });
         }
         let source = d.source.clone().unwrap_or_default();
-        let meta = fs::metadata(&source)
-            .map_err(|e| format!("disk {}: {}: {e}", d.target, source.display()))?;
+        let unreadable = |what, path: &Path| {
+            let (target, path) = (d.target.clone(), path.to_path_buf());
+            move |source| CheckError::Unreadable {
+                target,
+                what,
+                path,
+                source,
+            }
+        };
+        let meta = fs::metadata(&source).map_err(unreadable("", &source))?;
         if !meta.is_file() {
-            return Err(format!(
-                "disk {}: {} is not a regular file",
-                d.target,
-                source.display()
-            ));
+            return Err(CheckError::NotAFile {
+                target: d.target.clone(),
+                path: source,
+            });
         }
-        fs::File::open(&source)
-            .map_err(|e| format!("disk {}: cannot read {}: {e}", d.target, source.display()))?;
+        fs::File::open(&source).map_err(unreadable("cannot read ", &source))?;
         let format = d.format.clone().unwrap_or_else(|| "raw".into());
         let (virtual_size, allocated_size) = match dom.block_sizes(&d.target) {
             Ok(v) => v,
@@ -255,28 +457,22 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
         };
         let backing_chain = super::chain::backing_chain(&source, &format, vm, &d.target)?;
         for b in &backing_chain {
-            fs::File::open(&b.path).map_err(|e| {
-                format!(
-                    "disk {}: cannot read its backing image {}: {e}",
-                    d.target,
-                    b.path.display()
-                )
-            })?;
+            fs::File::open(&b.path)
+                .map_err(unreadable("cannot read its backing image ", &b.path))?;
         }
         disks.push(SessionDisk {
             target: d.target.clone(),
             source,
-            file_name: layout::disk_file_name(vm, &d.target, &format).map_err(|e| e.to_string())?,
+            file_name: layout::disk_file_name(vm, &d.target, &format)?,
             format,
             virtual_size,
             allocated_size,
             backing_file: backing_chain.first().map(|b| b.path.clone()),
             backing_chain,
-            overlay: None,
         });
     }
     if disks.is_empty() {
-        return Err("the domain has no disk to back up".into());
+        return Err(CheckError::NoDisks);
     }
 
     // NVRAM.
@@ -298,23 +494,38 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
                     p.display()
                 ));
             }
-            Err(e) => return Err(format!("NVRAM {}: {e}", p.display())),
+            Err(source) => {
+                return Err(CheckError::Nvram {
+                    path: p.clone(),
+                    source,
+                })
+            }
         }
     }
     let nvram = nvram.filter(|p| p.is_file());
 
     // Target.
     let target = &settings.target;
-    let meta = fs::metadata(target).map_err(|e| format!("target {}: {e}", target.display()))?;
+    let meta = fs::metadata(target).map_err(|source| CheckError::Target {
+        path: target.clone(),
+        what: "",
+        source,
+    })?;
     if !meta.is_dir() {
-        return Err(format!("target {} is not a folder", target.display()));
+        return Err(CheckError::TargetNotFolder(target.clone()));
     }
-    let probe = target.join(format!(".vm-backup-write-test-{}", std::process::id()));
-    fs::write(&probe, b"x")
-        .and_then(|_| fs::remove_file(&probe))
-        .map_err(|e| format!("target {} is not writable: {e}", target.display()))?;
-    let st = nix::sys::statvfs::statvfs(target.as_path())
-        .map_err(|e| format!("target {}: statvfs: {e}", target.display()))?;
+    crate::store::FolderStore::open(target)
+        .check_writable()
+        .map_err(|source| CheckError::Target {
+            path: target.clone(),
+            what: " is not writable",
+            source: source.into(),
+        })?;
+    let st =
+        nix::sys::statvfs::statvfs(target.as_path()).map_err(|source| CheckError::Statvfs {
+            path: target.clone(),
+            source,
+        })?;
     let free_bytes = st.blocks_available() as u64 * st.fragment_size() as u64;
     let needed_bytes = disks
         .iter()
@@ -329,12 +540,11 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, String>
         + nvram_size
         + SPACE_MARGIN;
     if free_bytes < needed_bytes {
-        return Err(format!(
-            "target {} has {} MiB free, the backup needs about {} MiB (allocated size of the disks and their backing chains plus a margin)",
-            target.display(),
-            free_bytes >> 20,
-            needed_bytes.div_ceil(1 << 20)
-        ));
+        return Err(CheckError::TargetFull {
+            path: target.clone(),
+            free: free_bytes,
+            needed: needed_bytes,
+        });
     }
 
     Ok(PreCheck {
@@ -370,10 +580,11 @@ pub fn run_pre_checks(request: &BackupRequest) -> Result<PreCheck, BackupError> 
     {
         return Err(BackupError::pre(
             vm,
-            format!(
-                "an earlier run (pid {}, stamp {}, phase {}) left state behind: `vm-backup orphans --cleanup` or the next backup repairs it",
-                rec.pid, rec.stamp, rec.phase
-            ),
+            CheckError::LeftState {
+                pid: rec.pid,
+                stamp: rec.stamp,
+                phase: rec.phase,
+            },
         ));
     }
     let pre = pre_check(&dom, request).map_err(|e| BackupError::pre(vm, e))?;
@@ -573,14 +784,17 @@ pub fn run_post_checks(
     let stamp = vm_dir
         .latest()
         .map_err(|e| BackupError::pre(vm, e))?
-        .ok_or_else(|| {
-            BackupError::pre(
-                vm,
-                format!("no backup of this VM in {}", vm_dir.path.display()),
-            )
-        })?;
+        .ok_or_else(|| BackupError::pre(vm, CheckError::NoBackup(vm_dir.path.clone())))?;
     let dir = vm_dir.backup_dir(&stamp);
-    let md = BackupMetadata::read(&dir).map_err(|e| BackupError::pre(vm, e))?;
+    let md = BackupMetadata::read(&dir).map_err(|source| {
+        BackupError::pre(
+            vm,
+            CheckError::Metadata {
+                path: dir.clone(),
+                source,
+            },
+        )
+    })?;
     let mut problems = post_check_folder(&dir, &md, progress, cancel);
     let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
     match hv.domain(vm) {
@@ -600,7 +814,7 @@ mod tests {
         agent: AgentState,
         shutdown: bool,
         fallback: bool,
-    ) -> (Result<(Method, Option<String>), String>, bool) {
+    ) -> (Result<(Method, Option<String>), CheckError>, bool) {
         let mut asked = false;
         let r = choose_method(requested, state, shutdown, fallback, &mut || {
             asked = true;
@@ -758,7 +972,7 @@ mod tests {
                         assert!(note.is_some(), "{label}");
                     }
                 }
-                (Err(e), Err(w)) => assert!(e.contains(w), "{label}: {e}"),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{label}: {e}"),
                 (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
             }
             // The agent is only asked when quiesce is possible.

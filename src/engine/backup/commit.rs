@@ -6,10 +6,107 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::hv::{xml, Dom, Hypervisor};
+use std::path::PathBuf;
+
+use crate::error::ErrorKind;
+use crate::hv::{xml, Dom, Hypervisor, LibvirtError};
 use crate::progress::{Level, Progress, Transfer};
 
-use super::RunLog;
+use super::journal::JournalError;
+use super::{RunLog, ToolError};
+
+/// Why a disk could not be brought back onto its base image (or the domain restarted).
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// A libvirt call failed.
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    /// `qemu-img commit` failed.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// The journal could not record the progress.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The block job ended by itself but the disk is not on its base.
+    #[error("{target}: the commit job vanished and the disk is not on {}", base.display())]
+    Vanished {
+        /// The disk.
+        target: String,
+        /// Its base image.
+        base: PathBuf,
+    },
+    /// The block commit did not converge in time; it was aborted.
+    #[error(
+        "{target}: the block commit did not converge within {seconds} s ({cur} of {end} bytes{}); \
+         the job was aborted and the disk stays on its overlay until repaired",
+        last_pivot_error.as_ref().map(|e| format!("; last pivot error: {e}")).unwrap_or_default()
+    )]
+    NotConverged {
+        /// The disk.
+        target: String,
+        /// The bound.
+        seconds: u64,
+        /// Bytes committed.
+        cur: u64,
+        /// Bytes to commit.
+        end: u64,
+        /// The last refused pivot.
+        last_pivot_error: Option<Box<LibvirtError>>,
+    },
+    /// After the pivot or the redefinition the disk is not on its base.
+    #[error("{target}: after {when} the domain is not on {}", base.display())]
+    NotOnBase {
+        /// The disk.
+        target: String,
+        /// Its base image.
+        base: PathBuf,
+        /// `the pivot` or `redefinition`.
+        when: &'static str,
+    },
+    /// An aborted block job does not go away.
+    #[error("{target}: the aborted block job is still there")]
+    StaleJob {
+        /// The disk.
+        target: String,
+    },
+    /// A block job remains on a disk after the commit.
+    #[error("{target}: a {job} block job remains after the commit")]
+    JobRemains {
+        /// The disk.
+        target: String,
+        /// Its kind.
+        job: String,
+    },
+    /// The inactive XML could not be rewritten.
+    #[error("cannot rewrite the domain XML: {0}")]
+    Xml(#[source] Box<crate::hv::xml::XmlError>),
+    /// An overlay could not be deleted after its commit.
+    #[error("cannot delete overlay {}: {source}", path.display())]
+    DeleteOverlay {
+        /// The overlay.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Several disks failed (each is named).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<CommitError>),
+}
+
+impl CommitError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CommitError::Libvirt(e) => e.kind(),
+            CommitError::Tool(e) => e.kind(),
+            CommitError::Journal(e) => e.kind(),
+            CommitError::DeleteOverlay { source, .. } => ErrorKind::from_io(source),
+            CommitError::Several(all) => all.first().map_or(ErrorKind::Internal, Self::kind),
+            _ => ErrorKind::Libvirt,
+        }
+    }
+}
 
 /// Commits the active overlay of `target` into the image directly below it and pivots, then
 /// checks the live XML names `base` again. Waits at most `bound` for the commit to converge;
@@ -21,9 +118,9 @@ pub(crate) fn commit_live(
     bound: Duration,
     progress: &dyn Progress,
     log: &RunLog,
-) -> Result<(), String> {
+) -> Result<(), CommitError> {
     let t0 = Instant::now();
-    match dom.block_job(target).map_err(|e| e.to_string())? {
+    match dom.block_job(target)? {
         Some(job) if job.is_active_commit() => {
             log.log(
                 progress,
@@ -40,26 +137,26 @@ pub(crate) fn commit_live(
                     job.kind_name()
                 ),
             );
-            dom.abort_job(target).map_err(|e| e.to_string())?;
+            dom.abort_job(target)?;
             wait_no_job(dom, target, Duration::from_secs(30))?;
-            dom.start_active_commit(target).map_err(|e| e.to_string())?;
+            dom.start_active_commit(target)?;
         }
-        None => dom.start_active_commit(target).map_err(|e| e.to_string())?,
+        None => dom.start_active_commit(target)?,
     }
     let what = format!("commit {target}");
-    let mut last_pivot_error = String::new();
+    let mut last_pivot_error = None;
     loop {
-        let job = dom.block_job(target).map_err(|e| e.to_string())?;
+        let job = dom.block_job(target)?;
         match job {
             None => {
                 // The job ended by itself: fine only if the disk is on its base already.
                 if on_source(dom, target, base)? {
                     break;
                 }
-                return Err(format!(
-                    "{target}: the commit job vanished and the disk is not on {}",
-                    base.display()
-                ));
+                return Err(CommitError::Vanished {
+                    target: target.to_string(),
+                    base: base.to_path_buf(),
+                });
             }
             Some(job) => {
                 let elapsed = t0.elapsed();
@@ -75,23 +172,18 @@ pub(crate) fn commit_live(
                 if job.cur == job.end {
                     match dom.pivot(target) {
                         Ok(()) => break,
-                        Err(e) => last_pivot_error = e.to_string(),
+                        Err(e) => last_pivot_error = Some(Box::new(e)),
                     }
                 }
                 if elapsed > bound {
                     let _ = dom.abort_job(target);
-                    return Err(format!(
-                        "{target}: the block commit did not converge within {} s ({} of {} bytes{}); \
-                         the job was aborted and the disk stays on its overlay until repaired",
-                        bound.as_secs(),
-                        job.cur,
-                        job.end,
-                        if last_pivot_error.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; last pivot error: {last_pivot_error}")
-                        }
-                    ));
+                    return Err(CommitError::NotConverged {
+                        target: target.to_string(),
+                        seconds: bound.as_secs(),
+                        cur: job.cur,
+                        end: job.end,
+                        last_pivot_error,
+                    });
                 }
             }
         }
@@ -104,20 +196,23 @@ pub(crate) fn commit_live(
             return Ok(());
         }
         if t1.elapsed() > Duration::from_secs(10) {
-            return Err(format!(
-                "{target}: after the pivot the domain is not on {}",
-                base.display()
-            ));
+            return Err(CommitError::NotOnBase {
+                target: target.to_string(),
+                base: base.to_path_buf(),
+                when: "the pivot",
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-fn wait_no_job(dom: &Dom, target: &str, bound: Duration) -> Result<(), String> {
+fn wait_no_job(dom: &Dom, target: &str, bound: Duration) -> Result<(), CommitError> {
     let t0 = Instant::now();
-    while dom.block_job(target).map_err(|e| e.to_string())?.is_some() {
+    while dom.block_job(target)?.is_some() {
         if t0.elapsed() > bound {
-            return Err(format!("{target}: the aborted block job is still there"));
+            return Err(CommitError::StaleJob {
+                target: target.to_string(),
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -125,9 +220,9 @@ fn wait_no_job(dom: &Dom, target: &str, bound: Duration) -> Result<(), String> {
 }
 
 /// Whether the live (running) or persistent (shut off) definition has `target` on `path`.
-pub(crate) fn on_source(dom: &Dom, target: &str, path: &Path) -> Result<bool, String> {
-    let live = dom.state().map_err(|e| e.to_string())?.is_live();
-    let parsed = dom.parsed(!live).map_err(|e| e.to_string())?;
+pub(crate) fn on_source(dom: &Dom, target: &str, path: &Path) -> Result<bool, LibvirtError> {
+    let live = dom.state()?.is_live();
+    let parsed = dom.parsed(!live)?;
     Ok(parsed
         .disks
         .iter()
@@ -144,19 +239,20 @@ pub(crate) fn commit_offline(
     overlay: &Path,
     base: &Path,
     base_format: &str,
-) -> Result<(), String> {
+) -> Result<(), CommitError> {
     if overlay.exists() {
-        crate::hv::qemu_img::commit(overlay).map_err(|e| e.to_string())?;
+        crate::hv::qemu_img::commit(overlay)?;
     }
-    let inactive = dom.xml(true).map_err(|e| e.to_string())?;
+    let inactive = dom.xml(true)?;
     let fixed = xml::point_disk_at(&inactive, target, &base.to_string_lossy(), base_format)
-        .map_err(|e| format!("cannot rewrite the domain XML: {e}"))?;
-    hv.define(dom.name(), &fixed).map_err(|e| e.to_string())?;
+        .map_err(|e| CommitError::Xml(Box::new(e)))?;
+    hv.define(dom.name(), &fixed)?;
     if !on_source(dom, target, base)? {
-        return Err(format!(
-            "{target}: after redefinition the domain is not on {}",
-            base.display()
-        ));
+        return Err(CommitError::NotOnBase {
+            target: target.to_string(),
+            base: base.to_path_buf(),
+            when: "redefinition",
+        });
     }
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! commit → XML, NVRAM, configs, checksums, metadata, log → fsync → rename → post-checks).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,10 +12,14 @@ use crate::copier::{self, CopyOptions, HashMode, IoPath};
 use crate::format::layout::{self, VmDir};
 use crate::format::metadata::{self, BackingRecord, BackupMetadata, DiskRecord};
 use crate::progress::Level;
+use crate::store::{FolderStore, PartialBackup};
 use crate::ExitStatus;
 
 use super::checks;
-use super::{BackupError, BackupSession, Phase, DEBUG_PAUSE_ENV};
+use super::guards::PartialFolder;
+use super::{
+    ApplianceFailure, BackupError, BackupEvent, BackupSession, Cause, Phase, DEBUG_PAUSE_ENV,
+};
 
 impl BackupSession<'_> {
     /// Runs the rest of a direct-mode backup after [`BackupSession::prepare`]: copy into the
@@ -28,6 +31,7 @@ impl BackupSession<'_> {
         self.debug_pause()?;
         self.copy_disks()?;
         self.finish()?;
+        self.phase_started(Phase::Publish);
         let t = Instant::now();
         let extra_files = self.write_extras()?;
         let (dir, md) = self.publish(extra_files, t)?;
@@ -45,23 +49,23 @@ impl BackupSession<'_> {
             .iter()
             .map(|d| d.file_size + d.backing_chain.iter().map(|b| b.file_size).sum::<u64>())
             .sum();
-        let copy_secs = self.phases.get("copy").copied().unwrap_or(0.0);
+        let copy_secs = self.run.phases.get("copy").copied().unwrap_or(0.0);
         BackupMetadata {
             schema_version: metadata::SCHEMA_VERSION,
             tool_version: crate::VERSION.to_string(),
-            vm_name: self.request.vm.clone(),
-            vm_uuid: self.uuid.clone(),
-            host: self.host.clone(),
-            stamp: self.stamp.clone(),
-            method_requested: self.request.method,
-            method: self.method,
-            method_note: self.method_note.clone(),
-            started_at: self.started_at.to_rfc3339(),
+            vm_name: self.run.request.vm.clone(),
+            vm_uuid: self.run.uuid.clone(),
+            host: self.run.host.clone(),
+            stamp: self.run.stamp.clone(),
+            method_requested: self.run.request.method,
+            method: self.plan.method,
+            method_note: self.plan.method_note.clone(),
+            started_at: self.run.started_at.to_rfc3339(),
             finished_at: Local::now().to_rfc3339(),
-            frozen_ms: self.frozen_ms,
-            phases: self.phases.clone(),
+            frozen_ms: self.run.frozen_ms,
+            phases: self.run.phases.clone(),
             disks,
-            skipped_disks: self.skipped.clone(),
+            skipped_disks: self.plan.skipped.clone(),
             files,
             total_bytes: total,
             bytes_per_sec: if copy_secs > 0.0 {
@@ -69,13 +73,14 @@ impl BackupSession<'_> {
             } else {
                 0.0
             },
-            result: if self.warnings.is_empty() {
+            result: if self.run.warnings.is_empty() {
                 ExitStatus::Success
             } else {
                 ExitStatus::Warning
             },
-            warnings: self.warnings.clone(),
+            warnings: self.run.warnings.clone(),
             appliance: self
+                .run
                 .request
                 .vm_entry
                 .as_ref()
@@ -87,7 +92,7 @@ impl BackupSession<'_> {
 
     /// Records the seconds a phase took (a driver's own `copy`, for instance).
     pub fn record_phase(&mut self, name: &str, seconds: f64) {
-        self.phases.insert(name.to_string(), seconds);
+        self.run.phases.insert(name.to_string(), seconds);
     }
 
     /// The published metadata and folder, once [`Self::run_direct`] succeeded.
@@ -98,25 +103,28 @@ impl BackupSession<'_> {
         }
     }
 
+    /// The `.partial` folder being written (empty before [`Self::begin_partial`]).
     fn vm_dir(&self) -> Result<VmDir, BackupError> {
-        VmDir::new(&self.request.settings.target, &self.host, &self.request.vm)
-            .map_err(|e| self.failed(Phase::Copy, e))
+        VmDir::new(
+            &self.run.request.settings.target,
+            &self.run.host,
+            &self.run.request.vm,
+        )
+        .map_err(|e| self.failed(Phase::Copy, e))
     }
 
     /// Creates `<target>/<host>/<vm>/<stamp>.partial/` (journaled first).
     fn begin_partial(&mut self) -> Result<(), BackupError> {
-        let partial = self.vm_dir()?.partial_dir(&self.stamp);
+        let partial = self.vm_dir()?.partial_dir(&self.run.stamp);
         let p = partial.clone();
-        self.journal
+        self.run
+            .journal
             .update(|r| r.partial_dir = Some(p))
             .map_err(|e| self.failed(Phase::Copy, e))?;
-        self.partial = Some(partial.clone());
-        fs::create_dir_all(&partial).map_err(|e| {
-            self.failed(
-                Phase::Copy,
-                format!("cannot create {}: {e}", partial.display()),
-            )
-        })?;
+        let guard = FolderStore::open(&self.run.request.settings.target)
+            .begin(&self.run.host, &self.run.request.vm, &self.run.stamp)
+            .map_err(|e| self.failed(Phase::Copy, e))?;
+        self.held.partial = Some(PartialFolder(guard));
         self.log(Level::Info, &format!("writing into {}", partial.display()));
         Ok(())
     }
@@ -135,8 +143,8 @@ impl BackupSession<'_> {
         );
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(ms) {
-            if self.cancel.is_cancelled() {
-                return Err(self.failed(Phase::Copy, "cancelled"));
+            if self.run.cancel.is_cancelled() {
+                return Err(self.failed(Phase::Copy, Cause::Cancelled));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -144,8 +152,9 @@ impl BackupSession<'_> {
     }
 
     fn copy_disks(&mut self) -> Result<(), BackupError> {
+        self.phase_started(Phase::Copy);
         let t = Instant::now();
-        for d in self.disks.clone() {
+        for d in self.plan.disks.clone() {
             self.log(
                 Level::Info,
                 &format!(
@@ -188,7 +197,7 @@ impl BackupSession<'_> {
                     copy_seconds: c.seconds,
                 });
             }
-            self.disk_records.push(DiskRecord {
+            self.copied.push(DiskRecord {
                 target: d.target.clone(),
                 source: d.source.to_string_lossy().into_owned(),
                 format: d.format.clone(),
@@ -204,7 +213,7 @@ impl BackupSession<'_> {
                 backing_chain,
             });
         }
-        self.phases.insert("copy".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::Copy, t.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -215,17 +224,33 @@ impl BackupSession<'_> {
         file_name: &str,
         label: &str,
     ) -> Result<CopiedImage, BackupError> {
-        if self.cancel.is_cancelled() {
-            return Err(self.failed(Phase::Copy, "cancelled"));
+        if self.run.cancel.is_cancelled() {
+            return Err(self.failed(Phase::Copy, Cause::Cancelled));
         }
-        let partial = self.partial.clone().unwrap_or_default();
         let options = CopyOptions {
             hash: HashMode::Both,
-            ..self.request.copy_options.clone()
+            ..self.run.request.copy_options.clone()
         };
-        let dst = partial.join(file_name);
-        let report = copier::copy_file(src, &dst, &options, self.progress(), &self.cancel)
-            .map_err(|e| self.failed(Phase::Copy, format!("disk {label}: {e}")))?;
+        let sink = self
+            .partial_backup(Phase::Copy)?
+            .create_file(file_name, options.direct_write)
+            .map_err(|e| self.failed(Phase::Copy, e))?;
+        let report = copier::copy_into(
+            src,
+            Box::new(sink),
+            &options,
+            self.progress(),
+            &self.run.cancel,
+        )
+        .map_err(|source| {
+            self.failed(
+                Phase::Copy,
+                Cause::Copy {
+                    label: label.to_string(),
+                    source,
+                },
+            )
+        })?;
         for note in &report.notes {
             self.log(Level::Info, &format!("copier: {note}"));
         }
@@ -233,7 +258,9 @@ impl BackupSession<'_> {
         else {
             return Err(self.failed(
                 Phase::Copy,
-                format!("disk {label}: the copier returned no digests"),
+                Cause::NoDigests {
+                    label: label.to_string(),
+                },
             ));
         };
         self.log(
@@ -247,6 +274,13 @@ impl BackupSession<'_> {
                 sha256
             ),
         );
+        self.run.observer.emit(BackupEvent::DiskCopied {
+            label,
+            file: file_name,
+            bytes: report.logical_size,
+            seconds: report.duration.as_secs_f64(),
+            sha256: &sha256,
+        });
         Ok(CopiedImage {
             logical_size: report.logical_size,
             sha256,
@@ -259,40 +293,45 @@ impl BackupSession<'_> {
 
     /// XML, NVRAM and appliance configs; returns (relative name, sha256) of each.
     fn write_extras(&mut self) -> Result<Vec<(String, String)>, BackupError> {
-        let partial = self.partial.clone().unwrap_or_default();
+        let partial = self.partial_backup(Phase::Publish)?.path().to_owned();
         let mut files = Vec::new();
-        let vm = self.request.vm.clone();
+        let vm = self.run.request.vm.clone();
         let xml_name = layout::xml_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
-        let xml_path = partial.join(&xml_name);
-        write_synced(&xml_path, self.inactive_xml.as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", xml_path.display())))?;
-        files.push((xml_name, hex_sha256(self.inactive_xml.as_bytes())));
-        if let Some(nvram) = self.nvram.clone() {
+        self.partial_backup(Phase::Publish)?
+            .write_file(&xml_name, self.plan.inactive_xml.as_bytes())
+            .map_err(|e| self.failed(Phase::Publish, e))?;
+        files.push((xml_name, hex_sha256(self.plan.inactive_xml.as_bytes())));
+        if let Some(nvram) = self.plan.nvram.clone() {
             let name = layout::nvram_file_name(&vm).map_err(|e| self.failed(Phase::Publish, e))?;
-            let bytes = fs::read(&nvram).map_err(|e| {
-                self.failed(Phase::Publish, format!("NVRAM {}: {e}", nvram.display()))
+            let bytes = fs::read(&nvram).map_err(|source| {
+                self.failed(
+                    Phase::Publish,
+                    Cause::Io {
+                        context: format!("NVRAM {}", nvram.display()),
+                        source,
+                    },
+                )
             })?;
-            let dst = partial.join(&name);
-            write_synced(&dst, &bytes)
-                .map_err(|e| self.failed(Phase::Publish, format!("{}: {e}", dst.display())))?;
+            self.partial_backup(Phase::Publish)?
+                .write_file(&name, &bytes)
+                .map_err(|e| self.failed(Phase::Publish, e))?;
             self.log(
                 Level::Info,
                 &format!("NVRAM {} copied ({} bytes)", nvram.display(), bytes.len()),
             );
             files.push((name, hex_sha256(&bytes)));
         }
-        if let Some(entry) = self.request.vm_entry.clone() {
-            if entry.appliance.as_deref() == Some("asav") {
-                let dir = partial.join(layout::CONFIGS_DIR);
-                let captured = fs::create_dir_all(&dir)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        crate::ops::appliance::capture_configs(
-                            &entry,
-                            &self.request.settings.ssh,
-                            &dir,
-                        )
-                        .map_err(|e| e.to_string())
+        if let (Some(entry), Some(hook)) = (
+            self.run.request.vm_entry.clone(),
+            self.run.request.appliance.clone(),
+        ) {
+            if super::appliance::is_supported(&entry) {
+                let captured = self
+                    .partial_backup(Phase::Publish)?
+                    .create_dir(layout::CONFIGS_DIR)
+                    .map_err(|e| ApplianceFailure::from(std::io::Error::from(e)))
+                    .and_then(|dir| {
+                        hook.capture_configs(&entry, &self.run.request.settings.ssh, &dir)
                     });
                 match captured {
                     Ok(names) => {
@@ -313,7 +352,7 @@ impl BackupSession<'_> {
 
     fn metadata(&self, extra: &[(String, String)], result: ExitStatus) -> BackupMetadata {
         let mut md = self.metadata_for(
-            self.disk_records.clone(),
+            self.copied.clone(),
             extra.iter().map(|(n, _)| n.clone()).collect(),
         );
         md.result = result;
@@ -325,9 +364,8 @@ impl BackupSession<'_> {
         extra: Vec<(String, String)>,
         t: Instant,
     ) -> Result<(PathBuf, BackupMetadata), BackupError> {
-        let partial = self.partial.clone().unwrap_or_default();
         let mut sums = String::new();
-        for d in &self.disk_records {
+        for d in &self.copied {
             sums.push_str(&format!("{}  {}\n", d.sha256, d.file));
             for b in &d.backing_chain {
                 sums.push_str(&format!("{}  {}\n", b.sha256, b.file));
@@ -336,46 +374,36 @@ impl BackupSession<'_> {
         for (name, sum) in &extra {
             sums.push_str(&format!("{sum}  {name}\n"));
         }
-        metadata::write_atomic(&partial.join(layout::CHECKSUMS_FILE), sums.as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, format!("checksums.sha256: {e}")))?;
-        self.phases
-            .insert("publish".into(), t.elapsed().as_secs_f64());
-        let result = if self.warnings.is_empty() {
+        self.partial_backup(Phase::Publish)?
+            .write_file(layout::CHECKSUMS_FILE, sums.as_bytes())
+            .map_err(|e| self.failed(Phase::Publish, e))?;
+        self.phase_finished(Phase::Publish, t.elapsed().as_secs_f64());
+        let result = if self.run.warnings.is_empty() {
             ExitStatus::Success
         } else {
             ExitStatus::Warning
         };
         let md = self.metadata(&extra, result);
-        md.write(&partial)
-            .map_err(|e| self.failed(Phase::Publish, format!("backup-metadata.json: {e}")))?;
+        crate::store::write_metadata(self.partial_backup(Phase::Publish)?.path(), &md)
+            .map_err(|e| self.failed(Phase::Publish, e))?;
         self.log(Level::Info, "publishing the backup folder");
-        write_synced(&partial.join(layout::LOG_FILE), self.log.text().as_bytes())
-            .map_err(|e| self.failed(Phase::Publish, format!("backup.log: {e}")))?;
-        sync_tree(&partial).map_err(|e| {
-            self.failed(
-                Phase::Publish,
-                format!("fsync of {}: {e}", partial.display()),
-            )
-        })?;
-        if self.cancel.is_cancelled() {
-            return Err(self.failed(Phase::Publish, "cancelled"));
+        self.partial_backup(Phase::Publish)?
+            .write_file(layout::LOG_FILE, self.run.log.text().as_bytes())
+            .map_err(|e| self.failed(Phase::Publish, e))?;
+        if self.run.cancel.is_cancelled() {
+            return Err(self.failed(Phase::Publish, Cause::Cancelled));
         }
-        let final_dir = self.vm_dir()?.backup_dir(&self.stamp);
-        fs::rename(&partial, &final_dir).map_err(|e| {
-            self.failed(
-                Phase::Publish,
-                format!(
-                    "cannot rename {} to {}: {e}",
-                    partial.display(),
-                    final_dir.display()
-                ),
-            )
-        })?;
-        self.partial = None;
-        if let Some(parent) = final_dir.parent() {
-            let _ = fs::File::open(parent).and_then(|f| f.sync_all());
-        }
-        let _ = self.journal.update(|r| {
+        // Syncs every file and folder, renames `.partial` away and syncs the folder above.
+        let partial = self
+            .held
+            .partial
+            .take()
+            .ok_or_else(|| self.no_partial(Phase::Publish))?;
+        let final_dir = match partial.0.publish() {
+            Ok(dir) => dir,
+            Err(e) => return Err(self.failed(Phase::Publish, e)),
+        };
+        let _ = self.run.journal.update(|r| {
             r.partial_dir = None;
             r.phase = "published".into();
         });
@@ -387,43 +415,46 @@ impl BackupSession<'_> {
     }
 
     fn post_checks(&mut self, dir: PathBuf, mut md: BackupMetadata) {
+        self.phase_started(Phase::PostChecks);
         let t = Instant::now();
-        let mut problems = checks::post_check_folder(&dir, &md, self.progress(), &self.cancel);
-        problems.extend(checks::post_check_domain(&self.dom, &md));
+        let mut problems = checks::post_check_folder(&dir, &md, self.progress(), &self.run.cancel);
+        problems.extend(checks::post_check_domain(&self.run.dom, &md));
         for p in problems {
             self.warn(format!("post-check: {p}"));
         }
-        self.phases
-            .insert("post-checks".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::PostChecks, t.elapsed().as_secs_f64());
         self.log(
             Level::Info,
             &format!(
                 "backup of {:?} {} in {:.1} s{}",
-                self.request.vm,
-                if self.warnings.is_empty() {
+                self.run.request.vm,
+                if self.run.warnings.is_empty() {
                     "completed"
                 } else {
                     "completed with warnings"
                 },
-                self.t0.elapsed().as_secs_f64(),
-                self.frozen_ms
+                self.run.t0.elapsed().as_secs_f64(),
+                self.run
+                    .frozen_ms
                     .map(|ms| format!(", guest frozen {ms:.0} ms"))
                     .unwrap_or_default()
             ),
         );
-        md.phases = self.phases.clone();
-        md.warnings = self.warnings.clone();
+        md.phases = self.run.phases.clone();
+        md.warnings = self.run.warnings.clone();
         md.finished_at = Local::now().to_rfc3339();
         if !md.warnings.is_empty() {
             md.result = ExitStatus::Warning;
         }
-        if let Err(e) = md.write(&dir) {
+        if let Err(e) = crate::store::write_metadata(&dir, &md) {
             self.warn(format!("cannot update backup-metadata.json: {e}"));
         }
-        if let Err(e) = write_synced(&dir.join(layout::LOG_FILE), self.log.text().as_bytes()) {
+        if let Err(e) =
+            crate::store::write_backup_file(&dir, layout::LOG_FILE, self.run.log.text().as_bytes())
+        {
             self.warn(format!("cannot update backup.log: {e}"));
         }
-        md.warnings = self.warnings.clone();
+        md.warnings = self.run.warnings.clone();
         self.published = Some((md, dir));
     }
 }
@@ -451,23 +482,17 @@ fn hex_sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-/// fsyncs every file and folder under `dir` (the copier syncs its own files; this is cheap
-/// for them and covers the small ones).
-fn sync_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            sync_tree(&path)?;
-        } else {
-            fs::File::open(&path)?.sync_all()?;
-        }
+impl BackupSession<'_> {
+    /// The `.partial` folder being written.
+    fn partial_backup(&self, phase: Phase) -> Result<&PartialBackup, BackupError> {
+        self.held
+            .partial
+            .as_ref()
+            .map(|p| &p.0)
+            .ok_or_else(|| self.no_partial(phase))
     }
-    fs::File::open(dir)?.sync_all()
+
+    fn no_partial(&self, phase: Phase) -> BackupError {
+        self.failed(phase, Cause::Internal("no partial backup folder"))
+    }
 }

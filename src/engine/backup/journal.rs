@@ -258,7 +258,7 @@ impl Journal {
             path: self.path.clone(),
             source: io::Error::other(e),
         })?;
-        crate::format::metadata::write_atomic(&self.path, &text).map_err(io_err(&self.path))
+        crate::store::write_atomic(&self.path, &text).map_err(|e| io_err(&self.path)(e.into()))
     }
 
     /// Removes the journal file: nothing is held any more.

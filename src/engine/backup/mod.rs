@@ -25,8 +25,12 @@
 //!
 //! ## Using it
 //!
-//! The command line and the C ABI's direct mode call [`run_backup`], which returns a
-//! [`BackupOutcome`] (exit status, folder, metadata, error naming VM, phase and cause).
+//! The command line and the C ABI's direct mode build a [`BackupRequest`] with
+//! [`BackupRequest::from_inventory`] and call [`run_backup`], which returns a
+//! [`BackupOutcome`] (exit status, folder, metadata, error naming VM, phase and cause) and
+//! tells the driver's [`BackupObserver`] what happens ([`BackupEvent`]): the engine itself
+//! sends no alert and writes no catalog or metrics. Appliances (`write memory`, configuration
+//! capture) go through the request's [`ApplianceHook`].
 //!
 //! The Bacula plugin's stream mode drives the phases itself:
 //!
@@ -64,18 +68,23 @@
 //! [`CancelToken`] is polled during the copy, the shutdown wait and the debug pause; the
 //! commit always runs to the end.
 //!
-//! Errors are [`BackupError`]s: VM, [`Phase`], cause and the exit status they mean (1 before
-//! the VM was touched, 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
+//! Errors are [`BackupError`]s: VM, [`Phase`], a typed [`Cause`] (which decides the
+//! [`crate::error::ErrorKind`]) and the exit status they mean (1 before the VM was touched,
+//! 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
 //! appliance-capture problems of a published backup.
 //!
 //! Dropping a session without [`BackupSession::finish`] (an error, a cancel) commits and
 //! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
 //! folder; [`BackupSession::close`] does the same and reports what could not be released.
 
+mod appliance;
 pub mod chain;
 pub mod checks;
 mod commit;
 mod direct;
+mod error;
+mod events;
+mod guards;
 pub mod journal;
 pub mod orphans;
 mod runlog;
@@ -88,12 +97,15 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Settings, VmEntry};
+use crate::config::{ConfigError, Inventory, Settings, VmEntry};
 use crate::copier::CopyOptions;
 use crate::format::metadata::{BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
+pub use appliance::{ApplianceFailure, ApplianceHook};
+pub use error::{BackupError, Cause, ToolError};
+pub use events::{BackupEvent, BackupObserver, NoObserver, ObserverRef};
 pub use runlog::RunLog;
 pub use session::{BackupSession, SessionDisk};
 
@@ -145,56 +157,6 @@ impl fmt::Display for Phase {
     }
 }
 
-/// A failed backup step: which VM, which phase, what happened, and the exit status it means.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("VM {vm:?}: {phase} failed: {cause}")]
-pub struct BackupError {
-    /// The domain name.
-    pub vm: String,
-    /// The phase that failed.
-    pub phase: Phase,
-    /// 1 (pre-check, VM untouched) or 2 (failed, VM restored).
-    pub status: ExitStatus,
-    /// The cause, worded for the operator.
-    pub cause: String,
-}
-
-impl BackupError {
-    /// A pre-check failure (exit 1).
-    pub fn pre(vm: &str, cause: impl fmt::Display) -> Self {
-        Self {
-            vm: vm.to_string(),
-            phase: Phase::Checks,
-            status: ExitStatus::PreCheckFailed,
-            cause: cause.to_string(),
-        }
-    }
-
-    /// A failure after the VM was touched (exit 2).
-    pub fn failed(vm: &str, phase: Phase, cause: impl fmt::Display) -> Self {
-        Self {
-            vm: vm.to_string(),
-            phase,
-            status: ExitStatus::Failed,
-            cause: cause.to_string(),
-        }
-    }
-}
-
-impl BackupError {
-    /// What kind of failure this is. Until the cause is typed, it is read from the phase:
-    /// a pre-check failure is the environment's, a later one the operation's.
-    pub fn kind(&self) -> crate::error::ErrorKind {
-        use crate::error::ErrorKind;
-        match self.phase {
-            Phase::Checks | Phase::Repair => ErrorKind::Busy,
-            Phase::Copy | Phase::Publish => ErrorKind::TargetFailing,
-            Phase::PostChecks => ErrorKind::Corrupt,
-            _ => ErrorKind::Libvirt,
-        }
-    }
-}
-
 /// What to back up and how.
 #[derive(Debug, Clone)]
 pub struct BackupRequest {
@@ -213,6 +175,9 @@ pub struct BackupRequest {
     pub crash_consistent_fallback: bool,
     /// Copier settings (hashing is always both per-chunk and whole-file).
     pub copy_options: CopyOptions,
+    /// What talks to an appliance listed in the inventory (`write memory`, configuration
+    /// capture); without it an appliance is backed up like any VM, with a warning.
+    pub appliance: Option<Arc<dyn ApplianceHook>>,
 }
 
 impl BackupRequest {
@@ -226,7 +191,46 @@ impl BackupRequest {
             shutdown: false,
             crash_consistent_fallback: false,
             copy_options: CopyOptions::default(),
+            appliance: None,
         }
+    }
+
+    /// Sets what talks to appliances (see [`ApplianceHook`]).
+    pub fn with_appliance(mut self, hook: Arc<dyn ApplianceHook>) -> Self {
+        self.appliance = Some(hook);
+        self
+    }
+
+    /// The request every driver builds (the command line and the Bacula plugin): the VM's
+    /// inventory entry when it is listed (appliance capture) and its method, else `auto`. A
+    /// driver's own method (`--method`, `method=` in the plugin string) goes on top with
+    /// [`Self::with_method`]. `None` (no inventory) is the same as an inventory without the VM.
+    pub fn from_inventory(vm: &str, settings: Settings, inventory: Option<&Inventory>) -> Self {
+        let entry = inventory.and_then(|i| i.vm(vm)).cloned();
+        let mut request = Self::new(vm, settings);
+        request.method = entry.as_ref().map_or(Method::Auto, |e| e.method);
+        request.vm_entry = entry;
+        request
+    }
+
+    /// Overrides the method when `method` is given (the driver's choice beats the inventory).
+    pub fn with_method(mut self, method: Option<Method>) -> Self {
+        if let Some(m) = method {
+            self.method = m;
+        }
+        self
+    }
+}
+
+/// The inventory named in the settings (`inventory:`), or `None` when that file does not
+/// exist: a site without an inventory backs VMs up with method `auto` and no appliance
+/// capture. A file that exists but does not parse is an error. (What `vm-backup backup` does
+/// without `--inventory`; the Bacula plugin does the same.)
+pub fn configured_inventory(settings: &Settings) -> Result<Option<Inventory>, ConfigError> {
+    if settings.inventory.exists() {
+        Inventory::load(&settings.inventory).map(Some)
+    } else {
+        Ok(None)
     }
 }
 
@@ -255,7 +259,7 @@ pub struct BackupOutcome {
     pub warnings: Vec<String>,
     /// The error itself, for drivers that report it typed (the Bacula plugin).
     #[serde(skip)]
-    pub failure: Option<BackupError>,
+    pub failure: Option<std::sync::Arc<BackupError>>,
 }
 
 /// A [`Progress`] sink held by a session: borrowed for one call ([`run_backup`]) or shared
@@ -298,31 +302,43 @@ impl From<Arc<dyn Progress>> for ProgressRef<'_> {
 
 /// Runs a whole backup in direct mode (the engine writes the folder on the target): what
 /// `vm-backup backup` and the plugin's `mode=direct` do. Never panics on bad input; every
-/// acquired state is released before it returns. Every run, failed or not, is then recorded
-/// in the catalog on the share, alerted to Slack when it failed or warned, and written to the
-/// metrics textfile (best effort: problems there are warnings).
+/// acquired state is released before it returns. `observer` is told every [`BackupEvent`],
+/// ending with [`BackupEvent::Finished`] once everything is released: the drivers pass the
+/// observer that records the run in the catalog, alerts Slack and writes the metrics
+/// (`ops::report::Reporter`); the engine itself reports nothing.
 pub fn run_backup(
     request: &BackupRequest,
     progress: &dyn Progress,
+    observer: &dyn BackupObserver,
     cancel: &CancelToken,
 ) -> BackupOutcome {
     let started = chrono::Local::now();
-    let outcome = run_backup_unreported(request, progress, cancel);
-    crate::ops::report::after_run(request, &outcome, started, progress);
+    observer.on_event(&BackupEvent::Started {
+        request,
+        at: started,
+    });
+    let outcome = run_session(request, progress, observer, cancel);
+    observer.on_event(&BackupEvent::Finished {
+        request,
+        started,
+        outcome: &outcome,
+    });
     outcome
 }
 
-/// [`run_backup`] without the catalog, Slack and metrics reporting.
-fn run_backup_unreported(
+/// [`run_backup`] between its first and its last event.
+fn run_session(
     request: &BackupRequest,
     progress: &dyn Progress,
+    observer: &dyn BackupObserver,
     cancel: &CancelToken,
 ) -> BackupOutcome {
     let t0 = std::time::Instant::now();
-    let mut session = match BackupSession::prepare(request, progress, cancel.clone()) {
-        Ok(s) => s,
-        Err(e) => return outcome_from_error(request, e, t0, Vec::new()),
-    };
+    let mut session =
+        match BackupSession::prepare_observed(request, progress, observer, cancel.clone()) {
+            Ok(s) => s,
+            Err(e) => return outcome_from_error(request, e, t0, Vec::new()),
+        };
     match session.run_direct() {
         Ok(()) => {
             let (metadata, backup_dir) = session.published();
@@ -383,7 +399,7 @@ fn outcome_from_error(
         error: Some(error),
         failed_phase: Some(e.phase),
         warnings,
-        failure: Some(e),
+        failure: Some(std::sync::Arc::new(e)),
     }
 }
 
@@ -399,10 +415,102 @@ mod tests {
         fn assert_send<T: Send>() {}
         assert_send::<BackupSession<'static>>();
         assert_send::<BackupOutcome>();
-        let e = BackupError::failed("Prüf VM", Phase::Copy, "disk vda: no space left");
+        let e = BackupError::failed(
+            "Prüf VM",
+            Phase::Copy,
+            Cause::Copy {
+                label: "vda".into(),
+                source: crate::copier::CopyError::NoSpace {
+                    path: "/t/vda.qcow2".into(),
+                    offset: 0,
+                },
+            },
+        );
+        assert_eq!(e.kind(), crate::error::ErrorKind::TargetFull);
         assert_eq!(e.status, ExitStatus::Failed);
         let text = e.to_string();
         assert!(text.contains("\"Prüf VM\"") && text.contains("copy") && text.contains("no space"));
-        assert_eq!(BackupError::pre("x", "y").status.code(), 1);
+        let pre = BackupError::pre("x", Cause::Cancelled);
+        assert_eq!(pre.status.code(), 1);
+        assert_eq!(pre.kind(), crate::error::ErrorKind::Cancelled);
+    }
+
+    #[test]
+    fn the_request_takes_method_and_entry_from_the_inventory_and_the_driver_wins() {
+        let inventory = Inventory::parse(
+            "vms:\n  - name: fw01\n    method: offline\n    appliance: asav\n",
+            std::path::Path::new("vm-list.yaml"),
+        )
+        .unwrap();
+        let listed = BackupRequest::from_inventory("fw01", Settings::default(), Some(&inventory));
+        assert_eq!(listed.method, Method::Offline);
+        assert_eq!(
+            listed
+                .vm_entry
+                .as_ref()
+                .and_then(|e| e.appliance.as_deref()),
+            Some("asav")
+        );
+        let ours = listed.with_method(Some(Method::Snapshot));
+        assert_eq!(ours.method, Method::Snapshot);
+        for inv in [Some(&inventory), None] {
+            let r =
+                BackupRequest::from_inventory("web01", Settings::default(), inv).with_method(None);
+            assert_eq!(r.method, Method::Auto);
+            assert!(r.vm_entry.is_none());
+        }
+        let settings = Settings {
+            inventory: "/nonexistent/vm-list.yaml".into(),
+            ..Settings::default()
+        };
+        assert!(configured_inventory(&settings).unwrap().is_none());
+    }
+
+    /// Records the events it is told, by name.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl BackupObserver for Recorder {
+        fn on_event(&self, event: &BackupEvent<'_>) {
+            let name = match event {
+                BackupEvent::Started { .. } => "started".to_string(),
+                BackupEvent::PhaseStarted { phase } => format!("{phase} started"),
+                BackupEvent::PhaseFinished { phase, .. } => format!("{phase} finished"),
+                BackupEvent::FrozenWindow { .. } => "frozen".to_string(),
+                BackupEvent::DiskCopied { file, .. } => format!("copied {file}"),
+                BackupEvent::Warning { .. } => "warning".to_string(),
+                BackupEvent::Finished { outcome, .. } => format!("finished {}", outcome.status),
+            };
+            self.0.lock().unwrap().push(name);
+        }
+    }
+
+    #[test]
+    fn a_refused_backup_tells_the_observer_it_started_and_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            target: dir.path().to_path_buf(),
+            journal_dir: dir.path().join("journal"),
+            // Nothing answers there: the pre-checks fail at the connection.
+            libvirt_uri: format!(
+                "qemu+unix:///system?socket={}",
+                dir.path().join("none").display()
+            ),
+            ..Settings::default()
+        };
+        let request = BackupRequest::new("vmb-test", settings);
+        let recorder = Recorder::default();
+        let outcome = run_backup(
+            &request,
+            &crate::progress::NoProgress,
+            &recorder,
+            &CancelToken::new(),
+        );
+        assert_eq!(outcome.status, ExitStatus::PreCheckFailed);
+        let events = recorder.0.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            ["started", "checks started", "finished pre-check failed"]
+        );
     }
 }

@@ -9,19 +9,70 @@
 //! holds its lock.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::Settings;
+use crate::error::ErrorKind;
 use crate::format::layout;
 use crate::hv::{DomState, Hypervisor, LibvirtError};
 use crate::progress::{Level, Progress};
 
-use super::commit;
+use super::commit::{self, CommitError};
 use super::journal::{self, JournalError, JournalRecord, VmLock};
 use super::{RunLog, OVERLAY_MARKER};
+
+/// Why leftovers could not be found or repaired.
+#[derive(Debug, thiserror::Error)]
+pub enum OrphanError {
+    /// A libvirt call failed.
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    /// The journals could not be read, or a VM's lock taken.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Committing an overlay back failed.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A journal lists an overlay not named like ours: it is never touched.
+    #[error("journal lists {} which is not named like our overlays: not touched", .0.display())]
+    NotOurs(PathBuf),
+    /// After the repair the disk still runs on the overlay.
+    #[error("{target}: still on {} after the repair", overlay.display())]
+    StillOnOverlay {
+        /// The disk.
+        target: String,
+        /// The overlay.
+        overlay: PathBuf,
+    },
+    /// An overlay or a partial folder could not be removed.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Remove {
+        /// `delete` (an overlay) or `remove` (a partial folder).
+        what: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl OrphanError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            OrphanError::Libvirt(e) => e.kind(),
+            OrphanError::Journal(e) => e.kind(),
+            OrphanError::Commit(e) => e.kind(),
+            OrphanError::NotOurs(_) => ErrorKind::Busy,
+            OrphanError::StillOnOverlay { .. } => ErrorKind::Libvirt,
+            OrphanError::Remove { source, .. } => ErrorKind::from_io(source),
+        }
+    }
+}
 
 /// One thing found.
 #[derive(Debug, Clone, Serialize)]
@@ -60,15 +111,15 @@ pub(crate) fn repair_record(
     settings: &Settings,
     progress: &dyn Progress,
     log: &RunLog,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, OrphanError> {
     let mut actions = Vec::new();
     let dom = match hv.domain(&rec.vm) {
         Ok(d) => Some(d),
         Err(LibvirtError::NoDomain(_)) => None,
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     if let Some(dom) = &dom {
-        let live = dom.state().map_err(|e| e.to_string())?.is_live();
+        let live = dom.state()?.is_live();
         if rec.may_be_frozen && live {
             let secs = settings.timeouts.agent_seconds.clamp(1, 3600) as u32;
             let _ = dom.set_agent_timeout(Some(secs));
@@ -85,14 +136,11 @@ pub(crate) fn repair_record(
         let bound = Duration::from_secs(settings.timeouts.commit_seconds);
         for o in &rec.overlays {
             if !o.overlay.to_string_lossy().contains(OVERLAY_MARKER) {
-                return Err(format!(
-                    "journal lists {} which is not named like our overlays: not touched",
-                    o.overlay.display()
-                ));
+                return Err(OrphanError::NotOurs(o.overlay.clone()));
             }
             let on_overlay = commit::on_source(dom, &o.target, &o.overlay)?;
             if on_overlay {
-                let live = dom.state().map_err(|e| e.to_string())?.is_live();
+                let live = dom.state()?.is_live();
                 if live {
                     commit::commit_live(dom, &o.target, &o.base, bound, progress, log)?;
                     actions.push(format!(
@@ -120,7 +168,7 @@ pub(crate) fn repair_record(
             } else if live {
                 // Not on the overlay (pivot done, or snapshot never taken): a stale job?
                 if let Ok(Some(job)) = dom.block_job(&o.target) {
-                    dom.abort_job(&o.target).map_err(|e| e.to_string())?;
+                    dom.abort_job(&o.target)?;
                     actions.push(format!(
                         "{}: stale {} block job aborted",
                         o.target,
@@ -130,19 +178,21 @@ pub(crate) fn repair_record(
             }
             if o.overlay.exists() {
                 if commit::on_source(dom, &o.target, &o.overlay)? {
-                    return Err(format!(
-                        "{}: still on {} after the repair",
-                        o.target,
-                        o.overlay.display()
-                    ));
+                    return Err(OrphanError::StillOnOverlay {
+                        target: o.target.clone(),
+                        overlay: o.overlay.clone(),
+                    });
                 }
-                fs::remove_file(&o.overlay)
-                    .map_err(|e| format!("cannot delete {}: {e}", o.overlay.display()))?;
+                fs::remove_file(&o.overlay).map_err(|source| OrphanError::Remove {
+                    what: "delete",
+                    path: o.overlay.clone(),
+                    source,
+                })?;
                 actions.push(format!("overlay {} deleted", o.overlay.display()));
             }
         }
-        if rec.shut_down_by_us && dom.state().map_err(|e| e.to_string())? == DomState::ShutOff {
-            dom.start().map_err(|e| e.to_string())?;
+        if rec.shut_down_by_us && dom.state()? == DomState::ShutOff {
+            dom.start()?;
             actions.push("domain shut down for an offline backup started again".into());
         }
     } else if !rec.overlays.is_empty() {
@@ -160,7 +210,11 @@ pub(crate) fn repair_record(
             .file_name()
             .is_some_and(|n| n.to_string_lossy().ends_with(layout::PARTIAL_SUFFIX));
         if is_partial && is_inside(p, &settings.target) && p.exists() {
-            fs::remove_dir_all(p).map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+            crate::store::remove_partial(p).map_err(|source| OrphanError::Remove {
+                what: "remove",
+                path: p.clone(),
+                source: source.into(),
+            })?;
             actions.push(format!("partial backup {} removed", p.display()));
         }
     }
@@ -172,15 +226,15 @@ pub fn scan(
     settings: &Settings,
     cleanup: bool,
     progress: &dyn Progress,
-) -> Result<OrphanReport, String> {
+) -> Result<OrphanReport, OrphanError> {
     let log = RunLog::new();
     let mut report = OrphanReport::default();
-    let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| e.to_string())?;
+    let hv = Hypervisor::connect(&settings.libvirt_uri)?;
     let mut journaled_overlays = std::collections::BTreeSet::new();
     let mut journaled_partials = std::collections::BTreeSet::new();
 
     // 1. Journals.
-    for path in journal::list_journals(&settings.journal_dir).map_err(|e| e.to_string())? {
+    for path in journal::list_journals(&settings.journal_dir)? {
         let rec = match journal::read_record(&path) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
@@ -213,7 +267,7 @@ pub fn scan(
                 });
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         let mut detail = format!(
             "interrupted run (pid {}, stamp {}, phase {})",
@@ -255,7 +309,7 @@ pub fn scan(
                     orphan.repaired = Some(true);
                 }
                 Err(e) => {
-                    orphan.repair = Some(e);
+                    orphan.repair = Some(e.to_string());
                     orphan.repaired = Some(false);
                 }
             }
@@ -265,7 +319,7 @@ pub fn scan(
     }
 
     // 2. Overlays named like ours that no journal lists: report only.
-    for name in hv.domain_names().map_err(|e| e.to_string())? {
+    for name in hv.domain_names()? {
         let Ok(dom) = hv.domain(&name) else { continue };
         let live = dom.state().is_ok_and(DomState::is_live);
         let Ok(parsed) = dom.parsed(!live) else {
@@ -330,7 +384,7 @@ pub fn scan(
                     repaired: None,
                 };
                 if cleanup {
-                    match fs::remove_dir_all(&p) {
+                    match crate::store::remove_partial(&p) {
                         Ok(()) => {
                             orphan.repair = Some("removed".into());
                             orphan.repaired = Some(true);

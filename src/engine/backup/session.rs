@@ -1,5 +1,22 @@
 //! [`BackupSession`]: the VM side of a backup (lock, journal, repair, pre-checks, shutdown,
 //! snapshot, commit, restart) with a `Drop` guard that releases everything it acquired.
+//!
+//! A session is three parts: the [`Run`] every phase shares (request, connection, journal,
+//! log, times, warnings), the [`Plan`] the pre-checks decided (method, disks), and what it
+//! [`Held`]s, one guard per acquired thing ([`super::guards`]). Read the phases in order:
+//!
+//! 1. [`BackupSession::prepare`]: lock + journal, repair of an earlier run, pre-checks
+//!    ([`Plan`], [`AgentTimeout`]), appliance `write memory`;
+//! 2. `shut_down` ([`ShutDown`]) and `lock_images` ([`ImageLocks`]) for the offline method,
+//!    or `take_snapshot` ([`Overlays`]) for quiesce and snapshot: the base images stop
+//!    changing;
+//! 3. the copy: by the driver (stream mode), or `run_direct` in `direct.rs`
+//!    ([`PartialFolder`]);
+//! 4. [`BackupSession::finish`]: image locks dropped, overlays committed back, the domain
+//!    restarted, the agent timeout reset;
+//! 5. direct mode: publish and post-checks (`direct.rs`);
+//! 6. [`BackupSession::close`] (or `Drop`): whatever is still held is released, the journal
+//!    cleared when that all worked.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,9 +34,12 @@ use crate::progress::{CancelToken, Level, Progress};
 use super::chain::BackingImage;
 use super::checks::{self, PreCheck};
 use super::commit;
+use super::guards::PartialFolder;
+use super::guards::{AgentTimeout, ImageLocks, Overlays, ShutDown};
 use super::journal::{Journal, OverlayRecord};
 use super::{
-    orphans, BackupError, BackupRequest, Phase, PhaseTimes, ProgressRef, RunLog, OVERLAY_MARKER,
+    orphans, BackupError, BackupEvent, BackupRequest, Cause, ObserverRef, Phase, PhaseTimes,
+    ProgressRef, RunLog, ToolError, OVERLAY_MARKER,
 };
 
 /// One disk the backup copies.
@@ -44,51 +64,106 @@ pub struct SessionDisk {
     /// each as its own file, so that the backup restores on its own. Unchanging during the
     /// backup like the base (nothing writes into backing files).
     pub backing_chain: Vec<BackingImage>,
-    /// Our overlay while the snapshot is active.
-    pub overlay: Option<PathBuf>,
 }
 
-/// A backup in progress. See the module documentation of [`crate::engine::backup`] for the phases.
-pub struct BackupSession<'a> {
+/// What every phase of a session shares: the request, the connection, the journal (which
+/// holds the VM's lock), the run's log, its phase times and warnings.
+pub(super) struct Run<'a> {
     pub(super) progress: ProgressRef<'a>,
+    pub(super) observer: ObserverRef<'a>,
     pub(super) cancel: CancelToken,
     pub(super) log: RunLog,
     pub(super) request: BackupRequest,
     pub(super) hv: Hypervisor,
     pub(super) dom: Dom,
+    pub(super) journal: Journal,
     pub(super) uuid: String,
     pub(super) host: String,
     pub(super) stamp: String,
     pub(super) started_at: DateTime<Local>,
     pub(super) t0: Instant,
+    pub(super) phases: PhaseTimes,
+    pub(super) warnings: Vec<String>,
+    /// How long the guest was frozen (quiesce), once the snapshot is taken.
+    pub(super) frozen_ms: Option<f64>,
+}
+
+impl Run<'_> {
+    /// Logs a line into the run's log and the progress sink.
+    pub(super) fn log(&self, level: Level, text: &str) {
+        self.log.log(self.progress.get(), level, text);
+    }
+
+    /// Records a warning (the run ends with status 3) and tells the observer.
+    pub(super) fn warn(&mut self, text: String) {
+        self.log(Level::Warning, &text);
+        self.observer.emit(BackupEvent::Warning { text: &text });
+        self.warnings.push(text);
+    }
+
+    /// A failure of `phase` (status 2), logged.
+    pub(super) fn failed(&self, phase: Phase, cause: impl Into<Cause>) -> BackupError {
+        let e = BackupError::failed(&self.request.vm, phase, cause);
+        self.log(Level::Error, &e.to_string());
+        e
+    }
+
+    /// Tells the observer a phase begins.
+    pub(super) fn phase_started(&self, phase: Phase) {
+        self.observer.emit(BackupEvent::PhaseStarted { phase });
+    }
+
+    /// Records a phase's time (in `phases` of the metadata) and tells the observer it ended.
+    pub(super) fn phase_finished(&mut self, phase: Phase, seconds: f64) {
+        self.phases.insert(phase.to_string(), seconds);
+        self.observer
+            .emit(BackupEvent::PhaseFinished { phase, seconds });
+    }
+}
+
+/// What the pre-checks decided: the method and what to copy.
+pub(super) struct Plan {
     pub(super) method: Method,
     pub(super) method_note: Option<String>,
     pub(super) disks: Vec<SessionDisk>,
     pub(super) skipped: Vec<SkippedDisk>,
     pub(super) inactive_xml: String,
     pub(super) nvram: Option<PathBuf>,
-    pub(super) journal: Journal,
-    pub(super) overlays_active: bool,
-    pub(super) agent_timeout_set: bool,
-    pub(super) shut_down_by_us: bool,
-    pub(super) frozen_ms: Option<f64>,
-    pub(super) phases: PhaseTimes,
-    pub(super) warnings: Vec<String>,
-    pub(super) partial: Option<PathBuf>,
-    pub(super) disk_records: Vec<DiskRecord>,
+}
+
+/// The guards a session holds, in the order the phases acquire them (see [`super::guards`]).
+/// Released in the reverse order by [`BackupSession::finish`] (the VM's) and
+/// [`BackupSession::close`] or `Drop` (everything).
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    pub(super) agent_timeout: Option<AgentTimeout>,
+    pub(super) shut_down: Option<ShutDown>,
+    pub(super) image_locks: Option<ImageLocks>,
+    pub(super) overlays: Option<Overlays>,
+    pub(super) partial: Option<PartialFolder>,
+}
+
+/// A backup in progress. See the module documentation of [`crate::engine::backup`] for the
+/// phases; each phase holds a guard of what it acquired (`guards.rs`), released on every
+/// error path.
+pub struct BackupSession<'a> {
+    pub(super) run: Run<'a>,
+    pub(super) plan: Plan,
+    pub(super) held: Held,
+    /// Direct mode: what the copy phase wrote.
+    pub(super) copied: Vec<DiskRecord>,
+    /// Direct mode: the published metadata and folder.
     pub(super) published: Option<(BackupMetadata, PathBuf)>,
-    /// Offline method: QEMU-compatible shared locks on every image, held until the copy is
-    /// done, so that the domain cannot be started on images being read.
-    image_locks: Vec<ImageLock>,
     closed: bool,
 }
 
 impl std::fmt::Debug for BackupSession<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackupSession")
-            .field("vm", &self.request.vm)
-            .field("stamp", &self.stamp)
-            .field("method", &self.method)
+            .field("vm", &self.run.request.vm)
+            .field("stamp", &self.run.stamp)
+            .field("method", &self.plan.method)
+            .field("held", &self.held)
             .finish()
     }
 }
@@ -105,7 +180,22 @@ impl<'a> BackupSession<'a> {
         progress: impl Into<ProgressRef<'a>>,
         cancel: CancelToken,
     ) -> Result<Self, BackupError> {
+        Self::prepare_observed(request, progress, ObserverRef::default(), cancel)
+    }
+
+    /// [`Self::prepare`], telling `observer` the phases, the frozen window, the copies and
+    /// the warnings of this session as they happen (see [`BackupEvent`]).
+    pub fn prepare_observed(
+        request: &BackupRequest,
+        progress: impl Into<ProgressRef<'a>>,
+        observer: impl Into<ObserverRef<'a>>,
+        cancel: CancelToken,
+    ) -> Result<Self, BackupError> {
         let progress = progress.into();
+        let observer = observer.into();
+        observer.emit(BackupEvent::PhaseStarted {
+            phase: Phase::Checks,
+        });
         let log = RunLog::new();
         let vm = request.vm.as_str();
         let settings = &request.settings;
@@ -144,7 +234,7 @@ impl<'a> BackupSession<'a> {
                     vm: vm.to_string(),
                     phase: Phase::Repair,
                     status: crate::ExitStatus::PreCheckFailed,
-                    cause,
+                    cause: Box::new(cause.into()),
                 })?;
             for a in actions {
                 log.log(progress.get(), Level::Info, &format!("repaired: {a}"));
@@ -154,7 +244,7 @@ impl<'a> BackupSession<'a> {
         // `.partial` folders of this VM: we hold its lock, so no run is writing them.
         if let Ok(partials) = vm_dir.partial_dirs() {
             for p in partials {
-                match fs::remove_dir_all(&p) {
+                match crate::store::remove_partial(&p) {
                     Ok(()) => log.log(
                         progress.get(),
                         Level::Warning,
@@ -163,15 +253,7 @@ impl<'a> BackupSession<'a> {
                             p.display()
                         ),
                     ),
-                    Err(e) => {
-                        return Err(BackupError::pre(
-                            vm,
-                            format!(
-                                "cannot remove the leftover partial backup {}: {e}",
-                                p.display()
-                            ),
-                        ))
-                    }
+                    Err(e) => return Err(BackupError::pre(vm, Cause::Store(e))),
                 }
             }
         }
@@ -242,40 +324,48 @@ impl<'a> BackupSession<'a> {
 
         let mut phases = PhaseTimes::new();
         phases.insert("checks".into(), t0.elapsed().as_secs_f64());
+        observer.emit(BackupEvent::PhaseFinished {
+            phase: Phase::Checks,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
         let mut session = BackupSession {
-            progress,
-            cancel,
-            log,
-            request: request.clone(),
-            hv,
-            dom,
-            uuid: pre.uuid,
-            host,
-            stamp,
-            started_at,
-            t0,
-            method: pre.method,
-            method_note: pre.method_note,
-            disks: pre.disks,
-            skipped: pre.skipped,
-            inactive_xml: pre.inactive_xml,
-            nvram: pre.nvram,
-            journal,
-            overlays_active: false,
-            agent_timeout_set: pre.agent_timeout_set,
-            shut_down_by_us: false,
-            frozen_ms: None,
-            phases,
-            warnings: Vec::new(),
-            partial: None,
-            disk_records: Vec::new(),
+            run: Run {
+                progress,
+                observer,
+                cancel,
+                log,
+                request: request.clone(),
+                hv,
+                dom,
+                journal,
+                uuid: pre.uuid,
+                host,
+                stamp,
+                started_at,
+                t0,
+                phases,
+                warnings: Vec::new(),
+                frozen_ms: None,
+            },
+            plan: Plan {
+                method: pre.method,
+                method_note: pre.method_note,
+                disks: pre.disks,
+                skipped: pre.skipped,
+                inactive_xml: pre.inactive_xml,
+                nvram: pre.nvram,
+            },
+            held: Held {
+                agent_timeout: pre.agent_timeout_set.then_some(AgentTimeout),
+                ..Held::default()
+            },
+            copied: Vec::new(),
             published: None,
-            image_locks: Vec::new(),
             closed: false,
         };
         // From here on, Drop releases whatever is acquired.
         session.appliance_write_memory();
-        match session.method {
+        match session.plan.method {
             Method::Offline => {
                 if pre.state.is_live() {
                     session.shut_down(pre.agent_connected)?;
@@ -284,7 +374,7 @@ impl<'a> BackupSession<'a> {
             }
             Method::Quiesce | Method::Snapshot => session.take_snapshot()?,
             Method::Auto => {
-                return Err(BackupError::pre(vm, "internal: no method chosen"));
+                return Err(BackupError::pre(vm, Cause::Internal("no method chosen")));
             }
         }
         Ok(session)
@@ -292,88 +382,93 @@ impl<'a> BackupSession<'a> {
 
     /// The domain name.
     pub fn vm(&self) -> &str {
-        &self.request.vm
+        &self.run.request.vm
     }
 
     /// The domain UUID.
     pub fn uuid(&self) -> &str {
-        &self.uuid
+        &self.run.uuid
     }
 
     /// The backup stamp (`YYYY-MM-DD-HHMMSS`).
     pub fn stamp(&self) -> &str {
-        &self.stamp
+        &self.run.stamp
     }
 
     /// The method in use (never `auto`).
     pub fn method(&self) -> Method {
-        self.method
+        self.plan.method
     }
 
     /// Why a weaker method than asked is used, if so.
     pub fn method_note(&self) -> Option<&str> {
-        self.method_note.as_deref()
+        self.plan.method_note.as_deref()
     }
 
     /// How long the guest was frozen (quiesce), milliseconds.
     pub fn frozen_ms(&self) -> Option<f64> {
-        self.frozen_ms
+        self.run.frozen_ms
     }
 
     /// The disks to copy, in order.
     pub fn disks(&self) -> &[SessionDisk] {
-        &self.disks
+        &self.plan.disks
     }
 
     /// The disks not copied, with the reason.
     pub fn skipped_disks(&self) -> &[SkippedDisk] {
-        &self.skipped
+        &self.plan.skipped
     }
 
     /// The inactive domain XML with security info, as defined before the snapshot (`<vm>.xml`).
     pub fn domain_xml(&self) -> &str {
-        &self.inactive_xml
+        &self.plan.inactive_xml
     }
 
     /// The UEFI NVRAM file, when the domain has one (`<vm>-nvram.fd`).
     pub fn nvram_path(&self) -> Option<&Path> {
-        self.nvram.as_deref()
+        self.plan.nvram.as_deref()
     }
 
     /// The inventory entry of the VM, if any.
     pub fn vm_entry(&self) -> Option<&VmEntry> {
-        self.request.vm_entry.as_ref()
+        self.run.request.vm_entry.as_ref()
     }
 
     /// Warnings so far.
     pub fn warnings(&self) -> &[String] {
-        &self.warnings
+        &self.run.warnings
     }
 
     /// The run's log so far (what `backup.log` holds).
     pub fn log_text(&self) -> String {
-        self.log.text()
+        self.run.log.text()
     }
 
     /// Logs a line into the run's log and the progress sink (drivers may add their own).
     pub fn log(&self, level: Level, text: &str) {
-        self.log.log(self.progress.get(), level, text);
+        self.run.log(level, text);
     }
 
     /// Records a warning (the run ends with status 3).
     pub fn warn(&mut self, text: String) {
-        self.log(Level::Warning, &text);
-        self.warnings.push(text);
+        self.run.warn(text);
     }
 
     pub(super) fn progress(&self) -> &dyn Progress {
-        self.progress.get()
+        self.run.progress.get()
     }
 
-    pub(super) fn failed(&self, phase: Phase, cause: impl std::fmt::Display) -> BackupError {
-        let e = BackupError::failed(&self.request.vm, phase, cause);
-        self.log(Level::Error, &e.to_string());
-        e
+    pub(super) fn phase_started(&self, phase: Phase) {
+        self.run.phase_started(phase);
+    }
+
+    pub(super) fn phase_finished(&mut self, phase: Phase, seconds: f64) {
+        self.run.phase_finished(phase, seconds);
+    }
+
+    pub(super) fn failed(&self, phase: Phase, cause: impl Into<Cause>) -> BackupError {
+        self.run.failed(phase, cause)
     }
 
     /// Releases the VM: commits and pivots every overlay back into its base, deletes the
@@ -381,37 +476,44 @@ impl<'a> BackupSession<'a> {
     /// down for the backup. Call once the base images have been read. Status 2 on failure
     /// (the journal keeps what is left for `vm-backup orphans`).
     pub fn finish(&mut self) -> Result<(), BackupError> {
-        if !self.image_locks.is_empty() {
+        if let Some(locks) = self.held.image_locks.take() {
             // The locks kept QEMU off the images; make sure nothing else changed the domain.
-            let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
+            let state = self
+                .run
+                .dom
+                .state()
+                .map_err(|e| self.failed(Phase::Copy, e))?;
+            drop(locks);
             if state != DomState::ShutOff {
-                self.image_locks.clear();
-                return Err(self.failed(
-                    Phase::Copy,
-                    format!("the domain was started during the offline copy (it is {state}): the copy may be inconsistent"),
-                ));
+                return Err(self.failed(Phase::Copy, Cause::StartedDuringCopy(state)));
             }
-            self.image_locks.clear();
             self.log(Level::Info, "image locks released");
         }
-        let t = Instant::now();
-        if self.overlays_active {
-            self.log(
+        if let Some(overlays) = &mut self.held.overlays {
+            self.run.phase_started(Phase::Commit);
+            let t = Instant::now();
+            self.run.log(
                 Level::Info,
                 "committing the overlays back into the base images",
             );
-            self.commit_overlays()
-                .map_err(|c| self.failed(Phase::Commit, c))?;
-            self.phases
-                .insert("commit".into(), t.elapsed().as_secs_f64());
+            overlays
+                .release(&mut self.run)
+                .map_err(|c| self.run.failed(Phase::Commit, c))?;
+            self.held.overlays = None;
+            self.phase_finished(Phase::Commit, t.elapsed().as_secs_f64());
         }
-        if self.shut_down_by_us {
+        if let Some(shut_down) = &mut self.held.shut_down {
+            self.run.phase_started(Phase::Restart);
             let t = Instant::now();
-            self.restart().map_err(|c| self.failed(Phase::Restart, c))?;
-            self.phases
-                .insert("restart".into(), t.elapsed().as_secs_f64());
+            shut_down
+                .release(&mut self.run)
+                .map_err(|c| self.run.failed(Phase::Restart, c))?;
+            self.held.shut_down = None;
+            self.phase_finished(Phase::Restart, t.elapsed().as_secs_f64());
         }
-        self.restore_agent_timeout();
+        if let Some(timeout) = self.held.agent_timeout.take() {
+            timeout.release(&self.run.dom);
+        }
         Ok(())
     }
 
@@ -422,48 +524,49 @@ impl<'a> BackupSession<'a> {
         self.release_all()
     }
 
+    /// Releases every guard still held, in the reverse order of acquisition; clears the
+    /// journal when all went well, else keeps it for `vm-backup orphans`.
     fn release_all(&mut self) -> Vec<String> {
         if self.closed {
             return Vec::new();
         }
         self.closed = true;
-        self.image_locks.clear();
+        let held = &mut self.held;
+        let run = &mut self.run;
+        held.image_locks = None;
         let mut problems = Vec::new();
-        if self.overlays_active {
-            if let Err(e) = self.commit_overlays() {
-                problems.push(format!("commit: {e}"));
+        if let Some(overlays) = &mut held.overlays {
+            match overlays.release(run) {
+                Ok(()) => held.overlays = None,
+                Err(e) => problems.push(format!("commit: {e}")),
             }
         }
-        if self.shut_down_by_us {
-            if let Err(e) = self.restart() {
-                problems.push(format!("restart: {e}"));
+        if let Some(shut_down) = &mut held.shut_down {
+            match shut_down.release(run) {
+                Ok(()) => held.shut_down = None,
+                Err(e) => problems.push(format!("restart: {e}")),
             }
         }
-        self.restore_agent_timeout();
-        if let Some(p) = self.partial.take() {
-            match fs::remove_dir_all(&p) {
-                Ok(()) => self.log(
-                    Level::Info,
-                    &format!("removed the partial backup {}", p.display()),
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    problems.push(format!("cannot remove {}: {e}", p.display()));
-                    self.partial = Some(p);
-                }
+        if let Some(timeout) = held.agent_timeout.take() {
+            timeout.release(&run.dom);
+        }
+        if let Some(partial) = &mut held.partial {
+            match partial.release(run) {
+                Ok(()) => held.partial = None,
+                Err(e) => problems.push(e.to_string()),
             }
         }
         if problems.is_empty() {
-            if let Err(e) = self.journal.clear() {
+            if let Err(e) = run.journal.clear() {
                 problems.push(e.to_string());
             }
         } else {
             for p in &problems {
-                self.log(
+                run.log(
                     Level::Error,
                     &format!(
                         "could not release: {p} (recorded in {}; run `vm-backup orphans --cleanup`)",
-                        self.journal.path().display()
+                        run.journal.path().display()
                     ),
                 );
             }
@@ -471,36 +574,35 @@ impl<'a> BackupSession<'a> {
         problems
     }
 
-    fn restore_agent_timeout(&mut self) {
-        if self.agent_timeout_set && self.dom.state().is_ok_and(DomState::is_live) {
-            let _ = self.dom.set_agent_timeout(None);
-        }
-        self.agent_timeout_set = false;
-    }
-
     fn appliance_write_memory(&mut self) {
-        let Some(entry) = self.request.vm_entry.clone() else {
+        let Some(entry) = self.run.request.vm_entry.clone() else {
             return;
         };
-        if entry.appliance.as_deref() != Some("asav") {
+        if !super::appliance::is_supported(&entry) {
             return;
         }
+        let Some(hook) = self.run.request.appliance.clone() else {
+            self.warn("appliance: no appliance support in this driver: write memory and configuration capture skipped".to_string());
+            return;
+        };
         self.log(Level::Info, "appliance: write memory before the snapshot");
-        if let Err(e) = crate::ops::appliance::write_memory(&entry, &self.request.settings.ssh) {
+        if let Err(e) = hook.write_memory(&entry, &self.run.request.settings.ssh) {
             self.warn(format!("appliance write memory failed: {e}"));
         }
     }
 
     fn shut_down(&mut self, agent: bool) -> Result<(), BackupError> {
+        self.phase_started(Phase::Shutdown);
         let t = Instant::now();
-        let bound = Duration::from_secs(self.request.settings.timeouts.shutdown_seconds);
-        self.journal
+        let bound = Duration::from_secs(self.run.request.settings.timeouts.shutdown_seconds);
+        self.run
+            .journal
             .update(|r| {
                 r.phase = "shutdown".into();
                 r.shut_down_by_us = true;
             })
             .map_err(|e| self.failed(Phase::Shutdown, e))?;
-        self.shut_down_by_us = true;
+        self.held.shut_down = Some(ShutDown);
         self.log(
             Level::Info,
             &format!(
@@ -513,15 +615,16 @@ impl<'a> BackupSession<'a> {
                 bound.as_secs()
             ),
         );
-        self.dom
+        self.run
+            .dom
             .request_shutdown(agent)
             .map_err(|e| self.failed(Phase::Shutdown, e))?;
-        let cancel = self.cancel.clone();
-        self.dom
+        let cancel = self.run.cancel.clone();
+        self.run
+            .dom
             .wait_shut_off(bound, &|| cancel.is_cancelled())
             .map_err(|e| self.failed(Phase::Shutdown, e))?;
-        self.phases
-            .insert("shutdown".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::Shutdown, t.elapsed().as_secs_f64());
         self.log(
             Level::Info,
             &format!("domain shut off after {:.1} s", t.elapsed().as_secs_f64()),
@@ -534,6 +637,7 @@ impl<'a> BackupSession<'a> {
     /// fails with QEMU's `Failed to get "write" lock` until [`Self::finish`] releases them.
     fn lock_images(&mut self) -> Result<(), BackupError> {
         let paths: Vec<PathBuf> = self
+            .plan
             .disks
             .iter()
             .flat_map(|d| {
@@ -541,106 +645,85 @@ impl<'a> BackupSession<'a> {
                     .chain(d.backing_chain.iter().map(|b| b.path.clone()))
             })
             .collect();
+        let mut locks = Vec::new();
         for p in &paths {
             match ImageLock::acquire(p) {
-                Ok(l) => self.image_locks.push(l),
-                Err(e) => {
-                    self.image_locks.clear();
-                    return Err(self.failed(
-                        Phase::Copy,
-                        format!("cannot lock the images for the offline copy: {e}"),
-                    ));
-                }
+                Ok(l) => locks.push(l),
+                Err(e) => return Err(self.failed(Phase::Copy, Cause::ImageLock(e))),
             }
         }
-        let state = self.dom.state().map_err(|e| self.failed(Phase::Copy, e))?;
+        let locks = ImageLocks(locks);
+        let state = self
+            .run
+            .dom
+            .state()
+            .map_err(|e| self.failed(Phase::Copy, e))?;
         if state != DomState::ShutOff {
-            self.image_locks.clear();
-            return Err(self.failed(
-                Phase::Copy,
-                format!("the domain was started before the offline copy began (it is {state})"),
-            ));
+            drop(locks);
+            return Err(self.failed(Phase::Copy, Cause::StartedBeforeCopy(state)));
         }
+        let count = locks.0.len();
+        self.held.image_locks = Some(locks);
         self.log(
             Level::Info,
             &format!(
                 "{} image(s) locked for the offline copy (shared QEMU-style locks: the domain cannot start until the copy is done)",
-                self.image_locks.len()
+                count
             ),
         );
         Ok(())
     }
 
-    fn restart(&mut self) -> Result<(), String> {
-        match self.dom.state().map_err(|e| e.to_string())? {
-            DomState::ShutOff => {
-                self.log(Level::Info, "starting the domain again");
-                self.dom.start().map_err(|e| e.to_string())?;
-            }
-            other => self.log(
-                Level::Warning,
-                &format!("not starting the domain again: it is {other}"),
-            ),
-        }
-        self.shut_down_by_us = false;
-        self.journal
-            .update(|r| r.shut_down_by_us = false)
-            .map_err(|e| e.to_string())
-    }
-
     fn take_snapshot(&mut self) -> Result<(), BackupError> {
+        self.phase_started(Phase::Snapshot);
         let t = Instant::now();
-        let quiesce = self.method == Method::Quiesce;
-        for d in &mut self.disks {
-            d.overlay = Some(overlay_path(&d.source, &self.stamp));
-        }
-        for d in &self.disks {
-            if let Some(o) = &d.overlay {
-                if o.exists() {
-                    return Err(self.failed(
-                        Phase::Snapshot,
-                        format!("overlay {} already exists", o.display()),
-                    ));
-                }
-            }
-        }
+        let quiesce = self.plan.method == Method::Quiesce;
         let records: Vec<OverlayRecord> = self
+            .plan
             .disks
             .iter()
-            .filter_map(|d| {
-                d.overlay.as_ref().map(|o| OverlayRecord {
-                    target: d.target.clone(),
-                    base: d.source.clone(),
-                    base_format: d.format.clone(),
-                    overlay: o.clone(),
-                })
+            .map(|d| OverlayRecord {
+                target: d.target.clone(),
+                base: d.source.clone(),
+                base_format: d.format.clone(),
+                overlay: overlay_path(&d.source, &self.run.stamp),
             })
             .collect();
-        self.journal
+        for o in &records {
+            if o.overlay.exists() {
+                return Err(self.failed(Phase::Snapshot, Cause::OverlayExists(o.overlay.clone())));
+            }
+        }
+        let journaled = records.clone();
+        self.run
+            .journal
             .update(|r| {
                 r.phase = "snapshot".into();
-                r.overlays = records;
+                r.overlays = journaled;
                 r.may_be_frozen = quiesce;
             })
             .map_err(|e| self.failed(Phase::Snapshot, e))?;
-        self.overlays_active = true;
+        self.held.overlays = Some(Overlays(records));
         // Create the overlays before the call (REUSE_EXT): libvirt then only switches the
         // disks inside the freeze, instead of also formatting every overlay while the guest
         // is frozen (measured in the lab: 3 disks frozen 620 ms → 260 ms).
-        for d in self.disks.clone() {
-            let Some(o) = &d.overlay else { continue };
-            if let Err(e) = create_overlay(&d, o) {
+        for d in self.plan.disks.clone() {
+            let Some(o) = self.overlay_of(&d.target) else {
+                continue;
+            };
+            if let Err(e) = create_overlay(&d, &o) {
                 let err = self.failed(Phase::Snapshot, e);
                 self.undo_failed_snapshot(false);
                 return Err(err);
             }
         }
-        let xml = snapshot_xml(&self.stamp, &self.disks, &self.skipped);
+        let overlays = self.held.overlays.as_ref().map_or(&[][..], |o| &o.0[..]);
+        let xml = snapshot_xml(&self.run.stamp, overlays, &self.plan.skipped);
         self.log(
             Level::Info,
             &format!(
                 "taking one external disk-only snapshot of {} disk(s){}",
-                self.disks.len(),
+                self.plan.disks.len(),
                 if quiesce {
                     " with quiesce (freeze, snapshot, thaw in one libvirt call)"
                 } else {
@@ -649,25 +732,29 @@ impl<'a> BackupSession<'a> {
             ),
         );
         let call = Instant::now();
-        let result = self.dom.snapshot_external(&xml, quiesce);
+        let result = self.run.dom.snapshot_external(&xml, quiesce);
         let call_ms = call.elapsed().as_secs_f64() * 1000.0;
         if let Err(e) = result {
             let cause = if quiesce {
-                format!(
-                    "{e} (after {:.0} ms; the guest agent timeout is {} s)",
-                    call_ms, self.request.settings.timeouts.agent_seconds
-                )
+                Cause::Quiesce {
+                    source: e,
+                    ms: call_ms,
+                    timeout_seconds: self.run.request.settings.timeouts.agent_seconds,
+                }
             } else {
-                e.to_string()
+                Cause::Libvirt(e)
             };
             let err = self.failed(Phase::Snapshot, cause);
             self.undo_failed_snapshot(quiesce);
             return Err(err);
         }
         if quiesce {
-            self.frozen_ms = Some(call_ms);
+            self.run.frozen_ms = Some(call_ms);
+            self.run
+                .observer
+                .emit(BackupEvent::FrozenWindow { ms: call_ms });
         }
-        let _ = self.journal.update(|r| {
+        let _ = self.run.journal.update(|r| {
             r.may_be_frozen = false;
             r.phase = "copy".into();
         });
@@ -679,25 +766,25 @@ impl<'a> BackupSession<'a> {
             ),
         );
         // The domain must now run on our overlays.
-        for d in &self.disks {
-            let Some(o) = &d.overlay else { continue };
-            match commit::on_source(&self.dom, &d.target, o) {
+        for d in &self.plan.disks {
+            let Some(o) = self.overlay_of(&d.target) else {
+                continue;
+            };
+            match commit::on_source(&self.run.dom, &d.target, &o) {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(self.failed(
                         Phase::Snapshot,
-                        format!(
-                            "after the snapshot, disk {} is not on {}",
-                            d.target,
-                            o.display()
-                        ),
+                        Cause::NotOnOverlay {
+                            target: d.target.clone(),
+                            overlay: o,
+                        },
                     ))
                 }
                 Err(e) => return Err(self.failed(Phase::Snapshot, e)),
             }
         }
-        self.phases
-            .insert("snapshot".into(), t.elapsed().as_secs_f64());
+        self.phase_finished(Phase::Snapshot, t.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -705,7 +792,7 @@ impl<'a> BackupSession<'a> {
     /// domain is not on, forget them in the journal.
     fn undo_failed_snapshot(&mut self, quiesce: bool) {
         if quiesce {
-            match self.dom.fs_thaw() {
+            match self.run.dom.fs_thaw() {
                 Ok(n) => self.log(
                     Level::Info,
                     &format!("thaw after the failed snapshot: {n} filesystem(s) thawed"),
@@ -717,103 +804,30 @@ impl<'a> BackupSession<'a> {
             }
         }
         let mut all_clear = true;
-        for d in &self.disks {
-            let Some(o) = &d.overlay else { continue };
-            match commit::on_source(&self.dom, &d.target, o) {
+        let overlays = self.held.overlays.as_ref().map_or(&[][..], |o| &o.0[..]);
+        for o in overlays {
+            match commit::on_source(&self.run.dom, &o.target, &o.overlay) {
                 Ok(false) => {
-                    if o.exists() {
-                        let _ = fs::remove_file(o);
+                    if o.overlay.exists() {
+                        let _ = fs::remove_file(&o.overlay);
                     }
                 }
                 _ => all_clear = false,
             }
         }
         if all_clear {
-            self.overlays_active = false;
-            let _ = self.journal.update(|r| {
+            self.held.overlays = None;
+            let _ = self.run.journal.update(|r| {
                 r.overlays.clear();
                 r.may_be_frozen = false;
             });
         }
     }
 
-    /// Commits every disk on one of our overlays back into its base, deletes the overlays.
-    fn commit_overlays(&mut self) -> Result<(), String> {
-        let bound = Duration::from_secs(self.request.settings.timeouts.commit_seconds);
-        let live = self.dom.state().map_err(|e| e.to_string())?.is_live();
-        let mut problems = Vec::new();
-        for d in self.disks.clone() {
-            let Some(o) = &d.overlay else { continue };
-            let on_overlay = match commit::on_source(&self.dom, &d.target, o) {
-                Ok(v) => v,
-                Err(e) => {
-                    problems.push(e);
-                    continue;
-                }
-            };
-            if on_overlay {
-                let t = Instant::now();
-                let r = if live {
-                    commit::commit_live(
-                        &self.dom,
-                        &d.target,
-                        &d.source,
-                        bound,
-                        self.progress.get(),
-                        &self.log,
-                    )
-                } else {
-                    commit::commit_offline(&self.hv, &self.dom, &d.target, o, &d.source, &d.format)
-                };
-                match r {
-                    Ok(()) => self.log(
-                        Level::Info,
-                        &format!(
-                            "{}: committed and pivoted back to {} in {:.2} s",
-                            d.target,
-                            d.source.display(),
-                            t.elapsed().as_secs_f64()
-                        ),
-                    ),
-                    Err(e) => {
-                        problems.push(e);
-                        continue;
-                    }
-                }
-            }
-            if let Err(e) = fs::remove_file(o) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    problems.push(format!("cannot delete overlay {}: {e}", o.display()));
-                    continue;
-                }
-            }
-        }
-        if !problems.is_empty() {
-            return Err(problems.join("; "));
-        }
-        self.overlays_active = false;
-        for d in &mut self.disks {
-            d.overlay = None;
-        }
-        self.journal
-            .update(|r| {
-                r.overlays.clear();
-                r.phase = "committed".into();
-            })
-            .map_err(|e| e.to_string())?;
-        // No block job may remain on a copied disk.
-        if live {
-            for d in &self.disks {
-                if let Ok(Some(job)) = self.dom.block_job(&d.target) {
-                    return Err(format!(
-                        "{}: a {} block job remains after the commit",
-                        d.target,
-                        job.kind_name()
-                    ));
-                }
-            }
-        }
-        Ok(())
+    /// The overlay of disk `target` while the snapshot is active.
+    fn overlay_of(&self, target: &str) -> Option<PathBuf> {
+        let overlays = self.held.overlays.as_ref()?;
+        overlays.of(target).map(|o| o.overlay.clone())
     }
 }
 
@@ -832,28 +846,29 @@ pub(crate) fn overlay_path(base: &Path, stamp: &str) -> PathBuf {
 
 /// Creates the qcow2 overlay `overlay` on top of `disk.source` (absolute backing path and
 /// format recorded in the header; `-u`: the base is in use, its size is given).
-fn create_overlay(disk: &SessionDisk, overlay: &Path) -> Result<(), String> {
+fn create_overlay(disk: &SessionDisk, overlay: &Path) -> Result<(), ToolError> {
     crate::hv::qemu_img::create_overlay(&disk.source, &disk.format, overlay, disk.virtual_size)
-        .map_err(|e| e.to_string())
 }
 
 /// The `<domainsnapshot>` XML: every copied disk external into its overlay, every skipped
 /// disk excluded.
-pub(crate) fn snapshot_xml(stamp: &str, disks: &[SessionDisk], skipped: &[SkippedDisk]) -> String {
+pub(crate) fn snapshot_xml(
+    stamp: &str,
+    overlays: &[OverlayRecord],
+    skipped: &[SkippedDisk],
+) -> String {
     use crate::hv::xml::escape_attr;
     let mut xml = format!(
         "<domainsnapshot><name>vmb-{}</name><description>vm-backup {}</description><disks>",
         escape_attr(stamp),
         crate::VERSION
     );
-    for d in disks {
-        if let Some(o) = &d.overlay {
-            xml.push_str(&format!(
-                "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
-                escape_attr(&d.target),
-                escape_attr(&o.to_string_lossy())
-            ));
-        }
+    for o in overlays {
+        xml.push_str(&format!(
+            "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
+            escape_attr(&o.target),
+            escape_attr(&o.overlay.to_string_lossy())
+        ));
     }
     for s in skipped {
         xml.push_str(&format!(
@@ -892,16 +907,11 @@ mod tests {
 
     #[test]
     fn snapshot_xml_covers_copied_and_skipped_disks() {
-        let disks = vec![SessionDisk {
+        let disks = vec![OverlayRecord {
             target: "vda".into(),
-            source: "/i/a'b.qcow2".into(),
-            format: "qcow2".into(),
-            virtual_size: 1,
-            allocated_size: 1,
-            file_name: "vm-vda.qcow2".into(),
-            backing_file: None,
-            backing_chain: Vec::new(),
-            overlay: Some("/i/a'b.qcow2.vmb-overlay-s.qcow2".into()),
+            base: "/i/a'b.qcow2".into(),
+            base_format: "qcow2".into(),
+            overlay: "/i/a'b.qcow2.vmb-overlay-s.qcow2".into(),
         }];
         let skipped = vec![SkippedDisk {
             target: "hdc".into(),

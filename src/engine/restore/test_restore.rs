@@ -383,7 +383,7 @@ fn record(target: &Path, dir: &Path, verdict: &Verdict) {
     match BackupMetadata::read(dir) {
         Ok(mut meta) => {
             meta.test_restore = Some(verdict.clone());
-            if let Err(e) = meta.write(dir) {
+            if let Err(e) = crate::store::write_metadata(dir, &meta) {
                 tracing::error!(error = %e, "test-restore verdict not written to the metadata");
                 return;
             }

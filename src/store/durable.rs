@@ -1,0 +1,240 @@
+//! Durable writes: the one implementation of "temporary file beside the final name, fsync,
+//! rename, fsync of the folder", for small files written from bytes and for big files the
+//! copier fills through a sink.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::StoreError;
+
+/// A file being written under a temporary name beside its final name: created by
+/// [`StagedFile::create`], made durable and visible by [`StagedFile::commit`], removed when
+/// dropped uncommitted.
+#[derive(Debug)]
+pub struct StagedFile {
+    file: File,
+    direct: bool,
+    temp: PathBuf,
+    target: PathBuf,
+    note: Option<String>,
+    armed: bool,
+}
+
+impl StagedFile {
+    /// Creates `.<name>.vmb-tmp-<pid>[-n]` beside `target` (mode 0644, never an existing file,
+    /// so never through a symlink). With `direct`, opens it with O_DIRECT when the file system
+    /// accepts it; when it refuses (EINVAL), writes through the page cache and says so in
+    /// [`StagedFile::note`].
+    pub fn create(target: &Path, direct: bool) -> Result<Self, StoreError> {
+        let folder = folder_of(target);
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| StoreError::BadName(target.display().to_string()))?;
+        let mut want_direct = direct;
+        let mut note = None;
+        for attempt in 0..100u32 {
+            let suffix = if attempt == 0 {
+                String::new()
+            } else {
+                format!("-{attempt}")
+            };
+            let temp = folder.join(format!(".{name}.vmb-tmp-{}{suffix}", std::process::id()));
+            let mut opts = OpenOptions::new();
+            opts.write(true).create_new(true).mode(0o644);
+            if want_direct {
+                opts.custom_flags(libc::O_DIRECT);
+            }
+            match opts.open(&temp) {
+                Ok(file) => {
+                    return Ok(Self {
+                        file,
+                        direct: want_direct,
+                        temp,
+                        target: target.to_owned(),
+                        note,
+                        armed: true,
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    // create_new may have left the file behind before O_DIRECT was refused.
+                    let _ = std::fs::remove_file(&temp);
+                    note = Some(format!(
+                        "O_DIRECT refused on destination folder {} (EINVAL); writing through the page cache",
+                        folder.display()
+                    ));
+                    want_direct = false;
+                    continue;
+                }
+                Err(source) => return Err(StoreError::io("create", &temp, source)),
+            }
+        }
+        Err(StoreError::io(
+            "create a temporary file for",
+            target,
+            std::io::Error::other("too many leftover temporary files"),
+        ))
+    }
+
+    /// The open temporary file (written at offsets by the copier).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the file is open with O_DIRECT (writes must be aligned).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The final path the file gets on commit.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// The temporary path (for tests and logs).
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Why O_DIRECT was not used although asked for, if so.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// Syncs the data, renames the file to its final name and syncs the folder.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io("fsync", &self.temp, e))?;
+        std::fs::rename(&self.temp, &self.target)
+            .map_err(|e| StoreError::io("rename into place", &self.target, e))?;
+        self.armed = false;
+        sync_dir(&folder_of(&self.target))
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = std::fs::remove_file(&self.temp) {
+                tracing::warn!(path = %self.temp.display(), "cannot remove temporary file: {e}");
+            }
+        }
+    }
+}
+
+/// Writes a small file durably: a temporary file beside it, fsync, rename, fsync of the
+/// folder. The temporary file is removed on failure; the previous content, if any, stays.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut staged = StagedFile::create(path, false)?;
+    staged
+        .file
+        .write_all(bytes)
+        .map_err(|e| StoreError::io("write", path, e))?;
+    staged.commit()?;
+    tracing::trace!(path = %path.display(), bytes = bytes.len(), "written durably");
+    Ok(())
+}
+
+/// fsyncs a folder (its entries: names created, renamed, removed).
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("fsync", dir, e))
+}
+
+/// fsyncs every file and folder under `dir` (cheap for files already synced).
+pub(crate) fn sync_tree(dir: &Path) -> Result<(), StoreError> {
+    let read = std::fs::read_dir(dir).map_err(|e| StoreError::io("list", dir, e))?;
+    for entry in read {
+        let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| StoreError::io("stat", &path, e))?;
+        if kind.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| StoreError::io("fsync", &path, e))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temporary_file() {
+        let dir = crate::store::scratch();
+        let path = dir.path().join("a.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(names(dir.path()), vec!["a.json"]);
+    }
+
+    #[test]
+    fn a_staged_file_dropped_uncommitted_is_removed() {
+        let dir = crate::store::scratch();
+        let path = dir.path().join("disk.raw");
+        {
+            let staged = StagedFile::create(&path, false).unwrap();
+            assert!(staged.temp_path().exists());
+            assert_eq!(staged.path(), path);
+        }
+        assert!(names(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_staged_file_commits_under_its_final_name() {
+        let dir = crate::store::scratch();
+        let path = dir.path().join("disk.raw");
+        let mut staged = StagedFile::create(&path, false).unwrap();
+        staged.file.write_all(b"data").unwrap();
+        let second = StagedFile::create(&path, false).unwrap();
+        assert_ne!(second.temp_path(), staged.temp_path());
+        drop(second);
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+        assert_eq!(names(dir.path()), vec!["disk.raw"]);
+    }
+
+    #[test]
+    fn direct_is_used_or_explained() {
+        // tmpfs refuses O_DIRECT on older kernels and accepts it on newer ones: either way the
+        // file is usable and a refusal is noted.
+        let dir = crate::store::scratch();
+        let staged = StagedFile::create(&dir.path().join("x"), true).unwrap();
+        assert!(staged.is_direct() || staged.note().is_some());
+    }
+
+    #[test]
+    fn a_missing_folder_is_a_target_error() {
+        let dir = crate::store::scratch();
+        let err = write_atomic(&dir.path().join("nope/a"), b"x").unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::TargetMissing);
+    }
+}

@@ -1,0 +1,397 @@
+//! The backup target as a local or NFS-mounted folder, laid out as [`crate::format::layout`]
+//! says: `<target>/<host>/<vm>/<stamp>[.partial]/`.
+
+use std::io::ErrorKind as IoKind;
+use std::path::{Path, PathBuf};
+
+use crate::format::layout::{self, VmDir};
+use crate::format::metadata::BackupMetadata;
+
+use super::durable::{self, StagedFile};
+use super::{BackupStore, StoreError};
+
+/// A backup target that is a folder (local disk or NFS mount).
+///
+/// Opening it does no I/O: a missing target shows on the first operation, as
+/// [`crate::error::ErrorKind::TargetMissing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderStore {
+    root: PathBuf,
+}
+
+impl FolderStore {
+    /// The target rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The folder of the target.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder of every backup of `vm` on `host` (names sanitised).
+    pub fn vm_dir(&self, host: &str, vm: &str) -> Result<VmDir, StoreError> {
+        Ok(VmDir::new(&self.root, host, vm)?)
+    }
+
+    /// Begins the backup of `vm` on `host` stamped `stamp`: creates `<stamp>.partial/` (and
+    /// the folders above it). The guard removes it when dropped unless published.
+    pub fn begin(&self, host: &str, vm: &str, stamp: &str) -> Result<PartialBackup, StoreError> {
+        let vm_dir = self.vm_dir(host, vm)?;
+        PartialBackup::create(vm_dir.partial_dir(stamp), vm_dir.backup_dir(stamp))
+    }
+
+    /// Checks that the target accepts a new file (created, then removed).
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let probe = self
+            .root
+            .join(format!(".vm-backup-write-test-{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| StoreError::io("write a test file in", &self.root, e))
+    }
+}
+
+impl BackupStore for FolderStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn backups(&self, host: &str, vm: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.vm_dir(host, vm)?.complete_stamps()?)
+    }
+
+    fn read(&self, host: &str, vm: &str, stamp: &str, name: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self
+            .vm_dir(host, vm)?
+            .backup_dir(stamp)
+            .join(safe_name(name)?);
+        std::fs::read(&path).map_err(|e| StoreError::io("read", &path, e))
+    }
+
+    fn write(
+        &self,
+        host: &str,
+        vm: &str,
+        stamp: &str,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let dir = self.vm_dir(host, vm)?.backup_dir(stamp);
+        if !dir.is_dir() {
+            return Err(StoreError::NotFound(dir));
+        }
+        durable::write_atomic(&dir.join(safe_name(name)?), bytes)
+    }
+
+    fn delete(&self, host: &str, vm: &str, stamp: &str) -> Result<PathBuf, StoreError> {
+        delete_backup(&self.vm_dir(host, vm)?, stamp)
+    }
+}
+
+/// A backup being written: `<stamp>.partial/` on the target. Every file goes in durably;
+/// [`PartialBackup::publish`] renames the folder to its final name. Dropped unpublished, it
+/// removes the folder.
+#[derive(Debug)]
+pub struct PartialBackup {
+    dir: PathBuf,
+    final_dir: PathBuf,
+    armed: bool,
+}
+
+impl PartialBackup {
+    /// Creates `dir` (a folder named `<stamp>.partial`) to be published as `final_dir`. For
+    /// staging a backup outside the target (a Bacula restore to `where=`), the same rules.
+    pub fn create(dir: PathBuf, final_dir: PathBuf) -> Result<Self, StoreError> {
+        if final_dir.exists() {
+            return Err(StoreError::Exists(final_dir));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+        tracing::debug!(path = %dir.display(), "partial backup created");
+        Ok(Self {
+            dir,
+            final_dir,
+            armed: true,
+        })
+    }
+
+    /// The `.partial` folder.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The folder it becomes once published.
+    pub fn final_path(&self) -> &Path {
+        &self.final_dir
+    }
+
+    /// Writes the file `name` (relative, may name a subfolder made by
+    /// [`PartialBackup::create_dir`]) durably from bytes.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        durable::write_atomic(&self.file_path(name)?, bytes)
+    }
+
+    /// Stages the file `name` for the copier: fill [`StagedFile::file`], then
+    /// [`StagedFile::commit`]. `direct` asks for O_DIRECT.
+    pub fn create_file(&self, name: &str, direct: bool) -> Result<StagedFile, StoreError> {
+        StagedFile::create(&self.file_path(name)?, direct)
+    }
+
+    /// Opens the file `name` for streaming in (a Bacula restore); made durable on publish.
+    pub fn create_stream(&self, name: &str) -> Result<std::fs::File, StoreError> {
+        let path = self.file_path(name)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("create", &path, e))
+    }
+
+    /// Creates the subfolder `name` and returns its path (appliance configurations).
+    pub fn create_dir(&self, name: &str) -> Result<PathBuf, StoreError> {
+        let path = self.dir.join(safe_name(name)?);
+        std::fs::create_dir_all(&path).map_err(|e| StoreError::io("create", &path, e))?;
+        Ok(path)
+    }
+
+    /// Syncs every file and folder, renames `<stamp>.partial` to `<stamp>` and syncs the
+    /// folder above. Returns the published folder.
+    pub fn publish(mut self) -> Result<PathBuf, StoreError> {
+        durable::sync_tree(&self.dir)?;
+        std::fs::rename(&self.dir, &self.final_dir).map_err(|e| {
+            StoreError::io(
+                "rename into place",
+                &self.final_dir,
+                std::io::Error::new(e.kind(), format!("from {}: {e}", self.dir.display())),
+            )
+        })?;
+        self.armed = false;
+        if let Some(parent) = self.final_dir.parent() {
+            if let Err(e) = durable::sync_dir(parent) {
+                tracing::warn!("backup published, but {e}");
+            }
+        }
+        tracing::info!(path = %self.final_dir.display(), "backup published");
+        Ok(self.final_dir.clone())
+    }
+
+    /// Removes the folder now; on failure the guard still holds it (and tries again on drop).
+    pub fn discard(&mut self) -> Result<(), StoreError> {
+        if self.armed {
+            remove_partial(&self.dir)?;
+            self.armed = false;
+        }
+        Ok(())
+    }
+
+    fn file_path(&self, name: &str) -> Result<PathBuf, StoreError> {
+        let mut path = self.dir.clone();
+        for part in name.split('/') {
+            path.push(safe_name(part)?);
+        }
+        Ok(path)
+    }
+}
+
+impl Drop for PartialBackup {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = remove_partial(&self.dir) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+/// Removes a `.partial` folder and everything in it (already gone: done).
+pub fn remove_partial(dir: &Path) -> Result<(), StoreError> {
+    if !dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with(layout::PARTIAL_SUFFIX))
+    {
+        return Err(StoreError::BadName(dir.display().to_string()));
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {
+            tracing::info!(path = %dir.display(), "partial backup removed");
+            Ok(())
+        }
+        Err(e) if e.kind() == IoKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("remove", dir, e)),
+    }
+}
+
+/// Deletes the published backup `stamp` of a VM: renamed to `.<stamp>.pruning` first, so that
+/// a folder half-removed by a crash is never taken for a backup. Returns the folder removed.
+pub fn delete_backup(vm_dir: &VmDir, stamp: &str) -> Result<PathBuf, StoreError> {
+    layout::parse_stamp(stamp)?;
+    let path = vm_dir.backup_dir(stamp);
+    let doomed = vm_dir.path.join(format!(".{stamp}.pruning"));
+    std::fs::rename(&path, &doomed).map_err(|e| StoreError::io("remove", &path, e))?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| StoreError::io("remove", &doomed, e))?;
+    tracing::info!(path = %path.display(), "backup deleted");
+    Ok(path)
+}
+
+/// Rewrites `backup-metadata.json` in a backup folder (published or not) durably.
+pub fn write_metadata(backup_dir: &Path, md: &BackupMetadata) -> Result<(), StoreError> {
+    let bytes = md.to_json().map_err(StoreError::Encode)?;
+    durable::write_atomic(&backup_dir.join(layout::METADATA_FILE), &bytes)
+}
+
+/// Rewrites one small file (`backup.log`…) in a published backup folder durably.
+pub fn write_backup_file(backup_dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    durable::write_atomic(&backup_dir.join(safe_name(name)?), bytes)
+}
+
+/// A file name inside a backup: one component, not `.`/`..`, no hidden file.
+fn safe_name(name: &str) -> Result<&str, StoreError> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.contains('\0') {
+        return Err(StoreError::BadName(name.to_string()));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn store() -> (tempfile::TempDir, FolderStore) {
+        let dir = crate::store::scratch();
+        let store = FolderStore::open(dir.path());
+        (dir, store)
+    }
+
+    #[test]
+    fn a_published_backup_lists_reads_and_deletes() {
+        let (_dir, store) = store();
+        let partial = store.begin("hv1", "web", "2026-11-21-120000").unwrap();
+        assert!(partial
+            .path()
+            .ends_with("hv1/web/2026-11-21-120000.partial"));
+        partial.write_file("web.xml", b"<domain/>").unwrap();
+        let disk = partial.create_file("web-vda.raw", false).unwrap();
+        std::io::Write::write_all(&mut disk.file(), &[7u8; 4096]).unwrap();
+        disk.commit().unwrap();
+        let configs = partial.create_dir(layout::CONFIGS_DIR).unwrap();
+        durable::write_atomic(&configs.join("running.cfg"), b"cfg").unwrap();
+        partial.write_file("configs/startup.cfg", b"cfg2").unwrap();
+        assert!(store.backups("hv1", "web").unwrap().is_empty());
+        let dir = partial.publish().unwrap();
+        assert!(dir.ends_with("hv1/web/2026-11-21-120000"));
+        assert_eq!(
+            store.backups("hv1", "web").unwrap(),
+            vec!["2026-11-21-120000"]
+        );
+        assert_eq!(
+            store
+                .read("hv1", "web", "2026-11-21-120000", "web.xml")
+                .unwrap(),
+            b"<domain/>"
+        );
+        store
+            .write("hv1", "web", "2026-11-21-120000", "backup.log", b"log")
+            .unwrap();
+        assert_eq!(std::fs::read(dir.join("backup.log")).unwrap(), b"log");
+        assert_eq!(
+            std::fs::read(dir.join("configs/startup.cfg")).unwrap(),
+            b"cfg2"
+        );
+        let removed = store.delete("hv1", "web", "2026-11-21-120000").unwrap();
+        assert_eq!(removed, dir);
+        assert!(!dir.exists());
+        assert!(store.backups("hv1", "web").unwrap().is_empty());
+        let vm = store.vm_dir("hv1", "web").unwrap();
+        assert_eq!(std::fs::read_dir(&vm.path).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unpublished_backup_is_removed_on_drop_or_discard() {
+        let (_dir, store) = store();
+        let p = store.begin("hv1", "web", "2026-11-21-120000").unwrap();
+        p.write_file("a", b"x").unwrap();
+        let path = p.path().to_owned();
+        drop(p);
+        assert!(!path.exists());
+        let mut p = store.begin("hv1", "web", "2026-11-21-120001").unwrap();
+        p.discard().unwrap();
+        assert!(!p.path().exists());
+        p.discard().unwrap();
+    }
+
+    #[test]
+    fn an_existing_backup_is_not_begun_again() {
+        let (_dir, store) = store();
+        store
+            .begin("hv1", "web", "2026-11-21-120000")
+            .unwrap()
+            .publish()
+            .unwrap();
+        let err = store.begin("hv1", "web", "2026-11-21-120000").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Busy);
+    }
+
+    #[test]
+    fn names_cannot_escape_the_backup() {
+        let (_dir, store) = store();
+        let p = store.begin("hv1", "web", "2026-11-21-120000").unwrap();
+        for bad in ["../x", "..", ".hidden", "", "a//b"] {
+            let err = p.write_file(bad, b"x").unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidInput, "{bad:?}");
+        }
+        assert!(store
+            .read("hv1", "web", "2026-11-21-120000", "../../x")
+            .is_err());
+        assert!(store.delete("hv1", "web", "../escape").is_err());
+        assert!(remove_partial(store.root()).is_err());
+    }
+
+    #[test]
+    fn missing_and_writable_targets_are_told_apart() {
+        let (dir, store) = store();
+        store.check_writable().unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let missing = FolderStore::open(dir.path().join("gone"));
+        assert_eq!(
+            missing.check_writable().unwrap_err().kind(),
+            ErrorKind::TargetMissing
+        );
+        assert_eq!(
+            missing
+                .read("h", "v", "2026-11-21-120000", "x")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::TargetMissing
+        );
+        assert_eq!(
+            missing
+                .write("h", "v", "2026-11-21-120000", "x", b"")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn metadata_is_written_as_format_serialises_it() {
+        let (dir, _store) = store();
+        let md: BackupMetadata = serde_json::from_str(
+            r#"{"schema_version": 1, "tool_version": "0", "vm_name": "web", "vm_uuid": "u",
+                "host": "hv1", "stamp": "2026-11-21-120000", "method_requested": "auto",
+                "method": "offline", "started_at": "t0", "finished_at": "t1", "phases": {},
+                "disks": [], "skipped_disks": [], "files": [], "total_bytes": 0,
+                "bytes_per_sec": 0.0, "result": "success"}"#,
+        )
+        .unwrap();
+        write_metadata(dir.path(), &md).unwrap();
+        let back = BackupMetadata::read(dir.path()).unwrap();
+        assert_eq!(back.vm_name, md.vm_name);
+    }
+}
