@@ -382,6 +382,17 @@ pub(crate) fn build(
             Ok(state)
         }
         Err(e) => {
+            // Whatever failed (qemu-storage-daemon reading the header, a mount reading the
+            // superblock), a damaged chunk behind it is what the operator must be told.
+            let damage = state.damage();
+            let e = if damage.is_empty() || matches!(e, MountError::Damaged { .. }) {
+                e
+            } else {
+                MountError::Damaged {
+                    path: format!("disk {}", state.disk),
+                    damage,
+                }
+            };
             if let Err(t) = teardown(&state, true) {
                 tracing::error!("teardown after a failed mount: {t}");
             }
@@ -480,6 +491,14 @@ fn build_chain(
                     .push((name, format!("{fstype:?}: not a filesystem that is mounted")));
             }
         }
+    }
+    // A probe that met a damaged chunk sees "no filesystem": never hide a volume that way.
+    let damage = state.damage();
+    if !damage.is_empty() {
+        return Err(MountError::Damaged {
+            path: format!("disk {}", disk.target),
+            damage,
+        });
     }
     if found.is_empty() {
         return Err(MountError::NotFound(format!(

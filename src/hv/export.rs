@@ -190,6 +190,16 @@ pub fn loops_backed_by(file: &str) -> Vec<String> {
 pub fn partitions(dev: &str) -> Vec<String> {
     let name = dev.trim_start_matches("/dev/");
     let sys = Path::new("/sys/block").join(name);
+    let scanned = |sys: &Path| {
+        std::fs::read_dir(sys).is_ok_and(|rd| {
+            rd.filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}p")))
+        })
+    };
+    if !scanned(&sys) && has_partition_table(dev) {
+        // This kernel's partition scan may not know the table (GPT): add them from user space.
+        let _ = run("partx", &["-a", dev]);
+    }
     let mut parts: Vec<(u32, String)> = std::fs::read_dir(&sys)
         .map(|rd| {
             rd.filter_map(Result::ok)
@@ -251,6 +261,8 @@ fn lvm_args<'a>(cmd: &'a str, devices: &'a str) -> Vec<&'a str> {
         cmd,
         "--devices",
         devices,
+        "--config",
+        "global { activation = 0 }",
         "--readonly",
         "--noheadings",
         "--nosuffix",
