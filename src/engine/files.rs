@@ -254,7 +254,7 @@ impl Browse {
         let host = self.resolve(path)?;
         let mut dest = dest.to_path_buf();
         if dest.is_dir() {
-            let name = host
+            let name = Path::new(path.trim_end_matches('/'))
                 .file_name()
                 .map(|n| n.to_os_string())
                 .unwrap_or_else(|| "root".into());
@@ -308,10 +308,18 @@ impl Browse {
                 .create_new(true)
                 .open(dest)
                 .map_err(werr)?;
-            let n = copy_checked(&mut src, &mut out).map_err(|e| match e {
-                CopyErr::Read(e) => self.read_error(shown, e),
-                CopyErr::Write(e) => werr(e),
-            })?;
+            let n = match copy_checked(&mut src, &mut out) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Never leave a partial copy that could pass for the file.
+                    drop(out);
+                    let _ = fs::remove_file(dest);
+                    return Err(match e {
+                        CopyErr::Read(e) => self.read_error(shown, e),
+                        CopyErr::Write(e) => werr(e),
+                    });
+                }
+            };
             out.sync_all().map_err(werr)?;
             report.files += 1;
             report.bytes += n;

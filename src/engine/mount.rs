@@ -442,6 +442,13 @@ fn build_chain(
     let main = export::attach_loop(&export_file)?;
     state.loops.push(main.clone());
     state.save()?;
+    // Test hook: hold here so a test can kill the command with the chain half built.
+    if let Some(secs) = std::env::var("VMB_TEST_MOUNT_STALL_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_secs(secs));
+    }
     let mut candidates: Vec<(String, String)> = Vec::new(); // (name, device)
     let mut pvs = Vec::new();
     if export::has_partition_table(&main) {
