@@ -69,9 +69,10 @@ impl Scratch {
     }
 
     fn vmb_cmd(&self, args: &[&str]) -> Command {
+        // Right after the command name: `files` ends with its own subcommand.
         let conf = self.conf();
         let mut all = args.to_vec();
-        all.extend(["--config", &conf]);
+        all.splice(1..1, ["--config", conf.as_str()]);
         let mut c = vm_backup();
         c.args(&all);
         c
@@ -310,14 +311,21 @@ fn prepared_disks_extract_and_mount_with_owner_mode_and_content() {
     sh(&format!("cp -a {0}/{stamp} {0}/{bad_stamp}", vm_dir.display()));
     let img = vm_dir.join(bad_stamp).join(format!("{dom}-vdb.raw"));
     let bytes = fs::read(&img).unwrap();
-    let needle = b"FILPATTERN vdb";
-    let at = bytes
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(i, w)| *w == needle && *i > 6 << 20)
-        .map(|(i, _)| i)
-        .next()
-        .expect("the pattern in the image");
+    let find = |needle: &[u8]| -> Vec<usize> {
+        bytes
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    // A chunk holding pattern.bin but not config.txt (which must still read).
+    let cfg_chunk = find(b"known file on vdb")[0] / (4 << 20);
+    let at = find(b"FILPATTERN vdb")
+        .into_iter()
+        .rev()
+        .find(|i| i / (4 << 20) != cfg_chunk)
+        .expect("the pattern in another chunk than config.txt");
     drop(bytes);
     let chunk = at / (4 << 20);
     sh(&format!("printf 'X' | dd of={} bs=1 seek={at} conv=notrunc status=none", img.display()));
