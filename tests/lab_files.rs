@@ -115,7 +115,9 @@ impl Scratch {
         for p in fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
             if let Ok(c) = fs::read(p.path().join("cmdline")) {
                 let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                if c.contains(&d) && (c.contains("qemu-storage-daemon") || c.contains("verified-serve")) {
+                if c.contains(&d)
+                    && (c.contains("qemu-storage-daemon") || c.contains("verified-serve"))
+                {
                     out.push(format!("process: {c}"));
                 }
             }
@@ -151,27 +153,49 @@ fn write_tree(root: &Path, tag: &str) {
     std::os::unix::fs::symlink("config.txt", d.join("link")).unwrap();
     fs::create_dir(d.join("sub")).unwrap();
     fs::write(d.join("sub/secret"), b"s").unwrap();
-    sh(&format!("chmod 0700 {0}/sub && chown 7:8 {0}/sub && chmod 4755 {0}/sub/secret", d.display()));
+    sh(&format!(
+        "chmod 0700 {0}/sub && chown 7:8 {0}/sub && chmod 4755 {0}/sub/secret",
+        d.display()
+    ));
 }
 
 /// Compares two trees: names, types, content, owner, mode, mtime.
 fn same_tree(a: &Path, b: &Path) {
     let ma = fs::symlink_metadata(a).unwrap();
-    let mb = fs::symlink_metadata(b)
-        .unwrap_or_else(|e| panic!("{} missing: {e}", b.display()));
+    let mb = fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{} missing: {e}", b.display()));
     assert_eq!(ma.file_type(), mb.file_type(), "{}", b.display());
-    assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "owner of {}", b.display());
+    assert_eq!(
+        (ma.uid(), ma.gid()),
+        (mb.uid(), mb.gid()),
+        "owner of {}",
+        b.display()
+    );
     if !ma.file_type().is_symlink() {
-        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "mode of {}", b.display());
+        assert_eq!(
+            ma.mode() & 0o7777,
+            mb.mode() & 0o7777,
+            "mode of {}",
+            b.display()
+        );
         assert_eq!(ma.mtime(), mb.mtime(), "mtime of {}", b.display());
     }
     if ma.is_file() {
-        assert!(fs::read(a).unwrap() == fs::read(b).unwrap(), "content of {}", b.display());
+        assert!(
+            fs::read(a).unwrap() == fs::read(b).unwrap(),
+            "content of {}",
+            b.display()
+        );
     } else if ma.file_type().is_symlink() {
         assert_eq!(fs::read_link(a).unwrap(), fs::read_link(b).unwrap());
     } else if ma.is_dir() {
-        let mut na: Vec<_> = fs::read_dir(a).unwrap().map(|e| e.unwrap().file_name()).collect();
-        let mut nb: Vec<_> = fs::read_dir(b).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut na: Vec<_> = fs::read_dir(a)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let mut nb: Vec<_> = fs::read_dir(b)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         na.sort();
         nb.sort();
         assert_eq!(na, nb, "entries of {}", b.display());
@@ -192,14 +216,19 @@ fn prepare_disks(dir: &Path) -> Vec<(String, PathBuf, String)> {
     // vdb: ext4 on the whole disk, raw.
     sh(&format!("truncate -s 64M {d}/vdb.raw && mkfs.ext4 -q -F {d}/vdb.raw && mount -o loop {d}/vdb.raw {d}/m"));
     write_tree(&m, "vdb");
-    sh(&format!("mkdir -p {r}/vdb && cp -a {d}/m/known {r}/vdb/ && umount {d}/m", r = refs.display()));
+    sh(&format!(
+        "mkdir -p {r}/vdb && cp -a {d}/m/known {r}/vdb/ && umount {d}/m",
+        r = refs.display()
+    ));
     // vdc: xfs on the whole disk, qcow2.
     sh(&format!("truncate -s 320M {d}/vdc.raw && mkfs.xfs -q -f {d}/vdc.raw && mount -o loop {d}/vdc.raw {d}/m"));
     write_tree(&m, "vdc");
     sh(&format!("mkdir -p {r}/vdc && cp -a {d}/m/known {r}/vdc/ && umount {d}/m && qemu-img convert -O qcow2 {d}/vdc.raw {d}/vdc.qcow2 && rm {d}/vdc.raw", r = refs.display()));
     // vdd: GPT, ext4 on partition 1, LVM on partition 2 with an ext4 volume, qcow2.
     sh(&format!("truncate -s 160M {d}/vdd.raw && printf 'label: gpt\\nsize=48M\\nsize=+\\n' | sfdisk -q {d}/vdd.raw"));
-    let l = sh(&format!("losetup -f --show -P {d}/vdd.raw")).trim().to_string();
+    let l = sh(&format!("losetup -f --show -P {d}/vdd.raw"))
+        .trim()
+        .to_string();
     let _ = Command::new("partx").args(["-a", &l]).output();
     let cleanup_loop = |l: &str| {
         let _ = Command::new("losetup").args(["-d", l]).output();
@@ -207,17 +236,32 @@ fn prepare_disks(dir: &Path) -> Vec<(String, PathBuf, String)> {
     let lvm = format!("--devices {l}p2 --config 'global {{ activation = 0 }}'");
     sh(&format!("mkfs.ext4 -q {l}p1 && mount {l}p1 {d}/m"));
     write_tree(&m, "vdd-part1");
-    sh(&format!("mkdir -p {r}/part1 && cp -a {d}/m/known {r}/part1/ && umount {d}/m", r = refs.display()));
+    sh(&format!(
+        "mkdir -p {r}/part1 && cp -a {d}/m/known {r}/part1/ && umount {d}/m",
+        r = refs.display()
+    ));
     sh(&format!("pvcreate -q {lvm} {l}p2 && vgcreate -q {lvm} {vg} {l}p2 && lvcreate -q {lvm} -an -Zn -L 48M -n data {vg} 2>&1"));
-    let info = sh(&format!("lvm pvs {lvm} --noheadings --nosuffix --units b --separator '|' -o pe_start 2>/dev/null"));
+    let info = sh(&format!(
+        "lvm pvs {lvm} --noheadings --nosuffix --units b --separator '|' -o pe_start 2>/dev/null"
+    ));
     let pe_start: u64 = info.trim().parse().unwrap();
-    let s = sh(&format!("losetup -f --show -o {pe_start} --sizelimit {} {l}p2", 48 << 20)).trim().to_string();
+    let s = sh(&format!(
+        "losetup -f --show -o {pe_start} --sizelimit {} {l}p2",
+        48 << 20
+    ))
+    .trim()
+    .to_string();
     sh(&format!("mkfs.ext4 -q {s} && mount {s} {d}/m"));
     write_tree(&m, "vdd-lvm");
-    sh(&format!("mkdir -p {r}/lvm && cp -a {d}/m/known {r}/lvm/ && umount {d}/m", r = refs.display()));
+    sh(&format!(
+        "mkdir -p {r}/lvm && cp -a {d}/m/known {r}/lvm/ && umount {d}/m",
+        r = refs.display()
+    ));
     cleanup_loop(&s);
     cleanup_loop(&l);
-    sh(&format!("qemu-img convert -O qcow2 {d}/vdd.raw {d}/vdd.qcow2 && rm {d}/vdd.raw"));
+    sh(&format!(
+        "qemu-img convert -O qcow2 {d}/vdd.raw {d}/vdd.qcow2 && rm {d}/vdd.raw"
+    ));
     fs::write(dir.join("vg-name"), &vg).unwrap();
     vec![
         ("vdb".into(), dir.join("vdb.raw"), "raw".into()),
@@ -274,7 +318,16 @@ fn prepared_disks_extract_and_mount_with_owner_mode_and_content() {
     for (disk, path, reference) in &all {
         let out = s.dir.join(format!("out-{disk}-{}", path.replace('/', "_")));
         fs::create_dir(&out).unwrap();
-        s.vmb_ok(&["files", &dom, &stamp, "--disk", disk, "extract", path, &out.display().to_string()]);
+        s.vmb_ok(&[
+            "files",
+            &dom,
+            &stamp,
+            "--disk",
+            disk,
+            "extract",
+            path,
+            &out.display().to_string(),
+        ]);
         same_tree(reference, &out.join("known"));
         let ls = s.vmb_ok(&["files", &dom, &stamp, "--disk", disk, "--json", "ls", path]);
         let entries: serde_json::Value = serde_json::from_str(&ls).unwrap();
@@ -295,8 +348,14 @@ fn prepared_disks_extract_and_mount_with_owner_mode_and_content() {
     let m = mnt.display().to_string();
     s.vmb_ok(&["mount", &dom, &stamp, "--disk", "vdd", &m]);
     same_tree(&refs.join("part1/known"), &mnt.join("part1/known"));
-    same_tree(&refs.join("lvm/known"), &mnt.join(format!("{vg}-data/known")));
-    assert!(fs::write(mnt.join("part1/known/new"), b"x").is_err(), "the mount is read-only");
+    same_tree(
+        &refs.join("lvm/known"),
+        &mnt.join(format!("{vg}-data/known")),
+    );
+    assert!(
+        fs::write(mnt.join("part1/known/new"), b"x").is_err(),
+        "the mount is read-only"
+    );
     s.vmb_ok(&["umount", &m]);
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
     assert_eq!(fs::read_dir(&mnt).unwrap().count(), 0);
@@ -308,7 +367,10 @@ fn prepared_disks_extract_and_mount_with_owner_mode_and_content() {
     // A flipped byte in a copy of the backup: the read fails naming the file and the chunk.
     let vm_dir = s.dir.join("target/labhost").join(&dom);
     let bad_stamp = "2000-01-01-000000";
-    sh(&format!("cp -a {0}/{stamp} {0}/{bad_stamp}", vm_dir.display()));
+    sh(&format!(
+        "cp -a {0}/{stamp} {0}/{bad_stamp}",
+        vm_dir.display()
+    ));
     let img = vm_dir.join(bad_stamp).join(format!("{dom}-vdb.raw"));
     let bytes = fs::read(&img).unwrap();
     let find = |needle: &[u8]| -> Vec<usize> {
@@ -328,23 +390,79 @@ fn prepared_disks_extract_and_mount_with_owner_mode_and_content() {
         .expect("the pattern in another chunk than config.txt");
     drop(bytes);
     let chunk = at / (4 << 20);
-    sh(&format!("printf 'X' | dd of={} bs=1 seek={at} conv=notrunc status=none", img.display()));
-    let small = s.vmb(&["files", &dom, bad_stamp, "--disk", "vdb", "cat", "/known/config.txt"]);
-    assert!(small.status.success(), "undamaged chunks still read: {:?}", texts(&small));
-    let out = s.vmb(&["files", &dom, bad_stamp, "--disk", "vdb", "cat", "/known/pattern.bin"]);
+    sh(&format!(
+        "printf 'X' | dd of={} bs=1 seek={at} conv=notrunc status=none",
+        img.display()
+    ));
+    let small = s.vmb(&[
+        "files",
+        &dom,
+        bad_stamp,
+        "--disk",
+        "vdb",
+        "cat",
+        "/known/config.txt",
+    ]);
+    assert!(
+        small.status.success(),
+        "undamaged chunks still read: {:?}",
+        texts(&small)
+    );
+    let out = s.vmb(&[
+        "files",
+        &dom,
+        bad_stamp,
+        "--disk",
+        "vdb",
+        "cat",
+        "/known/pattern.bin",
+    ]);
     let (_, e) = texts(&out);
     assert!(!out.status.success());
     assert!(e.contains(&format!("chunk {chunk} ")), "{e}");
     assert!(e.contains(&img.display().to_string()), "{e}");
-    let out = s.vmb(&["files", &dom, bad_stamp, "--disk", "vdb", "extract", "/known", &s.dir.join("out-bad").display().to_string()]);
+    let out = s.vmb(&[
+        "files",
+        &dom,
+        bad_stamp,
+        "--disk",
+        "vdb",
+        "extract",
+        "/known",
+        &s.dir.join("out-bad").display().to_string(),
+    ]);
     assert!(!out.status.success());
-    assert!(!s.dir.join("out-bad/pattern.bin").exists(), "no partial copy left");
+    assert!(
+        !s.dir.join("out-bad/pattern.bin").exists(),
+        "no partial copy left"
+    );
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
 
     // Killed commands: the chain is found and taken down by orphans --cleanup.
     for (what, args) in [
-        ("files", vec!["files", dom.as_str(), stamp.as_str(), "--disk", "vdd", "ls", "/"]),
-        ("mount", vec!["mount", dom.as_str(), stamp.as_str(), "--disk", "vdd", m.as_str()]),
+        (
+            "files",
+            vec![
+                "files",
+                dom.as_str(),
+                stamp.as_str(),
+                "--disk",
+                "vdd",
+                "ls",
+                "/",
+            ],
+        ),
+        (
+            "mount",
+            vec![
+                "mount",
+                dom.as_str(),
+                stamp.as_str(),
+                "--disk",
+                "vdd",
+                m.as_str(),
+            ],
+        ),
     ] {
         let mut child = s
             .vmb_cmd(&args)
@@ -389,11 +507,21 @@ fn online_backup_of_the_agent_guest_restores_a_deleted_file() {
 
     let t0 = Instant::now();
     let ls = s.vmb_ok(&["files", &dom, &stamp, "ls", "/filtest"]);
-    eprintln!("BENCH first listing (online backup, TCG guest disk): {:?}", t0.elapsed());
+    eprintln!(
+        "BENCH first listing (online backup, TCG guest disk): {:?}",
+        t0.elapsed()
+    );
     assert!(ls.contains("note.txt"), "{ls}");
     let out = s.dir.join("out");
     fs::create_dir(&out).unwrap();
-    s.vmb_ok(&["files", &dom, "latest", "extract", "/filtest/note.txt", &out.display().to_string()]);
+    s.vmb_ok(&[
+        "files",
+        &dom,
+        "latest",
+        "extract",
+        "/filtest/note.txt",
+        &out.display().to_string(),
+    ]);
     let got = out.join("note.txt");
     assert_eq!(fs::read_to_string(&got).unwrap(), format!("{marker}\n"));
     let md = fs::metadata(&got).unwrap();

@@ -103,7 +103,10 @@ pub fn run_umount(args: UmountArgs) -> Result<i32, vm_backup::Error> {
     let settings = super::backup::settings(&args.common)?;
     let done = mount::umount(&settings.journal_dir, &args.dir)?;
     if args.common.json {
-        println!("{}", serde_json::to_string_pretty(&done).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&done).unwrap_or_default()
+        );
     } else {
         println!("unmounted {}", args.dir.display());
     }

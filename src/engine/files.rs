@@ -57,7 +57,11 @@ impl Entry {
         };
         let mut s = String::from(t);
         for (i, c) in "rwxrwxrwx".chars().enumerate() {
-            s.push(if self.mode & (0o400 >> i) != 0 { c } else { '-' });
+            s.push(if self.mode & (0o400 >> i) != 0 {
+                c
+            } else {
+                '-'
+            });
         }
         s
     }
@@ -324,10 +328,9 @@ impl Browse {
             report.files += 1;
             report.bytes += n;
         } else {
-            report.skipped.push(format!(
-                "{shown}: a {} is not extracted",
-                kind_of(ft)
-            ));
+            report
+                .skipped
+                .push(format!("{shown}: a {} is not extracted", kind_of(ft)));
             return Ok(());
         }
         apply_meta(dest, &md, ft.is_symlink()).map_err(werr)
@@ -392,9 +395,9 @@ fn copy_checked(src: &mut dyn io::Read, out: &mut dyn Write) -> Result<u64, Copy
 
 /// Owner, mode and times of `md` onto `dest` (owner and times only for a symlink).
 fn apply_meta(dest: &Path, md: &fs::Metadata, symlink: bool) -> io::Result<()> {
+    use nix::fcntl::AtFlags;
     use nix::sys::stat::{utimensat, UtimensatFlags};
     use nix::sys::time::TimeSpec;
-    use nix::fcntl::AtFlags;
     use nix::unistd::{fchownat, Gid, Uid};
     fchownat(
         None,

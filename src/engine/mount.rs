@@ -212,9 +212,8 @@ impl MountState {
     fn save(&self) -> Result<(), MountError> {
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| MountError::io("cannot encode the mount state", e.into()))?;
-        crate::format::metadata::write_atomic(&self.state_file(), &text).map_err(|e| {
-            MountError::io(format!("cannot write {}", self.state_file().display()), e)
-        })
+        crate::format::metadata::write_atomic(&self.state_file(), &text)
+            .map_err(|e| MountError::io(format!("cannot write {}", self.state_file().display()), e))
     }
 
     /// The damaged chunks the server reported so far.
@@ -271,12 +270,8 @@ pub fn list_states(journal_dir: &Path) -> Vec<MountState> {
 /// Finds the backup and the disk's record.
 fn locate(req: &MountRequest) -> Result<(PathBuf, String, BackupMetadata, DiskRecord), MountError> {
     let (dir, stamp) = restore::locate(&req.backup)?;
-    let meta = BackupMetadata::read(&dir).map_err(|e| {
-        MountError::io(
-            format!("cannot read the metadata of {}", dir.display()),
-            e,
-        )
-    })?;
+    let meta = BackupMetadata::read(&dir)
+        .map_err(|e| MountError::io(format!("cannot read the metadata of {}", dir.display()), e))?;
     let disk = match &req.disk {
         None => meta.disks.first().cloned(),
         Some(t) => meta.disks.iter().find(|d| &d.target == t).cloned(),
@@ -328,7 +323,10 @@ pub fn mount(req: &MountRequest, dir: &Path) -> Result<MountState, MountError> {
                     dir.display()
                 )));
             }
-            tracing::warn!("taking down what an interrupted mount on {} left", dir.display());
+            tracing::warn!(
+                "taking down what an interrupted mount on {} left",
+                dir.display()
+            );
             teardown(&old, true)?;
         }
     }
@@ -493,9 +491,10 @@ fn build_chain(
             if export::mountable(&fstype) {
                 found.push((name, slice, fstype));
             } else {
-                state
-                    .skipped
-                    .push((name, format!("{fstype:?}: not a filesystem that is mounted")));
+                state.skipped.push((
+                    name,
+                    format!("{fstype:?}: not a filesystem that is mounted"),
+                ));
             }
         }
     }
@@ -544,7 +543,11 @@ fn build_chain(
                 MountError::Export(e)
             } else {
                 MountError::Damaged {
-                    path: if name.is_empty() { "/".into() } else { name.clone() },
+                    path: if name.is_empty() {
+                        "/".into()
+                    } else {
+                        name.clone()
+                    },
                     damage,
                 }
             }
@@ -560,11 +563,7 @@ fn build_chain(
     Ok(())
 }
 
-fn served(
-    backup_dir: &Path,
-    file: &str,
-    manifest: &crate::copier::ChunkManifest,
-) -> ServedFile {
+fn served(backup_dir: &Path, file: &str, manifest: &crate::copier::ChunkManifest) -> ServedFile {
     ServedFile {
         name: file.to_string(),
         path: backup_dir.join(file),
@@ -598,9 +597,7 @@ fn start_server(
             .stderr(log)
             .process_group(0)
             .spawn()
-            .map_err(|e| {
-                MountError::io(format!("cannot start {}", req.helper.display()), e)
-            })?
+            .map_err(|e| MountError::io(format!("cannot start {}", req.helper.display()), e))?
     };
     let pid_file = state.workdir.join("verifier.pid");
     std::fs::write(&pid_file, child.id().to_string())
@@ -633,8 +630,13 @@ pub fn teardown(state: &MountState, force: bool) -> Result<Teardown, MountError>
     let mut done = Teardown::default();
     for mp in state.mountpoints.iter().rev() {
         if export::is_mounted(mp) {
-            export::unmount(mp, false)
-                .or_else(|e| if force { export::unmount(mp, true) } else { Err(e) })?;
+            export::unmount(mp, false).or_else(|e| {
+                if force {
+                    export::unmount(mp, true)
+                } else {
+                    Err(e)
+                }
+            })?;
             done.actions.push(format!("unmounted {}", mp.display()));
         }
     }
@@ -659,7 +661,12 @@ pub fn teardown(state: &MountState, force: bool) -> Result<Teardown, MountError>
         }
     }
     for l in &loops {
-        if Path::new(&format!("/sys/block/{}/loop", l.trim_start_matches("/dev/"))).exists() {
+        if Path::new(&format!(
+            "/sys/block/{}/loop",
+            l.trim_start_matches("/dev/")
+        ))
+        .exists()
+        {
             export::detach_loop(l)?;
             done.actions.push(format!("loop device {l} detached"));
         }
@@ -667,21 +674,27 @@ pub fn teardown(state: &MountState, force: bool) -> Result<Teardown, MountError>
     let hint = state.workdir.to_string_lossy().into_owned();
     if let Some(pid) = export::read_pid(&state.workdir.join("qsd.pid")) {
         if export::stop_process(pid, &hint, Duration::from_secs(5)) {
-            done.actions.push(format!("qemu-storage-daemon {pid} stopped"));
+            done.actions
+                .push(format!("qemu-storage-daemon {pid} stopped"));
         }
     }
     if export::is_mounted(&export_file) {
         export::unmount(&export_file, true)?;
-        done.actions.push(format!("stale export {} unmounted", export_file.display()));
+        done.actions
+            .push(format!("stale export {} unmounted", export_file.display()));
     }
     let layers = state.layers_dir();
     if export::is_mounted(&layers) {
         export::unmount(&layers, false).or_else(|_| export::unmount(&layers, true))?;
-        done.actions.push(format!("verify-on-read folder {} unmounted", layers.display()));
+        done.actions.push(format!(
+            "verify-on-read folder {} unmounted",
+            layers.display()
+        ));
     }
     if let Some(pid) = export::read_pid(&state.workdir.join("verifier.pid")) {
         if export::stop_process(pid, &hint, Duration::from_secs(5)) {
-            done.actions.push(format!("verify-on-read server {pid} stopped"));
+            done.actions
+                .push(format!("verify-on-read server {pid} stopped"));
         }
     }
     if export::mounts()
@@ -694,9 +707,8 @@ pub fn teardown(state: &MountState, force: bool) -> Result<Teardown, MountError>
         )));
     }
     if state.workdir.exists() {
-        std::fs::remove_dir_all(&state.workdir).map_err(|e| {
-            MountError::io(format!("cannot remove {}", state.workdir.display()), e)
-        })?;
+        std::fs::remove_dir_all(&state.workdir)
+            .map_err(|e| MountError::io(format!("cannot remove {}", state.workdir.display()), e))?;
     }
     let sf = state.state_file();
     if sf.exists() {

@@ -192,8 +192,11 @@ pub fn partitions(dev: &str) -> Vec<String> {
     let sys = Path::new("/sys/block").join(name);
     let scanned = |sys: &Path| {
         std::fs::read_dir(sys).is_ok_and(|rd| {
-            rd.filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}p")))
+            rd.filter_map(Result::ok).any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{name}p"))
+            })
         })
     };
     if !scanned(&sys) && has_partition_table(dev) {
@@ -273,11 +276,12 @@ fn lvm_args<'a>(cmd: &'a str, devices: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// Volumes found but not mappable: (`vg-lv`, why not).
+pub type Unmappable = Vec<(String, String)>;
+
 /// Reads the logical volumes on the physical volumes `pvs` (read-only metadata scan, nothing
 /// activated). Returns the mappable ones and, for the others, why not.
-pub fn logical_volumes(
-    pvs: &[String],
-) -> Result<(Vec<LogicalVolume>, Vec<(String, String)>), ExportError> {
+pub fn logical_volumes(pvs: &[String]) -> Result<(Vec<LogicalVolume>, Unmappable), ExportError> {
     let devices = pvs.join(",");
     let mut a = lvm_args("pvs", &devices);
     a.extend(["-o", "pv_name,pe_start,vg_extent_size"]);
@@ -318,7 +322,11 @@ pub fn logical_volumes(
         // "/dev/loop5p2:0-255"
         let parsed = ranges.rsplit_once(':').and_then(|(pv, r)| {
             let (a, b) = r.split_once('-')?;
-            Some((pv.to_string(), a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+            Some((
+                pv.to_string(),
+                a.parse::<u64>().ok()?,
+                b.parse::<u64>().ok()?,
+            ))
         });
         let (Some((pv, first, last)), true) = (parsed, extent > 0) else {
             skipped.push((name, format!("cannot read its extents ({ranges:?})")));

@@ -353,7 +353,13 @@ pub fn scan(
             Some(Err(e)) => (Some(e), Some(false)),
             None => (None, None),
         };
-        report.orphans.push(Orphan { vm: m.vm, kind: "mount".into(), detail: m.detail, repair, repaired });
+        report.orphans.push(Orphan {
+            vm: m.vm,
+            kind: "mount".into(),
+            detail: m.detail,
+            repair,
+            repaired,
+        });
     }
     Ok(report)
 }
