@@ -5,7 +5,7 @@
 #   - the time a verify-the-whole-image-first design would add (`vm-backup verify-file`),
 #   - the extract throughput of `vm-backup files ... extract FILE` (every chunk verified),
 #   - the same file by `qemu-img convert` + loop mount + `cp` (no verification),
-#   - with libguestfs when installed (`guestfish --ro -i`, `virt-copy-out`).
+#   - with libguestfs when BENCH_LIBGUESTFS=1 and installed (`guestfish --ro -i`, `virt-copy-out`).
 # The backup file is dropped from the page cache (posix_fadvise) before each run.
 # Usage (root): scripts/bench-file-restore.sh CONFIG VM STAMP DISK-IMAGE DIR-IN-FS FILE-IN-FS
 set -euo pipefail
@@ -48,7 +48,7 @@ umount "$work/m"; losetup -d "$loop"
 echo "qemu-img convert + loop mount + cp: $((bytes >> 20)) MiB in $(python3 -c "print(round($t1-$t0,2))") s = $(python3 -c "print(round($bytes/($t1-$t0)/1048576))") MiB/s (no verification; a full raw copy of the disk first)"
 rm -rf "$work/out" "$work/disk.raw"
 
-if command -v guestfish >/dev/null; then
+if [ "${BENCH_LIBGUESTFS:-0}" = 1 ] && command -v guestfish >/dev/null; then
   uncache "$image"
   t0=$(secs)
   guestfish --ro -a "$image" -i ls "$dir" | { read -r first; t1=$(secs); echo "guestfish first line after $(python3 -c "print(round($t1-$t0,2))") s: $first"; cat >/dev/null; }
