@@ -99,8 +99,17 @@ impl Browse {
         let root = mount::mounts_folder(&req.journal_dir).join(&id).join("fs");
         fs::create_dir_all(&root)
             .map_err(|e| MountError::io(format!("cannot create {}", root.display()), e))?;
-        let state = mount::build(req, MountKind::Files, &id, &root)?;
-        Ok(Self { state })
+        match mount::build(req, MountKind::Files, &id, &root) {
+            Ok(state) => Ok(Self { state }),
+            Err(e) => {
+                // A failure before anything was recorded (no such backup) leaves empty folders.
+                if let Some(work) = root.parent() {
+                    let _ = fs::remove_dir(&root);
+                    let _ = fs::remove_dir(work);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The chain's state (volumes, backup folder).
