@@ -11,6 +11,8 @@ packages=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-guest-agent
   linux-image-amd64 busybox-static ovmf libnbd-bin jq e2fsprogs cpio xz-utils
   genisoimage virtnbdbackup python3-fuse
+  # file-level restore (mount, files) and its lab disks: partitions, xfs, LVM metadata
+  fdisk xfsprogs lvm2
   # tests: share simulation, ssh appliance, misc tools
   fuse3 openssh-server openssh-client sqlite3 time python3 curl iproute2 util-linux
   # Bacula lab

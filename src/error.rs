@@ -25,6 +25,9 @@ pub enum Error {
     /// A restore failed.
     #[error(transparent)]
     Restore(#[from] crate::engine::restore::RestoreError),
+    /// A file-level restore (mount, umount, files) failed.
+    #[error(transparent)]
+    Mount(#[from] crate::engine::mount::MountError),
     /// Verification found a fault or could not run.
     #[error(transparent)]
     Verify(#[from] crate::engine::verify::VerifyError),
@@ -65,6 +68,7 @@ impl Error {
             Error::Libvirt(e) => e.kind(),
             Error::Backup(e) => e.kind(),
             Error::Restore(e) => e.kind(),
+            Error::Mount(e) => e.kind(),
             Error::Verify(e) => e.kind(),
             Error::Config(e) => e.kind(),
             Error::Layout(e) => e.kind(),

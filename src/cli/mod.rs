@@ -9,7 +9,9 @@ mod catalog;
 mod check;
 mod common;
 mod copy;
+mod files;
 mod list;
+mod mount;
 mod orphans;
 mod prune;
 mod report;
@@ -61,6 +63,15 @@ enum Command {
     Catalog(catalog::Args),
     /// Send a run summary.
     Report(report::Args),
+    /// Mount a backup's filesystems read-only under a folder.
+    Mount(mount::Args),
+    /// Unmount what `mount` put under a folder.
+    Umount(mount::UmountArgs),
+    /// Browse and copy out files of a backup (ls, find, cat, extract).
+    Files(files::Args),
+    /// The verify-on-read server of a mount (started by `mount` and `files`).
+    #[command(hide = true)]
+    VerifiedServe(mount::ServeArgs),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -82,6 +93,10 @@ pub fn main() -> i32 {
         Command::BaculaConfig(a) => bacula_config::run(a),
         Command::Catalog(a) => catalog::run(a),
         Command::Report(a) => report::run(a),
+        Command::Mount(a) => mount::run(a),
+        Command::Umount(a) => mount::run_umount(a),
+        Command::Files(a) => files::run(a),
+        Command::VerifiedServe(a) => mount::run_serve(a),
     };
     match result {
         Ok(code) => code,

@@ -19,6 +19,7 @@ use crate::error::ErrorKind;
 pub mod catalog;
 mod durable;
 mod folder;
+pub mod verified_read;
 
 pub use durable::{write_atomic, StagedFile};
 pub use folder::{

@@ -400,6 +400,21 @@ pub fn scan(
             drop(lock);
         }
     }
+    // 4. Mount chains of killed `mount`/`files` commands (loop devices, servers, mounts).
+    for m in crate::engine::mount::orphans(&settings.journal_dir, cleanup) {
+        let (repair, repaired) = match m.repair {
+            Some(Ok(actions)) => (Some(actions.join("; ")), Some(true)),
+            Some(Err(e)) => (Some(e), Some(false)),
+            None => (None, None),
+        };
+        report.orphans.push(Orphan {
+            vm: m.vm,
+            kind: "mount".into(),
+            detail: m.detail,
+            repair,
+            repaired,
+        });
+    }
     Ok(report)
 }
 

@@ -1,0 +1,544 @@
+//! Lab tests of file-level restore (`vm-backup files`, `mount`, `umount`, `orphans` of mount
+//! chains) on backups made by the real `vm-backup backup`. Skipped unless VMB_LAB_LIBVIRT=1.
+//! Run with the lab prefix `fil` up (`lab/libvirt-lab.sh up fil --only agent`):
+//! `VMB_LAB_PREFIX=fil VMB_LAB_LIBVIRT=1 cargo test --test lab_files -- --test-threads=1`.
+//!
+//! Disks are prepared on the host with known files (owner, mode, times, a symlink, a file of
+//! several 4 MiB chunks): ext4 on the whole disk, xfs on the whole disk (qcow2), and a GPT disk
+//! with ext4 on partition 1 and an LVM volume group (its own name, read with `--devices` only,
+//! never activated: this kernel has no device-mapper) holding an ext4 logical volume.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{cmd} failed:\n{o}\n{e}");
+    o
+}
+
+/// A scratch folder with its config, the domains a test defined; removed on drop.
+struct Scratch {
+    dir: PathBuf,
+    domains: Vec<String>,
+}
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let dir = PathBuf::from(format!(
+            "/var/tmp/vmb-{}-{test}-{}",
+            prefix(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("target")).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let conf = format!(
+            "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
+             inventory = \"{d}/vm-list.yaml\"\n",
+            d = dir.display()
+        );
+        fs::write(dir.join("vm-backup.conf"), conf).unwrap();
+        Scratch {
+            dir,
+            domains: Vec::new(),
+        }
+    }
+
+    fn conf(&self) -> String {
+        self.dir.join("vm-backup.conf").display().to_string()
+    }
+
+    fn vmb(&self, args: &[&str]) -> Output {
+        self.vmb_cmd(args).output().unwrap()
+    }
+
+    fn vmb_cmd(&self, args: &[&str]) -> Command {
+        // Right after the command name: `files` ends with its own subcommand.
+        let conf = self.conf();
+        let mut all = args.to_vec();
+        all.splice(1..1, ["--config", conf.as_str()]);
+        let mut c = vm_backup();
+        c.args(&all);
+        c
+    }
+
+    fn vmb_ok(&self, args: &[&str]) -> String {
+        let out = self.vmb(args);
+        let (o, e) = texts(&out);
+        assert!(out.status.success(), "vm-backup {args:?} failed:\n{o}\n{e}");
+        o
+    }
+
+    fn backup(&self, dom: &str, extra: &[&str]) -> String {
+        let mut a = vec!["backup", dom];
+        a.extend(extra);
+        self.vmb_ok(&a);
+        let vm_dir = self.dir.join("target/labhost").join(dom);
+        vm_backup::format::layout::VmDir { path: vm_dir }
+            .latest()
+            .unwrap()
+            .expect("a published backup")
+    }
+
+    /// Whatever of a mount chain is left under this scratch folder: loop devices, mounts,
+    /// qemu-storage-daemon or verify-on-read processes.
+    fn leftovers(&self) -> Vec<String> {
+        let d = self.dir.display().to_string();
+        let mut out = Vec::new();
+        let loops = Command::new("losetup").arg("-a").output().unwrap();
+        for l in String::from_utf8_lossy(&loops.stdout).lines() {
+            if l.contains(&d) {
+                out.push(format!("loop: {l}"));
+            }
+        }
+        for l in fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
+            if l.contains(&d) {
+                out.push(format!("mount: {l}"));
+            }
+        }
+        for p in fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+            if let Ok(c) = fs::read(p.path().join("cmdline")) {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                if c.contains(&d)
+                    && (c.contains("qemu-storage-daemon") || c.contains("verified-serve"))
+                {
+                    out.push(format!("process: {c}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = self.vmb(&["orphans", "--cleanup"]);
+        for d in &self.domains {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
+        }
+        if self.leftovers().is_empty() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The known tree written on every prepared filesystem.
+fn write_tree(root: &Path, tag: &str) {
+    let d = root.join("known");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("config.txt"), format!("known file on {tag}\n")).unwrap();
+    sh(&format!("chown 1234:2345 {0}/config.txt && chmod 0640 {0}/config.txt && touch -d '2024-02-03 04:05:06' {0}/config.txt", d.display()));
+    let mut big = Vec::new();
+    while big.len() < 9 << 20 {
+        big.extend_from_slice(format!("FILPATTERN {tag} {:08}\n", big.len()).as_bytes());
+    }
+    fs::write(d.join("pattern.bin"), &big).unwrap();
+    std::os::unix::fs::symlink("config.txt", d.join("link")).unwrap();
+    fs::create_dir(d.join("sub")).unwrap();
+    fs::write(d.join("sub/secret"), b"s").unwrap();
+    sh(&format!(
+        "chmod 0700 {0}/sub && chown 7:8 {0}/sub && chmod 4755 {0}/sub/secret",
+        d.display()
+    ));
+}
+
+/// Compares two trees: names, types, content, owner, mode, mtime.
+fn same_tree(a: &Path, b: &Path) {
+    let ma = fs::symlink_metadata(a).unwrap();
+    let mb = fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{} missing: {e}", b.display()));
+    assert_eq!(ma.file_type(), mb.file_type(), "{}", b.display());
+    assert_eq!(
+        (ma.uid(), ma.gid()),
+        (mb.uid(), mb.gid()),
+        "owner of {}",
+        b.display()
+    );
+    if !ma.file_type().is_symlink() {
+        assert_eq!(
+            ma.mode() & 0o7777,
+            mb.mode() & 0o7777,
+            "mode of {}",
+            b.display()
+        );
+        assert_eq!(ma.mtime(), mb.mtime(), "mtime of {}", b.display());
+    }
+    if ma.is_file() {
+        assert!(
+            fs::read(a).unwrap() == fs::read(b).unwrap(),
+            "content of {}",
+            b.display()
+        );
+    } else if ma.file_type().is_symlink() {
+        assert_eq!(fs::read_link(a).unwrap(), fs::read_link(b).unwrap());
+    } else if ma.is_dir() {
+        let mut na: Vec<_> = fs::read_dir(a)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let mut nb: Vec<_> = fs::read_dir(b)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        na.sort();
+        nb.sort();
+        assert_eq!(na, nb, "entries of {}", b.display());
+        for n in na {
+            same_tree(&a.join(&n), &b.join(&n));
+        }
+    }
+}
+
+/// Prepares the three disks in `dir` and a copy of each known tree under `dir/ref/<name>`.
+/// Returns the disks as (target, file, format).
+fn prepare_disks(dir: &Path) -> Vec<(String, PathBuf, String)> {
+    let refs = dir.join("ref");
+    let m = dir.join("m");
+    fs::create_dir_all(&m).unwrap();
+    let vg = format!("{}vg{}", prefix(), std::process::id());
+    let d = dir.display();
+    // vdb: ext4 on the whole disk, raw.
+    sh(&format!("truncate -s 64M {d}/vdb.raw && mkfs.ext4 -q -F {d}/vdb.raw && mount -o loop {d}/vdb.raw {d}/m"));
+    write_tree(&m, "vdb");
+    sh(&format!(
+        "mkdir -p {r}/vdb && cp -a {d}/m/known {r}/vdb/ && umount {d}/m",
+        r = refs.display()
+    ));
+    // vdc: xfs on the whole disk, qcow2.
+    sh(&format!("truncate -s 320M {d}/vdc.raw && mkfs.xfs -q -f {d}/vdc.raw && mount -o loop {d}/vdc.raw {d}/m"));
+    write_tree(&m, "vdc");
+    sh(&format!("mkdir -p {r}/vdc && cp -a {d}/m/known {r}/vdc/ && umount {d}/m && qemu-img convert -O qcow2 {d}/vdc.raw {d}/vdc.qcow2 && rm {d}/vdc.raw", r = refs.display()));
+    // vdd: GPT, ext4 on partition 1, LVM on partition 2 with an ext4 volume, qcow2.
+    sh(&format!("truncate -s 160M {d}/vdd.raw && printf 'label: gpt\\nsize=48M\\nsize=+\\n' | sfdisk -q {d}/vdd.raw"));
+    let l = sh(&format!("losetup -f --show -P {d}/vdd.raw"))
+        .trim()
+        .to_string();
+    let _ = Command::new("partx").args(["-a", &l]).output();
+    let cleanup_loop = |l: &str| {
+        let _ = Command::new("losetup").args(["-d", l]).output();
+    };
+    let lvm = format!("--devices {l}p2 --config 'global {{ activation = 0 }}'");
+    sh(&format!("mkfs.ext4 -q {l}p1 && mount {l}p1 {d}/m"));
+    write_tree(&m, "vdd-part1");
+    sh(&format!(
+        "mkdir -p {r}/part1 && cp -a {d}/m/known {r}/part1/ && umount {d}/m",
+        r = refs.display()
+    ));
+    sh(&format!("pvcreate -q {lvm} {l}p2 && vgcreate -q {lvm} {vg} {l}p2 && lvcreate -q {lvm} -an -Zn -L 48M -n data {vg} 2>&1"));
+    let info = sh(&format!(
+        "lvm pvs {lvm} --noheadings --nosuffix --units b --separator '|' -o pe_start 2>/dev/null"
+    ));
+    let pe_start: u64 = info.trim().parse().unwrap();
+    let s = sh(&format!(
+        "losetup -f --show -o {pe_start} --sizelimit {} {l}p2",
+        48 << 20
+    ))
+    .trim()
+    .to_string();
+    sh(&format!("mkfs.ext4 -q {s} && mount {s} {d}/m"));
+    write_tree(&m, "vdd-lvm");
+    sh(&format!(
+        "mkdir -p {r}/lvm && cp -a {d}/m/known {r}/lvm/ && umount {d}/m",
+        r = refs.display()
+    ));
+    cleanup_loop(&s);
+    cleanup_loop(&l);
+    sh(&format!(
+        "qemu-img convert -O qcow2 {d}/vdd.raw {d}/vdd.qcow2 && rm {d}/vdd.raw"
+    ));
+    fs::write(dir.join("vg-name"), &vg).unwrap();
+    vec![
+        ("vdb".into(), dir.join("vdb.raw"), "raw".into()),
+        ("vdc".into(), dir.join("vdc.qcow2"), "qcow2".into()),
+        ("vdd".into(), dir.join("vdd.qcow2"), "qcow2".into()),
+    ]
+}
+
+/// Defines a shut-off domain with these disks.
+fn define(s: &mut Scratch, name: &str, disks: &[(String, PathBuf, String)]) {
+    let mut xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64'>hvm</type></os><devices>"
+    );
+    for (t, f, fmt) in disks {
+        xml.push_str(&format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>\
+             <source file='{}'/><target dev='{t}' bus='virtio'/></disk>",
+            f.display()
+        ));
+    }
+    xml.push_str("</devices></domain>");
+    let path = s.dir.join("dom.xml");
+    fs::write(&path, xml).unwrap();
+    let _ = virsh(&["undefine", name]);
+    virsh_ok(&["define", &path.display().to_string()]);
+    s.domains.push(name.to_string());
+}
+
+#[test]
+fn prepared_disks_extract_and_mount_with_owner_mode_and_content() {
+    if !lab_enabled("prepared_disks_extract_and_mount_with_owner_mode_and_content") {
+        return;
+    }
+    let mut s = Scratch::new("prep");
+    let disks = prepare_disks(&s.dir);
+    let dom = format!("{}-files", prefix());
+    define(&mut s, &dom, &disks);
+    let stamp = s.backup(&dom, &["--method", "offline"]);
+    let refs = s.dir.join("ref");
+    // (disk, path in the backup, reference tree)
+    let cases = [
+        ("vdb", "/known", refs.join("vdb/known")),
+        ("vdc", "/known", refs.join("vdc/known")),
+        ("vdd", "part1/known", refs.join("part1/known")),
+    ];
+    let vg = fs::read_to_string(s.dir.join("vg-name")).unwrap();
+    let lvm_path = format!("{vg}-data/known");
+    let all: Vec<(&str, &str, PathBuf)> = cases
+        .iter()
+        .map(|(d, p, r)| (*d, *p, r.clone()))
+        .chain([("vdd", lvm_path.as_str(), refs.join("lvm/known"))])
+        .collect();
+    for (disk, path, reference) in &all {
+        let out = s.dir.join(format!("out-{disk}-{}", path.replace('/', "_")));
+        fs::create_dir(&out).unwrap();
+        s.vmb_ok(&[
+            "files",
+            &dom,
+            &stamp,
+            "--disk",
+            disk,
+            "extract",
+            path,
+            &out.display().to_string(),
+        ]);
+        same_tree(reference, &out.join("known"));
+        let ls = s.vmb_ok(&["files", &dom, &stamp, "--disk", disk, "--json", "ls", path]);
+        let entries: serde_json::Value = serde_json::from_str(&ls).unwrap();
+        let cfg = entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"].as_str().unwrap().ends_with("/config.txt"))
+            .expect("config.txt listed");
+        assert_eq!(cfg["uid"], 1234);
+        assert_eq!(cfg["gid"], 2345);
+        assert_eq!(cfg["mode"], 0o640);
+        assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    }
+    // mount: one folder per volume on the partitioned disk, the filesystem itself otherwise.
+    let mnt = s.dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mnt.display().to_string();
+    s.vmb_ok(&["mount", &dom, &stamp, "--disk", "vdd", &m]);
+    same_tree(&refs.join("part1/known"), &mnt.join("part1/known"));
+    same_tree(
+        &refs.join("lvm/known"),
+        &mnt.join(format!("{vg}-data/known")),
+    );
+    assert!(
+        fs::write(mnt.join("part1/known/new"), b"x").is_err(),
+        "the mount is read-only"
+    );
+    s.vmb_ok(&["umount", &m]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), 0);
+    s.vmb_ok(&["mount", &dom, &stamp, "--disk", "vdc", &m]);
+    same_tree(&refs.join("vdc/known"), &mnt.join("known"));
+    s.vmb_ok(&["umount", &m]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+
+    // A flipped byte in a copy of the backup: the read fails naming the file and the chunk.
+    let vm_dir = s.dir.join("target/labhost").join(&dom);
+    let bad_stamp = "2000-01-01-000000";
+    sh(&format!(
+        "cp -a {0}/{stamp} {0}/{bad_stamp}",
+        vm_dir.display()
+    ));
+    let img = vm_dir.join(bad_stamp).join(format!("{dom}-vdb.raw"));
+    let bytes = fs::read(&img).unwrap();
+    let find = |needle: &[u8]| -> Vec<usize> {
+        bytes
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    // A chunk holding pattern.bin but not config.txt (which must still read).
+    let cfg_chunk = find(b"known file on vdb")[0] / (4 << 20);
+    let at = find(b"FILPATTERN vdb")
+        .into_iter()
+        .rev()
+        .find(|i| i / (4 << 20) != cfg_chunk)
+        .expect("the pattern in another chunk than config.txt");
+    drop(bytes);
+    let chunk = at / (4 << 20);
+    sh(&format!(
+        "printf 'X' | dd of={} bs=1 seek={at} conv=notrunc status=none",
+        img.display()
+    ));
+    let small = s.vmb(&[
+        "files",
+        &dom,
+        bad_stamp,
+        "--disk",
+        "vdb",
+        "cat",
+        "/known/config.txt",
+    ]);
+    assert!(
+        small.status.success(),
+        "undamaged chunks still read: {:?}",
+        texts(&small)
+    );
+    let out = s.vmb(&[
+        "files",
+        &dom,
+        bad_stamp,
+        "--disk",
+        "vdb",
+        "cat",
+        "/known/pattern.bin",
+    ]);
+    let (_, e) = texts(&out);
+    assert!(!out.status.success());
+    assert!(e.contains(&format!("chunk {chunk} ")), "{e}");
+    assert!(e.contains(&img.display().to_string()), "{e}");
+    let out = s.vmb(&[
+        "files",
+        &dom,
+        bad_stamp,
+        "--disk",
+        "vdb",
+        "extract",
+        "/known",
+        &s.dir.join("out-bad").display().to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        !s.dir.join("out-bad/pattern.bin").exists(),
+        "no partial copy left"
+    );
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+
+    // Killed commands: the chain is found and taken down by orphans --cleanup.
+    for (what, args) in [
+        (
+            "files",
+            vec![
+                "files",
+                dom.as_str(),
+                stamp.as_str(),
+                "--disk",
+                "vdd",
+                "ls",
+                "/",
+            ],
+        ),
+        (
+            "mount",
+            vec![
+                "mount",
+                dom.as_str(),
+                stamp.as_str(),
+                "--disk",
+                "vdd",
+                m.as_str(),
+            ],
+        ),
+    ] {
+        let mut child = s
+            .vmb_cmd(&args)
+            .env("VMB_TEST_MOUNT_STALL_SECS", "60")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !s.leftovers().iter().any(|l| l.starts_with("loop")) {
+            assert!(Instant::now() < deadline, "{what}: no loop device appeared");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(!s.leftovers().is_empty());
+        let found = s.vmb(&["orphans"]);
+        let (o, _) = texts(&found);
+        assert_eq!(found.status.code(), Some(3), "{what}: {o}");
+        assert!(o.contains("[mount]"), "{what}: {o}");
+        s.vmb_ok(&["orphans", "--cleanup"]);
+        assert!(s.leftovers().is_empty(), "{what}: {:?}", s.leftovers());
+    }
+}
+
+#[test]
+fn online_backup_of_the_agent_guest_restores_a_deleted_file() {
+    if !lab_enabled("online_backup_of_the_agent_guest_restores_a_deleted_file") {
+        return;
+    }
+    let s = Scratch::new("online");
+    let dom = agent_dom();
+    wait_agent(&dom, Duration::from_secs(120));
+    let marker = format!("online file {}", std::process::id());
+    gexec_ok(
+        &dom,
+        &format!("mkdir -p /mnt/data/filtest && echo '{marker}' > /mnt/data/filtest/note.txt && chown 1234:2345 /mnt/data/filtest/note.txt && chmod 0604 /mnt/data/filtest/note.txt && sync"),
+    );
+    let stat = gexec_ok(&dom, "stat -c '%u %g %a %Y %s' /mnt/data/filtest/note.txt");
+    let stamp = s.backup(&dom, &[]);
+    gexec_ok(&dom, "rm -rf /mnt/data/filtest && sync");
+
+    let t0 = Instant::now();
+    let ls = s.vmb_ok(&["files", &dom, &stamp, "ls", "/filtest"]);
+    eprintln!(
+        "BENCH first listing (online backup, TCG guest disk): {:?}",
+        t0.elapsed()
+    );
+    assert!(ls.contains("note.txt"), "{ls}");
+    let out = s.dir.join("out");
+    fs::create_dir(&out).unwrap();
+    s.vmb_ok(&[
+        "files",
+        &dom,
+        "latest",
+        "extract",
+        "/filtest/note.txt",
+        &out.display().to_string(),
+    ]);
+    let got = out.join("note.txt");
+    assert_eq!(fs::read_to_string(&got).unwrap(), format!("{marker}\n"));
+    let md = fs::metadata(&got).unwrap();
+    let want: Vec<&str> = stat.split_whitespace().collect();
+    assert_eq!(md.uid().to_string(), want[0]);
+    assert_eq!(md.gid().to_string(), want[1]);
+    assert_eq!(format!("{:o}", md.mode() & 0o7777), want[2]);
+    assert_eq!(md.mtime().to_string(), want[3]);
+
+    let mnt = s.dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mnt.display().to_string();
+    s.vmb_ok(&["mount", &dom, &stamp, &m]);
+    assert_eq!(
+        fs::read_to_string(mnt.join("filtest/note.txt")).unwrap(),
+        format!("{marker}\n")
+    );
+    s.vmb_ok(&["umount", &m]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
