@@ -751,7 +751,17 @@ pub struct MountOrphan {
     /// What it is.
     pub detail: String,
     /// With `cleanup`: what was done, or why it failed.
-    pub repair: Option<Result<Vec<String>, String>>,
+    pub repair: Option<MountRepair>,
+}
+
+/// What `orphans --cleanup` did to one leftover chain.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MountRepair {
+    /// Taken down: the steps done.
+    Done(Vec<String>),
+    /// Not taken down: the error, worded for the operator.
+    Failed(String),
 }
 
 /// Chains left by killed commands (`files`, an unfinished `mount`) or whose servers died. A
@@ -778,10 +788,9 @@ pub fn orphans(journal_dir: &Path, cleanup: bool) -> Vec<MountOrphan> {
             st.loops.len(),
             st.mountpoints.len()
         );
-        let repair = cleanup.then(|| {
-            teardown(&st, true)
-                .map(|t| t.actions)
-                .map_err(|e| e.to_string())
+        let repair = cleanup.then(|| match teardown(&st, true) {
+            Ok(t) => MountRepair::Done(t.actions),
+            Err(e) => MountRepair::Failed(e.to_string()),
         });
         out.push(MountOrphan {
             vm: st.vm.clone(),
@@ -857,7 +866,7 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert!(found[0].detail.contains("interrupted `files` run"));
         let cleaned = orphans(dir.path(), true);
-        assert!(matches!(cleaned[0].repair, Some(Ok(_))));
+        assert!(matches!(cleaned[0].repair, Some(MountRepair::Done(_))));
         assert!(!work.exists());
         assert!(list_states(dir.path()).is_empty());
     }

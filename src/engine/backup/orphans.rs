@@ -403,8 +403,10 @@ pub fn scan(
     // 4. Mount chains of killed `mount`/`files` commands (loop devices, servers, mounts).
     for m in crate::engine::mount::orphans(&settings.journal_dir, cleanup) {
         let (repair, repaired) = match m.repair {
-            Some(Ok(actions)) => (Some(actions.join("; ")), Some(true)),
-            Some(Err(e)) => (Some(e), Some(false)),
+            Some(crate::engine::mount::MountRepair::Done(actions)) => {
+                (Some(actions.join("; ")), Some(true))
+            }
+            Some(crate::engine::mount::MountRepair::Failed(e)) => (Some(e), Some(false)),
             None => (None, None),
         };
         report.orphans.push(Orphan {
