@@ -304,7 +304,10 @@ mod tests {
             for (fmt, named) in [("qcow2", "base.qcow2"), ("raw", "base-raw.img")] {
                 let dir = tempfile::tempdir().unwrap();
                 let top = make(dir.path(), compat, fmt, named);
-                let new = format!("vm-vda.backing-1.{}", if fmt == "raw" { "raw" } else { fmt });
+                let new = format!(
+                    "vm-vda.backing-1.{}",
+                    if fmt == "raw" { "raw" } else { fmt }
+                );
                 std::fs::copy(dir.path().join(named), dir.path().join(&new)).unwrap();
                 let r = rewrite_file(&top, &new).unwrap();
                 assert_eq!(r.old_name, named);
@@ -355,14 +358,31 @@ mod tests {
         let mut block = bytes[..end].to_vec();
         let before = block.clone();
         let e = rewrite_backing_name(&mut block, b"vm-vda.backing-1.qcow2").unwrap_err();
-        assert!(matches!(e, NotRewritten::DoesNotFit { need: 22, room: 10, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                NotRewritten::DoesNotFit {
+                    need: 22,
+                    room: 10,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert_eq!(block, before);
         // Too long for qemu.
         let e = rewrite_backing_name(&mut bytes[..4096], &[b'a'; 1024]).unwrap_err();
         assert_eq!(e, NotRewritten::TooLong(1024));
         // No backing file, not qcow2.
         let plain = dir.path().join("plain.qcow2");
-        assert!(qemu_img(&["create", "-q", "-f", "qcow2", plain.to_str().unwrap(), "1M"]));
+        assert!(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            plain.to_str().unwrap(),
+            "1M"
+        ]));
         let mut p = std::fs::read(&plain).unwrap();
         assert_eq!(
             rewrite_backing_name(&mut p[..4096], b"x").unwrap_err(),

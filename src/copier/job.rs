@@ -9,8 +9,8 @@ use crossbeam_channel::Sender;
 
 use super::buffer::Pool;
 use super::dest::{self, Sink, TempFile};
-use super::header::{BackingRename, HeaderRewrite, Rewrite};
 use super::hashing::{self, HashResult, HashSettings, Item};
+use super::header::{BackingRename, HeaderRewrite, Rewrite};
 use super::plan::Planner;
 use super::ticker::Ticker;
 use super::{threads, uring, ChunkManifest, CopyError, CopyOptions, CopyReport, IoPath};
@@ -169,7 +169,16 @@ pub fn copy_into(
     if let Some(note) = sink.note() {
         notes.push(note.to_string());
     }
-    fill(src, sink, options, None, progress, cancel, notes, Instant::now())
+    fill(
+        src,
+        sink,
+        options,
+        None,
+        progress,
+        cancel,
+        notes,
+        Instant::now(),
+    )
 }
 
 /// [`copy_into`], rewriting the backing file name in the copy's qcow2 header on the way

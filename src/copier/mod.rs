@@ -379,6 +379,17 @@ pub fn verify_file(
     verify::run(file, manifest, progress, cancel)
 }
 
+/// Hashes `file` again in one sequential pass: its whole-file SHA-256 and its chunk manifest
+/// (`chunk_size` chunks), as a copy would have recorded them. For a file changed after its
+/// copy (a qcow2 header rebased because the rewrite on the way did not fit).
+pub fn hash_file(
+    file: &Path,
+    chunk_size: u64,
+    cancel: &CancelToken,
+) -> Result<(String, ChunkManifest), CopyError> {
+    verify::hash_whole(file, chunk_size, cancel)
+}
+
 /// A byte size that [`parse_size`] refused; the message quotes the text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
