@@ -67,7 +67,10 @@ impl StreamSession {
         for disk in self.session.disks() {
             if let Some(first) = disk.backing_chain.first() {
                 return Err(PluginError::Engine(format!(
-                    "vm-backup: mode=stream does not send backing files yet: disk {} has backing file {}; use mode=direct",
+                    "vm-backup: mode=stream does not send backing files yet: disk {} has backing file {}; \
+                     a self-contained backup needs each layer's header pointed at the next layer's \
+                     copy (the copier's rewrite on the way), and stream mode sends files through \
+                     Bacula's read path, which does not carry it yet; use mode=direct",
                     disk.target,
                     first.path.display()
                 )));
