@@ -178,8 +178,9 @@ fn check_folder(lab: &mut Lab, backup: &Path, disk: &DiskRecord, stamp: &str) {
 
 #[test]
 fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boots() {
-    if !lab_enabled("chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boots")
-    {
+    if !lab_enabled(
+        "chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boots",
+    ) {
         return;
     }
     let dom = multi_dom();
@@ -211,13 +212,32 @@ fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boo
     // vdd: top.qcow2 -(absolute)-> mid.qcow2 -(relative)-> bottom.raw, data in each layer.
     let src = dir.join("src");
     let p = |n: &str| src.join(n).display().to_string();
-    tool_ok("qemu-img", &["create", "-q", "-f", "raw", &p("bottom.raw"), "8M"]);
-    tool_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 2M", &p("bottom.raw")]);
     tool_ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "bottom.raw", "-F", "raw", &p("mid.qcow2")],
+        &["create", "-q", "-f", "raw", &p("bottom.raw"), "8M"],
     );
-    tool_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 1M 2M", &p("mid.qcow2")]);
+    tool_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 2M", &p("bottom.raw")],
+    );
+    tool_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "bottom.raw",
+            "-F",
+            "raw",
+            &p("mid.qcow2"),
+        ],
+    );
+    tool_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x22 1M 2M", &p("mid.qcow2")],
+    );
     tool_ok(
         "qemu-img",
         &[
@@ -232,7 +252,10 @@ fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boo
             &p("top.qcow2"),
         ],
     );
-    tool_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x33 6M 64k", &p("top.qcow2")]);
+    tool_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x33 6M 64k", &p("top.qcow2")],
+    );
     for f in ["bottom.raw", "mid.qcow2", "top.qcow2"] {
         fs::set_permissions(src.join(f), fs::Permissions::from_mode(0o644)).unwrap();
     }
@@ -271,7 +294,12 @@ fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boo
     let backup2 = lab.backup();
     assert_ne!(backup2, backup);
     let meta2 = BackupMetadata::read(&backup2).unwrap();
-    let vdd2 = meta2.disks.iter().find(|d| d.target == "vdd").unwrap().clone();
+    let vdd2 = meta2
+        .disks
+        .iter()
+        .find(|d| d.target == "vdd")
+        .unwrap()
+        .clone();
     tool_ok(
         "qemu-img",
         &[
@@ -313,7 +341,10 @@ fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boo
     for f in &chain {
         assert!(f.starts_with(&dd), "{f:?} is outside the restore folder");
     }
-    tool_ok("qemu-img", &["compare", "-U", top.to_str().unwrap(), &p("top.qcow2")]);
+    tool_ok(
+        "qemu-img",
+        &["compare", "-U", top.to_str().unwrap(), &p("top.qcow2")],
+    );
     virsh_ok(&["start", &lab.copy]);
     wait_agent(&lab.copy, Duration::from_secs(180));
     assert_eq!(domstate(&lab.copy), "running");
