@@ -233,3 +233,93 @@ fn a_copied_chain_names_its_own_layers_and_checks_without_the_originals() {
         let _ = io;
     }
 }
+
+fn record(file: &str, format: &str) -> (String, String) {
+    (file.to_string(), format.to_string())
+}
+
+/// The post-check's and verify's chain check: passes on the copied chain, and fails, without
+/// opening the chain, once a copy names a file outside the folder.
+fn chain_check_judges_the_folder(out: &Path, src: &Path) {
+    use vm_backup::format::metadata::{BackingRecord, BackingRewrite, DiskRecord};
+    let manifest = copier::ChunkManifest {
+        chunk_size: 1,
+        file_size: 0,
+        digests: Vec::new(),
+        zero_chunks: Vec::new(),
+        root: String::new(),
+    };
+    let rw = |w: &str| BackingRewrite {
+        original: String::new(),
+        written: w.into(),
+        how: "copier".into(),
+        source_chunk0_sha256: None,
+        source_root: None,
+    };
+    let layer = |(file, format): (String, String), depth, next: Option<&str>| BackingRecord {
+        depth,
+        file,
+        source: String::new(),
+        format,
+        backing_named_as: None,
+        virtual_size: 0,
+        allocated_size: 0,
+        file_size: 0,
+        sha256: String::new(),
+        manifest: manifest.clone(),
+        copy_seconds: 0.0,
+        backing_rewrite: next.map(rw),
+    };
+    let disk = DiskRecord {
+        target: "vda".into(),
+        source: String::new(),
+        format: "qcow2".into(),
+        file: "vm-vda.qcow2".into(),
+        virtual_size: 0,
+        allocated_size: 0,
+        file_size: 0,
+        sha256: String::new(),
+        manifest: manifest.clone(),
+        copy_seconds: 0.0,
+        bytes_per_sec: 0.0,
+        io_path: String::new(),
+        backing_chain: vec![
+            layer(
+                record("vm-vda.backing-1.qcow2", "qcow2"),
+                1,
+                Some("vm-vda.backing-2.raw"),
+            ),
+            layer(record("vm-vda.backing-2.raw", "raw"), 2, None),
+        ],
+        backing_rewrite: Some(rw("vm-vda.backing-1.qcow2")),
+    };
+    let c = vm_backup::engine::verify::chain_check(out, &disk);
+    assert!(c.ok, "{}", c.detail);
+    assert!(c.detail.contains("3 layer(s)"), "{}", c.detail);
+    // The middle copy pointed back at the original: refused before anything is opened.
+    let mid = out.join("vm-vda.backing-1.qcow2");
+    let orig = src.join("bottom.raw");
+    ok(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            orig.to_str().unwrap(),
+            "-F",
+            "raw",
+            mid.to_str().unwrap(),
+        ],
+    );
+    let c = vm_backup::engine::verify::chain_check(out, &disk);
+    assert!(!c.ok, "{}", c.detail);
+    assert!(c.detail.contains("would leave the backup"), "{}", c.detail);
+    // A backup written before copies were rewritten passes, saying why it is not opened.
+    let mut old = disk.clone();
+    old.backing_rewrite = None;
+    old.backing_chain[0].backing_rewrite = None;
+    let c = vm_backup::engine::verify::chain_check(out, &old);
+    assert!(c.ok && c.detail.contains("written before"), "{}", c.detail);
+}

@@ -3,8 +3,8 @@
 //! `top.qcow2` names `mid.qcow2` by an absolute path, `mid.qcow2` names `bottom.raw` (a raw
 //! base) by a relative name; its `vdb` already runs on a qcow2 with an absolute backing file.
 //! Backed up online and offline; inside each backup folder, with the originals moved away,
-//! `qemu-img info --backing-chain` stays in the folder, `qemu-img check` passes and `vm-backup
-//! verify` (the post-check's chain check) passes; `qemu-img compare` of the offline copy
+//! `qemu-img info --backing-chain` stays in the folder, `qemu-img check` and `convert` pass,
+//! and so do the backup's post-check (run again) and `vm-backup verify`; `qemu-img compare` of the offline copy
 //! against the source; a restore `--as` boots. Skipped unless VMB_LAB_LIBVIRT=1.
 //! `VMB_LAB_PREFIX=chl VMB_LAB_LIBVIRT=1 cargo test --test lab_chains -- --test-threads=1`
 
@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use support::*;
 use vm_backup::format::metadata::{BackupMetadata, DiskRecord};
+use vm_backup::progress::{CancelToken, NoProgress};
 
 fn texts(out: &Output) -> (String, String) {
     (
@@ -131,7 +132,7 @@ fn layers(disk: &DiskRecord) -> Vec<(String, PathBuf)> {
 }
 
 /// Everything a self-contained backup of a chained disk must show, with its originals away.
-fn check_folder(lab: &mut Lab, backup: &Path, disk: &DiskRecord, stamp: &str) {
+fn check_folder(lab: &mut Lab, backup: &Path, disk: &DiskRecord, meta: &BackupMetadata) {
     let ls = layers(disk);
     assert!(ls.len() >= 2, "{} has a chain: {disk:?}", disk.target);
     assert!(disk.backing_rewrite.is_some(), "{disk:?}");
@@ -169,8 +170,16 @@ fn check_folder(lab: &mut Lab, backup: &Path, disk: &DiskRecord, stamp: &str) {
         ],
     );
     let _ = fs::remove_file(lab.dir.join("converted.raw"));
-    // verify runs the post-check's chain check: only the folder's files are opened.
-    let out = lab.vmb(&["verify", &lab.dom.clone(), stamp]);
+    // The backup's post-check, run again now: only the folder's files are opened.
+    let problems = vm_backup::engine::backup::checks::post_check_folder(
+        backup,
+        meta,
+        &NoProgress,
+        &CancelToken::new(),
+    );
+    assert!(problems.is_empty(), "post-check: {problems:?}");
+    // verify runs the same chain check.
+    let out = lab.vmb(&["verify", &lab.dom.clone(), &meta.stamp]);
     let (o, e) = texts(&out);
     assert_eq!(out.status.code(), Some(0), "verify:\n{o}\n{e}");
     lab.put_back();
@@ -282,7 +291,7 @@ fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boo
     let meta = BackupMetadata::read(&backup).unwrap();
     for t in ["vdb", "vdd"] {
         let d = meta.disks.iter().find(|d| d.target == t).unwrap().clone();
-        check_folder(&mut lab, &backup, &d, &meta.stamp);
+        check_folder(&mut lab, &backup, &d, &meta);
     }
     let vdd = meta.disks.iter().find(|d| d.target == "vdd").unwrap();
     assert_eq!(vdd.backing_chain.len(), 2);
@@ -316,7 +325,7 @@ fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boo
     assert_ne!(rw.source_root.as_deref(), Some(vdd2.manifest.root.as_str()));
     for t in ["vdb", "vdd"] {
         let d = meta2.disks.iter().find(|d| d.target == t).unwrap().clone();
-        check_folder(&mut lab, &backup2, &d, &meta2.stamp);
+        check_folder(&mut lab, &backup2, &d, &meta2);
     }
 
     // Restore --as into a folder of its own, the originals away: it boots.
