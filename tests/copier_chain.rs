@@ -230,7 +230,7 @@ fn a_copied_chain_names_its_own_layers_and_checks_without_the_originals() {
                 top.to_str().unwrap(),
             ],
         );
-        let _ = io;
+        chain_check_judges_the_folder(&out, &src);
     }
 }
 
