@@ -323,3 +323,56 @@ fn chain_check_judges_the_folder(out: &Path, src: &Path) {
     let c = vm_backup::engine::verify::chain_check(out, &old);
     assert!(c.ok && c.detail.contains("written before"), "{}", c.detail);
 }
+
+#[test]
+fn a_name_that_does_not_fit_is_rebased_after_the_copy_and_hashed_again() {
+    use vm_backup::engine::backup::chain::{settle_rewrite, BackingImage};
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    make_chain(&src);
+    // The copier was asked for a name that cannot fit: it leaves the copy as it is.
+    let long = "x".repeat(1100); // longer than qemu allows: refused
+    let copy_path = out.join("vm-vda.backing-1.qcow2");
+    let r = copy(
+        &src.join("mid.qcow2"),
+        &copy_path,
+        &options(engines()[0]),
+        Some(&long),
+    );
+    let h = r.header_rewrite.clone().unwrap();
+    assert!(!h.applied);
+    assert!(h.reason.contains("1100 bytes"), "{}", h.reason);
+    assert_eq!(sha256_of(&copy_path), sha256_of(&src.join("mid.qcow2")));
+    // The engine then rebases onto the name that fits here and hashes again.
+    let below = BackingImage {
+        depth: 2,
+        path: src.join("bottom.raw"),
+        format: "raw".into(),
+        named_as: None,
+        virtual_size: 0,
+        allocated_size: 0,
+        file_name: "vm-vda.backing-2.raw".into(),
+    };
+    let asked = vm_backup::copier::HeaderRewrite {
+        new_name: below.file_name.clone(),
+        ..h
+    };
+    let m = r.manifest.clone().unwrap();
+    let settled = settle_rewrite(&copy_path, &below, &asked, &m, &CancelToken::new()).unwrap();
+    assert_eq!(settled.record.how, "rebase");
+    assert_eq!(settled.record.source_root.as_deref(), Some(m.root.as_str()));
+    assert!(settled.note.contains("hashed again"), "{}", settled.note);
+    let (sha, manifest) = settled.rehashed.unwrap();
+    assert_eq!(sha, sha256_of(&copy_path));
+    assert_ne!(manifest.root, m.root);
+    let v = copier::verify_file(&copy_path, &manifest, &NoProgress, &CancelToken::new()).unwrap();
+    assert!(v.ok);
+    std::fs::copy(src.join("bottom.raw"), out.join("vm-vda.backing-2.raw")).unwrap();
+    ok("qemu-img", &["check", "-q", copy_path.to_str().unwrap()]);
+}
