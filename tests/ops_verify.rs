@@ -187,6 +187,7 @@ fn a_flipped_byte_in_a_backing_layer_is_named() {
             sha256: z.sha256.clone(),
             manifest: z.manifest.clone(),
             copy_seconds: 0.0,
+            backing_rewrite: None,
         });
     vm_backup::store::write_metadata(&dir, &meta).unwrap();
     let sums = fs::read_to_string(dir.join("checksums.sha256"))

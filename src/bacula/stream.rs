@@ -151,6 +151,7 @@ impl StreamSession {
                     bytes_per_sec: 0.0,
                     io_path: "bacula-stream".into(),
                     backing_chain: Vec::new(),
+                    backing_rewrite: None,
                 }),
                 None => other.push(name.clone()),
             }

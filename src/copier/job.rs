@@ -10,6 +10,7 @@ use crossbeam_channel::Sender;
 use super::buffer::Pool;
 use super::dest::{self, Sink, TempFile};
 use super::hashing::{self, HashResult, HashSettings, Item};
+use super::header::{BackingRename, HeaderRewrite, Rewrite};
 use super::plan::Planner;
 use super::ticker::Ticker;
 use super::{threads, uring, ChunkManifest, CopyError, CopyOptions, CopyReport, IoPath};
@@ -45,6 +46,8 @@ pub(crate) struct Job<'a> {
     pub io_threads: usize,
     /// Use registered buffers (io_uring engine).
     pub register_buffers: bool,
+    /// The header rewrite to apply to the first block, when asked.
+    pub rewrite: Option<&'a Rewrite>,
 }
 
 /// What an engine did.
@@ -144,6 +147,7 @@ pub(crate) fn run(
         src,
         Box::new(temp),
         options,
+        None,
         progress,
         cancel,
         notes,
@@ -165,15 +169,56 @@ pub fn copy_into(
     if let Some(note) = sink.note() {
         notes.push(note.to_string());
     }
-    fill(src, sink, options, progress, cancel, notes, Instant::now())
+    fill(
+        src,
+        sink,
+        options,
+        None,
+        progress,
+        cancel,
+        notes,
+        Instant::now(),
+    )
+}
+
+/// [`copy_into`], rewriting the backing file name in the copy's qcow2 header on the way
+/// (see [`super::header`]): the digests are those of the written file, and the report's
+/// `header_rewrite` says whether the name was written (and, if not, why) and carries the
+/// source's own first-chunk digest and manifest root. When the rewrite is refused the copy
+/// is the source byte for byte; the caller decides what to do (rebase it after the copy).
+pub fn copy_into_renaming_backing(
+    src: &Path,
+    sink: Box<dyn Sink + '_>,
+    options: &CopyOptions,
+    rename: &BackingRename,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<CopyReport, CopyError> {
+    let mut notes = Vec::new();
+    if let Some(note) = sink.note() {
+        notes.push(note.to_string());
+    }
+    let rewrite = Rewrite::new(rename);
+    fill(
+        src,
+        sink,
+        options,
+        Some(&rewrite),
+        progress,
+        cancel,
+        notes,
+        Instant::now(),
+    )
 }
 
 /// Copies `src` into the sink's file (preallocated, then written by the chosen engine, the
 /// O_DIRECT padding cut off), hashing on the way, and commits it.
+#[allow(clippy::too_many_arguments)]
 fn fill(
     src: &Path,
     sink: Box<dyn Sink + '_>,
     options: &CopyOptions,
+    rewrite: Option<&Rewrite>,
     progress: &dyn Progress,
     cancel: &CancelToken,
     mut notes: Vec<String>,
@@ -211,6 +256,7 @@ fn fill(
         pool: &pool,
         io_threads: threads::io_threads(settings.queue_depth),
         register_buffers: true,
+        rewrite,
     };
     let hash = HashSettings {
         mode: settings.hash,
@@ -254,13 +300,85 @@ fn fill(
     }
     sink.commit().map_err(|e| CopyError::write(&dst, size, e))?;
     ticker.finish(size);
+    let header_rewrite = rewrite.map(|r| rewrite_outcome(r, src, size, &settings, &hashes));
     for note in &notes {
         tracing::info!("{note}");
         progress.message(Level::Info, note);
     }
-    Ok(build_report(
-        src, &dst, size, settings, io, stats, hashes, notes, started,
-    ))
+    let mut report = build_report(src, &dst, size, settings, io, stats, hashes, notes, started);
+    report.header_rewrite = header_rewrite;
+    Ok(report)
+}
+
+/// What became of a header rewrite; when it was applied and chunks were hashed, the source's
+/// own first-chunk digest (read again from the source: at most one chunk) and manifest root.
+fn rewrite_outcome(
+    rewrite: &Rewrite,
+    src: &Path,
+    size: u64,
+    settings: &CopyOptions,
+    hashes: &HashResult,
+) -> HeaderRewrite {
+    let new_name = rewrite.new_name().to_string();
+    let done = match rewrite.take() {
+        Ok(done) => done,
+        Err(why) => {
+            return HeaderRewrite {
+                applied: false,
+                old_name: None,
+                new_name,
+                reason: why.to_string(),
+                source_chunk0: None,
+                source_root: None,
+            }
+        }
+    };
+    let mut out = HeaderRewrite {
+        applied: true,
+        old_name: Some(done.old_name),
+        new_name,
+        reason: String::new(),
+        source_chunk0: None,
+        source_root: None,
+    };
+    if let Some(chunks) = hashes.chunks.as_ref().filter(|c| !c.is_empty()) {
+        let len = settings.chunk_size.min(size);
+        match first_chunk_digest(src, len) {
+            Ok(d) => {
+                let mut digests: Vec<[u8; 32]> = chunks.iter().map(|c| c.digest).collect();
+                digests[0] = d;
+                out.source_chunk0 = Some(hex::encode(d));
+                out.source_root = Some(hex::encode(hashing::root_digest(&digests)));
+            }
+            Err(e) => tracing::warn!(
+                "cannot read the first chunk of {} again for its own digest: {e}",
+                src.display()
+            ),
+        }
+    }
+    out
+}
+
+/// SHA-256 of the first `len` bytes of `path` (holes read as zeros, like the hashers see them).
+fn first_chunk_digest(path: &Path, len: u64) -> std::io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = File::open(path)?.take(len);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        h.update(&buf[..n]);
+    }
+    if got != len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+    }
+    Ok(h.finalize().into())
 }
 
 /// The source must still have the size it had at the start.
@@ -323,5 +441,6 @@ fn build_report(
         settings,
         notes,
         zero_bytes_skipped: stats.zero_bytes_skipped,
+        header_rewrite: None,
     }
 }

@@ -24,6 +24,7 @@
 //! | `uring` | the io_uring engine and the runtime probe (the only `unsafe` here) |
 //! | `threads` | the pread/pwrite fallback engine |
 //! | `hashing` | the in-order stage and the chunk-hashing pool |
+//! | `header` | the qcow2 backing-name rewrite of the first block, when asked |
 //! | `dest` | opening the source; the [`Sink`] a copy writes into, and the copier's own temporary file for a copy to a path |
 //! | `job` | one copy from options to report |
 //! | `verify` | parallel re-hash of a file against a manifest |
@@ -40,6 +41,7 @@ use crate::progress::{CancelToken, Progress};
 mod buffer;
 mod dest;
 mod hashing;
+pub mod header;
 mod job;
 mod plan;
 mod threads;
@@ -49,7 +51,8 @@ mod verify;
 
 pub use dest::{write_manifest, Sink};
 pub use hashing::{root_digest, zero_digest, FileDigests, StreamHasher};
-pub use job::{copy_into, IO_ENV};
+pub use header::{BackingRename, HeaderRewrite};
+pub use job::{copy_into, copy_into_renaming_backing, IO_ENV};
 pub use uring::probe as probe_uring;
 pub use uring::ProbeError;
 
@@ -177,6 +180,10 @@ pub struct CopyReport {
     /// Bytes of allocated all-zero data not written (`zero_as_holes`).
     #[serde(default)]
     pub zero_bytes_skipped: u64,
+    /// What became of the backing-name rewrite, when one was asked for
+    /// ([`copy_into_renaming_backing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_rewrite: Option<HeaderRewrite>,
 }
 
 /// Which side of a copy an error concerns.
@@ -370,6 +377,17 @@ pub fn verify_file(
     cancel: &CancelToken,
 ) -> Result<VerifyFileReport, CopyError> {
     verify::run(file, manifest, progress, cancel)
+}
+
+/// Hashes `file` again in one sequential pass: its whole-file SHA-256 and its chunk manifest
+/// (`chunk_size` chunks), as a copy would have recorded them. For a file changed after its
+/// copy (a qcow2 header rebased because the rewrite on the way did not fit).
+pub fn hash_file(
+    file: &Path,
+    chunk_size: u64,
+    cancel: &CancelToken,
+) -> Result<(String, ChunkManifest), CopyError> {
+    verify::hash_whole(file, chunk_size, cancel)
 }
 
 /// A byte size that [`parse_size`] refused; the message quotes the text.

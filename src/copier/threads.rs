@@ -186,6 +186,9 @@ fn copy_block(
             }
         }
     }
+    if let Some(r) = job.rewrite {
+        r.apply(task.offset, &mut mem[..task.len]);
+    }
     if job.direct_write {
         // O_DIRECT writes whole aligned blocks: the padding must be zeros.
         let end = task.len.next_multiple_of(ALIGN).min(mem.len());

@@ -439,6 +439,9 @@ impl Engine<'_, '_> {
         len: usize,
     ) -> Result<(), CopyError> {
         self.stats.bytes_read += len as u64;
+        if let Some(r) = self.job.rewrite {
+            r.apply(offset, &mut buf.as_mut_slice()[..len]);
+        }
         if self.job.direct_write {
             let mem = buf.as_mut_slice();
             let end = len.next_multiple_of(ALIGN).min(mem.len());

@@ -236,3 +236,64 @@ fn in_hole(file: &File, start: u64, end: u64) -> bool {
         Err(_) => false,
     }
 }
+
+/// Hashes `path` sequentially: the whole-file SHA-256 and a chunk manifest of `chunk_size`
+/// chunks (all-zero chunks listed). A plain single pass with one buffer, for the rare file
+/// changed after its copy (a header rebased because a rewrite on the way did not fit).
+pub(crate) fn hash_whole(
+    path: &Path,
+    chunk_size: u64,
+    cancel: &CancelToken,
+) -> Result<(String, ChunkManifest), CopyError> {
+    use std::io::Read;
+    let open = |source| CopyError::SourceOpen {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = File::open(path).map_err(open)?;
+    let size = f.metadata().map_err(open)?.len();
+    let chunk_size = chunk_size.max(1);
+    let mut whole = Sha256::new();
+    let mut digests: Vec<[u8; 32]> = Vec::new();
+    let mut zero_chunks = Vec::new();
+    let mut buf = vec![0u8; chunk_size.min(1 << 20) as usize];
+    let mut at = 0u64;
+    while at < size {
+        if cancel.is_cancelled() {
+            return Err(CopyError::Cancelled {
+                path: path.to_owned(),
+                offset: at,
+            });
+        }
+        let len = chunk_size.min(size - at);
+        let mut chunk = Sha256::new();
+        let mut zero = true;
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(buf.len() as u64) as usize;
+            let n = f
+                .read(&mut buf[..want])
+                .map_err(|e| CopyError::read(path, at + done, e))?;
+            if n == 0 {
+                return Err(CopyError::shrank(path, at + done, size));
+            }
+            zero = zero && buf[..n].iter().all(|&b| b == 0);
+            whole.update(&buf[..n]);
+            chunk.update(&buf[..n]);
+            done += n as u64;
+        }
+        if zero {
+            zero_chunks.push(digests.len() as u64);
+        }
+        digests.push(chunk.finalize().into());
+        at += len;
+    }
+    let manifest = ChunkManifest {
+        chunk_size,
+        file_size: size,
+        digests: digests.iter().map(hex::encode).collect(),
+        zero_chunks,
+        root: hex::encode(root_digest(&digests)),
+    };
+    Ok((hex::encode(whole.finalize()), manifest))
+}

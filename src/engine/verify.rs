@@ -16,7 +16,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::format::layout::CHECKSUMS_FILE;
-use crate::format::metadata::{BackupMetadata, Verdict};
+use crate::format::metadata::{BackupMetadata, DiskRecord, Verdict};
 use crate::progress::{CancelToken, Level, Progress};
 
 /// Errors of this module: verification could not run (a fault found is not an error, it is
@@ -186,6 +186,10 @@ pub fn verify_backup(
     if options.qemu_img_check {
         for image in images.iter().filter(|i| i.format == "qcow2") {
             checks.push(qemu_img_check(&dir.join(&image.file), &image.file));
+        }
+        // Each backing chain as a whole, opened inside the folder.
+        for disk in meta.disks.iter().filter(|d| !d.backing_chain.is_empty()) {
+            checks.push(chain_check(dir, disk));
         }
     }
     for c in checks.iter().filter(|c| !c.ok) {
@@ -376,9 +380,8 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 }
 
 /// `qemu-img check` of a qcow2 image: exit 0 is clean, 3 is leaked clusters only (harmless,
-/// reported), anything else is a fault. The image is opened without its backing file (a
-/// backup's copies still name the original backing paths, which need not exist): only this
-/// file's own structure is checked.
+/// reported), anything else is a fault. The image is opened without its backing file: only
+/// this file's own structure is checked ([`chain_check`] opens the chain as a whole).
 pub fn qemu_img_check(path: &Path, name: &str) -> FileCheck {
     let (ok, detail) = match crate::hv::qemu_img::check(path) {
         Ok(r) if r.leaks == 0 => (true, "qemu-img check: no errors".to_string()),
@@ -397,6 +400,94 @@ pub fn qemu_img_check(path: &Path, name: &str) -> FileCheck {
         ok,
         detail,
         bad_chunk: None,
+    }
+}
+
+/// The backing chain of `disk` as a whole, inside the backup folder `dir`, never a file
+/// outside it: first each qcow2 layer's own header (read without opening its backing file)
+/// must name the next layer's file of the folder by its plain name, and the bottom layer
+/// none, and every layer must be a regular file (no symlink); only then is the top opened
+/// with its chain (`qemu-img info --backing-chain`: exactly the folder's layers, in order;
+/// `qemu-img check` with the chain). A backup written before copies were rewritten (no
+/// `backing_rewrite` in its metadata) names the original files: that is said, and passes
+/// (each layer is checked on its own; a restore rebases the chain).
+pub fn chain_check(dir: &Path, disk: &DiskRecord) -> FileCheck {
+    let verdict = |ok: bool, detail: String| FileCheck {
+        file: disk.file.clone(),
+        check: "backing chain".into(),
+        ok,
+        detail,
+        bad_chunk: None,
+    };
+    let layers: Vec<(&str, &str)> = std::iter::once((disk.file.as_str(), disk.format.as_str()))
+        .chain(
+            disk.backing_chain
+                .iter()
+                .map(|b| (b.file.as_str(), b.format.as_str())),
+        )
+        .collect();
+    let rewritten = disk.backing_rewrite.is_some();
+    for (i, (file, format)) in layers.iter().enumerate() {
+        let path = dir.join(file);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_file() => {}
+            Ok(_) => return verdict(false, format!("{file} is not a regular file")),
+            Err(e) => return verdict(false, format!("{file}: {e}")),
+        }
+        if *format != "qcow2" {
+            continue; // a raw layer has no header, hence no backing file
+        }
+        let named = match crate::hv::qemu_img::info(&path, format) {
+            Ok(info) => info.backing_filename,
+            Err(e) => return verdict(false, e.to_string()),
+        };
+        let expected = layers.get(i + 1).map(|(f, _)| *f);
+        if named.as_deref() != expected {
+            let what = named.as_deref().unwrap_or("no backing file");
+            let want = expected.unwrap_or("no backing file");
+            if !rewritten {
+                return verdict(
+                    true,
+                    format!(
+                        "written before backups named their own layers: {file} names {what}; \
+                         each layer checked on its own, the chain as a whole is not (a restore \
+                         rebases it)"
+                    ),
+                );
+            }
+            return verdict(
+                false,
+                format!("{file} names {what}, not {want}: the chain would leave the backup"),
+            );
+        }
+    }
+    let top = dir.join(disk.file.as_str());
+    let chain = match crate::hv::qemu_img::info_chain(&top, Some(&disk.format)) {
+        Ok(c) => c,
+        Err(e) => return verdict(false, e.to_string()),
+    };
+    let found: Vec<PathBuf> = chain.iter().map(|i| PathBuf::from(&i.filename)).collect();
+    let want: Vec<PathBuf> = layers.iter().map(|(f, _)| dir.join(f)).collect();
+    if found != want {
+        return verdict(
+            false,
+            format!("qemu-img opens {found:?} as the chain, expected {want:?}"),
+        );
+    }
+    match crate::hv::qemu_img::check_chain(&top, &disk.format) {
+        Ok(r) => verdict(
+            true,
+            format!(
+                "{} layer(s) open inside the backup; qemu-img check with the chain: {}",
+                layers.len(),
+                if r.leaks == 0 {
+                    "no errors".to_string()
+                } else {
+                    format!("{} leaked cluster(s), no corruption", r.leaks)
+                }
+            ),
+        ),
+        Err(e) => verdict(false, e.to_string()),
     }
 }
 

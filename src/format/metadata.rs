@@ -89,12 +89,39 @@ pub struct DiskRecord {
     /// file (and in metadata written before chains were copied).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backing_chain: Vec<BackingRecord>,
+    /// How the copy's header was pointed at its backing file inside the folder (absent when
+    /// the image has no backing file, and in metadata written before copies were rewritten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_rewrite: Option<BackingRewrite>,
 }
 
-/// One copied image of a disk's backing chain. The copy is byte for byte the original: its
-/// header still names its own backing file by the original name (`backing_named_as` of the
-/// next record); a restore puts the chain back and rebases each layer onto the restored one
-/// below it.
+/// The backing file name of a copied qcow2 image, rewritten so that the backup's chain
+/// stands on its own: the copy names its parent by the parent's file name in the same
+/// folder. `sha256` and `manifest` of the record are those of the rewritten copy; the source's
+/// own first-chunk digest and manifest root are kept here for comparison (the two manifests
+/// differ only in chunk 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingRewrite {
+    /// The name the source's header holds (absolute, or relative to the source's folder).
+    pub original: String,
+    /// The name the copy's header holds: a file of this folder.
+    pub written: String,
+    /// `copier` (rewritten on the way, no second pass) or `rebase` (`qemu-img rebase -u`
+    /// after the copy, then hashed again: the new name did not fit in the header's room).
+    pub how: String,
+    /// SHA-256 of the source's first chunk, lowercase hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_chunk0_sha256: Option<String>,
+    /// The chunk-manifest root of the source image itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_root: Option<String>,
+}
+
+/// One copied image of a disk's backing chain. Since `backing_rewrite` exists, a qcow2 copy's
+/// header names the next layer by its file name in the folder; in older metadata the copy is
+/// byte for byte the original, its header naming its backing file by the original name
+/// (`backing_named_as` of the next record). A restore puts the chain back and rebases each
+/// layer onto the restored one below it either way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackingRecord {
     /// 1 for the disk image's own backing file, 2 for the next one down, …
@@ -121,6 +148,10 @@ pub struct BackingRecord {
     pub manifest: ChunkManifest,
     /// Seconds spent copying this image.
     pub copy_seconds: f64,
+    /// How this copy's header was pointed at the next layer in the folder (absent for the
+    /// bottom layer, raw layers and metadata written before copies were rewritten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_rewrite: Option<BackingRewrite>,
 }
 
 /// A disk that was deliberately not copied.

@@ -156,14 +156,35 @@ pub fn check(path: &Path) -> Result<CheckReport, QemuImgError> {
         "file": {"driver": "file", "filename": path.to_string_lossy()},
         "backing": null,
     });
-    let out = run(
-        "check",
+    check_with(
+        path,
         &[
             "check".into(),
             "--output=json".into(),
             format!("json:{spec}").into(),
         ],
-    )?;
+    )
+}
+
+/// `qemu-img check -f format path` with its backing chain opened as its header names it
+/// (relative names against the image's own folder): the whole chain must open, and the
+/// top's structure is checked with it. Run it only on an image whose chain is known to stay
+/// where the caller wants it (see [`info`]: each layer's header names its parent).
+pub fn check_chain(path: &Path, format: &str) -> Result<CheckReport, QemuImgError> {
+    check_with(
+        path,
+        &[
+            "check".into(),
+            "--output=json".into(),
+            "-f".into(),
+            format.into(),
+            path.into(),
+        ],
+    )
+}
+
+fn check_with(path: &Path, args: &[OsString]) -> Result<CheckReport, QemuImgError> {
+    let out = run("check", args)?;
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     let field = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
@@ -180,6 +201,25 @@ pub fn check(path: &Path) -> Result<CheckReport, QemuImgError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         }),
     }
+}
+
+/// `qemu-img info -U --output=json -f format path` of one image, its backing file not
+/// opened: what its own header says (`backing_filename` as written there).
+pub fn info(path: &Path, format: &str) -> Result<ImageInfo, QemuImgError> {
+    let args: Vec<OsString> = vec![
+        "info".into(),
+        "-U".into(),
+        "--output=json".into(),
+        "-f".into(),
+        format.into(),
+        path.into(),
+    ];
+    let out = run_ok("info", path, &args)?;
+    serde_json::from_slice(&out.stdout).map_err(|source| QemuImgError::Json {
+        op: "info",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The arguments of `qemu-img rebase -u -f format -b backing -F backing_format file`: an

@@ -142,6 +142,7 @@ pub fn disk_record(
         bytes_per_sec: size as f64 * 10.0,
         io_path: "threads".into(),
         backing_chain: Vec::new(),
+        backing_rewrite: None,
     }
 }
 
@@ -339,6 +340,7 @@ pub fn hand_backup(
             bytes_per_sec: report.bytes_per_sec,
             io_path: "threads".into(),
             backing_chain: Vec::new(),
+            backing_rewrite: None,
         });
     }
     meta.total_bytes = meta.disks.iter().map(|d| d.file_size).sum();

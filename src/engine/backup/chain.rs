@@ -1,15 +1,25 @@
 //! The backing chain of a disk's base image: the images below the one the domain points at
 //! (before our overlay), found with `qemu-img info -U --backing-chain`, copied into the
 //! backup as `<vm>-<dev>.backing-<n>.<ext>` so that a backup restores on its own.
+//!
+//! The copies stand on their own too: each qcow2 copy names the layer below by its file name
+//! in the same folder ([`layer_below`], [`rename_for`]). The copier rewrites the name in the
+//! header on the way; when the new name does not fit there, [`settle_rewrite`] rebases the
+//! copy (`qemu-img rebase -u`) and hashes it again.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::copier::{self, BackingRename, ChunkManifest, HeaderRewrite};
+use crate::format::metadata::BackingRewrite;
+use crate::progress::CancelToken;
 
 use serde::Deserialize;
 
 use crate::error::ErrorKind;
 use crate::format::layout::{self, LayoutError};
 
-use super::ToolError;
+use super::{Cause, ToolError};
 
 /// Why the backing chain of a disk cannot be backed up.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +117,99 @@ pub fn backing_file_name(
     ))
 }
 
+/// The layer the copy of an image must name in its header inside the backup folder: for
+/// the disk image itself (`depth` 0) the first layer of `chain`, for layer `depth` the next
+/// one; `None` for the bottom layer and for raw images (no header).
+pub fn layer_below<'a>(
+    chain: &'a [BackingImage],
+    depth: usize,
+    format: &str,
+) -> Option<&'a BackingImage> {
+    if format != "qcow2" {
+        return None;
+    }
+    chain.get(depth)
+}
+
+/// The copier's rewrite that points a copy at `below` inside the folder: its file name,
+/// relative (the layers of one backup lie side by side).
+pub fn rename_for(below: &BackingImage) -> BackingRename {
+    BackingRename {
+        new_name: below.file_name.clone(),
+    }
+}
+
+/// A settled rewrite: the metadata record, and the copy's digests when it was hashed again.
+#[derive(Debug)]
+pub struct Settled {
+    /// What goes into the record's `backing_rewrite`.
+    pub record: BackingRewrite,
+    /// New whole-file SHA-256 and manifest of the copy (only after a rebase).
+    pub rehashed: Option<(String, ChunkManifest)>,
+    /// What to tell the operator.
+    pub note: String,
+}
+
+/// Turns the copier's `outcome` for the copy at `copy` (manifest `manifest`, as copied)
+/// into its record. When the copier did not rewrite the header (the new name did not fit),
+/// the copy is still the source byte for byte: `qemu-img rebase -u` points it at `below`,
+/// and it is hashed again (one more pass over that file, timed in the note); the source's
+/// own digests are then the copy's as copied.
+pub fn settle_rewrite(
+    copy: &Path,
+    below: &BackingImage,
+    outcome: &HeaderRewrite,
+    manifest: &ChunkManifest,
+    cancel: &CancelToken,
+) -> Result<Settled, Cause> {
+    let original = outcome
+        .old_name
+        .clone()
+        .or_else(|| below.named_as.clone())
+        .unwrap_or_default();
+    if outcome.applied {
+        return Ok(Settled {
+            note: format!(
+                "header names {} (was {original}): rewritten on the way",
+                outcome.new_name
+            ),
+            record: BackingRewrite {
+                original,
+                written: outcome.new_name.clone(),
+                how: "copier".into(),
+                source_chunk0_sha256: outcome.source_chunk0.clone(),
+                source_root: outcome.source_root.clone(),
+            },
+            rehashed: None,
+        });
+    }
+    let t = Instant::now();
+    crate::hv::qemu_img::rebase_unsafe(copy, "qcow2", Path::new(&outcome.new_name), &below.format)
+        .map_err(Cause::Tool)?;
+    let rehashed =
+        copier::hash_file(copy, manifest.chunk_size, cancel).map_err(|source| Cause::Copy {
+            label: copy.display().to_string(),
+            source,
+        })?;
+    Ok(Settled {
+        note: format!(
+            "header not rewritten on the way ({}): rebased onto {} with qemu-img rebase -u and \
+             hashed again in {:.2} s",
+            outcome.reason,
+            outcome.new_name,
+            t.elapsed().as_secs_f64()
+        ),
+        record: BackingRewrite {
+            original,
+            written: outcome.new_name.clone(),
+            how: "rebase".into(),
+            source_chunk0_sha256: manifest.digests.first().cloned(),
+            source_root: Some(manifest.root.clone()),
+        },
+        rehashed: Some(rehashed),
+    })
+}
+
 /// Parses the JSON of `qemu-img info --backing-chain --output=json` of a base image into the
 /// images below it (the first element, the base itself, is left out).
 pub fn parse_chain(json: &str, vm: &str, target: &str) -> Result<Vec<BackingImage>, ChainError> {
@@ -186,6 +289,16 @@ mod tests {
         // A lone image has no chain.
         let single = r#"[{"filename": "/i/a.qcow2", "format": "qcow2"}]"#;
         assert!(parse_chain(single, "x", "vda").unwrap().is_empty());
+    }
+
+    #[test]
+    fn each_qcow2_copy_names_the_layer_below_in_the_folder() {
+        let c = parse_chain(CHAIN, "web", "vdb").unwrap();
+        let name = |d, f| layer_below(&c, d, f).map(|b| rename_for(b).new_name);
+        assert_eq!(name(0, "qcow2").as_deref(), Some("web-vdb.backing-1.qcow2"));
+        assert_eq!(name(1, "qcow2").as_deref(), Some("web-vdb.backing-2.raw"));
+        assert_eq!(name(2, "raw"), None, "the bottom names nothing");
+        assert_eq!(name(0, "raw"), None, "a raw image has no header");
     }
 
     #[test]

@@ -662,6 +662,13 @@ pub fn post_check_folder(
             problems.push(format!("{f} is missing"));
         }
     }
+    // Each backing chain as a whole, opened inside the folder only.
+    for d in md.disks.iter().filter(|d| !d.backing_chain.is_empty()) {
+        let c = crate::engine::verify::chain_check(dir, d);
+        if !c.ok {
+            problems.push(format!("{}: backing chain: {}", c.file, c.detail));
+        }
+    }
     // Disk images, in parallel.
     let disk_problems: Vec<Vec<String>> = std::thread::scope(|s| {
         let handles: Vec<_> = images

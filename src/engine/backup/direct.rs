@@ -15,6 +15,7 @@ use crate::progress::Level;
 use crate::store::{FolderStore, PartialBackup};
 use crate::ExitStatus;
 
+use super::chain::{self, BackingImage};
 use super::checks;
 use super::guards::PartialFolder;
 use super::{
@@ -166,7 +167,8 @@ impl BackupSession<'_> {
                     d.file_name
                 ),
             );
-            let top = self.copy_image(&d.source, &d.file_name, &d.target)?;
+            let below = chain::layer_below(&d.backing_chain, 0, &d.format);
+            let top = self.copy_image(&d.source, &d.file_name, &d.target, below)?;
             let mut backing_chain = Vec::new();
             for b in &d.backing_chain {
                 self.log(
@@ -182,7 +184,8 @@ impl BackupSession<'_> {
                     ),
                 );
                 let label = format!("{} backing image {}", d.target, b.depth);
-                let c = self.copy_image(&b.path, &b.file_name, &label)?;
+                let below = chain::layer_below(&d.backing_chain, b.depth, &b.format);
+                let c = self.copy_image(&b.path, &b.file_name, &label, below)?;
                 backing_chain.push(BackingRecord {
                     depth: b.depth,
                     file: b.file_name.clone(),
@@ -195,6 +198,7 @@ impl BackupSession<'_> {
                     sha256: c.sha256,
                     manifest: c.manifest,
                     copy_seconds: c.seconds,
+                    backing_rewrite: c.rewrite,
                 });
             }
             self.copied.push(DiskRecord {
@@ -211,18 +215,21 @@ impl BackupSession<'_> {
                 bytes_per_sec: top.bytes_per_sec,
                 io_path: top.io_path.to_string(),
                 backing_chain,
+                backing_rewrite: top.rewrite,
             });
         }
         self.phase_finished(Phase::Copy, t.elapsed().as_secs_f64());
         Ok(())
     }
 
-    /// Copies one image into the `.partial` folder as `file_name` with both hashes.
+    /// Copies one image into the `.partial` folder as `file_name` with both hashes; a qcow2
+    /// image on a backing chain is pointed at `below`'s copy in the folder (see [`chain`]).
     fn copy_image(
         &mut self,
         src: &Path,
         file_name: &str,
         label: &str,
+        below: Option<&BackingImage>,
     ) -> Result<CopiedImage, BackupError> {
         if self.run.cancel.is_cancelled() {
             return Err(self.failed(Phase::Copy, Cause::Cancelled));
@@ -235,13 +242,23 @@ impl BackupSession<'_> {
             .partial_backup(Phase::Copy)?
             .create_file(file_name, options.direct_write)
             .map_err(|e| self.failed(Phase::Copy, e))?;
-        let report = copier::copy_into(
-            src,
-            Box::new(sink),
-            &options,
-            self.progress(),
-            &self.run.cancel,
-        )
+        let report = match below.map(chain::rename_for) {
+            Some(rename) => copier::copy_into_renaming_backing(
+                src,
+                Box::new(sink),
+                &options,
+                &rename,
+                self.progress(),
+                &self.run.cancel,
+            ),
+            None => copier::copy_into(
+                src,
+                Box::new(sink),
+                &options,
+                self.progress(),
+                &self.run.cancel,
+            ),
+        }
         .map_err(|source| {
             self.failed(
                 Phase::Copy,
@@ -254,7 +271,8 @@ impl BackupSession<'_> {
         for note in &report.notes {
             self.log(Level::Info, &format!("copier: {note}"));
         }
-        let (Some(sha256), Some(manifest)) = (report.sha256.clone(), report.manifest.clone())
+        let (Some(mut sha256), Some(mut manifest)) =
+            (report.sha256.clone(), report.manifest.clone())
         else {
             return Err(self.failed(
                 Phase::Copy,
@@ -263,6 +281,17 @@ impl BackupSession<'_> {
                 },
             ));
         };
+        let mut rewrite = None;
+        if let (Some(below), Some(outcome)) = (below, &report.header_rewrite) {
+            let copy = self.partial_backup(Phase::Copy)?.path().join(file_name);
+            let settled = chain::settle_rewrite(&copy, below, outcome, &manifest, &self.run.cancel)
+                .map_err(|e| self.failed(Phase::Copy, e))?;
+            self.log(Level::Info, &format!("{label}: {}", settled.note));
+            if let Some((s, m)) = settled.rehashed {
+                (sha256, manifest) = (s, m);
+            }
+            rewrite = Some(settled.record);
+        }
         self.log(
             Level::Info,
             &format!(
@@ -288,6 +317,7 @@ impl BackupSession<'_> {
             seconds: report.duration.as_secs_f64(),
             bytes_per_sec: report.bytes_per_sec,
             io_path: io_name(report.io_path),
+            rewrite,
         })
     }
 
@@ -467,6 +497,7 @@ struct CopiedImage {
     seconds: f64,
     bytes_per_sec: f64,
     io_path: &'static str,
+    rewrite: Option<metadata::BackingRewrite>,
 }
 
 fn io_name(io: IoPath) -> &'static str {

@@ -143,8 +143,9 @@ impl Rebase {
 /// The rebases that make a restored disk's chain self-contained: for each layer from the top
 /// down, its header is pointed at the restored layer below. `top` is where the disk image was
 /// restored, `layers[i]` where `disk.backing_chain[i]` was. In an in-place restore a layer
-/// whose header already names the right file (its `backing_named_as`, resolved against its
-/// own folder) is skipped. Pure: runs nothing.
+/// whose header already names the right file (the name its copy holds: `backing_rewrite.written`
+/// of the image above when the backup rewrote it, else `backing_named_as`, resolved against
+/// its own folder) is skipped. Pure: runs nothing.
 pub fn rebase_plan(
     disk: &DiskRecord,
     top: &Path,
@@ -161,8 +162,18 @@ pub fn rebase_plan(
                 disk.backing_chain[i - 1].format.clone(),
             )
         };
+        // What the restored image's header names: the folder's name when the backup
+        // rewrote it, else the original name.
+        let rewrite = if i == 0 {
+            disk.backing_rewrite.as_ref()
+        } else {
+            disk.backing_chain[i - 1].backing_rewrite.as_ref()
+        };
+        let header_names = rewrite
+            .map(|r| Some(&r.written))
+            .unwrap_or(record.backing_named_as.as_ref());
         if in_place {
-            if let Some(named) = &record.backing_named_as {
+            if let Some(named) = header_names {
                 let base = image.parent().unwrap_or(Path::new("/"));
                 if normalize(&base.join(named)) == normalize(below) {
                     continue;
@@ -551,6 +562,7 @@ mod tests {
             sha256: String::new(),
             manifest: manifest(),
             copy_seconds: 0.0,
+            backing_rewrite: None,
         }
     }
 
@@ -573,6 +585,7 @@ mod tests {
                 layer(1, "/img/base.qcow2", "qcow2", "base.qcow2"),
                 layer(2, "/gold/golden.raw", "raw", "/gold/golden.raw"),
             ],
+            backing_rewrite: None,
         }
     }
 
@@ -646,6 +659,37 @@ mod tests {
         // `./` and `x/../` spellings of the same file are recognised.
         moved.backing_chain[0].backing_named_as = Some("./sub/../base.qcow2".into());
         assert!(rebase_plan(&moved, &top, &layers, true).is_empty());
+    }
+
+    #[test]
+    fn rebase_plan_in_place_rebases_headers_the_backup_rewrote() {
+        use crate::format::metadata::BackingRewrite;
+        let rw = |original: &str, written: &str| BackingRewrite {
+            original: original.into(),
+            written: written.into(),
+            how: "copier".into(),
+            source_chunk0_sha256: None,
+            source_root: None,
+        };
+        let mut d = disk();
+        d.backing_rewrite = Some(rw("base.qcow2", "web-vdb.backing-1.qcow2"));
+        d.backing_chain[0].backing_rewrite = Some(rw("/gold/golden.raw", "web-vdb.backing-2.raw"));
+        let top = PathBuf::from(&d.source);
+        let layers: Vec<PathBuf> = d
+            .backing_chain
+            .iter()
+            .map(|l| l.source.clone().into())
+            .collect();
+        // In place, both headers name files of the backup folder: both are pointed back.
+        let plan = rebase_plan(&d, &top, &layers, true);
+        assert_eq!(plan.len(), 2);
+        assert_eq!(plan[0].image, top);
+        assert_eq!(plan[0].backing, layers[0]);
+        assert_eq!(plan[1].image, layers[0]);
+        assert_eq!(plan[1].backing, layers[1]);
+        // A rewritten name that happens to resolve to the restored layer is left alone.
+        d.backing_rewrite = Some(rw("base.qcow2", "base.qcow2"));
+        assert_eq!(rebase_plan(&d, &top, &layers, true).len(), 1);
     }
 
     #[test]
