@@ -90,6 +90,7 @@ pub fn restore_direct(
     );
     request.libvirt_uri = settings.libvirt_uri.clone();
     request.force = force;
+    crate::store::FolderStore::open(&settings.target)?;
     request.backup_dir = Some(
         VmDir::new(&settings.target, &meta.host, &meta.vm_name)
             .map_err(|e| PluginError::Engine(format!("vm-backup: {e}")))?

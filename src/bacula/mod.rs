@@ -78,6 +78,9 @@ pub enum PluginError {
     /// An event arrived out of order.
     #[error("{0}")]
     Protocol(String),
+    /// The target is not initialised (not mounted), or refused an operation.
+    #[error("vm-backup: {0}")]
+    Target(#[from] crate::store::StoreError),
     /// An I/O error with its context.
     #[error("{context}: {source}")]
     Io {
@@ -317,6 +320,7 @@ impl PluginError {
             PluginError::Canceled => ErrorKind::Cancelled,
             PluginError::Protocol { .. } => ErrorKind::Internal,
             PluginError::Io { .. } => ErrorKind::Io,
+            PluginError::Target(e) => e.kind(),
         }
     }
 }
