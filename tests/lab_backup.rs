@@ -46,6 +46,7 @@ impl Env {
             .unwrap_or_else(|| tmp.path().join("target"));
         let journal = tmp.path().join("journal");
         fs::create_dir_all(&target).unwrap();
+        vm_backup::store::FolderStore::init(&target, None).unwrap();
         let config = tmp.path().join("vm-backup.conf");
         fs::write(
             &config,
@@ -692,7 +693,8 @@ fn hostile_vm_names_are_backed_up_into_safe_folders() {
     let _g = serial();
     let env = Env::new();
     let name = format!("{}-Prüf VM 1", prefix());
-    let safe = format!("{}-Prüf_VM_1", prefix());
+    let safe = vm_backup::format::layout::safe_component(&name).unwrap();
+    assert!(safe.starts_with(&format!("{}-Prüf_VM_1-", prefix())), "{safe}");
     let dom = TempDomain::define(&name).expect("libvirt accepts spaces and non-ASCII");
     let (out, json) = env.backup(&dom.name, &[]);
     let json = json.unwrap_or_else(|| panic!("{}", text(&out.stderr)));
@@ -720,7 +722,7 @@ fn hostile_vm_names_are_backed_up_into_safe_folders() {
                 .any(|c| c == std::path::Component::ParentDir));
             assert_eq!(
                 dir.parent().unwrap(),
-                env.vm_dir(&format!("{}-.._x", prefix()))
+                env.vm_dir(&vm_backup::format::layout::safe_component(&evil).unwrap())
             );
         }
     }
