@@ -193,7 +193,7 @@ impl TempFile {
                         temp,
                         target: target.to_owned(),
                         armed: true,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {

@@ -284,7 +284,11 @@ mod tests {
         ] {
             fs::write(&path, md(file, extra)).unwrap();
             let err = BackupMetadata::read(dir.path()).unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{file} {extra}: {err}");
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::InvalidData,
+                "{file} {extra}: {err}"
+            );
         }
     }
 }

@@ -61,7 +61,7 @@ impl StagedFile {
                         target: target.to_owned(),
                         note,
                         armed: true,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -266,9 +266,15 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &path).unwrap();
         write_atomic(&path, b"new").unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-        assert!(!std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
-        assert!(std::fs::symlink_metadata(&temp).unwrap().file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(&temp)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

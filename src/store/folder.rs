@@ -35,7 +35,10 @@ impl FolderStore {
     /// Initialises the target at `root` (creates the folder, writes the marker), or adopts
     /// a folder already holding backups; idempotent (an existing marker is kept). With
     /// `group`, gives that group read access to what is written from now on.
-    pub fn init(root: impl Into<PathBuf>, group: Option<&str>) -> Result<(Self, TargetMarker), StoreError> {
+    pub fn init(
+        root: impl Into<PathBuf>,
+        group: Option<&str>,
+    ) -> Result<(Self, TargetMarker), StoreError> {
         let root = root.into();
         let (marker, _) = target::init(&root, group)?;
         Ok((Self { root }, marker))
@@ -393,7 +396,11 @@ mod tests {
         let published = p.publish().unwrap();
         nix::sys::stat::umask(old);
         let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
-        for d in [dir.path().join("hv1"), dir.path().join("hv1/web"), published.clone()] {
+        for d in [
+            dir.path().join("hv1"),
+            dir.path().join("hv1/web"),
+            published.clone(),
+        ] {
             assert_eq!(mode(&d), 0o700, "{}", d.display());
         }
         assert_eq!(mode(&published.join(layout::CONFIGS_DIR)), 0o700);
@@ -466,9 +473,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), dir.path().join("hv1/evil")).unwrap();
         let err = store.begin("hv1", "evil", "2026-11-21-120000").unwrap_err();
         assert!(matches!(err, StoreError::Symlink(_)), "{err}");
-        assert!(store
-            .lock_vm("hv1", "evil", LockMode::Exclusive)
-            .is_err());
+        assert!(store.lock_vm("hv1", "evil", LockMode::Exclusive).is_err());
         assert_eq!(names(outside.path()), vec!["victim"]);
     }
 
@@ -476,10 +481,15 @@ mod tests {
     fn the_vm_lock_excludes_writers_and_shares_readers() {
         let (_dir, store) = store();
         let a = store.lock_vm("hv1", "web", LockMode::Exclusive).unwrap();
-        let err = store.lock_vm("hv1", "web", LockMode::Exclusive).unwrap_err();
+        let err = store
+            .lock_vm("hv1", "web", LockMode::Exclusive)
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Busy);
         assert_eq!(
-            store.lock_vm("hv1", "web", LockMode::Shared).unwrap_err().kind(),
+            store
+                .lock_vm("hv1", "web", LockMode::Shared)
+                .unwrap_err()
+                .kind(),
             ErrorKind::Busy
         );
         let other = store.lock_vm("hv1", "web 01", LockMode::Exclusive).unwrap();
@@ -487,7 +497,10 @@ mod tests {
         let r1 = store.lock_vm("hv1", "web", LockMode::Shared).unwrap();
         let _r2 = store.lock_vm("hv1", "web", LockMode::Shared).unwrap();
         assert_eq!(
-            store.lock_vm("hv1", "web", LockMode::Exclusive).unwrap_err().kind(),
+            store
+                .lock_vm("hv1", "web", LockMode::Exclusive)
+                .unwrap_err()
+                .kind(),
             ErrorKind::Busy
         );
         assert!(r1.path().ends_with("hv1/web/.lock"));

@@ -22,10 +22,10 @@ mod folder;
 mod target;
 
 pub use durable::{write_atomic, StagedFile};
-pub use target::{LockMode, TargetLock, TargetMarker, TARGET_FORMAT_VERSION};
 pub use folder::{
     delete_backup, remove_partial, write_backup_file, write_metadata, FolderStore, PartialBackup,
 };
+pub use target::{LockMode, TargetLock, TargetMarker, TARGET_FORMAT_VERSION};
 
 /// The operations any backup target offers, by host, VM and stamp (object-safe).
 pub trait BackupStore: std::fmt::Debug + Send + Sync {

@@ -402,13 +402,11 @@ pub fn restore(
     // The VM's lock on the target, shared: no backup or prune of it meanwhile.
     let _lock = match &request.backup_dir {
         Some(_) => None,
-        None => Some(
-            crate::store::FolderStore::open(&request.target)?.lock_vm(
-                &request.host,
-                &request.vm,
-                crate::store::LockMode::Shared,
-            )?,
-        ),
+        None => Some(crate::store::FolderStore::open(&request.target)?.lock_vm(
+            &request.host,
+            &request.vm,
+            crate::store::LockMode::Shared,
+        )?),
     };
     let backup = read_backup(request)?;
     let Backup { dir, meta, .. } = &backup;
