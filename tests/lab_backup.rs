@@ -108,9 +108,17 @@ impl Env {
     }
 }
 
+/// The entries of a folder, without the target's marker and the VM locks (the only files
+/// vm-backup keeps outside backups).
 fn list(dir: &Path) -> Vec<PathBuf> {
+    use vm_backup::format::layout::{TARGET_MARKER, VM_LOCK_FILE};
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.file_name() != TARGET_MARKER && e.file_name() != VM_LOCK_FILE)
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

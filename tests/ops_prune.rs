@@ -227,3 +227,38 @@ fn a_target_without_marker_is_refused_and_nothing_is_written() {
     let out = run(&["list", "--config", c]);
     assert!(out.status.success(), "{:?}", text(&out));
 }
+
+#[test]
+fn prune_and_verify_wait_for_no_one_while_a_backup_holds_the_vm_lock() {
+    use vm_backup::store::{FolderStore, LockMode};
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("backup");
+    let conf = config(tmp.path(), &target, "");
+    fs::write(
+        tmp.path().join("vm-list.yaml"),
+        "vms:\n  - name: web01\n    retention: {keep_last: 1}\n",
+    )
+    .unwrap();
+    for s in ["2026-11-19-120000", "2026-11-20-120000"] {
+        fake_backup(&target, &metadata("hv1", "web01", s, ExitStatus::Success));
+    }
+    let c = conf.to_str().unwrap();
+    // This process stands for a running backup (another journal_dir: only the target's lock
+    // is shared between the two).
+    let store = FolderStore::open(&target).unwrap();
+    let lock = store.lock_vm("hv1", "web01", LockMode::Exclusive).unwrap();
+    let out = run(&["prune", "--config", c]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("skipping web01"), "{stderr}");
+    assert_eq!(stamps(&target.join("hv1/web01")).len(), 2, "{stdout}");
+    let out = run(&["verify", "web01", "latest", "--config", c]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("lock"), "{stderr}");
+    drop(lock);
+    // Free again: prune applies keep-last 1.
+    let out = run(&["prune", "--config", c]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(stamps(&target.join("hv1/web01")), vec!["2026-11-20-120000"]);
+}
