@@ -62,6 +62,17 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
                 dir.display()
             )));
         }
+        // A folder shared by colliding names (before they were made injective) may hold
+        // another VM's backup: never verify it as this one's.
+        if let Ok(meta) = vm_backup::format::metadata::BackupMetadata::read(&dir) {
+            if meta.vm_name != vm {
+                return Err(vm_backup::Error::Other(format!(
+                    "{} is a backup of VM {:?}, not of {vm:?}",
+                    dir.display(),
+                    meta.vm_name
+                )));
+            }
+        }
         vec![dir]
     };
     let options = VerifyOptions {

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -205,7 +206,13 @@ impl BackupMetadata {
     /// Reads `backup-metadata.json` from a backup folder.
     pub fn read(backup_dir: &Path) -> io::Result<Self> {
         let path = backup_dir.join(crate::format::layout::METADATA_FILE);
-        let text = fs::read_to_string(&path)?;
+        // Never through a symlink planted at the name.
+        let mut text = String::new();
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?
+            .read_to_string(&mut text)?;
         let md: Self = serde_json::from_str(&text).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -379,7 +379,7 @@ fn read_backup(request: &RestoreRequest) -> Result<Backup, RestoreError> {
         )));
     }
     let xml_path = dir.join(layout::xml_file_name(&meta.vm_name)?);
-    let xml_text = fs::read_to_string(&xml_path).map_err(|source| RestoreError::Unreadable {
+    let xml_text = read_nofollow(&xml_path).map_err(|source| RestoreError::Unreadable {
         path: xml_path.clone(),
         source,
     })?;
@@ -391,6 +391,19 @@ fn read_backup(request: &RestoreRequest) -> Result<Backup, RestoreError> {
         xml_text,
         domain,
     })
+}
+
+/// Reads a text file of a backup without following a symlink at its name.
+fn read_nofollow(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Restores a VM from a backup; see the module documentation.
