@@ -125,6 +125,8 @@ journal_dir = "$LAB/journal"
 inventory = "$LAB/etc/vm-list.yaml"
 EOF
   if [ -n "$inventory" ]; then cp "$inventory" "$LAB/etc/vm-list.yaml"; else default_inventory > "$LAB/etc/vm-list.yaml"; fi
+  # An initialised target: the plugin refuses a folder without its marker (an unmounted share).
+  "$(vm_backup_bin)" init --config "$LAB/etc/vm-backup.conf" >/dev/null || die "vm-backup init failed"
   gen_jobs "$LAB/etc/vm-list.yaml"
   # SQLite catalog: Debian's script hardcodes /var/lib/bacula and a db-name placeholder.
   sed -e "s#^cd /var/lib/bacula#cd '$LAB/work/dir'#" -e 's/XXX_DBNAME_XXX/bacula/' \

@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! target = "/mnt/backup"
+//! group = "backup-readers"         # optional: `vm-backup init` gives it read access (0640/0750)
 //! hostname = "hv1"                 # default: the kernel's node name
 //! journal_dir = "/var/lib/vm-backup"
 //! inventory = "/etc/vm-backup/vm-list.yaml"
@@ -142,6 +143,9 @@ pub struct Ssh {
 pub struct Settings {
     /// Where backups go.
     pub target: PathBuf,
+    /// The group `vm-backup init` gives read access to the target (files 0640, folders
+    /// 2750); none: files 0600, folders 0700.
+    pub group: Option<String>,
     /// The host name used in the layout (default: the kernel's node name).
     pub hostname: Option<String>,
     /// The local journal of acquired states.
@@ -189,6 +193,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             target: PathBuf::from(DEFAULT_TARGET),
+            group: None,
             hostname: None,
             journal_dir: PathBuf::from(DEFAULT_JOURNAL_DIR),
             inventory: PathBuf::from(DEFAULT_INVENTORY_PATH),

@@ -40,6 +40,9 @@ pub enum Error {
     /// The catalog on the share failed.
     #[error(transparent)]
     Catalog(#[from] crate::store::catalog::CatalogError),
+    /// The target refused an operation (not initialised, busy, a symlink…).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// Retention planning or pruning failed.
     #[error(transparent)]
     Prune(#[from] crate::engine::prune::PruneError),
@@ -73,6 +76,7 @@ impl Error {
             Error::Config(e) => e.kind(),
             Error::Layout(e) => e.kind(),
             Error::Catalog(e) => e.kind(),
+            Error::Store(e) => e.kind(),
             Error::Prune(e) => e.kind(),
             Error::Plugin(e) => e.kind(),
             Error::Io { source, .. } => ErrorKind::from_io(source),

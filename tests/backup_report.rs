@@ -13,7 +13,7 @@ fn a_failed_backup_is_alerted_once_and_recorded_in_the_catalog() {
     let server = HttpRecorder::start(Behaviour::Ok);
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("target");
-    std::fs::create_dir_all(&target).unwrap();
+    vm_backup::store::FolderStore::init(&target, None).unwrap();
     let secret = "/services/T000/B000/topsecret";
     let config = dir.path().join("vm-backup.conf");
     std::fs::write(

@@ -47,6 +47,9 @@ fn copy_tree(from: &Path, to: &Path) {
 fn copy_fixture(parent: &Path) -> PathBuf {
     let target = parent.join("target");
     copy_tree(&fixture().join(HOST), &target.join(HOST));
+    // A target written before markers existed: `vm-backup init` adopts it.
+    let out = vmb(&target, &["init"]);
+    assert!(out.status.success(), "{:?}", texts(&out));
     target
 }
 

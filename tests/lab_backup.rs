@@ -46,6 +46,7 @@ impl Env {
             .unwrap_or_else(|| tmp.path().join("target"));
         let journal = tmp.path().join("journal");
         fs::create_dir_all(&target).unwrap();
+        vm_backup::store::FolderStore::init(&target, None).unwrap();
         let config = tmp.path().join("vm-backup.conf");
         fs::write(
             &config,
@@ -107,9 +108,17 @@ impl Env {
     }
 }
 
+/// The entries of a folder, without the target's marker and the VM locks (the only files
+/// vm-backup keeps outside backups).
 fn list(dir: &Path) -> Vec<PathBuf> {
+    use vm_backup::format::layout::{TARGET_MARKER, VM_LOCK_FILE};
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.file_name() != TARGET_MARKER && e.file_name() != VM_LOCK_FILE)
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -692,7 +701,11 @@ fn hostile_vm_names_are_backed_up_into_safe_folders() {
     let _g = serial();
     let env = Env::new();
     let name = format!("{}-Prüf VM 1", prefix());
-    let safe = format!("{}-Prüf_VM_1", prefix());
+    let safe = vm_backup::format::layout::safe_component(&name).unwrap();
+    assert!(
+        safe.starts_with(&format!("{}-Prüf_VM_1-", prefix())),
+        "{safe}"
+    );
     let dom = TempDomain::define(&name).expect("libvirt accepts spaces and non-ASCII");
     let (out, json) = env.backup(&dom.name, &[]);
     let json = json.unwrap_or_else(|| panic!("{}", text(&out.stderr)));
@@ -720,7 +733,7 @@ fn hostile_vm_names_are_backed_up_into_safe_folders() {
                 .any(|c| c == std::path::Component::ParentDir));
             assert_eq!(
                 dir.parent().unwrap(),
-                env.vm_dir(&format!("{}-.._x", prefix()))
+                env.vm_dir(&vm_backup::format::layout::safe_component(&evil).unwrap())
             );
         }
     }
@@ -873,6 +886,37 @@ fn second_backup_of_the_same_vm_is_refused_while_one_runs() {
     assert!(
         !env.partials(&d).is_empty(),
         "orphans removed the running backup's folder"
+    );
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_outcome(&json, &d, "snapshot");
+    assert_on_original_images(&d, &before);
+}
+
+#[test]
+fn a_run_with_another_journal_dir_is_refused_by_the_target_lock() {
+    if !lab_enabled("a_run_with_another_journal_dir_is_refused_by_the_target_lock") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    // The same target, its own journal_dir (a plugin `config=` with another one).
+    let other = Env::with_target(Some(&env.target));
+    assert_ne!(env.journal, other.journal);
+    let d = noagent_dom();
+    let before = disk_sources(&d);
+    let mut first = env.spawn_backup(&d, 3_000);
+    wait_partial(&env, &d, &mut first);
+    let partials = env.partials(&d);
+    let (out, json) = other.backup(&d, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = json.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(err.contains(&d) && err.contains("lock"), "{err}");
+    assert_eq!(
+        env.partials(&d),
+        partials,
+        "the first run's .partial survives"
     );
     let out = first.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

@@ -185,6 +185,7 @@ fn entries(dir: &Path) -> Vec<String> {
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != vm_backup::format::layout::VM_LOCK_FILE)
                 .collect()
         })
         .unwrap_or_default();

@@ -200,6 +200,7 @@ fn chained_disks_are_backed_up_self_contained_online_and_offline_and_restore_boo
     ));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(dir.join("target")).unwrap();
+    vm_backup::store::FolderStore::init(dir.join("target"), None).unwrap();
     fs::create_dir_all(dir.join("src")).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(dir.join("src"), fs::Permissions::from_mode(0o755)).unwrap();

@@ -93,6 +93,7 @@ pub fn restore_direct(
     );
     request.libvirt_uri = settings.libvirt_uri.clone();
     request.force = force;
+    crate::store::FolderStore::open(&settings.target)?;
     request.backup_dir =
         Some(VmDir::new(&settings.target, &meta.host, &meta.vm_name)?.backup_dir(&meta.stamp));
     if let Some(dir) = super::where_dir(where_) {

@@ -225,7 +225,10 @@ impl Job {
     }
 
     /// Event JobStart: `"JobId=N Job=<name>"`.
+    /// Sets the umask to 0o077 (the store sets every mode explicitly; this keeps anything
+    /// else the job creates private too).
     pub fn start(&mut self, description: &str) {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let level = self.info.level;
         let since = self.info.since;
         self.info = JobInfo::parse_start(description);
@@ -698,6 +701,7 @@ impl Job {
             Some(w) => w.join(&vp.vm),
             None => {
                 let settings = super::settings_for(args)?;
+                crate::store::FolderStore::open(&settings.target)?;
                 layout::VmDir::new(&settings.target, &settings.host(), &vp.vm)?.path
             }
         };

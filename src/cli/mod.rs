@@ -10,6 +10,7 @@ mod check;
 mod common;
 mod copy;
 mod files;
+mod init;
 mod list;
 mod mount;
 mod orphans;
@@ -35,6 +36,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Make a folder a backup target (or adopt one written before); idempotent.
+    Init(init::Args),
     /// Back up one VM to the target.
     Backup(backup::Args),
     /// Restore a VM from a backup.
@@ -78,7 +81,10 @@ enum Command {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     common::init_logging(cli.verbose);
+    // Everything this program creates is private unless a mode says otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let result = match cli.command {
+        Command::Init(a) => init::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Restore(a) => restore::run(a),
         Command::List(a) => list::run(a),

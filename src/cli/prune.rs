@@ -6,6 +6,7 @@ use vm_backup::config::{Inventory, Retention, Settings};
 use vm_backup::engine::prune;
 use vm_backup::format::layout::{self, safe_component};
 use vm_backup::store::catalog::Catalog;
+use vm_backup::store::{FolderStore, LockMode};
 
 use super::common::TargetArgs;
 
@@ -41,6 +42,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         Settings::load_with_target(args.common.config.as_deref(), args.common.target.as_deref())?;
     let inventory = Inventory::load(args.inventory.as_deref().unwrap_or(&settings.inventory))?;
     let host = settings.host();
+    let store = FolderStore::open(&settings.target)?;
     let catalog = Catalog::open(&settings.target)?;
     catalog.sync()?;
     let mut plans = Vec::new();
@@ -58,6 +60,15 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             continue;
         }
         let retention = entry.map(|e| e.retention.clone()).unwrap_or_default();
+        // The VM's lock, exclusive: no backup, verify or restore of it meanwhile.
+        let _lock = match store.lock_dir(&vm_dir.path, LockMode::Exclusive) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == vm_backup::error::ErrorKind::Busy => {
+                eprintln!("vm-backup: skipping {vm_name}: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let candidates = prune::scan_vm(&vm_dir)?;
         let failure = catalog.latest_failure(&host, &vm_name)?;
         let decisions = prune::plan(&candidates, &retention, failure.as_deref());

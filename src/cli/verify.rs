@@ -8,7 +8,7 @@ use vm_backup::engine::restore::StampChoice;
 use vm_backup::engine::verify::{self, VerifyOptions};
 use vm_backup::format::layout::VmDir;
 use vm_backup::ops::notify;
-use vm_backup::store::catalog;
+use vm_backup::store::{catalog, FolderStore, LockMode};
 
 use super::common::{self, TargetArgs};
 use super::restore::Lines;
@@ -39,6 +39,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let settings =
         Settings::load_with_target(args.common.config.as_deref(), args.common.target.as_deref())?;
+    let store = FolderStore::open(&settings.target)?;
     let dirs: Vec<PathBuf> = if args.all {
         catalog::backup_dirs(&settings.target)?
     } else {
@@ -61,6 +62,17 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
                 dir.display()
             )));
         }
+        // A folder shared by colliding names (before they were made injective) may hold
+        // another VM's backup: never verify it as this one's.
+        if let Ok(meta) = vm_backup::format::metadata::BackupMetadata::read(&dir) {
+            if meta.vm_name != vm {
+                return Err(vm_backup::Error::Other(format!(
+                    "{} is a backup of VM {:?}, not of {vm:?}",
+                    dir.display(),
+                    meta.vm_name
+                )));
+            }
+        }
         vec![dir]
     };
     let options = VerifyOptions {
@@ -71,6 +83,18 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let mut reports = Vec::new();
     let mut faults = 0;
     for dir in &dirs {
+        // The VM's lock, shared: no backup or prune of that VM meanwhile.
+        let _lock = match dir.parent() {
+            Some(vm_dir) => match store.lock_dir(vm_dir, LockMode::Shared) {
+                Ok(lock) => Some(lock),
+                Err(e) if args.all && e.kind() == vm_backup::error::ErrorKind::Busy => {
+                    eprintln!("vm-backup: skipping {}: {e}", dir.display());
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
         let report = verify::verify_backup(dir, &options, &progress, &cancel)?;
         if let Err(e) = verify::record_verdict(&settings.target, &report) {
             eprintln!("vm-backup: warning: {e}");

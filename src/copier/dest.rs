@@ -129,13 +129,16 @@ pub fn write_manifest(path: &Path, manifest: &super::ChunkManifest) -> Result<()
     let mut json = serde_json::to_vec_pretty(manifest)
         .map_err(|e| CopyError::write(path, 0, std::io::Error::other(e)))?;
     json.push(b'\n');
-    let temp = TempFile::create(path, false, &mut Vec::new())?;
+    let temp = TempFile::create(path, false, PRIVATE_MODE, &mut Vec::new())?;
     std::io::Write::write_all(&mut &temp.file, &json).map_err(|e| CopyError::write(path, 0, e))?;
     let size = json.len() as u64;
     Box::new(temp)
         .commit()
         .map_err(|e| CopyError::write(path, size, e))
 }
+
+/// The mode of the files the copier creates: readable by their owner only.
+pub(crate) const PRIVATE_MODE: u32 = 0o600;
 
 /// The copier's own temporary destination file. Dropping it without [`Sink::commit`] removes
 /// it.
@@ -150,10 +153,12 @@ pub(crate) struct TempFile {
 }
 
 impl TempFile {
-    /// Creates `.<name>.vmb-tmp-<pid>[-n]` beside `target`.
+    /// Creates `.<name>.vmb-tmp-<pid>[-n]` beside `target` with `mode` (exactly, whatever
+    /// the umask), never through a symlink.
     pub(crate) fn create(
         target: &Path,
         direct: bool,
+        mode: u32,
         notes: &mut Vec<String>,
     ) -> Result<Self, CopyError> {
         let folder = folder_of(target);
@@ -174,19 +179,21 @@ impl TempFile {
             };
             let temp = folder.join(format!(".{name}.vmb-tmp-{}{suffix}", std::process::id()));
             let mut opts = OpenOptions::new();
-            opts.write(true).create_new(true).mode(0o644);
-            if want_direct {
-                opts.custom_flags(libc::O_DIRECT);
-            }
+            opts.write(true).create_new(true).mode(mode);
+            let flags = if want_direct { libc::O_DIRECT } else { 0 };
+            opts.custom_flags(flags | libc::O_NOFOLLOW);
             match opts.open(&temp) {
                 Ok(file) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    file.set_permissions(std::fs::Permissions::from_mode(mode))
+                        .map_err(open_err)?;
                     return Ok(Self {
                         file,
                         direct: want_direct,
                         temp,
                         target: target.to_owned(),
                         armed: true,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {

@@ -136,7 +136,7 @@ pub(crate) fn run(
     validate(options)?;
     let dst = dest::resolve_destination(src, dst)?;
     let mut notes = Vec::new();
-    let temp = TempFile::create(&dst, options.direct_write, &mut notes)?;
+    let temp = TempFile::create(&dst, options.direct_write, dest::PRIVATE_MODE, &mut notes)?;
     tracing::debug!(
         "copying {} to {} via {}",
         src.display(),

@@ -249,10 +249,32 @@ pub fn state_from_metadata(meta: &BackupMetadata) -> BackupState {
 }
 
 /// Reads the backups of one VM folder (whole and `.partial`) as input to [`plan`].
+///
+/// A backup whose metadata names a VM that does not belong in this folder (its name does not
+/// sanitise to the folder's name: a backup of another VM, written before names were made
+/// injective) is left out: never counted, never removed.
 pub fn scan_vm(vm_dir: &VmDir) -> Result<Vec<Candidate>, PruneError> {
+    let folder = vm_dir
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut out = Vec::new();
     for stamp in vm_dir.complete_stamps()? {
-        if let Some(c) = Candidate::new(&stamp, state_of(&vm_dir.backup_dir(&stamp))) {
+        let dir = vm_dir.backup_dir(&stamp);
+        let state = match BackupMetadata::read(&dir) {
+            Err(e) => BackupState::Unreadable(e.to_string()),
+            Ok(meta) if layout::safe_component(&meta.vm_name).ok().as_deref() != Some(&folder) => {
+                tracing::warn!(
+                    path = %dir.display(),
+                    vm = %meta.vm_name,
+                    "backup of another VM in this folder: left alone by prune"
+                );
+                continue;
+            }
+            Ok(meta) => state_from_metadata(&meta),
+        };
+        if let Some(c) = Candidate::new(&stamp, state) {
             out.push(c);
         }
     }

@@ -27,6 +27,10 @@ pub const LOG_FILE: &str = "backup.log";
 pub const CONFIGS_DIR: &str = "configs";
 /// The folder of the catalog and run summaries under the target.
 pub const METADATA_DIR: &str = "metadata";
+/// The marker of an initialised target, in its root (`vm-backup init`).
+pub const TARGET_MARKER: &str = ".vm-backup-target.json";
+/// The lock file of one VM on the target, in its folder.
+pub const VM_LOCK_FILE: &str = ".lock";
 /// The format of backup stamps.
 pub const STAMP_FORMAT: &str = "%Y-%m-%d-%H%M%S";
 
@@ -36,6 +40,9 @@ pub enum LayoutError {
     /// A name was empty once sanitised.
     #[error("name {0:?} is empty once unsafe characters are removed")]
     EmptyName(String),
+    /// A name read from metadata is not one plain file name.
+    #[error("{0:?} is not a plain file name (a path, `.`, `..` or a NUL inside)")]
+    NotPlainName(String),
     /// A stamp did not parse.
     #[error("{0:?} is not a backup stamp (expected YYYY-MM-DD-HHMMSS)")]
     BadStamp(String),
@@ -55,11 +62,17 @@ pub enum LayoutError {
     },
 }
 
-/// Turns a VM or host name into one safe path component.
+/// The longest sanitised name kept before the digest suffix, in bytes.
+const MAX_COMPONENT: usize = 200;
+
+/// Turns a VM or host name into one safe path component, injectively.
 ///
 /// Letters (any script), digits, `-`, `_`, `.`, `+` and `@` are kept; every other character
 /// (slashes, spaces, control characters…) becomes `_`. Leading dots are replaced so that the
-/// result is never `.`, `..` or a hidden file. The result is at most 200 bytes.
+/// result is never `.`, `..` or a hidden file; the name is cut at 200 bytes. Whenever this
+/// changed the name, `-` and the first 8 hex digits of the SHA-256 of the exact name are
+/// appended (`web 01` → `web_01-<digest>`), so two different names never share a folder,
+/// journal or lock; a name already safe is its own component (folders written before stay).
 pub fn safe_component(name: &str) -> Result<String, LayoutError> {
     let mut out = String::with_capacity(name.len());
     for c in name.chars() {
@@ -72,13 +85,28 @@ pub fn safe_component(name: &str) -> Result<String, LayoutError> {
     } else {
         out
     };
-    while out.len() > 200 {
+    while out.len() > MAX_COMPONENT {
         out.pop();
     }
     if out.is_empty() {
         return Err(LayoutError::EmptyName(name.to_string()));
     }
+    if out != name {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(name.as_bytes());
+        out.push('-');
+        out.push_str(&hex::encode(&digest[..4]));
+    }
     Ok(out)
+}
+
+/// Checks that a name read from metadata (a disk file, a stamp) is one plain file name: not
+/// empty, no `/`, not `.` or `..`, no NUL. Call it before joining the name to any folder.
+pub fn plain_file_name(name: &str) -> Result<&str, LayoutError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(LayoutError::NotPlainName(name.to_string()));
+    }
+    Ok(name)
 }
 
 /// Formats a backup stamp for a moment.
@@ -240,6 +268,7 @@ impl LayoutError {
         match self {
             LayoutError::EmptyName { .. } => ErrorKind::InvalidInput,
             LayoutError::BadStamp { .. } => ErrorKind::InvalidInput,
+            LayoutError::NotPlainName { .. } => ErrorKind::InvalidInput,
             LayoutError::Exists { .. } => ErrorKind::Busy,
             LayoutError::Io { .. } => ErrorKind::TargetFailing,
         }
@@ -258,24 +287,63 @@ mod tests {
             ("a/b", "a_b"),
             ("/etc/passwd", "_etc_passwd"),
             ("my vm", "my_vm"),
-            ("web-01.prod", "web-01.prod"),
             ("Grüße VM", "Grüße_VM"),
             (".hidden", "_hidden"),
             ("tab\there", "tab_here"),
         ] {
             let got = safe_component(name).unwrap();
-            assert_eq!(got, want, "for {name:?}");
+            assert!(got.starts_with(&format!("{want}-")), "for {name:?}: {got}");
+            assert_eq!(got.len(), want.len() + 9, "for {name:?}: {got}");
             assert!(!got.contains('/') && got != "." && got != ".." && !got.starts_with('.'));
         }
         assert!(safe_component("").is_err());
     }
 
     #[test]
+    fn safe_names_keep_their_folder() {
+        for name in ["web-01.prod", "vm1", "Grüße", "a+b@c_d"] {
+            assert_eq!(safe_component(name).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn different_names_never_share_a_component() {
+        let names = [
+            "web 01".to_string(),
+            "web_01".to_string(),
+            "web/01".to_string(),
+            ".x".to_string(),
+            "_x".to_string(),
+            "a".repeat(300),
+            format!("{}b", "a".repeat(300)),
+            "a".repeat(200),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for n in &names {
+            assert!(seen.insert(safe_component(n).unwrap()), "{n:?} collides");
+        }
+        assert_eq!(safe_component("web_01").unwrap(), "web_01");
+        assert_ne!(safe_component("web 01").unwrap(), "web_01");
+    }
+
+    #[test]
     fn long_names_are_cut_on_a_char_boundary() {
         let name = "é".repeat(300);
         let got = safe_component(&name).unwrap();
-        assert!(got.len() <= 200);
-        assert!(got.chars().all(|c| c == 'é'));
+        assert!(got.len() <= 209);
+        let (cut, digest) = got.rsplit_once('-').unwrap();
+        assert!(cut.len() <= 200 && cut.chars().all(|c| c == 'é'));
+        assert_eq!(digest.len(), 8);
+    }
+
+    #[test]
+    fn plain_file_names_only() {
+        for bad in ["", ".", "..", "../x", "/etc/passwd", "a/b", "a\0b"] {
+            assert!(plain_file_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["web-vda.qcow2", ".hidden", "a..b"] {
+            assert_eq!(plain_file_name(good).unwrap(), good);
+        }
     }
 
     #[test]

@@ -5,12 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::copier::ChunkManifest;
+use crate::format::layout::{self, LayoutError};
 use crate::ExitStatus;
 
 /// The schema version written by this build.
@@ -235,17 +237,96 @@ impl BackupMetadata {
     /// Reads `backup-metadata.json` from a backup folder.
     pub fn read(backup_dir: &Path) -> io::Result<Self> {
         let path = backup_dir.join(crate::format::layout::METADATA_FILE);
-        let text = fs::read_to_string(&path)?;
-        serde_json::from_str(&text).map_err(|e| {
+        // Never through a symlink planted at the name.
+        let mut text = String::new();
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?
+            .read_to_string(&mut text)?;
+        let md: Self = serde_json::from_str(&text).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("{}: {e}", path.display()),
             )
-        })
+        })?;
+        md.check_names().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        Ok(md)
+    }
+
+    /// Checks every name that is joined to a folder later: the stamp parses, each disk and
+    /// backing file is one plain file name, each other file is plain names joined by `/`.
+    /// [`BackupMetadata::read`] refuses metadata that fails this.
+    pub fn check_names(&self) -> Result<(), LayoutError> {
+        layout::parse_stamp(&self.stamp)?;
+        for disk in &self.disks {
+            layout::plain_file_name(&disk.file)?;
+            for b in &disk.backing_chain {
+                layout::plain_file_name(&b.file)?;
+            }
+        }
+        for file in &self.files {
+            if file.is_empty() {
+                return Err(LayoutError::NotPlainName(file.clone()));
+            }
+            for part in file.split('/') {
+                layout::plain_file_name(part)
+                    .map_err(|_| LayoutError::NotPlainName(file.clone()))?;
+            }
+        }
+        Ok(())
     }
 
     /// The bytes of `backup-metadata.json` (pretty JSON), as the target stores them.
     pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
         serde_json::to_vec_pretty(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(file: &str, extra: &str) -> String {
+        format!(
+            r#"{{"schema_version": 1, "tool_version": "0", "vm_name": "web", "vm_uuid": "u",
+                "host": "hv1", "stamp": "2026-11-21-120000", "method_requested": "auto",
+                "method": "offline", "started_at": "t0", "finished_at": "t1", "phases": {{}},
+                "disks": [{{"target": "vda", "source": "/s", "format": "raw", "file": {file:?},
+                  "virtual_size": 0, "allocated_size": 0, "file_size": 0, "sha256": "",
+                  "manifest": {{"chunk_size": 1048576, "file_size": 0, "digests": [], "zero_chunks": [], "root": ""}}, "copy_seconds": 0.0,
+                  "bytes_per_sec": 0.0, "io_path": "x"}}],
+                "skipped_disks": [], "files": [{extra:?}], "total_bytes": 0,
+                "bytes_per_sec": 0.0, "result": "success"}}"#
+        )
+    }
+
+    #[test]
+    fn metadata_naming_a_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(layout::METADATA_FILE);
+        fs::write(&path, md("web-vda.raw", "configs/running.cfg")).unwrap();
+        let ok = BackupMetadata::read(dir.path()).unwrap();
+        assert_eq!(ok.disks[0].file, "web-vda.raw");
+        for (file, extra) in [
+            ("../x", "web.xml"),
+            ("/etc/passwd", "web.xml"),
+            ("..", "web.xml"),
+            ("web-vda.raw", "../../etc/shadow"),
+            ("web-vda.raw", "/etc/shadow"),
+        ] {
+            fs::write(&path, md(file, extra)).unwrap();
+            let err = BackupMetadata::read(dir.path()).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::InvalidData,
+                "{file} {extra}: {err}"
+            );
+        }
     }
 }

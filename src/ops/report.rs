@@ -168,7 +168,7 @@ mod tests {
             metrics_file: Some(metrics.clone()),
             ..Settings::default()
         };
-        std::fs::create_dir_all(&settings.target).unwrap();
+        crate::store::FolderStore::init(&settings.target, None).unwrap();
         let request = BackupRequest::new("web01", settings);
         let outcome = Outcome {
             status: ExitStatus::PreCheckFailed,

@@ -256,13 +256,11 @@ impl Catalog {
     /// Opens the catalog of `target`, rebuilding it from the share when it is missing or
     /// cannot be opened (the damaged file is moved aside, never deleted).
     pub fn open(target: &Path) -> Result<Self, CatalogError> {
+        super::target::read_marker(target)?;
         let path = catalog_path(target);
         let dir = target.join(METADATA_DIR);
-        fs::create_dir_all(&dir).map_err(|source| CatalogError::Io {
-            context: "cannot create",
-            path: dir,
-            source,
-        })?;
+        super::target::ensure_dir(target, &dir)?;
+        super::target::refuse_symlink(&path)?;
         if !path.exists() {
             tracing::info!(path = %path.display(), "catalog missing: rebuilding it from the share");
             Self::rebuild(target)?;
@@ -297,7 +295,9 @@ impl Catalog {
         };
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
         )
         .map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
@@ -335,6 +335,8 @@ impl Catalog {
     /// Rebuilds the catalog of `target` from the metadata files on the share, into a new file
     /// that replaces the old one only when complete.
     pub fn rebuild(target: &Path) -> Result<RebuildReport, CatalogError> {
+        super::target::read_marker(target)?;
+        super::target::ensure_dir(target, &target.join(METADATA_DIR))?;
         let path = catalog_path(target);
         let tmp = path.with_extension(format!("db.rebuild-{}", std::process::id()));
         let _ = fs::remove_file(&tmp);
@@ -343,7 +345,11 @@ impl Catalog {
             source,
         };
         let result = (|| {
-            let mut conn = Connection::open(&tmp).map_err(sql)?;
+            let mut conn = Connection::open_with_flags(
+                &tmp,
+                OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+            )
+            .map_err(sql)?;
             conn.execute_batch(SCHEMA).map_err(sql)?;
             let mut report = RebuildReport::default();
             let tx = conn.transaction().map_err(sql)?;
@@ -357,6 +363,8 @@ impl Catalog {
             }
             tx.commit().map_err(sql)?;
             conn.close().map_err(|(_, e)| sql(e))?;
+            let (mode, _) = super::target::modes_in(&target.join(METADATA_DIR));
+            super::target::set_mode(&tmp, mode)?;
             fs::rename(&tmp, &path).map_err(|source| CatalogError::Io {
                 context: "cannot install the rebuilt catalog",
                 path: path.clone(),
@@ -585,6 +593,7 @@ fn insert_failure(conn: &Connection, f: &FailedRun) -> rusqlite::Result<()> {
 
 /// Every whole backup folder under the target (`<target>/<host>/<vm>/<stamp>/`).
 pub fn backup_dirs(target: &Path) -> Result<Vec<PathBuf>, CatalogError> {
+    super::target::read_marker(target)?;
     let mut out = Vec::new();
     for host in host_names(target)? {
         for (_, vm_dir) in layout::vm_dirs(target, &host)? {
@@ -784,16 +793,13 @@ pub fn record_verdict(
 /// Records a failed run: a JSON record on the share (so that a rebuild finds it), the catalog
 /// row and `last-run-summary.json`.
 pub fn record_failure(target: &Path, failure: &FailedRun) -> Result<(), CatalogError> {
+    super::target::read_marker(target)?;
     let dir = target
         .join(METADATA_DIR)
         .join(FAILURES_DIR)
         .join(layout::safe_component(&failure.host)?)
         .join(layout::safe_component(&failure.vm)?);
-    fs::create_dir_all(&dir).map_err(|source| CatalogError::Io {
-        context: "cannot create",
-        path: dir.clone(),
-        source,
-    })?;
+    super::target::ensure_dir(target, &dir)?;
     let file = dir.join(format!("{}.json", layout::safe_component(&failure.stamp)?));
     let text = serde_json::to_string_pretty(failure).unwrap_or_default();
     super::write_atomic(&file, text.as_bytes())?;

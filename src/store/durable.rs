@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::StoreError;
@@ -23,8 +23,9 @@ pub struct StagedFile {
 }
 
 impl StagedFile {
-    /// Creates `.<name>.vmb-tmp-<pid>[-n]` beside `target` (mode 0644, never an existing file,
-    /// so never through a symlink). With `direct`, opens it with O_DIRECT when the file system
+    /// Creates `.<name>.vmb-tmp-<pid>[-n]` beside `target` (mode 0600, or 0640 in a target
+    /// with a group; `O_CREAT|O_EXCL|O_NOFOLLOW`: never an existing file, never through a
+    /// symlink planted at that name). With `direct`, opens it with O_DIRECT when the file system
     /// accepts it; when it refuses (EINVAL), writes through the page cache and says so in
     /// [`StagedFile::note`].
     pub fn create(target: &Path, direct: bool) -> Result<Self, StoreError> {
@@ -33,6 +34,8 @@ impl StagedFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| StoreError::BadName(target.display().to_string()))?;
+        super::target::refuse_symlink(&folder)?;
+        let (mode, _) = super::target::modes_in(&folder);
         let mut want_direct = direct;
         let mut note = None;
         for attempt in 0..100u32 {
@@ -43,12 +46,14 @@ impl StagedFile {
             };
             let temp = folder.join(format!(".{name}.vmb-tmp-{}{suffix}", std::process::id()));
             let mut opts = OpenOptions::new();
-            opts.write(true).create_new(true).mode(0o644);
-            if want_direct {
-                opts.custom_flags(libc::O_DIRECT);
-            }
+            opts.write(true).create_new(true).mode(mode);
+            let flags = if want_direct { libc::O_DIRECT } else { 0 };
+            opts.custom_flags(flags | libc::O_NOFOLLOW);
             match opts.open(&temp) {
                 Ok(file) => {
+                    // The umask may have narrowed the mode: set it exactly.
+                    file.set_permissions(std::fs::Permissions::from_mode(mode))
+                        .map_err(|e| StoreError::io("set the mode of", &temp, e))?;
                     return Ok(Self {
                         file,
                         direct: want_direct,
@@ -56,7 +61,7 @@ impl StagedFile {
                         target: target.to_owned(),
                         note,
                         armed: true,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -141,7 +146,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// fsyncs a folder (its entries: names created, renamed, removed).
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io("fsync", dir, e))
 }
@@ -155,10 +163,12 @@ pub(crate) fn sync_tree(dir: &Path) -> Result<(), StoreError> {
         let kind = entry
             .file_type()
             .map_err(|e| StoreError::io("stat", &path, e))?;
-        if kind.is_dir() {
+        if kind.is_symlink() {
+            return Err(StoreError::Symlink(path));
+        } else if kind.is_dir() {
             sync_tree(&path)?;
         } else {
-            File::open(&path)
+            super::target::open_nofollow(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| StoreError::io("fsync", &path, e))?;
         }
@@ -229,6 +239,42 @@ mod tests {
         let dir = crate::store::scratch();
         let staged = StagedFile::create(&dir.path().join("x"), true).unwrap();
         assert!(staged.is_direct() || staged.note().is_some());
+    }
+
+    #[test]
+    fn files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = crate::store::scratch();
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let path = dir.path().join("a.json");
+        write_atomic(&path, b"x").unwrap();
+        nix::sys::stat::umask(old);
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o600);
+    }
+
+    #[test]
+    fn a_symlink_at_a_temporary_or_final_name_is_not_followed() {
+        let dir = crate::store::scratch();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.path().join("a.json");
+        // Planted at the first temporary name, and as the final file.
+        let temp = dir
+            .path()
+            .join(format!(".a.json.vmb-tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &temp).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert!(std::fs::symlink_metadata(&temp)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

@@ -7,22 +7,46 @@ use std::path::{Path, PathBuf};
 use crate::format::layout::{self, VmDir};
 use crate::format::metadata::BackupMetadata;
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use super::durable::{self, StagedFile};
+use super::target::{self, LockMode, TargetLock, TargetMarker};
 use super::{BackupStore, StoreError};
 
-/// A backup target that is a folder (local disk or NFS mount).
+/// A backup target that is a folder (local disk or NFS mount), initialised by
+/// [`FolderStore::init`] (`vm-backup init`).
 ///
-/// Opening it does no I/O: a missing target shows on the first operation, as
-/// [`crate::error::ErrorKind::TargetMissing`].
+/// [`FolderStore::open`] refuses a folder without the target marker, so that an unmounted
+/// share (its empty mount point) never receives a backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FolderStore {
     root: PathBuf,
 }
 
 impl FolderStore {
-    /// The target rooted at `root`.
-    pub fn open(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+    /// The target rooted at `root`: refused ([`StoreError::NotInitialised`], kind
+    /// TargetMissing) when the folder or its marker is missing.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        target::read_marker(&root)?;
+        Ok(Self { root })
+    }
+
+    /// Initialises the target at `root` (creates the folder, writes the marker), or adopts
+    /// a folder already holding backups; idempotent (an existing marker is kept). With
+    /// `group`, gives that group read access to what is written from now on.
+    pub fn init(
+        root: impl Into<PathBuf>,
+        group: Option<&str>,
+    ) -> Result<(Self, TargetMarker), StoreError> {
+        let root = root.into();
+        let (marker, _) = target::init(&root, group)?;
+        Ok((Self { root }, marker))
+    }
+
+    /// The marker of the target.
+    pub fn marker(&self) -> Result<TargetMarker, StoreError> {
+        target::read_marker(&self.root)
     }
 
     /// The folder of the target.
@@ -35,21 +59,42 @@ impl FolderStore {
         Ok(VmDir::new(&self.root, host, vm)?)
     }
 
+    /// Takes the lock of `vm` on `host` on the target (`<vm folder>/.lock`): exclusive for
+    /// backup and prune, shared for verify and restore. Held elsewhere: [`StoreError::Busy`].
+    pub fn lock_vm(&self, host: &str, vm: &str, mode: LockMode) -> Result<TargetLock, StoreError> {
+        let vm_dir = self.vm_dir(host, vm)?;
+        TargetLock::acquire(&self.root, &vm_dir.path, mode)
+    }
+
+    /// Takes the lock of the VM folder `vm_dir` (one listed under this target, e.g. by
+    /// [`crate::format::layout::vm_dirs`]); see [`FolderStore::lock_vm`].
+    pub fn lock_dir(&self, vm_dir: &Path, mode: LockMode) -> Result<TargetLock, StoreError> {
+        TargetLock::acquire(&self.root, vm_dir, mode)
+    }
+
     /// Begins the backup of `vm` on `host` stamped `stamp`: creates `<stamp>.partial/` (and
     /// the folders above it). The guard removes it when dropped unless published.
     pub fn begin(&self, host: &str, vm: &str, stamp: &str) -> Result<PartialBackup, StoreError> {
         let vm_dir = self.vm_dir(host, vm)?;
+        target::ensure_dir(&self.root, &vm_dir.path)?;
         PartialBackup::create(vm_dir.partial_dir(stamp), vm_dir.backup_dir(stamp))
     }
 
-    /// Checks that the target accepts a new file (created, then removed).
+    /// Checks that the target accepts a new file: a fresh random name, created with
+    /// `O_CREAT|O_EXCL|O_NOFOLLOW` (never an existing file, never through a symlink), then
+    /// removed.
     pub fn check_writable(&self) -> Result<(), StoreError> {
-        let probe = self
-            .root
-            .join(format!(".vm-backup-write-test-{}", std::process::id()));
+        let name = format!(".vm-backup-write-test-{}", uuid::Uuid::new_v4().simple());
+        self.probe(&name)
+    }
+
+    fn probe(&self, name: &str) -> Result<(), StoreError> {
+        let probe = self.root.join(name);
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&probe)
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
             .and_then(|()| std::fs::remove_file(&probe))
@@ -71,7 +116,7 @@ impl BackupStore for FolderStore {
             .vm_dir(host, vm)?
             .backup_dir(stamp)
             .join(safe_name(name)?);
-        std::fs::read(&path).map_err(|e| StoreError::io("read", &path, e))
+        target::read_nofollow(&path)
     }
 
     fn write(
@@ -83,6 +128,7 @@ impl BackupStore for FolderStore {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         let dir = self.vm_dir(host, vm)?.backup_dir(stamp);
+        target::refuse_symlink(&dir)?;
         if !dir.is_dir() {
             return Err(StoreError::NotFound(dir));
         }
@@ -111,7 +157,11 @@ impl PartialBackup {
         if final_dir.exists() {
             return Err(StoreError::Exists(final_dir));
         }
-        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::io("create", parent, e))?;
+            target::refuse_symlink(parent)?;
+        }
+        make_dir(&dir)?;
         tracing::debug!(path = %dir.display(), "partial backup created");
         Ok(Self {
             dir,
@@ -145,18 +195,24 @@ impl PartialBackup {
     /// Opens the file `name` for streaming in (a Bacula restore); made durable on publish.
     pub fn create_stream(&self, name: &str) -> Result<std::fs::File, StoreError> {
         let path = self.file_path(name)?;
-        std::fs::OpenOptions::new()
+        let (mode, _) = target::modes_in(path.parent().unwrap_or(&self.dir));
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(|e| StoreError::io("create", &path, e))
+            .map_err(|e| StoreError::io("create", &path, e))?;
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|e| StoreError::io("set the mode of", &path, e))?;
+        Ok(file)
     }
 
     /// Creates the subfolder `name` and returns its path (appliance configurations).
     pub fn create_dir(&self, name: &str) -> Result<PathBuf, StoreError> {
         let path = self.dir.join(safe_name(name)?);
-        std::fs::create_dir_all(&path).map_err(|e| StoreError::io("create", &path, e))?;
+        make_dir(&path)?;
         Ok(path)
     }
 
@@ -232,6 +288,7 @@ pub fn remove_partial(dir: &Path) -> Result<(), StoreError> {
 pub fn delete_backup(vm_dir: &VmDir, stamp: &str) -> Result<PathBuf, StoreError> {
     layout::parse_stamp(stamp)?;
     let path = vm_dir.backup_dir(stamp);
+    target::refuse_symlink(&path)?;
     let doomed = vm_dir.path.join(format!(".{stamp}.pruning"));
     std::fs::rename(&path, &doomed).map_err(|e| StoreError::io("remove", &path, e))?;
     std::fs::remove_dir_all(&doomed).map_err(|e| StoreError::io("remove", &doomed, e))?;
@@ -250,6 +307,24 @@ pub fn write_backup_file(backup_dir: &Path, name: &str, bytes: &[u8]) -> Result<
     durable::write_atomic(&backup_dir.join(safe_name(name)?), bytes)
 }
 
+/// Creates the folder `path` (its parent exists) with the mode its parent calls for; an
+/// existing real folder is fine, a symlink is refused.
+fn make_dir(path: &Path) -> Result<(), StoreError> {
+    let (_, mode) = target::modes_in(path.parent().unwrap_or(Path::new(".")));
+    match std::fs::create_dir(path) {
+        Ok(()) => target::set_mode(path, mode),
+        Err(e) if e.kind() == IoKind::AlreadyExists => {
+            target::refuse_symlink(path)?;
+            if path.is_dir() {
+                Ok(())
+            } else {
+                Err(StoreError::io("create", path, e))
+            }
+        }
+        Err(e) => Err(StoreError::io("create", path, e)),
+    }
+}
+
 /// A file name inside a backup: one component, not `.`/`..`, no hidden file.
 fn safe_name(name: &str) -> Result<&str, StoreError> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') || name.contains('\0') {
@@ -265,8 +340,171 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, FolderStore) {
         let dir = crate::store::scratch();
-        let store = FolderStore::open(dir.path());
+        let (store, _) = FolderStore::init(dir.path(), None).unwrap();
         (dir, store)
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_folder_without_marker_is_refused_and_init_is_idempotent() {
+        let dir = crate::store::scratch();
+        let err = FolderStore::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TargetMissing);
+        assert!(err.to_string().contains("vm-backup init"), "{err}");
+        assert!(names(dir.path()).is_empty(), "nothing written");
+        let gone = FolderStore::open(dir.path().join("gone")).unwrap_err();
+        assert_eq!(gone.kind(), ErrorKind::TargetMissing);
+        let (_, first) = FolderStore::init(dir.path(), None).unwrap();
+        let (_, second) = FolderStore::init(dir.path(), None).unwrap();
+        assert_eq!(first, second);
+        assert_eq!(first.format_version, crate::store::TARGET_FORMAT_VERSION);
+        assert_eq!(names(dir.path()), vec![layout::TARGET_MARKER]);
+        let store = FolderStore::open(dir.path()).unwrap();
+        assert_eq!(store.marker().unwrap().id, first.id);
+    }
+
+    #[test]
+    fn init_adopts_a_folder_with_backups() {
+        let dir = crate::store::scratch();
+        std::fs::create_dir_all(dir.path().join("hv1/web/2026-11-21-120000")).unwrap();
+        let (store, _) = FolderStore::init(dir.path(), None).unwrap();
+        assert_eq!(
+            store.backups("hv1", "web").unwrap(),
+            vec!["2026-11-21-120000"]
+        );
+    }
+
+    #[test]
+    fn files_and_folders_are_private_under_umask_022() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, store) = store();
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let p = store.begin("hv1", "web", "2026-11-21-120000").unwrap();
+        p.write_file("web.xml", b"<domain/>").unwrap();
+        let staged = p.create_file("web-vda.raw", false).unwrap();
+        staged.commit().unwrap();
+        drop(p.create_stream("stream.raw").unwrap());
+        p.create_dir(layout::CONFIGS_DIR).unwrap();
+        let published = p.publish().unwrap();
+        nix::sys::stat::umask(old);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        for d in [
+            dir.path().join("hv1"),
+            dir.path().join("hv1/web"),
+            published.clone(),
+        ] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        assert_eq!(mode(&published.join(layout::CONFIGS_DIR)), 0o700);
+        for f in ["web.xml", "web-vda.raw", "stream.raw"] {
+            assert_eq!(mode(&published.join(f)), 0o600, "{f}");
+        }
+        assert_eq!(mode(&dir.path().join(layout::TARGET_MARKER)), 0o600);
+    }
+
+    #[test]
+    fn a_target_with_a_group_gives_it_read_access() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = crate::store::scratch();
+        // Our own primary group: chown to it needs no privilege.
+        let gid = nix::unistd::getegid();
+        let Ok(Some(group)) = nix::unistd::Group::from_gid(gid) else {
+            eprintln!("no name for gid {gid}: skipped");
+            return;
+        };
+        let (store, marker) = FolderStore::init(dir.path(), Some(&group.name)).unwrap();
+        assert_eq!(marker.group.as_deref(), Some(group.name.as_str()));
+        let p = store.begin("hv1", "web", "2026-11-21-120000").unwrap();
+        p.write_file("web.xml", b"x").unwrap();
+        let published = p.publish().unwrap();
+        let meta = |p: &Path| std::fs::metadata(p).unwrap();
+        assert_eq!(meta(&published).mode() & 0o777, 0o750);
+        assert_eq!(meta(&published).gid(), gid.as_raw());
+        assert_eq!(meta(&published.join("web.xml")).mode() & 0o7777, 0o640);
+        assert_eq!(meta(&dir.path().join("hv1")).mode() & 0o777, 0o750);
+        assert!(FolderStore::init(dir.path(), Some("no-such-group-vmb")).is_err());
+    }
+
+    #[test]
+    fn the_write_probe_never_follows_a_symlink() {
+        let (dir, store) = store();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        // The name an older version used, and a fixed name planted by an attacker.
+        let old = dir
+            .path()
+            .join(format!(".vm-backup-write-test-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &old).unwrap();
+        store.check_writable().unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".probe")).unwrap();
+        assert!(store.probe(".probe").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn a_symlink_as_a_backup_file_or_folder_is_never_followed() {
+        let (dir, store) = store();
+        let outside = crate::store::scratch();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let published = store
+            .begin("hv1", "web", "2026-11-21-120000")
+            .unwrap()
+            .publish()
+            .unwrap();
+        std::os::unix::fs::symlink(&victim, published.join("backup.log")).unwrap();
+        std::os::unix::fs::symlink(&victim, published.join("web.xml")).unwrap();
+        store
+            .write("hv1", "web", "2026-11-21-120000", "backup.log", b"log")
+            .unwrap();
+        assert!(store
+            .read("hv1", "web", "2026-11-21-120000", "web.xml")
+            .is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A VM folder that is a symlink to elsewhere: nothing is created through it.
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("hv1/evil")).unwrap();
+        let err = store.begin("hv1", "evil", "2026-11-21-120000").unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        assert!(store.lock_vm("hv1", "evil", LockMode::Exclusive).is_err());
+        assert_eq!(names(outside.path()), vec!["victim"]);
+    }
+
+    #[test]
+    fn the_vm_lock_excludes_writers_and_shares_readers() {
+        let (_dir, store) = store();
+        let a = store.lock_vm("hv1", "web", LockMode::Exclusive).unwrap();
+        let err = store
+            .lock_vm("hv1", "web", LockMode::Exclusive)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Busy);
+        assert_eq!(
+            store
+                .lock_vm("hv1", "web", LockMode::Shared)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Busy
+        );
+        let other = store.lock_vm("hv1", "web 01", LockMode::Exclusive).unwrap();
+        drop(a);
+        let r1 = store.lock_vm("hv1", "web", LockMode::Shared).unwrap();
+        let _r2 = store.lock_vm("hv1", "web", LockMode::Shared).unwrap();
+        assert_eq!(
+            store
+                .lock_vm("hv1", "web", LockMode::Exclusive)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Busy
+        );
+        assert!(r1.path().ends_with("hv1/web/.lock"));
+        drop(other);
     }
 
     #[test]
@@ -357,8 +595,10 @@ mod tests {
     fn missing_and_writable_targets_are_told_apart() {
         let (dir, store) = store();
         store.check_writable().unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        let missing = FolderStore::open(dir.path().join("gone"));
+        assert_eq!(names(dir.path()), vec![layout::TARGET_MARKER]);
+        let missing = FolderStore {
+            root: dir.path().join("gone"),
+        };
         assert_eq!(
             missing.check_writable().unwrap_err().kind(),
             ErrorKind::TargetMissing

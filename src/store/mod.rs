@@ -19,12 +19,14 @@ use crate::error::ErrorKind;
 pub mod catalog;
 mod durable;
 mod folder;
+mod target;
 pub mod verified_read;
 
 pub use durable::{write_atomic, StagedFile};
 pub use folder::{
     delete_backup, remove_partial, write_backup_file, write_metadata, FolderStore, PartialBackup,
 };
+pub use target::{LockMode, TargetLock, TargetMarker, TARGET_FORMAT_VERSION};
 
 /// The operations any backup target offers, by host, VM and stamp (object-safe).
 pub trait BackupStore: std::fmt::Debug + Send + Sync {
@@ -73,6 +75,26 @@ pub enum StoreError {
     /// The backup asked for is not there.
     #[error("backup folder {0} does not exist")]
     NotFound(PathBuf),
+    /// The folder has no target marker: not mounted, or not initialised.
+    #[error("{0} is not an initialised backup target (no .vm-backup-target.json): mount the share or run `vm-backup init`")]
+    NotInitialised(PathBuf),
+    /// The target marker does not parse.
+    #[error("target marker {path} is unreadable: {reason}")]
+    BadMarker {
+        /// The marker file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A group to give access to does not exist.
+    #[error("no group named {0:?}")]
+    UnknownGroup(String),
+    /// A symlink was found where the store writes or reads; it is never followed.
+    #[error("{0} is a symlink; the target's files are never reached through one")]
+    Symlink(PathBuf),
+    /// Another run holds the VM's lock on the target.
+    #[error("another vm-backup run holds the lock {0}")]
+    Busy(PathBuf),
     /// The metadata could not be encoded.
     #[error("cannot encode backup-metadata.json: {0}")]
     Encode(#[source] serde_json::Error),
@@ -100,6 +122,11 @@ impl StoreError {
             StoreError::Exists(_) => ErrorKind::Busy,
             StoreError::NotFound(_) => ErrorKind::NotFound,
             StoreError::Encode(_) => ErrorKind::Internal,
+            StoreError::NotInitialised(_) => ErrorKind::TargetMissing,
+            StoreError::BadMarker { .. } => ErrorKind::TargetFailing,
+            StoreError::UnknownGroup(_) => ErrorKind::InvalidInput,
+            StoreError::Symlink(_) => ErrorKind::TargetFailing,
+            StoreError::Busy(_) => ErrorKind::Busy,
         }
     }
 

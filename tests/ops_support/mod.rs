@@ -66,6 +66,7 @@ pub fn metadata(host: &str, vm: &str, stamp: &str, result: ExitStatus) -> Backup
 
 /// Creates `<target>/<host>/<vm>/<stamp>/` with a metadata file (no disks) and returns it.
 pub fn fake_backup(target: &Path, meta: &BackupMetadata) -> PathBuf {
+    vm_backup::store::FolderStore::init(target, None).unwrap();
     let dir = target
         .join(&meta.host)
         .join(&meta.vm_name)
@@ -77,6 +78,7 @@ pub fn fake_backup(target: &Path, meta: &BackupMetadata) -> PathBuf {
 
 /// A config file pointing at `target`, with extra TOML appended.
 pub fn config(dir: &Path, target: &Path, extra: &str) -> PathBuf {
+    vm_backup::store::FolderStore::init(target, None).unwrap();
     let path = dir.join("vm-backup.conf");
     fs::write(
         &path,
@@ -312,6 +314,7 @@ pub fn hand_backup(
 ) -> (PathBuf, BackupMetadata) {
     use vm_backup::copier::{copy_file, CopyOptions};
     use vm_backup::progress::{CancelToken, NoProgress};
+    vm_backup::store::FolderStore::init(target, None).unwrap();
     let dir = target.join(host).join(vm).join(stamp);
     fs::create_dir_all(&dir).unwrap();
     let mut meta = metadata(host, vm, stamp, ExitStatus::Success);

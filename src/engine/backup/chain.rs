@@ -280,12 +280,14 @@ mod tests {
         assert_eq!(c[0].depth, 1);
         assert_eq!(c[0].path, Path::new("/i/mid.qcow2"));
         assert_eq!(c[0].named_as.as_deref(), Some("mid.qcow2"));
-        assert_eq!(c[0].file_name, "web_01-vdb.backing-1.qcow2");
+        let vm = layout::safe_component("web 01").unwrap();
+        assert!(vm.starts_with("web_01-"), "{vm}");
+        assert_eq!(c[0].file_name, format!("{vm}-vdb.backing-1.qcow2"));
         assert_eq!(c[0].allocated_size, 20);
         assert_eq!(c[1].depth, 2);
         assert_eq!(c[1].format, "raw");
         assert_eq!(c[1].named_as.as_deref(), Some("/b/bottom.img"));
-        assert_eq!(c[1].file_name, "web_01-vdb.backing-2.raw");
+        assert_eq!(c[1].file_name, format!("{vm}-vdb.backing-2.raw"));
         // A lone image has no chain.
         let single = r#"[{"filename": "/i/a.qcow2", "format": "qcow2"}]"#;
         assert!(parse_chain(single, "x", "vda").unwrap().is_empty());

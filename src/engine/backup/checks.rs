@@ -28,6 +28,9 @@ pub enum CheckError {
     /// A name is not allowed in the layout.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// The target is not an initialised target (or its marker is unreadable).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A disk's backing chain cannot be backed up.
     #[error(transparent)]
     Chain(#[from] ChainError),
@@ -197,6 +200,7 @@ impl CheckError {
             }
             CheckError::Target { source, .. } => ErrorKind::from_target_io(source),
             CheckError::Statvfs { .. } => ErrorKind::TargetFailing,
+            CheckError::Store(e) => e.kind(),
             CheckError::TargetNotFolder(_) => ErrorKind::TargetMissing,
             CheckError::TargetFull { .. } => ErrorKind::TargetFull,
             CheckError::NoBackup(_) => ErrorKind::NotFound,
@@ -514,7 +518,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, CheckEr
     if !meta.is_dir() {
         return Err(CheckError::TargetNotFolder(target.clone()));
     }
-    crate::store::FolderStore::open(target)
+    crate::store::FolderStore::open(target)?
         .check_writable()
         .map_err(|source| CheckError::Target {
             path: target.clone(),

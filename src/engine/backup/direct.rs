@@ -123,7 +123,7 @@ impl BackupSession<'_> {
             .update(|r| r.partial_dir = Some(p))
             .map_err(|e| self.failed(Phase::Copy, e))?;
         let guard = FolderStore::open(&self.run.request.settings.target)
-            .begin(&self.run.host, &self.run.request.vm, &self.run.stamp)
+            .and_then(|store| store.begin(&self.run.host, &self.run.request.vm, &self.run.stamp))
             .map_err(|e| self.failed(Phase::Copy, e))?;
         self.held.partial = Some(PartialFolder(guard));
         self.log(Level::Info, &format!("writing into {}", partial.display()));

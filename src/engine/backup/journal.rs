@@ -71,6 +71,8 @@ pub struct Journal {
     /// The current record (what is on disk).
     pub record: JournalRecord,
     _lock: VmLock,
+    /// The VM's lock on the target, held as long as the journal (see [`Journal::hold`]).
+    _target_lock: Option<crate::store::TargetLock>,
 }
 
 /// Errors of the journal.
@@ -241,9 +243,16 @@ impl Journal {
                 path,
                 record: JournalRecord::default(),
                 _lock: lock,
+                _target_lock: None,
             },
             previous,
         ))
+    }
+
+    /// Keeps the VM's lock on the target for as long as the journal lives (the local lock
+    /// alone does not exclude a run with another `journal_dir`).
+    pub fn hold(&mut self, lock: crate::store::TargetLock) {
+        self._target_lock = Some(lock);
     }
 
     /// The journal file.

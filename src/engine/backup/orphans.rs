@@ -372,6 +372,12 @@ pub fn scan(
                 Ok(l) => l,
                 Err(_) => continue, // a backup is writing it
             };
+            // The lock on the target too: a backup with another journal_dir holds only that.
+            let Ok(target_lock) = crate::store::FolderStore::open(&settings.target)
+                .and_then(|s| s.lock_dir(&vm_dir.path, crate::store::LockMode::Exclusive))
+            else {
+                continue;
+            };
             for p in partials {
                 if journaled_partials.contains(&p) {
                     continue; // reported (and repaired) with its journal
@@ -397,6 +403,7 @@ pub fn scan(
                 }
                 report.orphans.push(orphan);
             }
+            drop(target_lock);
             drop(lock);
         }
     }

@@ -214,10 +214,16 @@ impl<'a> BackupSession<'a> {
         let host = settings.host();
         let vm_dir =
             VmDir::new(&settings.target, &host, vm).map_err(|e| BackupError::pre(vm, e))?;
+        let store = crate::store::FolderStore::open(&settings.target)
+            .map_err(|e| BackupError::pre(vm, Cause::Store(e)))?;
         let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
         let dom = hv.domain(vm).map_err(|e| BackupError::pre(vm, e))?;
         let (mut journal, previous) =
             Journal::open(&settings.journal_dir, vm).map_err(|e| BackupError::pre(vm, e))?;
+        let target_lock = store
+            .lock_vm(&host, vm, crate::store::LockMode::Exclusive)
+            .map_err(|e| BackupError::pre(vm, Cause::Store(e)))?;
+        journal.hold(target_lock);
 
         // Repair what an interrupted run left, before looking at anything else.
         if let Some(prev) = previous {

@@ -120,7 +120,7 @@ pub fn apply(
         let tmp = staging_path(&nvram.to);
         ensure_dir(&nvram.to, &mut created)?;
         created.files.push(tmp.clone());
-        fs::copy(&nvram.from, &tmp).map_err(|source| RestoreError::Io {
+        copy_nofollow(&nvram.from, &tmp).map_err(|source| RestoreError::Io {
             context: "cannot copy the NVRAM to",
             path: tmp.clone(),
             source,
@@ -254,6 +254,13 @@ fn copy_image(
     if comparable {
         options.chunk_size = manifest.chunk_size;
     }
+    if fs::symlink_metadata(src).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(RestoreError::Io {
+            context: "refusing to read through a symlink:",
+            path: src.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(libc::ELOOP),
+        });
+    }
     let report = copier::copy_file(src, tmp, &options, progress, cancel)?;
     if comparable {
         if let Some(m) = &report.manifest {
@@ -330,6 +337,24 @@ fn ensure_dir(dest: &Path, created: &mut CreatedFiles) -> Result<(), RestoreErro
     Ok(())
 }
 
+/// Copies the file `from` (never through a symlink at its name) to `to` (created with mode
+/// 0600, or replaced).
+fn copy_nofollow(from: &Path, to: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let mut dst = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)?;
+    std::io::copy(&mut src, &mut dst)
+}
+
 fn copy_tree(src: &Path, dst: &Path) -> Result<(), RestoreError> {
     let io = |context, path: &Path| {
         let path = path.to_path_buf();
@@ -343,14 +368,14 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), RestoreError> {
     for entry in fs::read_dir(src).map_err(io("cannot list", src))? {
         let entry = entry.map_err(io("cannot list", src))?;
         let to = dst.join(entry.file_name());
-        if entry
+        let kind = entry
             .file_type()
-            .map_err(io("cannot stat", &entry.path()))?
-            .is_dir()
-        {
+            .map_err(io("cannot stat", &entry.path()))?;
+        if kind.is_dir() {
             copy_tree(&entry.path(), &to)?;
         } else {
-            fs::copy(entry.path(), &to).map_err(io("cannot copy to", &to))?;
+            // A symlink in the backup is refused by the O_NOFOLLOW open, never followed.
+            copy_nofollow(&entry.path(), &to).map_err(io("cannot copy to", &to))?;
         }
     }
     Ok(())

@@ -199,6 +199,9 @@ pub enum RestoreError {
     /// The layout on the target is invalid.
     #[error(transparent)]
     Layout(#[from] crate::format::layout::LayoutError),
+    /// The target is not initialised, or the VM's lock is held by a backup or prune.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// The backup's metadata or XML cannot be read.
     #[error("cannot read {path}: {source}")]
     Unreadable {
@@ -367,8 +370,16 @@ fn read_backup(request: &RestoreRequest) -> Result<Backup, RestoreError> {
         path: dir.join(layout::METADATA_FILE),
         source,
     })?;
+    if request.backup_dir.is_none() && meta.vm_name != request.vm {
+        return Err(RestoreError::NotFound(format!(
+            "{} is a backup of VM {:?}, not of {:?}",
+            dir.display(),
+            meta.vm_name,
+            request.vm
+        )));
+    }
     let xml_path = dir.join(layout::xml_file_name(&meta.vm_name)?);
-    let xml_text = fs::read_to_string(&xml_path).map_err(|source| RestoreError::Unreadable {
+    let xml_text = read_nofollow(&xml_path).map_err(|source| RestoreError::Unreadable {
         path: xml_path.clone(),
         source,
     })?;
@@ -382,12 +393,34 @@ fn read_backup(request: &RestoreRequest) -> Result<Backup, RestoreError> {
     })
 }
 
+/// Reads a text file of a backup without following a symlink at its name.
+fn read_nofollow(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// Restores a VM from a backup; see the module documentation.
 pub fn restore(
     request: &RestoreRequest,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<RestoreOutcome, RestoreError> {
+    // The VM's lock on the target, shared: no backup or prune of it meanwhile.
+    let _lock = match &request.backup_dir {
+        Some(_) => None,
+        None => Some(crate::store::FolderStore::open(&request.target)?.lock_vm(
+            &request.host,
+            &request.vm,
+            crate::store::LockMode::Shared,
+        )?),
+    };
     let backup = read_backup(request)?;
     let Backup { dir, meta, .. } = &backup;
     progress.message(
@@ -548,6 +581,7 @@ impl RestoreError {
         match self {
             RestoreError::NotFound { .. } => ErrorKind::NotFound,
             RestoreError::Layout(e) => e.kind(),
+            RestoreError::Store(e) => e.kind(),
             RestoreError::Unreadable { .. } => ErrorKind::Corrupt,
             RestoreError::Xml { .. } => ErrorKind::Corrupt,
             RestoreError::Damaged { .. } => ErrorKind::Corrupt,
