@@ -92,6 +92,9 @@ pub struct DiskDef {
     pub shareable: bool,
     /// The backing chain below `source` (live XML only; empty when the XML says nothing).
     pub backing: Vec<BackingLayer>,
+    /// A block job mirrors this disk and QEMU reports it ready to pivot (`<mirror
+    /// ready='yes'>` in the live XML: the job's READY event was seen by libvirt).
+    pub mirror_ready: bool,
 }
 
 impl DiskDef {
@@ -355,6 +358,9 @@ fn parse_disk(disk: &Element) -> DiskDef {
         readonly: disk.child("readonly").is_some(),
         shareable: disk.child("shareable").is_some(),
         backing,
+        mirror_ready: disk
+            .child("mirror")
+            .is_some_and(|m| m.attribute("ready") == Some("yes")),
     }
 }
 
