@@ -179,7 +179,7 @@ fn assert_vm_intact(dom: &str, before: &[(String, String)]) {
         "{dom} is not on its original images"
     );
     let job = virsh(&["blockjob", dom, "vda", "--info"]);
-    let job_text = text(&job.stdout);
+    let job_text = text(&job.stdout) + &text(&job.stderr);
     assert!(
         !job_text.contains("Commit") && !job_text.contains("commit"),
         "a block job remains: {job_text}"
@@ -241,6 +241,8 @@ fn agent_hangs_between_ping_and_freeze_then_wakes_up_the_thaw_is_confirmed() {
     let d = agent_dom();
     wait_agent(&d, Duration::from_secs(60));
     let before = disk_sources(&d);
+    let freezes = |log: &[String]| log.iter().filter(|l| l.starts_with("freeze")).count();
+    let freezes_before = freezes(&freeze_log(&d));
     // The engine pings, then pauses 4 s; meanwhile qemu-ga stops for 10 s (longer than the
     // agent timeout, shorter than the thaw bound): libvirt's freeze times out, and the agent
     // runs the queued freeze when it wakes up.
@@ -253,16 +255,26 @@ fn agent_hangs_between_ping_and_freeze_then_wakes_up_the_thaw_is_confirmed() {
         "MEASURE agent hang after ping: ended {:.1} s after the hang",
         t.elapsed().as_secs_f64()
     );
-    assert_eq!(out.status.code(), Some(2), "{json:#}\n{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
     let err = json["error"].as_str().unwrap();
     assert!(err.contains("snapshot"), "{err}");
     assert!(!err.contains("may still be frozen"), "{err}");
     assert!(!env.journal_file(&d).exists(), "the journal remains");
     assert!(env.partials(&d).is_empty() && env.folders(&d).is_empty());
     assert_vm_intact(&d, &before);
-    // The freeze did run late, and was thawed after it.
+    // The freeze did run late (libvirt had reported it timed out), and was thawed after it.
     let log = freeze_log(&d);
-    assert_eq!(log.last().map(|l| l.starts_with("thaw")), Some(true), "{log:?}");
+    assert_eq!(freezes(&log), freezes_before + 1, "{log:?}");
+    assert_eq!(
+        log.last().map(|l| l.starts_with("thaw")),
+        Some(true),
+        "{log:?}"
+    );
 }
 
 #[test]
@@ -281,7 +293,12 @@ fn a_thaw_that_fails_past_its_bound_is_exit_2_and_orphans_thaws_later() {
     agent_hang(&d, Duration::from_secs(hang));
     let hung_at = Instant::now();
     let (out, json) = finish(child);
-    assert_eq!(out.status.code(), Some(2), "{json:#}\n{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
     let err = json["error"].as_str().unwrap();
     assert!(
         err.contains("may still be frozen") && err.contains("orphans"),
@@ -296,7 +313,10 @@ fn a_thaw_that_fails_past_its_bound_is_exit_2_and_orphans_thaws_later() {
     }
     wait_agent(&d, Duration::from_secs(60));
     eprintln!("MEASURE after the agent woke up: {:?}", fsfreeze_status(&d));
-    let out = env.cmd(&["orphans", "--cleanup", "--json"]).output().unwrap();
+    let out = env
+        .cmd(&["orphans", "--cleanup", "--json"])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "orphans: {}{}",
@@ -333,7 +353,12 @@ fn a_commit_that_does_not_converge_pauses_the_guest_and_pivots() {
     );
     dirty_overlay(&env, &d, &mut child);
     let (out, json) = finish(child);
-    assert_eq!(out.status.code(), Some(0), "{json:#}\n{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
     let paused = json["metadata"]["phases"]["commit-pause"]
         .as_f64()
         .unwrap_or_else(|| panic!("no commit-pause in the phases: {json:#}"));
@@ -368,12 +393,18 @@ fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
     // Wait for the throttled commit job, then kill -9.
     let t = Instant::now();
     loop {
-        let info = text(&virsh(&["blockjob", &d, "vda", "--info"]).stdout);
+        let out = virsh(&["blockjob", &d, "vda", "--info"]);
+        let info = text(&out.stdout) + &text(&out.stderr);
         if info.to_lowercase().contains("commit") {
             break;
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("backup ended ({status}) before its commit");
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "backup ended before its commit: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
         }
         assert!(t.elapsed() < Duration::from_secs(120), "no commit job");
         sleep(Duration::from_millis(100));
@@ -392,7 +423,11 @@ fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
         .output()
         .unwrap();
     let report = text(&out.stdout);
-    assert!(out.status.success(), "orphans: {report}{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "orphans: {report}{}",
+        text(&out.stderr)
+    );
     assert!(
         report.contains("paused") && report.contains("committed and pivoted"),
         "{report}"
@@ -443,7 +478,11 @@ fn a_copy_corrupted_before_its_post_checks_is_never_published_and_prune_keeps_th
         .expect("no image in the partial folder");
     {
         use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new().read(true).write(true).open(&image).unwrap();
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .unwrap();
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, 70_000).unwrap();
         b[0] ^= 0xff;
@@ -451,18 +490,32 @@ fn a_copy_corrupted_before_its_post_checks_is_never_published_and_prune_keeps_th
         f.sync_all().unwrap();
     }
     let (out, json) = finish(child);
-    assert_eq!(out.status.code(), Some(2), "{json:#}\n{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
     let err = json["error"].as_str().unwrap();
     assert!(
         err.contains("post-checks") && err.contains("not published") && err.contains("differ"),
         "{err}"
     );
-    assert_eq!(env.folders(&d), vec![good.clone()], "something else was kept");
+    assert_eq!(
+        env.folders(&d),
+        vec![good.clone()],
+        "something else was kept"
+    );
     assert!(!env.journal_file(&d).exists());
     assert_vm_intact(&d, &before);
     // Prune (keep_last 1) keeps the good backup: the failed copy was never counted.
     let out = env.cmd(&["prune", "--json"]).output().unwrap();
-    assert!(out.status.success(), "prune: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prune: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     assert_eq!(env.folders(&d), vec![good.clone()]);
     env.verify_ok(&d, &good);
 }
@@ -507,7 +560,13 @@ fn kill9_before_the_publish_leaves_nothing_that_looks_whole() {
     let list_out = env.cmd(&["list", "--json"]).output().unwrap();
     let listed = text(&list_out.stdout);
     assert!(
-        !listed.contains(&partial.file_name().unwrap().to_string_lossy().replace(".partial", "")),
+        !listed.contains(
+            &partial
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replace(".partial", "")
+        ),
         "{listed}"
     );
     // The next backup repairs, removes the partial folder and succeeds.
