@@ -413,12 +413,16 @@ fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
     let _ = child.wait();
     assert!(env.journal_file(&d).exists());
     assert!(env.folders(&d).iter().all(|f| f.ends_with(".partial")));
+    let journaled = fs::read_to_string(env.journal_file(&d)).unwrap();
     // The repair finds the job still throttled: the converge bound (shortened here) runs
     // out, the guest is paused, the throttle lifted, the disk pivoted.
-    let env_short = Env::new(3, 10, 3);
-    fs::create_dir_all(env_short.journal.join("journal")).unwrap();
-    fs::copy(env.journal_file(&d), env_short.journal_file(&d)).unwrap();
-    let out = env_short
+    let config = fs::read_to_string(&env.config).unwrap();
+    fs::write(
+        &env.config,
+        config.replace("commit_seconds = 600", "commit_seconds = 3"),
+    )
+    .unwrap();
+    let out = env
         .cmd(&["orphans", "--cleanup", "--json"])
         .output()
         .unwrap();
@@ -430,11 +434,16 @@ fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
     );
     assert!(
         report.contains("paused") && report.contains("committed and pivoted"),
-        "{report}"
+        "{report}\njournal was: {journaled}\n{}",
+        text(&out.stderr)
     );
-    let _ = fs::remove_file(env.journal_file(&d));
+    assert!(
+        env.partials(&d).is_empty(),
+        "orphans left the partial folder"
+    );
+    assert!(!env.journal_file(&d).exists());
     assert_vm_intact(&d, &before);
-    // The next backup removes the partial folder and succeeds.
+    // The next backup succeeds.
     let (out, json) = env.backup(&d, &[]);
     assert_eq!(out.status.code(), Some(0), "{json:#}");
     assert!(env.partials(&d).is_empty());
@@ -575,4 +584,76 @@ fn kill9_before_the_publish_leaves_nothing_that_looks_whole() {
     assert!(env.partials(&d).is_empty());
     assert_vm_intact(&d, &before);
     env.verify_ok(&d, &good);
+}
+
+/// The ids of the libvirtd clients opened by process `pid` (`virt-admin client-info`).
+fn libvirtd_clients_of(pid: u32) -> Vec<String> {
+    let out = Command::new("virt-admin")
+        .args(["srv-clients-list", "libvirtd"])
+        .output()
+        .unwrap();
+    let mut ids = Vec::new();
+    for line in text(&out.stdout).lines().skip(2) {
+        let Some(id) = line.split_whitespace().next() else {
+            continue;
+        };
+        let info = Command::new("virt-admin")
+            .args(["client-info", "libvirtd", id])
+            .output()
+            .unwrap();
+        let ours = text(&info.stdout).lines().any(|l| {
+            l.split_once(':')
+                .is_some_and(|(k, v)| k.trim() == "unix_process_id" && v.trim() == pid.to_string())
+        });
+        if ours {
+            ids.push(id.to_string());
+        }
+    }
+    ids
+}
+
+#[test]
+fn the_libvirt_connection_drops_between_snapshot_and_commit_then_reconnects_and_commits() {
+    if !lab_enabled(
+        "the_libvirt_connection_drops_between_snapshot_and_commit_then_reconnects_and_commits",
+    ) {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(120, 5, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "6000")]);
+    let t = Instant::now();
+    while env.partials(&d).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
+        sleep(Duration::from_millis(50));
+    }
+    // What libvirtd restarting does to the engine: its connection is closed by the server
+    // (only ours: the daemons are shared by the lab's users).
+    let ids = libvirtd_clients_of(child.id());
+    assert!(!ids.is_empty(), "no libvirtd client of the backup found");
+    for id in &ids {
+        let out = Command::new("virt-admin")
+            .args(["client-disconnect", "libvirtd", id])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("backup ended ({status}) during its pause");
+    }
+    let (out, json) = finish(child);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("reconnect"), "{stderr}");
+    assert_vm_intact(&d, &before);
+    let stamp = json["metadata"]["stamp"].as_str().unwrap();
+    env.verify_ok(&d, stamp);
 }
