@@ -633,6 +633,14 @@ fn the_libvirt_connection_drops_between_snapshot_and_commit_then_reconnects_and_
     let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "6000")]);
     let t = Instant::now();
     while env.partials(&d).is_empty() {
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "backup ended before its partial folder appeared: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
         assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
         sleep(Duration::from_millis(50));
     }

@@ -459,6 +459,26 @@ pub(crate) mod tests {
 "#;
 
     #[test]
+    fn a_ready_mirror_is_seen_and_only_when_libvirt_says_ready() {
+        let xml = |ready: &str| {
+            format!(
+                "<domain><name>x</name><uuid>u</uuid><devices>\
+                 <disk type='file' device='disk'><driver type='qcow2'/>\
+                 <source file='/i/a.qcow2.vmb-overlay-s.qcow2'/><target dev='vda'/>\
+                 <mirror type='file' job='active-commit'{ready}><format type='qcow2'/>\
+                 <source file='/i/a.qcow2'/></mirror></disk>\
+                 <disk type='file' device='disk'><source file='/i/b.qcow2'/><target dev='vdb'/></disk>\
+                 </devices></domain>"
+            )
+        };
+        let ready = parse_domain(&xml(" ready='yes'")).unwrap();
+        assert!(ready.disks[0].mirror_ready);
+        assert!(!ready.disks[1].mirror_ready);
+        let copying = parse_domain(&xml("")).unwrap();
+        assert!(!copying.disks[0].mirror_ready);
+    }
+
+    #[test]
     fn disks_chain_and_agent_are_parsed() {
         let d = parse_domain(LIVE).unwrap();
         assert_eq!(d.name, "vmb-multi");

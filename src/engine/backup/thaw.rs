@@ -92,3 +92,15 @@ pub(crate) fn thaw_confirmed(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thaw_bound_outlasts_several_agent_timeouts() {
+        assert_eq!(thaw_bound(3), Duration::from_secs(19));
+        assert_eq!(thaw_bound(0), Duration::from_secs(13));
+        assert!(thaw_bound(10) > Duration::from_secs(30));
+    }
+}
