@@ -11,6 +11,7 @@
 //! [timeouts]
 //! agent_seconds = 10               # guest agent calls (ping, quiesce)
 //! commit_seconds = 600             # blockcommit convergence
+//! commit_pause_max_seconds = 5     # then the guest paused at most this long to converge
 //! shutdown_seconds = 300           # clean shutdown for offline --shutdown
 //! [slack]
 //! alerts_webhook = "https://hooks.slack.com/services/…"
@@ -91,6 +92,8 @@ pub struct Timeouts {
     pub agent_seconds: u64,
     /// Blockcommit convergence, seconds.
     pub commit_seconds: u64,
+    /// Then at most this long with the guest paused so that the commit converges, seconds.
+    pub commit_pause_max_seconds: u64,
     /// Clean shutdown of a domain for `offline --shutdown`, seconds.
     pub shutdown_seconds: u64,
 }
@@ -100,6 +103,7 @@ impl Default for Timeouts {
         Self {
             agent_seconds: 10,
             commit_seconds: 600,
+            commit_pause_max_seconds: 5,
             shutdown_seconds: 300,
         }
     }

@@ -146,6 +146,39 @@ impl Hypervisor {
         })
     }
 
+    /// Whether the connection to libvirtd still answers (false after libvirtd restarted).
+    pub fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
+    /// Opens a new connection to the same URI, trying every second for at most `bound`
+    /// (libvirtd restarting); domain handles of the old connection must be looked up again.
+    pub fn reconnect(&mut self, bound: Duration) -> Result<(), LibvirtError> {
+        let t0 = Instant::now();
+        loop {
+            match Self::connect(&self.uri) {
+                Ok(fresh) => {
+                    let old = std::mem::replace(self, fresh);
+                    drop(old);
+                    return Ok(());
+                }
+                Err(e) if t0.elapsed() >= bound => {
+                    tracing::warn!("reconnecting to {} failed: {e}", self.uri);
+                    return Err(LibvirtError::Timeout {
+                        what: format!("reconnecting to libvirt at {} ({e})", self.uri),
+                        seconds: bound.as_secs(),
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_secs(1)),
+            }
+        }
+    }
+
+    /// The URI of this connection.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
     /// Looks a domain up by name.
     pub fn domain(&self, name: &str) -> Result<Dom, LibvirtError> {
         match self.conn.lookup_domain_by_name(name) {
@@ -365,6 +398,16 @@ impl Dom {
             .map_err(|e| self.err(format!("starting the block commit of {target}"), e))
     }
 
+    /// Limits the block job of `target` to `bytes_per_sec` (0: unlimited).
+    pub fn set_block_job_speed(
+        &self,
+        target: &str,
+        bytes_per_sec: u64,
+    ) -> Result<(), LibvirtError> {
+        raw::block_job_set_speed(&self.dom, target, bytes_per_sec)
+            .map_err(|e| self.err(format!("setting the speed of the block job of {target}"), e))
+    }
+
     /// Pivots a ready active commit (waits for the pivot to complete).
     pub fn pivot(&self, target: &str) -> Result<(), LibvirtError> {
         raw::block_job_abort(&self.dom, target, true)
@@ -380,6 +423,31 @@ impl Dom {
     /// Thaws the guest filesystems; returns how many were thawed.
     pub fn fs_thaw(&self) -> Result<u32, LibvirtError> {
         raw::fs_thaw(&self.dom).map_err(|e| self.err("thawing the guest filesystems", e))
+    }
+
+    /// Pauses the guest's vCPUs (`virDomainSuspend`): its disks stop changing.
+    pub fn suspend(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .suspend()
+            .map_err(|e| self.err("pausing the domain", e))
+    }
+
+    /// Resumes a paused guest (`virDomainResume`).
+    pub fn resume(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .resume()
+            .map_err(|e| self.err("resuming the domain", e))
+    }
+
+    /// Whether the block job of `target` is ready to pivot: QEMU sent BLOCK_JOB_READY, which
+    /// libvirt shows as `<mirror ready='yes'>` in the live XML. Unlike `cur == end` in the
+    /// job info, this stays true while the guest keeps writing.
+    pub fn block_job_ready(&self, target: &str) -> Result<bool, LibvirtError> {
+        Ok(self
+            .parsed(false)?
+            .disks
+            .iter()
+            .any(|d| d.target == target && d.mirror_ready))
     }
 
     /// Whether QEMU runs for this domain (running, paused, shutting down, PM-suspended).

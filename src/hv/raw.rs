@@ -1,5 +1,6 @@
 //! The few libvirt calls the `virt` crate (0.5) has no safe wrapper for: block commit, block
-//! job info, block job abort (pivot), filesystem thaw and the agent response timeout.
+//! job info, block job speed, block job abort (pivot), filesystem thaw and the agent response
+//! timeout.
 //!
 //! Each function takes a live [`virt::domain::Domain`] handle (which owns a reference on the
 //! C object for as long as it lives) and turns libvirt's `-1` into [`virt::error::Error`]
@@ -121,6 +122,27 @@ pub fn block_job_abort(dom: &Domain, disk: &str, pivot: bool) -> Result<(), Erro
     // SAFETY: `dom` is a valid domain handle and `disk` a NUL-terminated string alive for the
     // call.
     let rc = unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), disk.as_ptr(), flags as c_uint) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(())
+}
+
+/// Sets the bandwidth of the block job on `disk`, bytes per second (0: unlimited).
+pub fn block_job_set_speed(dom: &Domain, disk: &str, bytes_per_sec: u64) -> Result<(), Error> {
+    let disk = cstring(disk)?;
+    let bandwidth =
+        std::os::raw::c_ulong::try_from(bytes_per_sec).unwrap_or(std::os::raw::c_ulong::MAX);
+    // SAFETY: `dom` is a valid domain handle and `disk` a NUL-terminated string alive for the
+    // call; the other arguments are plain integers.
+    let rc = unsafe {
+        sys::virDomainBlockJobSetSpeed(
+            dom.as_ptr(),
+            disk.as_ptr(),
+            bandwidth,
+            sys::VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES as c_uint,
+        )
+    };
     if rc < 0 {
         return Err(Error::last_error());
     }

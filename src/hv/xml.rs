@@ -92,6 +92,9 @@ pub struct DiskDef {
     pub shareable: bool,
     /// The backing chain below `source` (live XML only; empty when the XML says nothing).
     pub backing: Vec<BackingLayer>,
+    /// A block job mirrors this disk and QEMU reports it ready to pivot (`<mirror
+    /// ready='yes'>` in the live XML: the job's READY event was seen by libvirt).
+    pub mirror_ready: bool,
 }
 
 impl DiskDef {
@@ -355,6 +358,9 @@ fn parse_disk(disk: &Element) -> DiskDef {
         readonly: disk.child("readonly").is_some(),
         shareable: disk.child("shareable").is_some(),
         backing,
+        mirror_ready: disk
+            .child("mirror")
+            .is_some_and(|m| m.attribute("ready") == Some("yes")),
     }
 }
 
@@ -451,6 +457,26 @@ pub(crate) mod tests {
   </devices>
 </domain>
 "#;
+
+    #[test]
+    fn a_ready_mirror_is_seen_and_only_when_libvirt_says_ready() {
+        let xml = |ready: &str| {
+            format!(
+                "<domain><name>x</name><uuid>u</uuid><devices>\
+                 <disk type='file' device='disk'><driver type='qcow2'/>\
+                 <source file='/i/a.qcow2.vmb-overlay-s.qcow2'/><target dev='vda'/>\
+                 <mirror type='file' job='active-commit'{ready}><format type='qcow2'/>\
+                 <source file='/i/a.qcow2'/></mirror></disk>\
+                 <disk type='file' device='disk'><source file='/i/b.qcow2'/><target dev='vdb'/></disk>\
+                 </devices></domain>"
+            )
+        };
+        let ready = parse_domain(&xml(" ready='yes'")).unwrap();
+        assert!(ready.disks[0].mirror_ready);
+        assert!(!ready.disks[1].mirror_ready);
+        let copying = parse_domain(&xml("")).unwrap();
+        assert!(!copying.disks[0].mirror_ready);
+    }
 
     #[test]
     fn disks_chain_and_agent_are_parsed() {

@@ -394,6 +394,7 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, CheckEr
                     "guest agent answered in {:.0} ms",
                     t.elapsed().as_secs_f64() * 1000.0
                 ));
+                debug_pause_after_ping();
                 AgentState::Answers
             }
             Err(e) => AgentState::Hung(format!("does not answer within {secs} s ({e})")),
@@ -569,6 +570,21 @@ pub fn pre_check(dom: &Dom, request: &BackupRequest) -> Result<PreCheck, CheckEr
     })
 }
 
+/// Test hook: sleeps [`super::DEBUG_PAUSE_AFTER_PING_ENV`] milliseconds after the agent
+/// answered its ping (so that a test can hang the agent before the freeze).
+fn debug_pause_after_ping() {
+    if let Some(ms) = std::env::var(super::DEBUG_PAUSE_AFTER_PING_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tracing::warn!(
+            "{}={ms}: pausing after the agent ping (test hook)",
+            super::DEBUG_PAUSE_AFTER_PING_ENV
+        );
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 /// `vm-backup check VM --pre`: connects, runs the pre-checks, restores the agent timeout.
 pub fn run_pre_checks(request: &BackupRequest) -> Result<PreCheck, BackupError> {
     let vm = request.vm.as_str();
@@ -598,7 +614,24 @@ pub fn run_pre_checks(request: &BackupRequest) -> Result<PreCheck, BackupError> 
     Ok(pre)
 }
 
-/// Checks a published backup folder: every file of the metadata is present with its size,
+/// Flushes `path` to the share and drops its pages from the local page cache
+/// (`fsync`, then `posix_fadvise(DONTNEED)`), so that the next read comes from the share and
+/// not from what this host wrote.
+pub fn drop_cached_pages(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = fs::File::open(path)?;
+    file.sync_all()?;
+    nix::fcntl::posix_fadvise(
+        file.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Checks a backup folder (the `.partial` one before it is published, or a published one):
+/// every file of the metadata is present with its size,
 /// every disk re-hashed against its chunk manifest (in parallel), every line of
 /// `checksums.sha256` matches, and `qemu-img check` passes on qcow2 copies. Returns the
 /// problems found (empty: all good).
@@ -609,6 +642,20 @@ pub fn post_check_folder(
     cancel: &CancelToken,
 ) -> Vec<String> {
     let mut problems = Vec::new();
+    // Read what the share holds, not what this host's page cache remembers writing.
+    let cached = std::iter::once(layout::CHECKSUMS_FILE)
+        .chain(md.files.iter().map(String::as_str))
+        .chain(md.disks.iter().flat_map(|d| {
+            std::iter::once(d.file.as_str()).chain(d.backing_chain.iter().map(|b| b.file.as_str()))
+        }));
+    for name in cached {
+        let path = dir.join(name);
+        if let Err(e) = drop_cached_pages(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                problems.push(format!("{name}: cannot flush it to the share: {e}"));
+            }
+        }
+    }
     // checksums.sha256
     let sums_path = dir.join(layout::CHECKSUMS_FILE);
     let sums = match fs::read_to_string(&sums_path) {

@@ -35,10 +35,12 @@ pub enum CommitError {
         /// Its base image.
         base: PathBuf,
     },
-    /// The block commit did not converge in time; it was aborted.
+    /// The block commit did not converge in time, not even with the guest paused; it was
+    /// aborted.
     #[error(
-        "{target}: the block commit did not converge within {seconds} s ({cur} of {end} bytes{}); \
-         the job was aborted and the disk stays on its overlay until repaired",
+        "{target}: the block commit did not converge within {seconds} s, guest pause included \
+         ({cur} of {end} bytes{}); the job was aborted and the disk stays on its overlay until \
+         repaired",
         last_pivot_error.as_ref().map(|e| format!("; last pivot error: {e}")).unwrap_or_default()
     )]
     NotConverged {
@@ -52,6 +54,15 @@ pub enum CommitError {
         end: u64,
         /// The last refused pivot.
         last_pivot_error: Option<Box<LibvirtError>>,
+    },
+    /// The guest paused for the commit could not be resumed.
+    #[error("{target}: the guest paused so that the commit converges cannot be resumed: {source}")]
+    NotResumed {
+        /// The disk.
+        target: String,
+        /// libvirt's error.
+        #[source]
+        source: LibvirtError,
     },
     /// After the pivot or the redefinition the disk is not on its base.
     #[error("{target}: after {when} the domain is not on {}", base.display())]
@@ -108,17 +119,59 @@ impl CommitError {
     }
 }
 
+/// The environment variable that throttles every active commit to this many bytes per
+/// second (a test hook that makes a commit not converge in time; never set in production).
+pub const DEBUG_COMMIT_BANDWIDTH_ENV: &str = "VMB_DEBUG_COMMIT_BANDWIDTH_BYTES";
+
+/// How long a live commit may take.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CommitBounds {
+    /// Waiting for the job to be ready and pivot while the guest runs.
+    pub(crate) converge: Duration,
+    /// Then, the guest paused so that the job converges (0: never pause).
+    pub(crate) pause_max: Duration,
+}
+
+impl CommitBounds {
+    /// The bounds of the settings (`commit_seconds`, `commit_pause_max_seconds`).
+    pub(crate) fn of(settings: &crate::config::Settings) -> Self {
+        Self {
+            converge: Duration::from_secs(settings.timeouts.commit_seconds),
+            pause_max: Duration::from_secs(settings.timeouts.commit_pause_max_seconds),
+        }
+    }
+}
+
+/// A live commit that pivoted.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Committed {
+    /// The guest was paused this long so that the commit converged (milliseconds).
+    pub(crate) paused_ms: Option<f64>,
+}
+
+/// One look at the job: pivoted (or ended on the base), or still pending.
+enum Step {
+    Done,
+    Pending { cur: u64, end: u64 },
+}
+
 /// Commits the active overlay of `target` into the image directly below it and pivots, then
-/// checks the live XML names `base` again. Waits at most `bound` for the commit to converge;
-/// on timeout the job is aborted (the disk stays on the overlay, which the journal records).
+/// checks the live XML names `base` again.
+///
+/// The pivot is tried whenever the job is ready: QEMU's READY (`<mirror ready='yes'>` in the
+/// live XML, which stays set while the guest writes) or `cur == end` in the job info; a
+/// refused pivot is tried again. If the job has not pivoted within `bounds.converge`, the
+/// guest is paused for at most `bounds.pause_max` (any bandwidth limit lifted) so that the job
+/// converges, pivoted and resumed: [`Committed::paused_ms`] says so. Only when that fails too
+/// is the job aborted (the disk stays on the overlay, which the journal records).
 pub(crate) fn commit_live(
     dom: &Dom,
     target: &str,
     base: &Path,
-    bound: Duration,
+    bounds: CommitBounds,
     progress: &dyn Progress,
     log: &RunLog,
-) -> Result<(), CommitError> {
+) -> Result<Committed, CommitError> {
     let t0 = Instant::now();
     match dom.block_job(target)? {
         Some(job) if job.is_active_commit() => {
@@ -143,53 +196,149 @@ pub(crate) fn commit_live(
         }
         None => dom.start_active_commit(target)?,
     }
-    let what = format!("commit {target}");
+    if let Some(bytes) = std::env::var(DEBUG_COMMIT_BANDWIDTH_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        log.log(
+            progress,
+            Level::Warning,
+            &format!(
+                "{DEBUG_COMMIT_BANDWIDTH_ENV}={bytes}: commit of {target} throttled (test hook)"
+            ),
+        );
+        dom.set_block_job_speed(target, bytes)?;
+    }
     let mut last_pivot_error = None;
+    let (mut cur, mut end): (u64, u64);
     loop {
-        let job = dom.block_job(target)?;
-        match job {
-            None => {
-                // The job ended by itself: fine only if the disk is on its base already.
-                if on_source(dom, target, base)? {
-                    break;
-                }
-                return Err(CommitError::Vanished {
-                    target: target.to_string(),
-                    base: base.to_path_buf(),
-                });
+        match step(dom, target, base, t0, &mut last_pivot_error, progress)? {
+            Step::Done => {
+                wait_on_base(dom, target, base)?;
+                return Ok(Committed::default());
             }
-            Some(job) => {
-                let elapsed = t0.elapsed();
-                progress.transfer(
-                    &what,
-                    Transfer {
-                        done: job.cur,
-                        total: job.end,
-                        bytes_per_sec: job.cur as f64 / elapsed.as_secs_f64().max(1e-3),
-                        elapsed,
-                    },
-                );
-                if job.cur == job.end {
-                    match dom.pivot(target) {
-                        Ok(()) => break,
-                        Err(e) => last_pivot_error = Some(Box::new(e)),
-                    }
-                }
-                if elapsed > bound {
-                    let _ = dom.abort_job(target);
-                    return Err(CommitError::NotConverged {
-                        target: target.to_string(),
-                        seconds: bound.as_secs(),
-                        cur: job.cur,
-                        end: job.end,
-                        last_pivot_error,
-                    });
-                }
-            }
+            Step::Pending { cur: c, end: e } => (cur, end) = (c, e),
+        }
+        if t0.elapsed() > bounds.converge {
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The pivot is synchronous, but give the live XML a moment to show it.
+    if !bounds.pause_max.is_zero() && dom.state()? == crate::hv::DomState::Running {
+        log.log(
+            progress,
+            Level::Warning,
+            &format!(
+                "{target}: the commit did not converge within {} s ({cur} of {end} bytes): pausing the guest for at most {} s so that it converges",
+                bounds.converge.as_secs(),
+                bounds.pause_max.as_secs()
+            ),
+        );
+        dom.suspend()?;
+        let tp = Instant::now();
+        if let Err(e) = dom.set_block_job_speed(target, 0) {
+            log.log(
+                progress,
+                Level::Warning,
+                &format!("{target}: cannot lift the commit's bandwidth limit: {e}"),
+            );
+        }
+        let mut outcome = Ok(false);
+        while tp.elapsed() < bounds.pause_max {
+            match step(dom, target, base, t0, &mut last_pivot_error, progress) {
+                Ok(Step::Done) => {
+                    outcome = Ok(true);
+                    break;
+                }
+                Ok(Step::Pending { cur: c, end: e }) => (cur, end) = (c, e),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let paused_ms = tp.elapsed().as_secs_f64() * 1000.0;
+        let resumed = dom.resume();
+        log.log(
+            progress,
+            Level::Warning,
+            &format!(
+                "{target}: guest paused {paused_ms:.0} ms for the commit ({})",
+                match &outcome {
+                    Ok(true) => "pivoted",
+                    Ok(false) => "still not converged",
+                    Err(_) => "failed",
+                }
+            ),
+        );
+        if let Err(source) = resumed {
+            return Err(CommitError::NotResumed {
+                target: target.to_string(),
+                source,
+            });
+        }
+        if outcome? {
+            wait_on_base(dom, target, base)?;
+            return Ok(Committed {
+                paused_ms: Some(paused_ms),
+            });
+        }
+    }
+    let _ = dom.abort_job(target);
+    Err(CommitError::NotConverged {
+        target: target.to_string(),
+        seconds: bounds.converge.as_secs() + bounds.pause_max.as_secs(),
+        cur,
+        end,
+        last_pivot_error,
+    })
+}
+
+/// Looks at the job once: pivots when it is ready.
+fn step(
+    dom: &Dom,
+    target: &str,
+    base: &Path,
+    t0: Instant,
+    last_pivot_error: &mut Option<Box<LibvirtError>>,
+    progress: &dyn Progress,
+) -> Result<Step, CommitError> {
+    let Some(job) = dom.block_job(target)? else {
+        // The job ended by itself: fine only if the disk is on its base already.
+        if on_source(dom, target, base)? {
+            return Ok(Step::Done);
+        }
+        return Err(CommitError::Vanished {
+            target: target.to_string(),
+            base: base.to_path_buf(),
+        });
+    };
+    let elapsed = t0.elapsed();
+    progress.transfer(
+        &format!("commit {target}"),
+        Transfer {
+            done: job.cur,
+            total: job.end,
+            bytes_per_sec: job.cur as f64 / elapsed.as_secs_f64().max(1e-3),
+            elapsed,
+        },
+    );
+    let ready = (job.end > 0 && job.cur == job.end) || dom.block_job_ready(target)?;
+    if ready {
+        match dom.pivot(target) {
+            Ok(()) => return Ok(Step::Done),
+            Err(e) => *last_pivot_error = Some(Box::new(e)),
+        }
+    }
+    Ok(Step::Pending {
+        cur: job.cur,
+        end: job.end,
+    })
+}
+
+/// The pivot is synchronous, but give the live XML a moment to show it.
+fn wait_on_base(dom: &Dom, target: &str, base: &Path) -> Result<(), CommitError> {
     let t1 = Instant::now();
     loop {
         if on_source(dom, target, base)? {

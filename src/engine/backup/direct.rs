@@ -1,5 +1,12 @@
 //! Direct mode: the engine writes the backup folder itself (`<stamp>.partial/` → copy →
-//! commit → XML, NVRAM, configs, checksums, metadata, log → fsync → rename → post-checks).
+//! commit → XML, NVRAM, configs, checksums, metadata, log → post-checks on the `.partial`
+//! folder, re-read from the share → fsync → rename → domain post-check).
+//!
+//! Only what passed is published: the post-checks (chunk hashes against the manifests,
+//! `checksums.sha256`, `qemu-img check`) run on the `.partial` files after they were flushed
+//! and dropped from the page cache, before the final rename. A copy that fails them is a
+//! failed run (exit 2, kind `corrupt`): its `.partial` folder is removed like after any other
+//! failure, so nothing that failed is ever listed, counted by prune or restored.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,23 +27,31 @@ use super::checks;
 use super::guards::PartialFolder;
 use super::{
     ApplianceFailure, BackupError, BackupEvent, BackupSession, Cause, Phase, DEBUG_PAUSE_ENV,
+    DEBUG_PAUSE_POSTCHECK_ENV,
 };
 
 impl BackupSession<'_> {
     /// Runs the rest of a direct-mode backup after [`BackupSession::prepare`]: copy into the
-    /// `.partial` folder, [`BackupSession::finish`], publish, post-checks. On success
-    /// [`Self::published`] returns the metadata and folder; post-check problems are warnings
-    /// in the metadata (status 3).
+    /// `.partial` folder, [`BackupSession::finish`], post-checks of the `.partial` folder
+    /// (re-read from the share), publish. On success [`Self::published`] returns the metadata
+    /// and folder. A copy that fails its post-checks is an error (status 2) and is never
+    /// published; warnings (status 3) are only what does not touch the data (appliance
+    /// capture, the domain check after the publish).
     pub fn run_direct(&mut self) -> Result<(), BackupError> {
         self.begin_partial()?;
-        self.debug_pause()?;
+        self.debug_pause(DEBUG_PAUSE_ENV, "before the copy")?;
         self.copy_disks()?;
         self.finish()?;
         self.phase_started(Phase::Publish);
         let t = Instant::now();
         let extra_files = self.write_extras()?;
-        let (dir, md) = self.publish(extra_files, t)?;
-        self.post_checks(dir, md);
+        let md = self.stage(extra_files, t)?;
+        self.debug_pause(DEBUG_PAUSE_POSTCHECK_ENV, "before the post-checks")?;
+        self.phase_started(Phase::PostChecks);
+        let t = Instant::now();
+        self.check_partial(&md)?;
+        let dir = self.publish()?;
+        self.post_checks(dir, md, t);
         Ok(())
     }
 
@@ -130,17 +145,15 @@ impl BackupSession<'_> {
         Ok(())
     }
 
-    /// Test hook: waits [`DEBUG_PAUSE_ENV`] milliseconds, polling cancellation.
-    fn debug_pause(&mut self) -> Result<(), BackupError> {
-        let Some(ms) = std::env::var(DEBUG_PAUSE_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        else {
+    /// Test hook: waits as many milliseconds as the variable `env` says, polling
+    /// cancellation.
+    fn debug_pause(&mut self, env: &str, when: &str) -> Result<(), BackupError> {
+        let Some(ms) = std::env::var(env).ok().and_then(|v| v.parse::<u64>().ok()) else {
             return Ok(());
         };
         self.log(
             Level::Warning,
-            &format!("{DEBUG_PAUSE_ENV}={ms}: pausing before the copy (test hook)"),
+            &format!("{env}={ms}: pausing {when} (test hook)"),
         );
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(ms) {
@@ -389,11 +402,12 @@ impl BackupSession<'_> {
         md
     }
 
-    fn publish(
+    /// Writes `checksums.sha256`, the metadata and the log into the `.partial` folder.
+    fn stage(
         &mut self,
         extra: Vec<(String, String)>,
         t: Instant,
-    ) -> Result<(PathBuf, BackupMetadata), BackupError> {
+    ) -> Result<BackupMetadata, BackupError> {
         let mut sums = String::new();
         for d in &self.copied {
             sums.push_str(&format!("{}  {}\n", d.sha256, d.file));
@@ -416,13 +430,37 @@ impl BackupSession<'_> {
         let md = self.metadata(&extra, result);
         crate::store::write_metadata(self.partial_backup(Phase::Publish)?.path(), &md)
             .map_err(|e| self.failed(Phase::Publish, e))?;
-        self.log(Level::Info, "publishing the backup folder");
         self.partial_backup(Phase::Publish)?
             .write_file(layout::LOG_FILE, self.run.log.text().as_bytes())
             .map_err(|e| self.failed(Phase::Publish, e))?;
+        Ok(md)
+    }
+
+    /// The post-checks of the copy, on the `.partial` folder re-read from the share: any
+    /// problem fails the run (nothing is published).
+    fn check_partial(&mut self, md: &BackupMetadata) -> Result<(), BackupError> {
+        let dir = self.partial_backup(Phase::PostChecks)?.path().to_owned();
+        self.log(
+            Level::Info,
+            "post-checks: re-reading the copy from the share (page cache dropped) before publishing",
+        );
+        let problems = checks::post_check_folder(&dir, md, self.progress(), &self.run.cancel);
+        if self.run.cancel.is_cancelled() {
+            return Err(self.failed(Phase::PostChecks, Cause::Cancelled));
+        }
+        if !problems.is_empty() {
+            return Err(self.failed(Phase::PostChecks, Cause::PostCheck(problems)));
+        }
+        self.log(Level::Info, "post-checks of the copy passed");
+        Ok(())
+    }
+
+    /// Syncs the `.partial` folder and renames it to its final name.
+    fn publish(&mut self) -> Result<PathBuf, BackupError> {
         if self.run.cancel.is_cancelled() {
             return Err(self.failed(Phase::Publish, Cause::Cancelled));
         }
+        self.log(Level::Info, "publishing the backup folder");
         // Syncs every file and folder, renames `.partial` away and syncs the folder above.
         let partial = self
             .held
@@ -441,14 +479,13 @@ impl BackupSession<'_> {
             Level::Info,
             &format!("backup published as {}", final_dir.display()),
         );
-        Ok((final_dir, md))
+        Ok(final_dir)
     }
 
-    fn post_checks(&mut self, dir: PathBuf, mut md: BackupMetadata) {
-        self.phase_started(Phase::PostChecks);
-        let t = Instant::now();
-        let mut problems = checks::post_check_folder(&dir, &md, self.progress(), &self.run.cancel);
-        problems.extend(checks::post_check_domain(&self.run.dom, &md));
+    /// After the publish: the domain check (a warning: the data passed already), then the
+    /// metadata and log updated with the final phases and warnings.
+    fn post_checks(&mut self, dir: PathBuf, mut md: BackupMetadata, t: Instant) {
+        let problems = checks::post_check_domain(&self.run.dom, &md);
         for p in problems {
             self.warn(format!("post-check: {p}"));
         }

@@ -84,6 +84,13 @@ pub enum Cause {
     /// An external tool failed.
     #[error(transparent)]
     Tool(#[from] ToolError),
+    /// The guest may still be frozen: no thaw was confirmed.
+    #[error(transparent)]
+    Thaw(#[from] super::thaw::ThawError),
+    /// The copy failed its post-checks (re-read from the share before publishing): nothing
+    /// was published.
+    #[error("the copy failed its post-checks and was not published (the `.partial` folder is removed): {}", .0.join("; "))]
+    PostCheck(Vec<String>),
     /// The backup target refused a write, a rename or a delete.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -172,6 +179,8 @@ impl Cause {
             Cause::Repair(e) => e.kind(),
             Cause::Commit(e) => e.kind(),
             Cause::Tool(e) => e.kind(),
+            Cause::Thaw(e) => e.kind(),
+            Cause::PostCheck(_) => ErrorKind::Corrupt,
             Cause::Store(e) => e.kind(),
             Cause::Copy { source, .. } => source.kind(),
             Cause::NoDigests { .. } | Cause::Internal(_) => ErrorKind::Internal,

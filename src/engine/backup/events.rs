@@ -8,7 +8,7 @@
 //! not fail the backup: whatever goes wrong inside one is its own business (log it).
 //!
 //! ```text
-//! Started ─► (PhaseStarted ─► [FrozenWindow] [DiskCopied…] [Warning…] ─► PhaseFinished)… ─► Finished
+//! Started ─► (PhaseStarted ─► [FrozenWindow] [DiskCopied…] [CommitPaused…] [Warning…] ─► PhaseFinished)… ─► Finished
 //! ```
 
 use std::sync::Arc;
@@ -56,6 +56,14 @@ pub enum BackupEvent<'e> {
         seconds: f64,
         /// The SHA-256 of the copy.
         sha256: &'e str,
+    },
+    /// The block commit of a disk did not converge within `commit_seconds`: the guest was
+    /// paused this long (at most `commit_pause_max_seconds`) so that it did, then resumed.
+    CommitPaused {
+        /// The disk.
+        target: &'e str,
+        /// Milliseconds paused.
+        ms: f64,
     },
     /// A warning (the run will end with status 3 if it publishes).
     Warning {

@@ -6,12 +6,16 @@
 //! | prepare | [`AgentTimeout`] (agent response bound, set by the pre-checks) | — | reset to the default |
 //! | shutdown (offline `--shutdown`) | [`ShutDown`] | `shut_down_by_us` | starting the domain again |
 //! | lock (offline) | [`ImageLocks`] (QEMU-style shared locks) | — | dropping them |
-//! | snapshot (quiesce, snapshot) | [`Overlays`] (the guest may be frozen inside the one snapshot call: `may_be_frozen`) | `overlays`, `may_be_frozen` | block commit + pivot, overlays deleted |
+//! | snapshot (quiesce, snapshot) | [`Overlays`] | `overlays` | block commit + pivot (the guest paused at most `commit_pause_max_seconds` if it does not converge), overlays deleted |
+//! | snapshot (quiesce) | [`MayBeFrozen`] (the guest may be frozen inside the one snapshot call, and after it when the call failed) | `may_be_frozen` | the snapshot call succeeding, or a thaw call succeeding (retried within a bound) |
 //! | copy (direct mode) | [`PartialFolder`] | `partial_dir` | removing it, or publishing it |
 //!
 //! A guard leaves its slot only when its release succeeded: a failed release is tried again
 //! when the session is closed or dropped, and what still fails stays in the journal for
 //! `vm-backup orphans --cleanup` and the next run of the same VM.
+//!
+//! libvirtd restarting meanwhile drops the connection: the VM's guards reconnect (within
+//! [`RECONNECT_BOUND`]) and look the domain up again before they give up.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -20,10 +24,34 @@ use crate::hv::image_lock::ImageLock;
 use crate::hv::{Dom, DomState};
 use crate::progress::Level;
 
-use super::commit::{self, CommitError};
+use super::commit::{self, CommitBounds, CommitError};
 use super::journal::OverlayRecord;
 use super::session::Run;
+use super::thaw::{self, ThawError};
 use super::Cause;
+
+/// How long a guard waits for libvirtd to answer again after the connection dropped.
+pub(super) const RECONNECT_BOUND: Duration = Duration::from_secs(60);
+
+/// Quiesce: the guest may be frozen (journaled as `may_be_frozen`) until a thaw is confirmed.
+#[derive(Debug)]
+pub(super) struct MayBeFrozen;
+
+impl MayBeFrozen {
+    /// Thaws until a thaw call succeeds (at most `bound`; one call when zero), then clears
+    /// `may_be_frozen` in the journal. On failure the guard stays held and the journal keeps it.
+    pub(super) fn release(&mut self, run: &mut Run<'_>, bound: Duration) -> Result<(), Cause> {
+        run.reconnect_if_dropped()?;
+        let n = thaw::thaw_confirmed(&run.dom, bound, run.progress.get(), &run.log)
+            .map_err(|e: ThawError| Cause::Thaw(e))?;
+        run.journal.update(|r| r.may_be_frozen = false)?;
+        run.log(
+            Level::Info,
+            &format!("the guest is thawed ({n} filesystem(s) were still frozen)"),
+        );
+        Ok(())
+    }
+}
 
 /// The pre-checks set the domain's guest agent response timeout; reset it at the end.
 #[derive(Debug)]
@@ -79,7 +107,22 @@ impl Overlays {
     /// shallow block commit and pivot; shut off: `qemu-img commit` and a redefinition),
     /// deletes the overlays, records it in the journal and checks that no block job remains.
     pub(super) fn release(&mut self, run: &mut Run<'_>) -> Result<(), CommitError> {
-        let bound = Duration::from_secs(run.request.settings.timeouts.commit_seconds);
+        match self.release_once(run) {
+            Err(CommitError::Libvirt(e)) if !run.hv.is_alive() => {
+                run.log(
+                    Level::Warning,
+                    &format!("the connection to libvirt dropped ({e}): reconnecting"),
+                );
+                run.reconnect_if_dropped()?;
+                self.release_once(run)
+            }
+            other => other,
+        }
+    }
+
+    fn release_once(&mut self, run: &mut Run<'_>) -> Result<(), CommitError> {
+        run.reconnect_if_dropped()?;
+        let bounds = CommitBounds::of(&run.request.settings);
         let live = run.dom.state()?.is_live();
         let mut problems: Vec<CommitError> = Vec::new();
         for o in &self.0 {
@@ -97,7 +140,7 @@ impl Overlays {
                         &run.dom,
                         &o.target,
                         &o.base,
-                        bound,
+                        bounds,
                         run.progress.get(),
                         &run.log,
                     )
@@ -110,17 +153,23 @@ impl Overlays {
                         &o.base,
                         &o.base_format,
                     )
+                    .map(|()| commit::Committed::default())
                 };
                 match r {
-                    Ok(()) => run.log(
-                        Level::Info,
-                        &format!(
-                            "{}: committed and pivoted back to {} in {:.2} s",
-                            o.target,
-                            o.base.display(),
-                            t.elapsed().as_secs_f64()
-                        ),
-                    ),
+                    Ok(done) => {
+                        run.log(
+                            Level::Info,
+                            &format!(
+                                "{}: committed and pivoted back to {} in {:.2} s",
+                                o.target,
+                                o.base.display(),
+                                t.elapsed().as_secs_f64()
+                            ),
+                        );
+                        if let Some(ms) = done.paused_ms {
+                            run.record_commit_pause(&o.target, ms);
+                        }
+                    }
                     Err(e) => {
                         problems.push(e);
                         continue;

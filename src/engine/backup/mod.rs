@@ -13,8 +13,10 @@
 //!           both ways) [offline: under QEMU-compatible image locks]
 //! finish:   blockcommit --active --shallow + pivot per disk ─► overlays deleted ─► domain checked
 //!           on its original images ─► [restart after --shutdown]
-//! direct:   XML, NVRAM, configs, checksums.sha256, backup-metadata.json, backup.log ─► fsync
-//!           ─► rename `<stamp>.partial` → `<stamp>` ─► post-checks (exit 3 on a warning)
+//! direct:   XML, NVRAM, configs, checksums.sha256, backup-metadata.json, backup.log
+//!           ─► post-checks of the `.partial` folder re-read from the share (page cache
+//!           dropped; a failure is exit 2 and nothing is published) ─► fsync ─► rename
+//!           `<stamp>.partial` → `<stamp>` ─► domain check (exit 3 on a warning)
 //! ```
 //!
 //! Every acquired state (overlay, possibly frozen guest, domain shut down by us, `.partial`
@@ -70,8 +72,10 @@
 //!
 //! Errors are [`BackupError`]s: VM, [`Phase`], a typed [`Cause`] (which decides the
 //! [`crate::error::ErrorKind`]) and the exit status they mean (1 before the VM was touched,
-//! 2 after). [`BackupOutcome::warnings`] (exit 3) are post-check or
-//! appliance-capture problems of a published backup.
+//! 2 after). A guest that could not be thawed, a commit that did not converge (even with
+//! the guest paused `commit_pause_max_seconds`) and a copy that failed its post-checks are
+//! exit 2 and fatal. [`BackupOutcome::warnings`] (exit 3) are only problems that do not touch
+//! the data of a published backup (appliance capture, the domain check, Slack).
 //!
 //! Dropping a session without [`BackupSession::finish`] (an error, a cancel) commits and
 //! pivots the overlays, thaws, restarts a domain it shut down and removes its `.partial`
@@ -89,6 +93,7 @@ pub mod journal;
 pub mod orphans;
 mod runlog;
 mod session;
+mod thaw;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -104,15 +109,27 @@ use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
 pub use appliance::{ApplianceFailure, ApplianceHook};
+pub use commit::DEBUG_COMMIT_BANDWIDTH_ENV;
 pub use error::{BackupError, Cause, ToolError};
 pub use events::{BackupEvent, BackupObserver, NoObserver, ObserverRef};
 pub use runlog::RunLog;
 pub use session::{BackupSession, SessionDisk};
+pub use thaw::ThawError;
 
 /// The environment variable that makes the engine pause (polling cancellation) for this many
 /// milliseconds after the snapshot and the `.partial` folder exist, before the copy. A test
 /// hook for crash and full-target tests; never set in production.
 pub const DEBUG_PAUSE_ENV: &str = "VMB_DEBUG_PAUSE_BEFORE_COPY_MS";
+
+/// The environment variable that makes the engine pause this many milliseconds once the
+/// `.partial` folder is complete, before its post-checks (a test hook to corrupt a copy;
+/// never set in production).
+pub const DEBUG_PAUSE_POSTCHECK_ENV: &str = "VMB_DEBUG_PAUSE_BEFORE_POSTCHECK_MS";
+
+/// The environment variable that makes the pre-checks pause this many milliseconds right
+/// after the guest agent answered its ping, before the quiesced snapshot (a test hook to hang
+/// the agent between the ping and the freeze; never set in production).
+pub const DEBUG_PAUSE_AFTER_PING_ENV: &str = "VMB_DEBUG_PAUSE_AFTER_PING_MS";
 
 /// The marker in the file names of the overlays this engine creates.
 pub const OVERLAY_MARKER: &str = ".vmb-overlay-";
@@ -479,6 +496,7 @@ mod tests {
                 BackupEvent::FrozenWindow { .. } => "frozen".to_string(),
                 BackupEvent::DiskCopied { file, .. } => format!("copied {file}"),
                 BackupEvent::Warning { .. } => "warning".to_string(),
+                BackupEvent::CommitPaused { target, .. } => format!("commit of {target} paused"),
                 BackupEvent::Finished { outcome, .. } => format!("finished {}", outcome.status),
             };
             self.0.lock().unwrap().push(name);

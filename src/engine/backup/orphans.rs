@@ -3,14 +3,14 @@
 //!
 //! Only state recorded in a journal is repaired: an overlay is committed back only when a
 //! journal lists it *and* its name carries [`super::OVERLAY_MARKER`]; a guest is thawed only
-//! when a journal says a quiesce may have frozen it. Overlays named like ours but in no
+//! when a journal says a quiesce may have frozen it, and the journal is kept until a thaw call
+//! succeeds (a guest that cannot be thawed is a failed repair, never a warning). Overlays named like ours but in no
 //! journal are reported, never touched, unless a run holding that VM's lock owns them (a
 //! running backup is never reported). `.partial` folders are removed when no run of that VM
 //! holds its lock.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Serialize;
 
@@ -20,8 +20,9 @@ use crate::format::layout;
 use crate::hv::{DomState, Hypervisor, LibvirtError};
 use crate::progress::{Level, Progress};
 
-use super::commit::{self, CommitError};
+use super::commit::{self, CommitBounds, CommitError};
 use super::journal::{self, JournalError, JournalRecord, VmLock};
+use super::thaw::{self, ThawError};
 use super::{RunLog, OVERLAY_MARKER};
 
 /// Why leftovers could not be found or repaired.
@@ -36,6 +37,9 @@ pub enum OrphanError {
     /// Committing an overlay back failed.
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// The guest may still be frozen: no thaw was confirmed (the journal is kept).
+    #[error(transparent)]
+    Thaw(#[from] ThawError),
     /// A journal lists an overlay not named like ours: it is never touched.
     #[error("journal lists {} which is not named like our overlays: not touched", .0.display())]
     NotOurs(PathBuf),
@@ -67,6 +71,7 @@ impl OrphanError {
             OrphanError::Libvirt(e) => e.kind(),
             OrphanError::Journal(e) => e.kind(),
             OrphanError::Commit(e) => e.kind(),
+            OrphanError::Thaw(e) => e.kind(),
             OrphanError::NotOurs(_) => ErrorKind::Busy,
             OrphanError::StillOnOverlay { .. } => ErrorKind::Libvirt,
             OrphanError::Remove { source, .. } => ErrorKind::from_io(source),
@@ -121,19 +126,23 @@ pub(crate) fn repair_record(
     if let Some(dom) = &dom {
         let live = dom.state()?.is_live();
         if rec.may_be_frozen && live {
+            // A freeze queued in a hung agent may have run since: thaw until it is confirmed,
+            // else keep the journal (a guest that could not be thawed is an error).
             let secs = settings.timeouts.agent_seconds.clamp(1, 3600) as u32;
             let _ = dom.set_agent_timeout(Some(secs));
-            match dom.fs_thaw() {
-                Ok(n) => actions.push(format!("guest thawed ({n} filesystem(s) were frozen)")),
-                Err(e) => log.log(
-                    progress,
-                    Level::Warning,
-                    &format!("thaw of {:?} not possible: {e}", rec.vm),
-                ),
-            }
+            let thawed = thaw::thaw_confirmed(
+                dom,
+                thaw::thaw_bound(settings.timeouts.agent_seconds),
+                progress,
+                log,
+            );
             let _ = dom.set_agent_timeout(None);
+            let n = thawed?;
+            actions.push(format!(
+                "guest thaw confirmed ({n} filesystem(s) were frozen)"
+            ));
         }
-        let bound = Duration::from_secs(settings.timeouts.commit_seconds);
+        let bounds = CommitBounds::of(settings);
         for o in &rec.overlays {
             if !o.overlay.to_string_lossy().contains(OVERLAY_MARKER) {
                 return Err(OrphanError::NotOurs(o.overlay.clone()));
@@ -142,12 +151,15 @@ pub(crate) fn repair_record(
             if on_overlay {
                 let live = dom.state()?.is_live();
                 if live {
-                    commit::commit_live(dom, &o.target, &o.base, bound, progress, log)?;
+                    let done = commit::commit_live(dom, &o.target, &o.base, bounds, progress, log)?;
                     actions.push(format!(
-                        "{}: overlay {} committed and pivoted back to {}",
+                        "{}: overlay {} committed and pivoted back to {}{}",
                         o.target,
                         o.overlay.display(),
-                        o.base.display()
+                        o.base.display(),
+                        done.paused_ms
+                            .map(|ms| format!(" (guest paused {ms:.0} ms so that it converged)"))
+                            .unwrap_or_default()
                     ));
                 } else {
                     commit::commit_offline(

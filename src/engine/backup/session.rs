@@ -35,7 +35,7 @@ use super::chain::BackingImage;
 use super::checks::{self, PreCheck};
 use super::commit;
 use super::guards::PartialFolder;
-use super::guards::{AgentTimeout, ImageLocks, Overlays, ShutDown};
+use super::guards::{AgentTimeout, ImageLocks, MayBeFrozen, Overlays, ShutDown};
 use super::journal::{Journal, OverlayRecord};
 use super::{
     orphans, BackupError, BackupEvent, BackupRequest, Cause, ObserverRef, Phase, PhaseTimes,
@@ -108,6 +108,33 @@ impl Run<'_> {
         e
     }
 
+    /// After libvirtd restarted (the connection no longer answers): reconnects within
+    /// [`super::guards::RECONNECT_BOUND`] and looks the domain up again.
+    pub(super) fn reconnect_if_dropped(&mut self) -> Result<(), crate::hv::LibvirtError> {
+        if self.hv.is_alive() {
+            return Ok(());
+        }
+        self.log(
+            Level::Warning,
+            "the connection to libvirt dropped (libvirtd restarted?): reconnecting",
+        );
+        self.hv.reconnect(super::guards::RECONNECT_BOUND)?;
+        self.dom = self.hv.domain(&self.request.vm)?;
+        self.log(Level::Info, "reconnected to libvirt");
+        Ok(())
+    }
+
+    /// The guest was paused `ms` so that the commit of `target` converged: logged, added to
+    /// `commit-pause` in the phases of the metadata, told to the observer.
+    pub(super) fn record_commit_pause(&mut self, target: &str, ms: f64) {
+        *self.phases.entry("commit-pause".into()).or_insert(0.0) += ms / 1000.0;
+        self.log(
+            Level::Warning,
+            &format!("{target}: the guest was paused {ms:.0} ms so that the commit converged"),
+        );
+        self.observer.emit(BackupEvent::CommitPaused { target, ms });
+    }
+
     /// Tells the observer a phase begins.
     pub(super) fn phase_started(&self, phase: Phase) {
         self.observer.emit(BackupEvent::PhaseStarted { phase });
@@ -140,6 +167,7 @@ pub(super) struct Held {
     pub(super) shut_down: Option<ShutDown>,
     pub(super) image_locks: Option<ImageLocks>,
     pub(super) overlays: Option<Overlays>,
+    pub(super) frozen: Option<MayBeFrozen>,
     pub(super) partial: Option<PartialFolder>,
 }
 
@@ -236,11 +264,23 @@ impl<'a> BackupSession<'a> {
                 ),
             );
             let actions = orphans::repair_record(&hv, &prev, settings, progress.get(), &log)
-                .map_err(|cause| BackupError {
-                    vm: vm.to_string(),
-                    phase: Phase::Repair,
-                    status: crate::ExitStatus::PreCheckFailed,
-                    cause: Box::new(cause.into()),
+                .map_err(|cause| {
+                    // A guest still frozen or stranded on an overlay is a failure (exit 2),
+                    // not a refused pre-check.
+                    let status = match cause {
+                        orphans::OrphanError::Thaw(_)
+                        | orphans::OrphanError::Commit(_)
+                        | orphans::OrphanError::StillOnOverlay { .. } => crate::ExitStatus::Failed,
+                        _ => crate::ExitStatus::PreCheckFailed,
+                    };
+                    let e = BackupError {
+                        vm: vm.to_string(),
+                        phase: Phase::Repair,
+                        status,
+                        cause: Box::new(cause.into()),
+                    };
+                    log.log(progress.get(), Level::Error, &e.to_string());
+                    e
                 })?;
             for a in actions {
                 log.log(progress.get(), Level::Info, &format!("repaired: {a}"));
@@ -541,6 +581,13 @@ impl<'a> BackupSession<'a> {
         let run = &mut self.run;
         held.image_locks = None;
         let mut problems = Vec::new();
+        if let Some(frozen) = &mut held.frozen {
+            // The failed snapshot's undo already retried within the bound: one more call.
+            match frozen.release(run, Duration::ZERO) {
+                Ok(()) => held.frozen = None,
+                Err(e) => problems.push(format!("thaw: {e}")),
+            }
+        }
         if let Some(overlays) = &mut held.overlays {
             match overlays.release(run) {
                 Ok(()) => held.overlays = None,
@@ -710,6 +757,9 @@ impl<'a> BackupSession<'a> {
             })
             .map_err(|e| self.failed(Phase::Snapshot, e))?;
         self.held.overlays = Some(Overlays(records));
+        if quiesce {
+            self.held.frozen = Some(MayBeFrozen);
+        }
         // Create the overlays before the call (REUSE_EXT): libvirt then only switches the
         // disks inside the freeze, instead of also formatting every overlay while the guest
         // is frozen (measured in the lab: 3 disks frozen 620 ms → 260 ms).
@@ -719,7 +769,9 @@ impl<'a> BackupSession<'a> {
             };
             if let Err(e) = create_overlay(&d, &o) {
                 let err = self.failed(Phase::Snapshot, e);
-                self.undo_failed_snapshot(false);
+                if let Err(thaw) = self.undo_failed_snapshot() {
+                    return Err(self.failed(Phase::Snapshot, thaw));
+                }
                 return Err(err);
             }
         }
@@ -751,7 +803,9 @@ impl<'a> BackupSession<'a> {
                 Cause::Libvirt(e)
             };
             let err = self.failed(Phase::Snapshot, cause);
-            self.undo_failed_snapshot(quiesce);
+            if let Err(thaw) = self.undo_failed_snapshot() {
+                return Err(self.failed(Phase::Snapshot, thaw));
+            }
             return Err(err);
         }
         if quiesce {
@@ -760,6 +814,8 @@ impl<'a> BackupSession<'a> {
                 .observer
                 .emit(BackupEvent::FrozenWindow { ms: call_ms });
         }
+        // libvirt thawed inside the call that succeeded.
+        self.held.frozen = None;
         let _ = self.run.journal.update(|r| {
             r.may_be_frozen = false;
             r.phase = "copy".into();
@@ -794,19 +850,25 @@ impl<'a> BackupSession<'a> {
         Ok(())
     }
 
-    /// After a failed snapshot call: thaw (libvirt should have), remove overlay files the
-    /// domain is not on, forget them in the journal.
-    fn undo_failed_snapshot(&mut self, quiesce: bool) {
-        if quiesce {
-            match self.run.dom.fs_thaw() {
-                Ok(n) => self.log(
-                    Level::Info,
-                    &format!("thaw after the failed snapshot: {n} filesystem(s) thawed"),
+    /// After a failed snapshot call: thaws until confirmed (libvirt may not have thawed, and
+    /// a freeze queued in a hung agent may run later; retried within
+    /// [`super::thaw::thaw_bound`]), removes overlay files the domain is not on and forgets
+    /// them in the journal. A thaw not confirmed is returned: the guard stays held and the
+    /// journal keeps `may_be_frozen`.
+    fn undo_failed_snapshot(&mut self) -> Result<(), Cause> {
+        let mut thaw = Ok(());
+        if let Some(frozen) = &mut self.held.frozen {
+            let bound = super::thaw::thaw_bound(self.run.request.settings.timeouts.agent_seconds);
+            self.run.log(
+                Level::Warning,
+                &format!(
+                    "the quiesced snapshot failed: thawing the guest until confirmed (at most {} s)",
+                    bound.as_secs()
                 ),
-                Err(e) => self.log(
-                    Level::Info,
-                    &format!("thaw after the failed snapshot not possible: {e}"),
-                ),
+            );
+            thaw = frozen.release(&mut self.run, bound);
+            if thaw.is_ok() {
+                self.held.frozen = None;
             }
         }
         let mut all_clear = true;
@@ -823,11 +885,9 @@ impl<'a> BackupSession<'a> {
         }
         if all_clear {
             self.held.overlays = None;
-            let _ = self.run.journal.update(|r| {
-                r.overlays.clear();
-                r.may_be_frozen = false;
-            });
+            let _ = self.run.journal.update(|r| r.overlays.clear());
         }
+        thaw
     }
 
     /// The overlay of disk `target` while the snapshot is active.
