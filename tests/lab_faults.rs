@@ -47,6 +47,7 @@ impl Env {
         let target = tmp.path().join("target");
         let journal = tmp.path().join("journal");
         fs::create_dir_all(&target).unwrap();
+        vm_backup::store::FolderStore::init(&target, None).unwrap();
         let inventory = tmp.path().join("vm-list.yaml");
         fs::write(
             &inventory,
