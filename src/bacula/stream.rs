@@ -178,6 +178,7 @@ impl StreamSession {
             appliance: None,
             verify: None,
             test_restore: None,
+            chain: Default::default(),
         };
         let json =
             serde_json::to_vec_pretty(&meta).map_err(|e| PluginError::Engine(e.to_string()))?;

@@ -30,11 +30,13 @@ impl BackupSession<'_> {
         self.begin_partial()?;
         self.debug_pause()?;
         self.copy_disks()?;
+        self.increment_records();
         self.finish()?;
         self.phase_started(Phase::Publish);
         let t = Instant::now();
         let extra_files = self.write_extras()?;
         let (dir, md) = self.publish(extra_files, t)?;
+        self.chain_published();
         self.post_checks(dir, md);
         Ok(())
     }
@@ -87,6 +89,7 @@ impl BackupSession<'_> {
                 .and_then(|e| e.appliance.clone()),
             verify: None,
             test_restore: None,
+            chain: self.plan.chain.clone(),
         }
     }
 

@@ -85,6 +85,7 @@ mod direct;
 mod error;
 mod events;
 mod guards;
+pub mod incremental;
 pub mod journal;
 pub mod orphans;
 mod runlog;
@@ -99,7 +100,7 @@ use serde::Serialize;
 
 use crate::config::{ConfigError, Inventory, Settings, VmEntry};
 use crate::copier::CopyOptions;
-use crate::format::metadata::{BackupMetadata, Method};
+use crate::format::metadata::{BackupLevel, BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
@@ -175,6 +176,8 @@ pub struct BackupRequest {
     pub crash_consistent_fallback: bool,
     /// Copier settings (hashing is always both per-chunk and whole-file).
     pub copy_options: CopyOptions,
+    /// Full, incremental or differential (see [`incremental`]).
+    pub level: BackupLevel,
     /// What talks to an appliance listed in the inventory (`write memory`, configuration
     /// capture); without it an appliance is backed up like any VM, with a warning.
     pub appliance: Option<Arc<dyn ApplianceHook>>,
@@ -191,6 +194,7 @@ impl BackupRequest {
             shutdown: false,
             crash_consistent_fallback: false,
             copy_options: CopyOptions::default(),
+            level: BackupLevel::Full,
             appliance: None,
         }
     }

@@ -747,6 +747,7 @@ mod tests {
             appliance: None,
             verify: None,
             test_restore: None,
+            chain: Default::default(),
         }
     }
 
