@@ -50,6 +50,7 @@ pub fn backup_direct(
 ) -> Result<DirectBackup, PluginError> {
     let mut request = request(args, settings)?;
     request.level = level;
+    request.checkpoint_full = true;
     let reporter = crate::ops::report::Reporter::new(progress);
     let outcome = run_backup(&request, progress, &reporter, cancel);
     let level_report = match &outcome.metadata {

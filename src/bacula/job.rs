@@ -294,10 +294,9 @@ impl Job {
         let state = match args.mode {
             Mode::Direct => {
                 let cancel = self.cancel.clone();
-                let outcome = self
-                    .pump(|progress| {
-                        engine::backup_direct(&args, &settings, level, progress, &cancel)
-                    })?;
+                let outcome = self.pump(|progress| {
+                    engine::backup_direct(&args, &settings, level, progress, &cancel)
+                })?;
                 if !outcome.level_report.is_empty() {
                     self.say(
                         MessageLevel::Info,

@@ -21,12 +21,9 @@ pub struct Args {
     /// Backup level: a full (with a checkpoint), or only the blocks changed since the last
     /// backup (incremental) or the last full (differential) on this target. Falls back to a
     /// full, saying why, when the chain cannot be continued.
-    #[arg(
-        long,
-        value_name = "full|incremental|differential",
-        default_value = "full"
-    )]
-    level: vm_backup::format::metadata::BackupLevel,
+    /// Without it, a full backup as before, with no checkpoint (no chain to continue).
+    #[arg(long, value_name = "full|incremental|differential")]
+    level: Option<vm_backup::format::metadata::BackupLevel>,
     /// The inventory (vm-list.yaml), for the VM's method and appliance type.
     #[arg(long, value_name = "FILE")]
     inventory: Option<PathBuf>,
@@ -68,7 +65,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         .with_method(args.method)
         .with_appliance(std::sync::Arc::new(SshAppliance));
     request.shutdown = args.shutdown;
-    request.level = args.level;
+    if let Some(level) = args.level {
+        request.level = level;
+        request.checkpoint_full = true;
+    }
     request.crash_consistent_fallback = args.allow_crash_consistent;
     let cancel = common::cancel_on_signals();
     let progress = common::LineProgress::new(!args.common.json);

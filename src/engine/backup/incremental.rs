@@ -319,6 +319,9 @@ impl BackupSession<'_> {
     /// copy a few blocks twice but never misses one). A failure is a warning: the backup is
     /// a full without a checkpoint, and the next incremental will be a full too.
     pub(super) fn checkpoint_for_full(&mut self) {
+        if self.run.request.level == BackupLevel::Full && !self.run.request.checkpoint_full {
+            return;
+        }
         if self.plan.chain.level_note.is_some() {
             // A fallback: the old checkpoints may be broken; they are of no use any more.
             self.delete_our_checkpoints(None);

@@ -178,6 +178,10 @@ pub struct BackupRequest {
     pub copy_options: CopyOptions,
     /// Full, incremental or differential (see [`incremental`]).
     pub level: BackupLevel,
+    /// Start a chain with a full: create the checkpoint `vmb-<stamp>` the next incremental
+    /// counts from. Off by default (a plain full leaves the domain as it was); `--level` and
+    /// the Bacula plugin in direct mode set it. Incrementals and differentials always do.
+    pub checkpoint_full: bool,
     /// What talks to an appliance listed in the inventory (`write memory`, configuration
     /// capture); without it an appliance is backed up like any VM, with a warning.
     pub appliance: Option<Arc<dyn ApplianceHook>>,
@@ -195,6 +199,7 @@ impl BackupRequest {
             crash_consistent_fallback: false,
             copy_options: CopyOptions::default(),
             level: BackupLevel::Full,
+            checkpoint_full: false,
             appliance: None,
         }
     }
