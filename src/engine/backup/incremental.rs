@@ -35,6 +35,151 @@ use super::orphans::OrphanError;
 use super::session::{Run, SessionDisk};
 use super::{BackupSession, Cause, Phase};
 
+/// Why a full runs instead of the incremental or differential asked (recorded in
+/// `level_note` and the log). Not a failure: the backup goes on as a full.
+#[derive(Debug, thiserror::Error)]
+pub enum FullReason {
+    /// A full was asked.
+    #[error("a full was asked")]
+    Asked,
+    /// Checkpoints need a running domain.
+    #[error("the domain is not running (checkpoints need a running domain)")]
+    NotRunning,
+    /// No backup to build on.
+    #[error("no {} backup of this VM on this target", if *full { "full" } else { "usable" })]
+    NoParent {
+        /// A full was looked for (differential).
+        full: bool,
+    },
+    /// The parent has no checkpoint.
+    #[error("the last {} backup {stamp} has no checkpoint", if *full { "full" } else { "usable" })]
+    NoCheckpoint {
+        /// The parent's stamp.
+        stamp: String,
+        /// A full was looked for (differential).
+        full: bool,
+    },
+    /// A disk is not qcow2.
+    #[error("disk {target} is {format} (checkpoints need qcow2)")]
+    NotQcow2 {
+        /// The disk.
+        target: String,
+        /// Its format.
+        format: String,
+    },
+    /// A disk was added.
+    #[error("disk {target} was added since {parent}")]
+    DiskAdded {
+        /// The disk.
+        target: String,
+        /// The parent's stamp.
+        parent: String,
+    },
+    /// A disk was resized.
+    #[error("disk {target} was resized ({before} → {after} bytes) since {parent}")]
+    DiskResized {
+        /// The disk.
+        target: String,
+        /// Size in the parent.
+        before: u64,
+        /// Size now.
+        after: u64,
+        /// The parent's stamp.
+        parent: String,
+    },
+    /// A disk of the parent is no longer backed up.
+    #[error("disk {target} of {parent} is no longer backed up")]
+    DiskGone {
+        /// The disk.
+        target: String,
+        /// The parent's stamp.
+        parent: String,
+    },
+    /// A file of the chain is missing or has the wrong size.
+    #[error("{}: {}", path.display(), parent_file_detail(*found, *expected, source.as_ref()))]
+    ParentFile {
+        /// The file.
+        path: PathBuf,
+        /// Its size, when it exists.
+        found: Option<u64>,
+        /// The size in the metadata.
+        expected: u64,
+        /// Why it could not be read.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// A parent's metadata cannot be read.
+    #[error("parent {stamp}: {source}")]
+    ParentUnreadable {
+        /// The parent's stamp.
+        stamp: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The chain loops.
+    #[error("the chain does not end in a full")]
+    Endless,
+    /// libvirt does not know the parent's checkpoint.
+    #[error("checkpoint {checkpoint} of backup {stamp} is not known to libvirt (removed, VM restored or redefined)")]
+    CheckpointUnknown {
+        /// The checkpoint.
+        checkpoint: String,
+        /// The parent's stamp.
+        stamp: String,
+    },
+    /// A disk image lacks the bitmap.
+    #[error("disk {target}: bitmap {bitmap} is missing from {}", path.display())]
+    BitmapMissing {
+        /// The disk.
+        target: String,
+        /// The bitmap (checkpoint) name.
+        bitmap: String,
+        /// The image.
+        path: PathBuf,
+    },
+    /// The bitmap was not saved cleanly.
+    #[error("disk {target}: bitmap {bitmap} is inconsistent (QEMU stopped uncleanly)")]
+    BitmapInconsistent {
+        /// The disk.
+        target: String,
+        /// The bitmap (checkpoint) name.
+        bitmap: String,
+    },
+    /// libvirt failed (listing checkpoints), or refused the backup job.
+    #[error("libvirt refused the backup job: {0}")]
+    JobRefused(#[source] crate::hv::LibvirtError),
+    /// libvirt failed.
+    #[error(transparent)]
+    Libvirt(#[from] crate::hv::LibvirtError),
+    /// qemu-img failed reading the bitmaps.
+    #[error(transparent)]
+    QemuImg(#[from] qemu_img::QemuImgError),
+    /// The layout of the target.
+    #[error(transparent)]
+    Layout(#[from] crate::format::layout::LayoutError),
+}
+
+fn parent_file_detail(found: Option<u64>, expected: u64, e: Option<&std::io::Error>) -> String {
+    match (found, e) {
+        (_, Some(e)) => e.to_string(),
+        (Some(n), None) => format!("{n} bytes, its metadata says {expected}"),
+        (None, None) => "missing".to_string(),
+    }
+}
+
+impl FullReason {
+    /// What kind of condition this is (none fails the backup: a full runs).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            FullReason::Libvirt(e) | FullReason::JobRefused(e) => e.kind(),
+            FullReason::QemuImg(e) => e.kind(),
+            FullReason::Layout(e) => e.kind(),
+            _ => crate::error::ErrorKind::NotFound,
+        }
+    }
+}
+
 /// The parent an incremental or differential is written on top of.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParentChoice {
@@ -52,10 +197,10 @@ pub struct ParentChoice {
 pub fn choose_parent(
     level: BackupLevel,
     backups: &[(String, BackupMetadata)],
-) -> Result<ParentChoice, String> {
+) -> Result<ParentChoice, FullReason> {
     let usable = |m: &BackupMetadata| m.result != crate::ExitStatus::Failed;
     let candidate = match level {
-        BackupLevel::Full => return Err("a full was asked".into()),
+        BackupLevel::Full => return Err(FullReason::Asked),
         BackupLevel::Incremental => backups.iter().rev().find(|(_, m)| usable(m)),
         BackupLevel::Differential => backups
             .iter()
@@ -63,20 +208,15 @@ pub fn choose_parent(
             .find(|(_, m)| usable(m) && m.level() == BackupLevel::Full),
     };
     let Some((stamp, md)) = candidate else {
-        return Err(match level {
-            BackupLevel::Differential => "no full backup of this VM on this target".into(),
-            _ => "no backup of this VM on this target".into(),
+        return Err(FullReason::NoParent {
+            full: level == BackupLevel::Differential,
         });
     };
     let Some(ck) = md.chain.checkpoint.clone() else {
-        return Err(format!(
-            "the last {} backup {stamp} has no checkpoint",
-            if level == BackupLevel::Differential {
-                "full"
-            } else {
-                "usable"
-            }
-        ));
+        return Err(FullReason::NoCheckpoint {
+            stamp: stamp.clone(),
+            full: level == BackupLevel::Differential,
+        });
     };
     Ok(ParentChoice {
         stamp: stamp.clone(),
@@ -87,36 +227,38 @@ pub fn choose_parent(
 
 /// Checks that the disks to back up are those of the parent, with the same sizes, all
 /// qcow2. `Err` is why a full must run instead. Pure.
-pub fn disks_match(disks: &[SessionDisk], parent: &BackupMetadata) -> Result<(), String> {
+pub fn disks_match(disks: &[SessionDisk], parent: &BackupMetadata) -> Result<(), FullReason> {
     for d in disks {
         if d.format != "qcow2" {
-            return Err(format!(
-                "disk {} is {} (checkpoints need qcow2)",
-                d.target, d.format
-            ));
+            return Err(FullReason::NotQcow2 {
+                target: d.target.clone(),
+                format: d.format.clone(),
+            });
         }
         match parent.disks.iter().find(|p| p.target == d.target) {
             None => {
-                return Err(format!(
-                    "disk {} was added since {}",
-                    d.target, parent.stamp
-                ))
+                return Err(FullReason::DiskAdded {
+                    target: d.target.clone(),
+                    parent: parent.stamp.clone(),
+                })
             }
             Some(p) if p.virtual_size != d.virtual_size => {
-                return Err(format!(
-                    "disk {} was resized ({} → {} bytes) since {}",
-                    d.target, p.virtual_size, d.virtual_size, parent.stamp
-                ))
+                return Err(FullReason::DiskResized {
+                    target: d.target.clone(),
+                    before: p.virtual_size,
+                    after: d.virtual_size,
+                    parent: parent.stamp.clone(),
+                })
             }
             Some(_) => {}
         }
     }
     for p in &parent.disks {
         if !disks.iter().any(|d| d.target == p.target) {
-            return Err(format!(
-                "disk {} of {} is no longer backed up",
-                p.target, parent.stamp
-            ));
+            return Err(FullReason::DiskGone {
+                target: p.target.clone(),
+                parent: parent.stamp.clone(),
+            });
         }
     }
     Ok(())
@@ -147,7 +289,7 @@ fn published(vm_dir: &VmDir) -> Vec<(String, BackupMetadata)> {
 
 /// Checks that the parent's disk files and those of its own parents, down to a full, are
 /// there with their recorded sizes. `Err` is why a full must run instead.
-fn chain_present(vm_dir: &VmDir, parent: &ParentChoice) -> Result<(), String> {
+fn chain_present(vm_dir: &VmDir, parent: &ParentChoice) -> Result<(), FullReason> {
     let mut md = parent.metadata.clone();
     let mut seen = 0;
     loop {
@@ -157,14 +299,21 @@ fn chain_present(vm_dir: &VmDir, parent: &ParentChoice) -> Result<(), String> {
             match fs::metadata(&path) {
                 Ok(m) if m.len() == d.file_size => {}
                 Ok(m) => {
-                    return Err(format!(
-                        "{} has {} bytes, its metadata says {}",
-                        path.display(),
-                        m.len(),
-                        d.file_size
-                    ))
+                    return Err(FullReason::ParentFile {
+                        path,
+                        found: Some(m.len()),
+                        expected: d.file_size,
+                        source: None,
+                    })
                 }
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+                Err(e) => {
+                    return Err(FullReason::ParentFile {
+                        path,
+                        found: None,
+                        expected: d.file_size,
+                        source: Some(e),
+                    })
+                }
             }
         }
         let Some(p) = md.chain.parent.clone() else {
@@ -172,10 +321,14 @@ fn chain_present(vm_dir: &VmDir, parent: &ParentChoice) -> Result<(), String> {
         };
         seen += 1;
         if seen > 1000 {
-            return Err("the chain does not end in a full".into());
+            return Err(FullReason::Endless);
         }
-        md = BackupMetadata::read(&vm_dir.backup_dir(&p))
-            .map_err(|e| format!("parent {p} of {}: {e}", md.stamp))?;
+        md = BackupMetadata::read(&vm_dir.backup_dir(&p)).map_err(|source| {
+            FullReason::ParentUnreadable {
+                stamp: p.clone(),
+                source,
+            }
+        })?;
     }
 }
 
@@ -262,7 +415,7 @@ impl BackupSession<'_> {
         }
     }
 
-    fn full_instead(&mut self, asked: BackupLevel, why: String) {
+    fn full_instead(&mut self, asked: BackupLevel, why: FullReason) {
         let note = format!("{asked} asked, full backup instead: {why}");
         self.log(Level::Warning, &note);
         self.plan.chain.level = Some(BackupLevel::Full);
@@ -271,42 +424,44 @@ impl BackupSession<'_> {
         self.plan.chain.parent = None;
     }
 
-    fn incremental_parent(&self, asked: BackupLevel, live: bool) -> Result<ParentChoice, String> {
+    fn incremental_parent(
+        &self,
+        asked: BackupLevel,
+        live: bool,
+    ) -> Result<ParentChoice, FullReason> {
         if !live || self.plan.method == Method::Offline {
-            return Err("the domain is not running (checkpoints need a running domain)".into());
+            return Err(FullReason::NotRunning);
         }
         let vm_dir = VmDir::new(
             &self.run.request.settings.target,
             &self.run.host,
             &self.run.request.vm,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let parent = choose_parent(asked, &published(&vm_dir))?;
         disks_match(&self.plan.disks, &parent.metadata)?;
         chain_present(&vm_dir, &parent)?;
-        let names = self.run.dom.checkpoint_names().map_err(|e| e.to_string())?;
+        let names = self.run.dom.checkpoint_names()?;
         if !names.contains(&parent.checkpoint) {
-            return Err(format!(
-                "checkpoint {} of backup {} is not known to libvirt (removed, VM restored or redefined)",
-                parent.checkpoint, parent.stamp
-            ));
+            return Err(FullReason::CheckpointUnknown {
+                checkpoint: parent.checkpoint.clone(),
+                stamp: parent.stamp.clone(),
+            });
         }
         for d in &self.plan.disks {
-            let bitmaps = qemu_img::bitmaps(&d.source).map_err(|e| e.to_string())?;
+            let bitmaps = qemu_img::bitmaps(&d.source)?;
             match bitmaps.iter().find(|b| b.name == parent.checkpoint) {
                 None => {
-                    return Err(format!(
-                        "disk {}: bitmap {} is missing from {}",
-                        d.target,
-                        parent.checkpoint,
-                        d.source.display()
-                    ))
+                    return Err(FullReason::BitmapMissing {
+                        target: d.target.clone(),
+                        bitmap: parent.checkpoint.clone(),
+                        path: d.source.clone(),
+                    })
                 }
                 Some(b) if b.is_inconsistent() => {
-                    return Err(format!(
-                        "disk {}: bitmap {} is inconsistent (QEMU stopped uncleanly)",
-                        d.target, parent.checkpoint
-                    ))
+                    return Err(FullReason::BitmapInconsistent {
+                        target: d.target.clone(),
+                        bitmap: parent.checkpoint.clone(),
+                    })
                 }
                 Some(_) => {}
             }
@@ -479,10 +634,7 @@ impl BackupSession<'_> {
                 c.published = true; // nothing to abort or delete; only the scratch
                 let _ = c.release(&mut self.run);
             }
-            self.full_instead(
-                self.run.request.level,
-                format!("libvirt refused the backup job: {e}"),
-            );
+            self.full_instead(self.run.request.level, FullReason::JobRefused(e));
             self.phase_finished(Phase::Snapshot, t.elapsed().as_secs_f64());
             return Ok(false);
         }
@@ -671,7 +823,7 @@ mod tests {
         assert!(choose_parent(BackupLevel::Incremental, &[]).is_err());
         let list = vec![md("2026-01-01-000000", BackupLevel::Full, None)];
         let e = choose_parent(BackupLevel::Incremental, &list).unwrap_err();
-        assert!(e.contains("no checkpoint"), "{e}");
+        assert!(matches!(e, FullReason::NoCheckpoint { .. }), "{e}");
         let list = vec![md(
             "2026-01-02-000000",
             BackupLevel::Incremental,
@@ -712,14 +864,17 @@ mod tests {
         };
         let mut p = parent.clone();
         p.disks.truncate(1);
-        assert_eq!(disks_match(std::slice::from_ref(&disk), &p), Ok(()));
+        assert!(disks_match(std::slice::from_ref(&disk), &p).is_ok());
         let mut bigger = disk.clone();
         bigger.virtual_size += 1;
-        assert!(disks_match(&[bigger], &p).unwrap_err().contains("resized"));
+        assert!(matches!(
+            disks_match(&[bigger], &p),
+            Err(FullReason::DiskResized { .. })
+        ));
         let mut added = disk.clone();
         added.target = "vdz".into();
-        assert!(disks_match(&[disk, added], &p)
-            .unwrap_err()
-            .contains("added"));
+        let e = disks_match(&[disk, added], &p).unwrap_err();
+        assert!(matches!(e, FullReason::DiskAdded { .. }), "{e}");
+        assert!(e.to_string().contains("was added"), "{e}");
     }
 }
