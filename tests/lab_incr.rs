@@ -77,6 +77,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // Later lab tests share the domain: leave it without our checkpoints.
+        drop_our_checkpoints(&agent_dom());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -144,6 +146,10 @@ fn the_disk(dom: &str) -> String {
 
 /// A clean start for the tests of one domain: no checkpoint of ours left by another test.
 fn drop_our_checkpoints(dom: &str) {
+    let names = virsh(&["checkpoint-list", dom, "--name"]);
+    if !names.status.success() {
+        return;
+    }
     for c in our_checkpoints(dom) {
         let _ = virsh(&["checkpoint-delete", dom, &c]);
     }
