@@ -22,6 +22,8 @@ pub struct DirectBackup {
     pub dir: PathBuf,
     /// Post-check warnings.
     pub warnings: Vec<String>,
+    /// The level that ran, and why when it is not the one asked (for the job log).
+    pub level_report: String,
 }
 
 /// The engine's request for a plugin string, built as `vm-backup backup` builds it: the method
@@ -41,17 +43,29 @@ pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, 
 pub fn backup_direct(
     args: &PluginArgs,
     settings: &Settings,
+    level: crate::format::metadata::BackupLevel,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<DirectBackup, PluginError> {
-    let request = request(args, settings)?;
+    let mut request = request(args, settings)?;
+    request.level = level;
+    request.checkpoint_full = true;
     let reporter = crate::ops::report::Reporter::new(progress);
     let outcome = run_backup(&request, progress, &reporter, cancel);
+    let level_report = match &outcome.metadata {
+        Some(m) => match (&m.chain.level_note, &m.chain.parent) {
+            (Some(note), _) => format!("level {} ran: {note}", m.level()),
+            (None, Some(p)) => format!("level {} ran, on top of {p}", m.level()),
+            (None, None) => format!("level {} ran", m.level()),
+        },
+        None => String::new(),
+    };
     match (outcome.status, outcome.backup_dir) {
         (ExitStatus::Success | ExitStatus::Warning, Some(dir)) => Ok(DirectBackup {
             status: outcome.status,
             dir,
             warnings: outcome.warnings,
+            level_report,
         }),
         (status, _) => {
             if cancel.is_cancelled() {

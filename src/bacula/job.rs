@@ -268,11 +268,16 @@ impl Job {
     pub fn backup_command(&mut self, cmd: &str) -> Result<(), PluginError> {
         let args = self.parse_args(cmd)?;
         let settings = super::settings_for(&args)?;
-        if !matches!(self.info.level, 'F' | 'f') {
+        let level = match self.info.level {
+            'I' | 'i' => crate::format::metadata::BackupLevel::Incremental,
+            'D' | 'd' => crate::format::metadata::BackupLevel::Differential,
+            _ => crate::format::metadata::BackupLevel::Full,
+        };
+        if !matches!(self.info.level, 'F' | 'f') && args.mode == Mode::Stream {
             self.say(
                 MessageLevel::Info,
                 &format!(
-                    "vm-backup: level {} requested; vm-backup makes Full backups only, running a Full backup of {}",
+                    "vm-backup: level {} requested; stream mode makes Full backups only (use mode=direct for incrementals), running a Full backup of {}",
                     level_name(self.info.level),
                     args.vm
                 ),
@@ -293,8 +298,19 @@ impl Job {
         let state = match args.mode {
             Mode::Direct => {
                 let cancel = self.cancel.clone();
-                let outcome = self
-                    .pump(|progress| engine::backup_direct(&args, &settings, progress, &cancel))?;
+                let outcome = self.pump(|progress| {
+                    engine::backup_direct(&args, &settings, level, progress, &cancel)
+                })?;
+                if !outcome.level_report.is_empty() {
+                    self.say(
+                        MessageLevel::Info,
+                        &format!(
+                            "vm-backup: {} requested: {}",
+                            level_name(self.info.level),
+                            outcome.level_report
+                        ),
+                    );
+                }
                 let files = self.direct_files(&args, &outcome, mtime)?;
                 BackupState {
                     files,
@@ -840,6 +856,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 fn level_name(level: char) -> String {
     match level {
+        'F' | 'f' => "Full".into(),
         'I' | 'i' => "Incremental".into(),
         'D' | 'd' => "Differential".into(),
         other => format!("{other:?}"),

@@ -18,6 +18,12 @@ pub struct Args {
     /// Consistency method (default: the inventory's, else auto).
     #[arg(long, value_name = "auto|quiesce|snapshot|offline")]
     method: Option<Method>,
+    /// Backup level: a full (with a checkpoint), or only the blocks changed since the last
+    /// backup (incremental) or the last full (differential) on this target. Falls back to a
+    /// full, saying why, when the chain cannot be continued.
+    /// Without it, a full backup as before, with no checkpoint (no chain to continue).
+    #[arg(long, value_name = "full|incremental|differential")]
+    level: Option<vm_backup::format::metadata::BackupLevel>,
     /// The inventory (vm-list.yaml), for the VM's method and appliance type.
     #[arg(long, value_name = "FILE")]
     inventory: Option<PathBuf>,
@@ -54,6 +60,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         .with_method(args.method)
         .with_appliance(std::sync::Arc::new(SshAppliance));
     request.shutdown = args.shutdown;
+    if let Some(level) = args.level {
+        request.level = level;
+        request.checkpoint_full = true;
+    }
     request.crash_consistent_fallback = args.allow_crash_consistent;
     let cancel = common::cancel_on_signals();
     let progress = common::LineProgress::new(!args.common.json);
@@ -68,10 +78,18 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             (Some(err), _) => eprintln!("vm-backup: {}: {err}", outcome.status),
             (None, Some(dir)) => {
                 println!(
-                    "backup of {:?} {}: {} (method {}{}, {:.1} s)",
+                    "backup of {:?} {}: {} ({}method {}{}, {:.1} s)",
                     outcome.vm,
                     outcome.status,
                     dir.display(),
+                    outcome
+                        .metadata
+                        .as_ref()
+                        .map(|m| match &m.chain.parent {
+                            Some(p) => format!("level {} on {p}, ", m.level()),
+                            None => format!("level {}, ", m.level()),
+                        })
+                        .unwrap_or_default(),
                     outcome
                         .metadata
                         .as_ref()

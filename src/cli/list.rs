@@ -34,10 +34,11 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         return Ok(0);
     }
     println!(
-        "{:<12} {:<20} {:<18} {:<9} {:>10} {:>9} {:>12} {:>9} {:<9} {:<7} {:<12}",
+        "{:<12} {:<20} {:<18} {:<32} {:<9} {:>10} {:>9} {:>12} {:>9} {:<9} {:<7} {:<12}",
         "HOST",
         "VM",
         "STAMP",
+        "LEVEL (PARENT)",
         "METHOD",
         "SIZE",
         "DURATION",
@@ -49,10 +50,11 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     );
     for r in rows {
         println!(
-            "{:<12} {:<20} {:<18} {:<9} {:>10} {:>8.1}s {:>12} {:>9} {:<9} {:<7} {:<12}",
+            "{:<12} {:<20} {:<18} {:<32} {:<9} {:>10} {:>8.1}s {:>12} {:>9} {:<9} {:<7} {:<12}",
             r.host,
             r.vm,
             r.stamp,
+            level_of(std::path::Path::new(&r.path)),
             r.method,
             human_bytes(r.total_bytes),
             r.duration_seconds,
@@ -65,4 +67,16 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         );
     }
     Ok(0)
+}
+
+/// `full`, or `incremental (<parent>)` / `differential (<parent>)`, from the folder's metadata
+/// (`-` when it cannot be read).
+fn level_of(dir: &std::path::Path) -> String {
+    match vm_backup::format::metadata::BackupMetadata::read(dir) {
+        Ok(m) => match &m.chain.parent {
+            Some(p) => format!("{} ({p})", m.level()),
+            None => m.level().to_string(),
+        },
+        Err(_) => "-".into(),
+    }
 }

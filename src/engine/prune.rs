@@ -74,6 +74,10 @@ pub struct Candidate {
     pub time: NaiveDateTime,
     /// What is known about it.
     pub state: BackupState,
+    /// The backup it was written on top of (incremental, differential): its disk images
+    /// are the backing files of this one's, so it is kept as long as this one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl Candidate {
@@ -84,7 +88,14 @@ impl Candidate {
             stamp: stamp.to_string(),
             time,
             state,
+            parent: None,
         })
+    }
+
+    /// The same candidate, written on top of the backup `parent`.
+    pub fn with_parent(mut self, parent: Option<String>) -> Self {
+        self.parent = parent;
+        self
     }
 }
 
@@ -190,6 +201,26 @@ pub fn plan(
         }
     }
 
+    // Chains stay whole: a kept backup keeps its parent, that one its own, down to the full.
+    let index: BTreeMap<&str, usize> = sorted
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.stamp.as_str(), i))
+        .collect();
+    let mut todo: Vec<usize> = reasons.keys().copied().collect();
+    while let Some(i) = todo.pop() {
+        let Some(p) = sorted[i].parent.as_deref() else {
+            continue;
+        };
+        let Some(&j) = index.get(p) else { continue };
+        let why = format!("parent of kept {}", sorted[i].stamp);
+        let first = !reasons.contains_key(&j);
+        reasons.entry(j).or_default().push(why);
+        if first {
+            todo.push(j);
+        }
+    }
+
     sorted
         .iter()
         .enumerate()
@@ -274,7 +305,9 @@ pub fn scan_vm(vm_dir: &VmDir) -> Result<Vec<Candidate>, PruneError> {
     let mut out = Vec::new();
     for stamp in vm_dir.complete_stamps()? {
         let dir = vm_dir.backup_dir(&stamp);
-        let state = match BackupMetadata::read(&dir) {
+        let meta = BackupMetadata::read(&dir);
+        let parent = meta.as_ref().ok().and_then(|m| m.chain.parent.clone());
+        let state = match meta {
             Err(e) => BackupState::Unreadable(e.to_string()),
             Ok(meta) if layout::safe_component(&meta.vm_name).ok().as_deref() != Some(&folder) => {
                 tracing::warn!(
@@ -287,7 +320,7 @@ pub fn scan_vm(vm_dir: &VmDir) -> Result<Vec<Candidate>, PruneError> {
             Ok(meta) => state_from_metadata(&meta),
         };
         if let Some(c) = Candidate::new(&stamp, state) {
-            out.push(c);
+            out.push(c.with_parent(parent));
         }
     }
     for partial in vm_dir.partial_dirs()? {
@@ -364,6 +397,89 @@ mod tests {
             keep_monthly: opt(monthly),
             keep_yearly: opt(yearly),
         }
+    }
+
+    /// (stamp, parent) → a usable candidate on top of that parent.
+    fn chained(stamp: &str, parent: Option<&str>) -> Candidate {
+        usable(stamp).with_parent(parent.map(String::from))
+    }
+
+    #[test]
+    fn chains_stay_whole() {
+        // F1 ← I1 ← I2   F2 ← D1 (differential on F2)   F3 ← I3
+        let list = [
+            chained("2026-01-01-120000", None),
+            chained("2026-01-02-120000", Some("2026-01-01-120000")),
+            chained("2026-01-03-120000", Some("2026-01-02-120000")),
+            chained("2026-01-04-120000", None),
+            chained("2026-01-05-120000", Some("2026-01-04-120000")),
+            chained("2026-01-06-120000", None),
+            chained("2026-01-07-120000", Some("2026-01-06-120000")),
+        ];
+        let table: [(Retention, Vec<&str>); 4] = [
+            // keep-last 1: the newest incremental and its full.
+            (
+                policy(1, 0, 0, 0, 0),
+                vec!["2026-01-06-120000", "2026-01-07-120000"],
+            ),
+            // keep-last 2: the differential is not in it, but nothing of another chain is.
+            (
+                policy(2, 0, 0, 0, 0),
+                vec!["2026-01-06-120000", "2026-01-07-120000"],
+            ),
+            // keep-daily 5 reaches back to I2 (2026-01-03): its whole chain comes along.
+            (
+                policy(0, 5, 0, 0, 0),
+                vec![
+                    "2026-01-01-120000",
+                    "2026-01-02-120000",
+                    "2026-01-03-120000",
+                    "2026-01-04-120000",
+                    "2026-01-05-120000",
+                    "2026-01-06-120000",
+                    "2026-01-07-120000",
+                ],
+            ),
+            // keep-daily 3: D1 and its full F2, F3 and I3; F1's chain goes.
+            (
+                policy(0, 3, 0, 0, 0),
+                vec![
+                    "2026-01-04-120000",
+                    "2026-01-05-120000",
+                    "2026-01-06-120000",
+                    "2026-01-07-120000",
+                ],
+            ),
+        ];
+        for (retention, want) in table {
+            let d = plan(&list, &retention, None);
+            assert_eq!(kept(&d), want, "{retention:?}");
+            for dec in &d {
+                if dec.keep {
+                    if let Some(p) = list
+                        .iter()
+                        .find(|c| c.stamp == dec.stamp)
+                        .and_then(|c| c.parent.as_deref())
+                    {
+                        assert!(
+                            kept(&d).contains(&p),
+                            "{} kept without its parent {p}",
+                            dec.stamp
+                        );
+                    }
+                }
+            }
+        }
+        // The reason names the child.
+        let d = plan(&list, &policy(1, 0, 0, 0, 0), None);
+        let f3 = d.iter().find(|d| d.stamp == "2026-01-06-120000").unwrap();
+        assert!(
+            f3.reasons
+                .iter()
+                .any(|r| r == "parent of kept 2026-01-07-120000"),
+            "{:?}",
+            f3.reasons
+        );
     }
 
     #[test]

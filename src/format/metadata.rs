@@ -231,6 +231,78 @@ pub struct BackupMetadata {
     /// The latest `test-restore` verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_restore: Option<Verdict>,
+    /// Level, parent and checkpoint (flattened: `level`, `parent`, `checkpoint`,
+    /// `level_note`; all absent in metadata written before levels, which means a full).
+    #[serde(flatten, default)]
+    pub chain: ChainInfo,
+}
+
+/// The level of a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupLevel {
+    /// Every allocated block.
+    #[default]
+    Full,
+    /// The blocks changed since the previous backup of the chain (its parent).
+    Incremental,
+    /// The blocks changed since the last full (its parent).
+    Differential,
+}
+
+impl std::str::FromStr for BackupLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" | "f" => Ok(BackupLevel::Full),
+            "incremental" | "inc" | "i" => Ok(BackupLevel::Incremental),
+            "differential" | "diff" | "d" => Ok(BackupLevel::Differential),
+            other => Err(format!(
+                "unknown level {other:?} (expected full, incremental or differential)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BackupLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupLevel::Full => "full",
+            BackupLevel::Incremental => "incremental",
+            BackupLevel::Differential => "differential",
+        })
+    }
+}
+
+/// Where a backup sits in a chain. An incremental or differential backup's disk files are
+/// qcow2 images holding only the changed clusters, whose backing file is the parent's image
+/// by relative path (`../<parent>/<file>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ChainInfo {
+    /// The level that ran (absent: full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<BackupLevel>,
+    /// The level asked for, when it differs from the one that ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_requested: Option<BackupLevel>,
+    /// Why the level that ran differs from the one asked (or per-disk fallbacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_note: Option<String>,
+    /// The parent backup's stamp (a folder next to this one), for incremental and
+    /// differential backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The libvirt checkpoint created with this backup (`vmb-<stamp>`): the next incremental
+    /// reads the blocks changed since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+impl BackupMetadata {
+    /// The level that ran (full for metadata written before levels).
+    pub fn level(&self) -> BackupLevel {
+        self.chain.level.unwrap_or_default()
+    }
 }
 
 impl BackupMetadata {
@@ -328,5 +400,39 @@ mod tests {
                 "{file} {extra}: {err}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_and_print() {
+        for l in [
+            BackupLevel::Full,
+            BackupLevel::Incremental,
+            BackupLevel::Differential,
+        ] {
+            assert_eq!(l.to_string().parse::<BackupLevel>(), Ok(l));
+        }
+        assert_eq!("Incremental".parse(), Ok(BackupLevel::Incremental));
+        assert!("weekly".parse::<BackupLevel>().is_err());
+    }
+
+    #[test]
+    fn chain_fields_are_flat_and_optional() {
+        let c = ChainInfo {
+            level: Some(BackupLevel::Incremental),
+            parent: Some("2026-01-01-000000".into()),
+            checkpoint: Some("vmb-2026-01-02-000000".into()),
+            ..ChainInfo::default()
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["level"], "incremental");
+        assert_eq!(v["parent"], "2026-01-01-000000");
+        assert!(v.get("level_note").is_none());
+        let back: ChainInfo = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(back, ChainInfo::default());
     }
 }

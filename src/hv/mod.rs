@@ -8,6 +8,7 @@
 //! timeout and an agent ping through `virDomainGetTime` (answered by the guest agent).
 //! Calls without a safe wrapper in `virt` 0.5 live in [`raw`], the only `unsafe` here.
 
+pub mod checkpoint;
 pub mod export;
 pub mod image_lock;
 pub mod qemu_img;

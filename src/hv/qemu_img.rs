@@ -337,3 +337,80 @@ mod tests {
         assert_eq!(chain[1].actual_size, 0);
     }
 }
+
+/// One persistent dirty bitmap of a qcow2 image (`qemu-img info` format-specific data).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Bitmap {
+    /// Its name (libvirt names it after the checkpoint).
+    pub name: String,
+    /// `in-use` (open by a running QEMU), `auto` (recording), `inconsistent` (not saved
+    /// cleanly: unusable).
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+impl Bitmap {
+    /// Whether the bitmap was not written back cleanly (a crash): unusable.
+    pub fn is_inconsistent(&self) -> bool {
+        self.flags.iter().any(|f| f == "inconsistent")
+    }
+}
+
+#[derive(Deserialize)]
+struct InfoBitmaps {
+    #[serde(rename = "format-specific", default)]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Deserialize)]
+struct FormatSpecific {
+    #[serde(default)]
+    data: Option<FormatData>,
+}
+
+#[derive(Deserialize)]
+struct FormatData {
+    #[serde(default)]
+    bitmaps: Vec<Bitmap>,
+}
+
+/// The persistent bitmaps of a qcow2 image (`qemu-img info -U --output=json`; empty for
+/// other formats).
+pub fn bitmaps(path: &Path) -> Result<Vec<Bitmap>, QemuImgError> {
+    let args: Vec<OsString> = vec![
+        "info".into(),
+        "-U".into(),
+        "--output=json".into(),
+        path.into(),
+    ];
+    let out = run_ok("info", path, &args)?;
+    parse_bitmaps(&out.stdout).map_err(|source| QemuImgError::Json {
+        op: "info",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_bitmaps(json: &[u8]) -> Result<Vec<Bitmap>, serde_json::Error> {
+    let info: InfoBitmaps = serde_json::from_slice(json)?;
+    Ok(info
+        .format_specific
+        .and_then(|f| f.data)
+        .map(|d| d.bitmaps)
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod bitmap_tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_are_read_with_their_flags() {
+        let json = br#"{"virtual-size":1,"format":"qcow2","format-specific":{"type":"qcow2","data":{"compat":"1.1","bitmaps":[{"flags":["in-use","auto"],"name":"vmb-a","granularity":65536},{"flags":["inconsistent"],"name":"vmb-b","granularity":65536}]}}}"#;
+        let b = parse_bitmaps(json).unwrap();
+        assert_eq!(b.len(), 2);
+        assert!(!b[0].is_inconsistent());
+        assert!(b[1].is_inconsistent());
+        assert!(parse_bitmaps(br#"{"format":"raw"}"#).unwrap().is_empty());
+    }
+}

@@ -173,3 +173,113 @@ pub fn set_agent_timeout(dom: &Domain, seconds: Option<u32>) -> Result<(), Error
     }
     Ok(())
 }
+
+/// Freezes every guest filesystem through the agent; returns how many were frozen.
+pub fn fs_freeze(dom: &Domain) -> Result<u32, Error> {
+    // SAFETY: `dom` is a valid domain handle; a NULL mountpoint list with count 0 means "all".
+    let rc =
+        unsafe { sys::virDomainFSFreeze(dom.as_ptr(), ptr::null_mut::<*const c_char>(), 0, 0) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(rc as u32)
+}
+
+/// Creates a checkpoint from `xml` (`<domaincheckpoint>`), with the quiesce flag when asked.
+pub fn checkpoint_create(dom: &Domain, xml: &str, quiesce: bool) -> Result<(), Error> {
+    let xml = cstring(xml)?;
+    let flags = if quiesce {
+        sys::VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE
+    } else {
+        0
+    };
+    // SAFETY: `dom` is a valid domain handle and `xml` a NUL-terminated string alive for the
+    // call; the returned checkpoint object, when not NULL, is ours and freed right away.
+    let ck = unsafe { sys::virDomainCheckpointCreateXML(dom.as_ptr(), xml.as_ptr(), flags) };
+    if ck.is_null() {
+        return Err(Error::last_error());
+    }
+    // SAFETY: `ck` is a non-NULL checkpoint reference returned above, freed once.
+    unsafe { sys::virDomainCheckpointFree(ck) };
+    Ok(())
+}
+
+/// The names of every checkpoint of the domain (libvirt metadata).
+pub fn checkpoint_names(dom: &Domain) -> Result<Vec<String>, Error> {
+    let mut list: *mut sys::virDomainCheckpointPtr = ptr::null_mut();
+    // SAFETY: `dom` is a valid domain handle; libvirt allocates `list` (an array of `rc`
+    // checkpoint references) which we free below, each element and then the array.
+    let rc = unsafe { sys::virDomainListAllCheckpoints(dom.as_ptr(), &mut list, 0) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    let mut names = Vec::with_capacity(rc as usize);
+    for i in 0..rc as usize {
+        // SAFETY: `list` has `rc` valid elements (libvirt's contract for a non-negative rc).
+        let ck = unsafe { *list.add(i) };
+        // SAFETY: `ck` is a valid checkpoint; the name pointer belongs to it and is copied
+        // before the checkpoint is freed.
+        let name = unsafe { sys::virDomainCheckpointGetName(ck) };
+        if !name.is_null() {
+            // SAFETY: libvirt returns a NUL-terminated string owned by `ck`, alive here.
+            let s = unsafe { std::ffi::CStr::from_ptr(name) };
+            names.push(s.to_string_lossy().into_owned());
+        }
+        // SAFETY: each element is a reference the list gave us, freed exactly once.
+        unsafe { sys::virDomainCheckpointFree(ck) };
+    }
+    if !list.is_null() {
+        // SAFETY: the array was allocated by libvirt with malloc; freed once with free().
+        unsafe { libc::free(list.cast()) };
+    }
+    Ok(names)
+}
+
+/// Deletes the checkpoint `name` (its bitmap merges into its parent's).
+pub fn checkpoint_delete(dom: &Domain, name: &str) -> Result<(), Error> {
+    let name = cstring(name)?;
+    // SAFETY: `dom` is a valid domain handle and `name` a NUL-terminated string alive for
+    // the call; a non-NULL result is a reference we free below.
+    let ck = unsafe { sys::virDomainCheckpointLookupByName(dom.as_ptr(), name.as_ptr(), 0) };
+    if ck.is_null() {
+        return Err(Error::last_error());
+    }
+    // SAFETY: `ck` is a valid checkpoint reference.
+    let rc = unsafe { sys::virDomainCheckpointDelete(ck, 0) };
+    let err = (rc < 0).then(Error::last_error);
+    // SAFETY: `ck` is freed exactly once, after its last use.
+    unsafe { sys::virDomainCheckpointFree(ck) };
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Starts a backup job from `backup_xml` (`<domainbackup>`), creating the checkpoint in
+/// `checkpoint_xml` at the same instant when given.
+pub fn backup_begin(
+    dom: &Domain,
+    backup_xml: &str,
+    checkpoint_xml: Option<&str>,
+) -> Result<(), Error> {
+    let backup = cstring(backup_xml)?;
+    let ck = checkpoint_xml.map(cstring).transpose()?;
+    let ck_ptr = ck.as_ref().map_or(ptr::null(), |c| c.as_ptr());
+    // SAFETY: `dom` is a valid domain handle; both strings are NUL-terminated and alive for
+    // the call (NULL checkpoint XML means "no checkpoint").
+    let rc = unsafe { sys::virDomainBackupBegin(dom.as_ptr(), backup.as_ptr(), ck_ptr, 0) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(())
+}
+
+/// Aborts the domain's current job (a backup job here).
+pub fn abort_domain_job(dom: &Domain) -> Result<(), Error> {
+    // SAFETY: `dom` is a valid domain handle; the call takes no other argument.
+    let rc = unsafe { sys::virDomainAbortJob(dom.as_ptr()) };
+    if rc < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(())
+}

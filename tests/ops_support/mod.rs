@@ -61,6 +61,7 @@ pub fn metadata(host: &str, vm: &str, stamp: &str, result: ExitStatus) -> Backup
         appliance: None,
         verify: None,
         test_restore: None,
+        chain: Default::default(),
     }
 }
 

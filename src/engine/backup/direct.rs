@@ -41,6 +41,7 @@ impl BackupSession<'_> {
         self.begin_partial()?;
         self.debug_pause(DEBUG_PAUSE_ENV, "before the copy")?;
         self.copy_disks()?;
+        self.increment_records();
         self.finish()?;
         self.phase_started(Phase::Publish);
         let t = Instant::now();
@@ -51,6 +52,7 @@ impl BackupSession<'_> {
         let t = Instant::now();
         self.check_partial(&md)?;
         let dir = self.publish()?;
+        self.chain_published();
         self.post_checks(dir, md, t);
         Ok(())
     }
@@ -103,6 +105,7 @@ impl BackupSession<'_> {
                 .and_then(|e| e.appliance.clone()),
             verify: None,
             test_restore: None,
+            chain: self.plan.chain.clone(),
         }
     }
 

@@ -62,6 +62,17 @@ pub struct JournalRecord {
     pub partial_dir: Option<PathBuf>,
     /// The engine shut the domain down and must start it again.
     pub shut_down_by_us: bool,
+    /// A checkpoint (`vmb-<stamp>`) this run creates or created: deleted by a repair when
+    /// the backup `stamp` was not published (its bitmap merges into its parent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// A push-mode backup job may run on the domain (incremental): aborted by a repair.
+    #[serde(default)]
+    pub backup_job: bool,
+    /// The local scratch folder of an incremental (the job's target files): removed by a
+    /// repair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 /// The journal file and lock of one VM.

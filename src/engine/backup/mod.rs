@@ -89,6 +89,7 @@ mod direct;
 mod error;
 mod events;
 mod guards;
+pub mod incremental;
 pub mod journal;
 pub mod orphans;
 mod runlog;
@@ -104,7 +105,7 @@ use serde::Serialize;
 
 use crate::config::{ConfigError, Inventory, Settings, VmEntry};
 use crate::copier::CopyOptions;
-use crate::format::metadata::{BackupMetadata, Method};
+use crate::format::metadata::{BackupLevel, BackupMetadata, Method};
 use crate::progress::{CancelToken, Progress};
 use crate::ExitStatus;
 
@@ -192,6 +193,12 @@ pub struct BackupRequest {
     pub crash_consistent_fallback: bool,
     /// Copier settings (hashing is always both per-chunk and whole-file).
     pub copy_options: CopyOptions,
+    /// Full, incremental or differential (see [`incremental`]).
+    pub level: BackupLevel,
+    /// Start a chain with a full: create the checkpoint `vmb-<stamp>` the next incremental
+    /// counts from. Off by default (a plain full leaves the domain as it was); `--level` and
+    /// the Bacula plugin in direct mode set it. Incrementals and differentials always do.
+    pub checkpoint_full: bool,
     /// What talks to an appliance listed in the inventory (`write memory`, configuration
     /// capture); without it an appliance is backed up like any VM, with a warning.
     pub appliance: Option<Arc<dyn ApplianceHook>>,
@@ -208,6 +215,8 @@ impl BackupRequest {
             shutdown: false,
             crash_consistent_fallback: false,
             copy_options: CopyOptions::default(),
+            level: BackupLevel::Full,
+            checkpoint_full: false,
             appliance: None,
         }
     }

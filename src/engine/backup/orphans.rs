@@ -217,6 +217,9 @@ pub(crate) fn repair_record(
             ),
         );
     }
+    let published = layout::VmDir::new(&settings.target, &settings.host(), &rec.vm)
+        .is_ok_and(|v| !rec.stamp.is_empty() && v.backup_dir(&rec.stamp).exists());
+    actions.extend(super::incremental::repair(dom.as_ref(), rec, published)?);
     if let Some(p) = &rec.partial_dir {
         let is_partial = p
             .file_name()

@@ -156,6 +156,8 @@ pub(super) struct Plan {
     pub(super) skipped: Vec<SkippedDisk>,
     pub(super) inactive_xml: String,
     pub(super) nvram: Option<PathBuf>,
+    /// Level, parent and checkpoint of this backup (`incremental.rs`).
+    pub(super) chain: crate::format::metadata::ChainInfo,
 }
 
 /// The guards a session holds, in the order the phases acquire them (see [`super::guards`]).
@@ -169,6 +171,8 @@ pub(super) struct Held {
     pub(super) overlays: Option<Overlays>,
     pub(super) frozen: Option<MayBeFrozen>,
     pub(super) partial: Option<PartialFolder>,
+    /// The checkpoint (and, incremental, backup job and scratch) of this run.
+    pub(super) checkpointed: Option<super::incremental::Checkpointed>,
 }
 
 /// A backup in progress. See the module documentation of [`crate::engine::backup`] for the
@@ -400,6 +404,7 @@ impl<'a> BackupSession<'a> {
                 skipped: pre.skipped,
                 inactive_xml: pre.inactive_xml,
                 nvram: pre.nvram,
+                chain: Default::default(),
             },
             held: Held {
                 agent_timeout: pre.agent_timeout_set.then_some(AgentTimeout),
@@ -413,12 +418,23 @@ impl<'a> BackupSession<'a> {
         session.appliance_write_memory();
         match session.plan.method {
             Method::Offline => {
+                session.decide_level(false);
                 if pre.state.is_live() {
                     session.shut_down(pre.agent_connected)?;
                 }
                 session.lock_images()?;
             }
-            Method::Quiesce | Method::Snapshot => session.take_snapshot()?,
+            Method::Quiesce | Method::Snapshot => {
+                let parent = session.decide_level(pre.state.is_live());
+                let increment = match parent {
+                    Some(p) => session.take_increment(&p)?,
+                    None => false,
+                };
+                if !increment {
+                    session.checkpoint_for_full();
+                    session.take_snapshot()?;
+                }
+            }
             Method::Auto => {
                 return Err(BackupError::pre(vm, Cause::Internal("no method chosen")));
             }
@@ -602,6 +618,12 @@ impl<'a> BackupSession<'a> {
         }
         if let Some(timeout) = held.agent_timeout.take() {
             timeout.release(&run.dom);
+        }
+        if let Some(c) = &mut held.checkpointed {
+            match c.release(run) {
+                Ok(()) => held.checkpointed = None,
+                Err(e) => problems.push(format!("checkpoint: {e}")),
+            }
         }
         if let Some(partial) = &mut held.partial {
             match partial.release(run) {

@@ -59,6 +59,7 @@
 //! [`apply::apply`] then carries it out. [`restore`] verifies, plans and applies.
 
 pub mod apply;
+pub mod chain;
 pub mod plan;
 pub mod test_restore;
 
@@ -421,7 +422,10 @@ pub fn restore(
             crate::store::LockMode::Shared,
         )?),
     };
-    let backup = read_backup(request)?;
+    let mut backup = read_backup(request)?;
+    // An incremental or differential: its parents' images become backing layers.
+    let parents = chain::parent_dirs(&backup.dir, &backup.meta)?;
+    backup.meta = chain::expand(&backup.dir, &backup.meta)?;
     let Backup { dir, meta, .. } = &backup;
     progress.message(
         Level::Info,
@@ -443,8 +447,19 @@ pub fn restore(
         );
     }
 
-    // 1. Verify.
-    let report = verify::verify_backup(dir, &VerifyOptions::default(), progress, cancel)?;
+    // 1. Verify (the whole chain).
+    let mut report = verify::verify_backup(dir, &VerifyOptions::default(), progress, cancel)?;
+    for p in &parents {
+        progress.message(
+            Level::Info,
+            &format!("verifying the parent {}", p.display()),
+        );
+        let r = verify::verify_backup(p, &VerifyOptions::default(), progress, cancel)?;
+        if !r.ok {
+            report = r;
+            break;
+        }
+    }
     if !report.ok {
         let detail = report.summary();
         if !request.force {

@@ -791,6 +791,7 @@ mod tests {
             appliance: None,
             verify: None,
             test_restore: None,
+            chain: Default::default(),
         }
     }
 
