@@ -1,6 +1,7 @@
 //! Argument parsing and dispatch. One file per command; each turns its arguments into a call of
 //! the library and its result into an exit code.
 
+mod assets;
 mod backup;
 mod bacula_config;
 mod bench;
@@ -14,6 +15,7 @@ mod orphans;
 mod prune;
 mod report;
 mod restore;
+mod status;
 mod test_restore;
 mod verify;
 mod verify_file;
@@ -61,6 +63,11 @@ enum Command {
     Catalog(catalog::Args),
     /// Send a run summary.
     Report(report::Args),
+    /// Every VM: last backup, verdicts, size, and what needs attention first.
+    Status(status::Args),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets(assets::Args),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -82,6 +89,8 @@ pub fn main() -> i32 {
         Command::BaculaConfig(a) => bacula_config::run(a),
         Command::Catalog(a) => catalog::run(a),
         Command::Report(a) => report::run(a),
+        Command::Status(a) => status::run(a),
+        Command::GenerateAssets(a) => assets::run(a),
     };
     match result {
         Ok(code) => code,

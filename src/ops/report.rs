@@ -42,4 +42,5 @@ pub fn after_run(
         tracing::warn!(vm = %request.vm, "{warning}");
         progress.message(Level::Warning, &warning);
     }
+    crate::ops::status::refresh_page(settings, progress);
 }
