@@ -447,10 +447,14 @@ fn status_page_renders_in_headless_chromium() {
     };
     let dom = chromium(&["--dump-dom"]);
     assert!(dom.contains("<title>vm-backup status</title>"), "{dom}");
+    // One card per VM: the inventory's and the retired one found only on the share.
+    assert_eq!(
+        dom.matches("<section class=\"vm ").count(),
+        INVENTORY.len() + 1
+    );
     for vm in INVENTORY {
         assert!(
-            dom.contains(&format!("<section class=\"vm"))
-                && dom.contains(&format!("data-vm=\"{vm}\"")),
+            dom.contains(&format!("data-vm=\"{vm}\" data-host=\"hv1\"")),
             "{vm} not in the DOM"
         );
     }

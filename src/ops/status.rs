@@ -556,7 +556,7 @@ fn attention_of(vm: &VmStatus, backups: &[&BackupRow], input: &Input<'_>) -> Vec
             );
         }
     }
-    out.sort_by(|a, b| (a.urgency, a.concern).cmp(&(b.urgency, b.concern)));
+    out.sort_by_key(|a| (a.urgency, a.concern));
     out
 }
 
