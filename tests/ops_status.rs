@@ -277,6 +277,7 @@ fn a_filling_target_is_flagged_by_percentage() {
             &["healthy"],
             Some(Usage {
                 total_bytes: 1000,
+                used_bytes: used,
                 available_bytes: 1000 - used,
             }),
             Rules::default(),

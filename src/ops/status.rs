@@ -223,31 +223,36 @@ impl VmStatus {
     }
 }
 
-/// Space on the target.
+/// Space on the target, as `df` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Usage {
     /// Size of the file system, bytes.
     pub total_bytes: u64,
-    /// Bytes available to vm-backup.
+    /// Bytes in use.
+    pub used_bytes: u64,
+    /// Bytes available to vm-backup (not counting the blocks reserved for root).
     pub available_bytes: u64,
 }
 
 impl Usage {
-    /// Percentage used (0–100).
+    /// Percentage used (0–100) the way `df` shows it: used / (used + available).
     pub fn used_percent(&self) -> f64 {
-        if self.total_bytes == 0 {
+        let usable = self.used_bytes.saturating_add(self.available_bytes);
+        if usable == 0 {
             return 0.0;
         }
-        100.0 * (self.total_bytes.saturating_sub(self.available_bytes)) as f64
-            / self.total_bytes as f64
+        100.0 * self.used_bytes as f64 / usable as f64
     }
 
     /// The space of the file system holding `path`, if it can be read.
     pub fn of(path: &Path) -> Option<Self> {
         let st = nix::sys::statvfs::statvfs(path).ok()?;
         let frag = st.fragment_size() as u64;
+        let total = (st.blocks() as u64).saturating_mul(frag);
+        let free = (st.blocks_free() as u64).saturating_mul(frag);
         Some(Self {
-            total_bytes: (st.blocks() as u64).saturating_mul(frag),
+            total_bytes: total,
+            used_bytes: total.saturating_sub(free),
             available_bytes: (st.blocks_available() as u64).saturating_mul(frag),
         })
     }
@@ -670,7 +675,7 @@ pub fn render_text(status: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<20} {:<18} {:<9} {:>10} {:>9} {:>8}  {:<22} {:<22} {:<22}",
+        "\n{:<20} {:<18} {:<9} {:>10} {:>9} {:>8}  {:<22} {:<22} {}",
         "VM",
         "LAST BACKUP",
         "RESULT",
@@ -705,7 +710,7 @@ pub fn render_text(status: &Status) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<18} {:<9} {:>10} {:>9} {:>8}  {:<22} {:<22} {:<22}",
+            "{:<20} {:<18} {:<9} {:>10} {:>9} {:>8}  {:<22} {:<22} {}",
             v.vm,
             stamp,
             result,
@@ -1051,14 +1056,17 @@ mod tests {
 
     #[test]
     fn usage_percent() {
+        // 10 bytes reserved for root: df says 180 / (180 + 10).
         let u = Usage {
             total_bytes: 200,
-            available_bytes: 20,
+            used_bytes: 180,
+            available_bytes: 10,
         };
-        assert!((u.used_percent() - 90.0).abs() < 1e-9);
+        assert!((u.used_percent() - 100.0 * 180.0 / 190.0).abs() < 1e-9);
         assert_eq!(
             Usage {
                 total_bytes: 0,
+                used_bytes: 0,
                 available_bytes: 0
             }
             .used_percent(),
