@@ -675,7 +675,7 @@ pub fn render_text(status: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<20} {:<18} {:<9} {:>10} {:>9} {:>8}  {:<22} {:<22} {}",
+        "\n{:<20} {:<18} {:<9} {:>10} {:>9} {:>8}  {:<22} {:<22} BOOTED IN DRILL",
         "VM",
         "LAST BACKUP",
         "RESULT",
@@ -683,8 +683,7 @@ pub fn render_text(status: &Status) -> String {
         "DURATION",
         "FROZEN",
         "HASHES VERIFIED",
-        "IMAGE CHECKED",
-        "BOOTED IN DRILL"
+        "IMAGE CHECKED"
     );
     for v in &status.vms {
         let (stamp, result, size, duration, frozen) = match &v.last_backup {
