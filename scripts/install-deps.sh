@@ -17,6 +17,9 @@ packages=(
   fuse3 openssh-server openssh-client sqlite3 time python3 curl iproute2 util-linux
   # Bacula lab
   bacula-director bacula-director-sqlite3 bacula-sd bacula-fd bacula-console
+  # packages (scripts/package.sh, scripts/test-package.sh): shlibdeps, rpm -qlp, man, the
+  # status page in a headless browser
+  dpkg-dev rpm man-db chromium
 )
 
 missing=()

@@ -34,4 +34,7 @@ echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugi
   VMB_LAB_BACULA=1 VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test lab_bacula -- --test-threads=1
 )
 
+echo "== packages: .deb and .rpm from one release build, installed, a Bacula job with the installed plugin, purged; the status page in Chromium"
+scripts/test-package.sh
+
 echo "== all tests passed"

@@ -1,6 +1,7 @@
 //! Argument parsing and dispatch. One file per command; each turns its arguments into a call of
 //! the library and its result into an exit code.
 
+mod assets;
 mod backup;
 mod bacula_config;
 mod bench;
@@ -17,6 +18,7 @@ mod orphans;
 mod prune;
 mod report;
 mod restore;
+mod status;
 mod test_restore;
 mod verify;
 mod verify_file;
@@ -75,6 +77,11 @@ enum Command {
     /// The verify-on-read server of a mount (started by `mount` and `files`).
     #[command(hide = true)]
     VerifiedServe(mount::ServeArgs),
+    /// Every VM: last backup, verdicts, size, and what needs attention first.
+    Status(status::Args),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets(assets::Args),
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -103,6 +110,8 @@ pub fn main() -> i32 {
         Command::Umount(a) => mount::run_umount(a),
         Command::Files(a) => files::run(a),
         Command::VerifiedServe(a) => mount::run_serve(a),
+        Command::Status(a) => status::run(a),
+        Command::GenerateAssets(a) => assets::run(a),
     };
     match result {
         Ok(code) => code,

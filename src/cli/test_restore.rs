@@ -62,6 +62,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     };
     let cancel = common::cancel_on_signals();
     let outcome = test_restore::run(&request, &Lines::default(), &cancel)?;
+    vm_backup::ops::status::refresh_page(&settings, &Lines::default());
     let ok = outcome.verdict.ok && outcome.cleaned_up;
     if !ok {
         let meta_host = request.host.clone();

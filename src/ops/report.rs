@@ -76,6 +76,7 @@ pub fn after_run(
         tracing::warn!(vm = %request.vm, "{warning}");
         progress.message(Level::Warning, &warning);
     }
+    crate::ops::status::refresh_page(settings, progress);
 }
 
 /// What [`after_backup_run`] did; every part is best effort and none fails the backup.
