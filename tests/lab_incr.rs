@@ -28,6 +28,7 @@ impl Scratch {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("target")).unwrap();
+        vm_backup::store::FolderStore::init(dir.join("target"), None).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let conf = format!(
             "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\

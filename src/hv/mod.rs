@@ -537,6 +537,18 @@ impl Dom {
     }
 }
 
+/// The user and group QEMU runs as under libvirt's system instance (`libvirt-qemu` on Debian,
+/// `qemu` on RHEL), if that user exists: restored images are handed to it, so libvirt can
+/// probe their backing chains before it labels them.
+pub fn qemu_user() -> Option<(u32, u32)> {
+    ["libvirt-qemu", "qemu"].iter().find_map(|name| {
+        nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+    })
+}
+
 /// The usual NVRAM path libvirt uses for a domain with auto-selected UEFI firmware.
 pub fn default_nvram_path(vm: &str) -> std::path::PathBuf {
     Path::new("/var/lib/libvirt/qemu/nvram").join(format!("{vm}_VARS.fd"))

@@ -8,6 +8,7 @@
 //! replaced is put back.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::plan::{normalize, RestorePlan};
@@ -262,6 +263,7 @@ fn copy_image(
         });
     }
     let report = copier::copy_file(src, tmp, &options, progress, cancel)?;
+    hand_to_qemu(tmp)?;
     if comparable {
         if let Some(m) = &report.manifest {
             if let Some(chunk) = m
@@ -333,8 +335,33 @@ fn ensure_dir(dest: &Path, created: &mut CreatedFiles) -> Result<(), RestoreErro
         path: parent.to_path_buf(),
         source,
     })?;
+    // Whatever the umask: QEMU (not root) must be able to reach the images inside.
+    for dir in parent.ancestors().take_while(|d| d.starts_with(&top)) {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(|source| {
+            RestoreError::Io {
+                context: "cannot set the mode of",
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+    }
     created.dirs.push(top);
     Ok(())
+}
+
+/// Gives a restored image (or NVRAM) to the user QEMU runs as, mode 0600: private, yet
+/// readable by libvirt's probe of the backing chain, which runs as that user before it
+/// labels the images. Without such a user (QEMU as root), root keeps it.
+fn hand_to_qemu(path: &Path) -> Result<(), RestoreError> {
+    let io = |source| RestoreError::Io {
+        context: "cannot hand to the QEMU user",
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some((uid, gid)) = crate::hv::qemu_user() {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io)?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io)
 }
 
 /// Copies the file `from` (never through a symlink at its name) to `to` (created with mode
