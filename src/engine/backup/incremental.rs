@@ -738,6 +738,11 @@ impl BackupSession<'_> {
 fn make_scratch(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::create_dir_all(dir)?;
+    // QEMU (not root) writes the increment here: whatever the umask, it must reach the folder.
+    // The journal folder above only needs to be traversable (0711: not listable).
+    if let Some(journal_dir) = dir.parent().and_then(Path::parent) {
+        fs::set_permissions(journal_dir, fs::Permissions::from_mode(0o711))?;
+    }
     for d in [dir.parent(), Some(dir)].into_iter().flatten() {
         fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
     }
