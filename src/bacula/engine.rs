@@ -111,8 +111,12 @@ pub fn restore_direct(
     request.backup_dir =
         Some(VmDir::new(&settings.target, &meta.host, &meta.vm_name)?.backup_dir(&meta.stamp));
     if let Some(dir) = super::where_dir(where_) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| PluginError::io(format!("create {}", dir.display()), e))?;
+        crate::engine::restore::apply::create_disk_dir(dir).map_err(|source| {
+            PluginError::Restore {
+                vm: meta.vm_name.clone(),
+                source: Box::new(source),
+            }
+        })?;
         request.disk_dir = Some(dir.to_path_buf());
         request.new_name = Some(super::restored_name(&meta.vm_name));
     }

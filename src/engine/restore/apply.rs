@@ -319,34 +319,41 @@ fn ensure_dir(dest: &Path, created: &mut CreatedFiles) -> Result<(), RestoreErro
     let Some(parent) = dest.parent() else {
         return Ok(());
     };
-    if parent.is_dir() {
-        return Ok(());
+    if let Some(top) = create_disk_dir(parent)? {
+        created.dirs.push(top);
     }
-    // Remember the topmost folder we create, to remove it on failure.
-    let mut top = parent.to_path_buf();
+    Ok(())
+}
+
+/// Creates the folder `dir` for restored disks, if missing, with every folder it creates
+/// 0755 whatever the umask: QEMU (not root) must reach the images inside. Returns the topmost
+/// folder it created (to remove it if the restore fails), `None` if `dir` existed.
+pub fn create_disk_dir(dir: &Path) -> Result<Option<PathBuf>, RestoreError> {
+    if dir.is_dir() {
+        return Ok(None);
+    }
+    let mut top = dir.to_path_buf();
     while let Some(p) = top.parent() {
         if p.exists() {
             break;
         }
         top = p.to_path_buf();
     }
-    fs::create_dir_all(parent).map_err(|source| RestoreError::Io {
+    fs::create_dir_all(dir).map_err(|source| RestoreError::Io {
         context: "cannot create",
-        path: parent.to_path_buf(),
+        path: dir.to_path_buf(),
         source,
     })?;
-    // Whatever the umask: QEMU (not root) must be able to reach the images inside.
-    for dir in parent.ancestors().take_while(|d| d.starts_with(&top)) {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(|source| {
+    for d in dir.ancestors().take_while(|d| d.starts_with(&top)) {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).map_err(|source| {
             RestoreError::Io {
                 context: "cannot set the mode of",
-                path: dir.to_path_buf(),
+                path: d.to_path_buf(),
                 source,
             }
         })?;
     }
-    created.dirs.push(top);
-    Ok(())
+    Ok(Some(top))
 }
 
 /// Gives a restored image (or NVRAM) to the user QEMU runs as, mode 0600: private, yet
