@@ -41,6 +41,21 @@ pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, 
     )
 }
 
+/// The disks a backup of the plugin string's VM would copy, with their allocated sizes, read
+/// without touching the VM (the engine's [`crate::engine::backup::checks::estimate_disks`]).
+pub fn estimate_disks(
+    args: &PluginArgs,
+    settings: &Settings,
+) -> Result<Vec<crate::engine::backup::checks::EstimatedDisk>, PluginError> {
+    let request = BackupRequest::new(&args.vm, settings.clone());
+    crate::engine::backup::checks::estimate_disks(&request).map_err(|e| PluginError::Backup {
+        vm: args.vm.clone(),
+        status: e.status,
+        source: std::sync::Arc::new(e),
+        release_problems: Vec::new(),
+    })
+}
+
 /// Runs the engine's backup exactly as `vm-backup backup` does. Failures (exit 1 and 2) come back
 /// as errors worded for the job log, naming the exit status, VM, phase and cause.
 pub fn backup_direct(

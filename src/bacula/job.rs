@@ -464,6 +464,40 @@ impl Job {
         let vm = layout::safe_component(&args.vm)?;
         let mtime = chrono::Utc::now().timestamp();
         let mut files: Vec<VirtualFile> = Vec::new();
+        // Each disk and its allocated size, read from the domain's XML and the images (both
+        // modes: in direct mode the engine copies them to the target, in stream mode they go
+        // to Bacula). Best effort: a VM that cannot be inspected still gets its listing.
+        match engine::estimate_disks(&args, &settings) {
+            Ok(disks) => {
+                for d in disks {
+                    self.say(
+                        MessageLevel::Info,
+                        &format!(
+                            "vm-backup: estimate: {} would copy disk {} ({}, {} bytes allocated)",
+                            args.vm,
+                            d.target,
+                            d.source.display(),
+                            d.allocated_size
+                        ),
+                    );
+                    files.push(VirtualFile {
+                        path: VirtualPath::new(&vm, &stamp, &d.file_name).to_path(),
+                        kind: FileKind::Regular,
+                        size: d.allocated_size,
+                        mode: 0o600,
+                        mtime,
+                        content: Content::Listing,
+                    });
+                }
+            }
+            Err(e) => self.say(
+                MessageLevel::Warning,
+                &format!(
+                    "vm-backup: estimate: cannot list the disks of {}: {e}",
+                    args.vm
+                ),
+            ),
+        }
         if args.mode == Mode::Stream {
             files.extend(stream::estimate(&args, &settings, &stamp, mtime)?);
         }
