@@ -507,8 +507,7 @@ fn scheduled_job_behaves_like_run_job() {
 }
 
 /// Waits until the copy of `vm` has begun (its `.partial` folder exists on the target).
-/// Log lines are no signal: the File Daemon delivers a plugin's job messages only when the
-/// BackupCommand event returns (observed with Bacula 9.6.7), i.e. after the whole direct backup.
+/// (The folder rather than a log line: it is the moment the engine starts writing.)
 fn wait_copy(vm: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
