@@ -1283,6 +1283,40 @@ mod tests {
     }
 
     #[test]
+    fn transfer_lines_carry_percent_rate_and_eta() {
+        let mib = 1024 * 1024;
+        let t = |done: u64| Transfer {
+            done: done * mib,
+            total: 700 * mib,
+            bytes_per_sec: 5.0 * mib as f64,
+            elapsed: Duration::from_secs(10),
+        };
+        assert_eq!(
+            transfer_line("vda", t(350)),
+            "vm-backup: vda: 50% (350 of 700 MiB, 5.0 MiB/s, ETA 1m10s)"
+        );
+        assert!(transfer_line("vda", t(690)).ends_with("ETA 2 s)"));
+        assert!(transfer_line("vda", t(700)).ends_with("done)"));
+    }
+
+    #[test]
+    fn progress_lines_follow_five_percent_steps_but_not_too_often() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let p = ChannelProgress::new(tx);
+        let t = |done| Transfer {
+            done,
+            total: 100,
+            bytes_per_sec: 1.0,
+            elapsed: Duration::from_secs(1),
+        };
+        p.transfer("vda", t(1));
+        // 50 % more, but within REPORT_MIN_GAP of the first line: thinned.
+        p.transfer("vda", t(51));
+        drop(p);
+        assert_eq!(rx.iter().count(), 1);
+    }
+
+    #[test]
     fn cancel_stops_reads() {
         let rec = Recorder::default();
         let token = CancelToken::new();
