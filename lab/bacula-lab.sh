@@ -39,6 +39,7 @@ CATALOG=VmbCatalog
 CONSOLE_PW=vmb-console-pw
 FD_PW=vmb-fd-pw
 SD_PW=vmb-sd-pw
+PREFIX=${VMB_LAB_PREFIX:-bac}
 BCONSOLE_TIMEOUT=${VMB_BCONSOLE_TIMEOUT:-120}
 
 log() { echo "bacula-lab: $*" >&2; }
@@ -54,20 +55,20 @@ deps() {
 }
 
 default_inventory() {
-  # The lab's VMs: the libvirt lab's domains of prefix "bac" (lab/libvirt-lab.sh up bac),
-  # plus the demo's, and a VM that does not exist (for failure tests).
+  # The lab's VMs: the libvirt lab's domains of prefix $VMB_LAB_PREFIX (default "bac",
+  # lab/libvirt-lab.sh up bac), plus the demo's, and a VM that does not exist (failure tests).
   cat <<EOF
 vms:
-  - name: bac-agent
+  - name: $PREFIX-agent
     method: auto
     priority: 10
-  - name: bac-noagent
+  - name: $PREFIX-noagent
     method: snapshot
     priority: 20
   - name: demo-agent
     method: auto
     priority: 10
-  - name: bac-missing
+  - name: $PREFIX-missing
     method: auto
     priority: 30
 EOF
@@ -244,7 +245,9 @@ cmd_up() {
 cmd_ensure() {
   local want
   want=$(sha256sum "${VMB_FD_PLUGIN_SO:-$BUILD_DIR/vm-backup-fd.so}" "$BUILD_DIR/libvm_backup.so" | awk '{print $1}' | tr '\n' ' ')
-  if [ ! -s "$LAB/work/dir/bacula.db" ] || [ ! -f "$LAB/etc/bacula-dir.conf" ]; then
+  # A lab set up for another prefix's domains (VMB_LAB_PREFIX) is set up again.
+  if [ ! -s "$LAB/work/dir/bacula.db" ] || [ ! -f "$LAB/etc/bacula-dir.conf" ] ||
+     { [ $# -eq 0 ] && ! grep -q "name: $PREFIX-agent\$" "$LAB/etc/vm-list.yaml" 2>/dev/null; }; then
     cmd_up "$@"
     return
   fi

@@ -28,6 +28,7 @@ echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-
 
 echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugin, TCG guests; prefix bac)"
 (
+  export VMB_LAB_PREFIX=bac   # the prefix lab/bacula-lab.sh and tests/lab_bacula.rs use
   trap 'lab/bacula-lab.sh stop || true; lab/libvirt-lab.sh down bac' EXIT
   # The 600 MiB fill lets the cancel and kill -9 tests act while the copy runs.
   lab/libvirt-lab.sh up bac --only agent,noagent --data-size 1G --fill 600M

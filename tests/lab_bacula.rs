@@ -21,8 +21,30 @@ use std::time::{Duration, Instant};
 const LAB: &str = "/var/lib/vm-backup-lab/bacula";
 /// The host name the stream-mode test configures.
 const STREAM_HOST: &str = "vmb-stream-host";
-const AGENT: &str = "bac-agent";
-const NOAGENT: &str = "bac-noagent";
+static AGENT: Domain = Domain("agent", OnceLock::new());
+static NOAGENT: Domain = Domain("noagent", OnceLock::new());
+
+/// The libvirt lab prefix of the Bacula lab's domains: `VMB_LAB_PREFIX`, default `bac`
+/// (`lab/bacula-lab.sh` generates its jobs for the same prefix).
+fn prefix() -> String {
+    std::env::var("VMB_LAB_PREFIX").unwrap_or_else(|_| "bac".to_string())
+}
+
+/// A lab domain's name, `<prefix>-<kind>`, resolved once.
+struct Domain(&'static str, OnceLock<String>);
+
+impl std::ops::Deref for Domain {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.1.get_or_init(|| format!("{}-{}", prefix(), self.0))
+    }
+}
+
+impl std::fmt::Display for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
 
 fn lab_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/bacula-lab.sh")
@@ -67,7 +89,7 @@ fn lab(test: &str, needs_vms: bool) -> Option<Lab> {
         );
     });
     if needs_vms {
-        for vm in [AGENT, NOAGENT] {
+        for vm in [&*AGENT, &*NOAGENT] {
             let state = support::virsh_ok(&["domstate", vm]);
             assert!(
                 state.contains("running"),
@@ -170,7 +192,7 @@ impl Lab {
 
 /// Where the libvirt lab keeps the `bac` domains' disks.
 fn disk_dir() -> PathBuf {
-    Path::new(support::LAB_ROOT).join("bac")
+    Path::new(support::LAB_ROOT).join(prefix())
 }
 
 fn vm_dir(vm: &str) -> PathBuf {
@@ -229,7 +251,10 @@ fn disk_source(vm: &str) -> String {
 
 fn assert_on_base(vm: &str) {
     let blk = disk_source(vm);
-    let base = disk_dir().join(format!("{}-vda.qcow2", vm.trim_start_matches("bac-")));
+    let base = disk_dir().join(format!(
+        "{}-vda.qcow2",
+        vm.trim_start_matches(&format!("{}-", prefix()))
+    ));
     assert!(
         blk.contains(&base.display().to_string()),
         "{vm} is not back on its base image {}: {blk}",
@@ -285,7 +310,9 @@ fn run_job_backs_up_the_vm_through_the_plugin() {
     let log = lab.joblog(id);
     assert_eq!(status, 'T', "job log: {log}");
     let files = lab.files(id);
-    assert_eq!(files.len(), 2, "{files:?}");
+    // The live job log (read while the engine ran), then the two metadata files.
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert!(files[0].ends_with("/progress.log"), "{files:?}");
     assert!(
         files[0].starts_with(&format!("/@vm-backup/{AGENT}/")),
         "{files:?}"
@@ -294,7 +321,7 @@ fn run_job_backs_up_the_vm_through_the_plugin() {
         files.iter().any(|f| f.ends_with("/checksums.sha256")),
         "{files:?}"
     );
-    let dir = folder_of(&files, AGENT);
+    let dir = folder_of(&files, &AGENT);
     assert!(dir.is_dir(), "{} missing", dir.display());
     let names = entries(&dir);
     for want in [
@@ -313,13 +340,17 @@ fn run_job_backs_up_the_vm_through_the_plugin() {
         "100% (",
         "committed and pivoted",
         "backup published",
+        &format!("job report: VM {AGENT}, method "),
+        "frozen ",
+        " MiB/s), folder /",
+        "warnings: none",
     ] {
         assert!(log.contains(want), "{want:?} not in job log: {log}");
     }
     // `list files jobid=N` shows the virtual files too.
     let listed = lab.bconsole(&format!("list files jobid={id}\n"));
     assert!(listed.contains("/backup-metadata.json"), "{listed}");
-    assert_on_base(AGENT);
+    assert_on_base(&AGENT);
     discard(&dir);
 }
 
@@ -328,18 +359,24 @@ fn estimate_listing_takes_no_snapshot() {
     let Some(lab) = lab("estimate_listing_takes_no_snapshot", true) else {
         return;
     };
-    let before = entries(&vm_dir(AGENT));
+    let before = entries(&vm_dir(&AGENT));
     let disk_dir_before = entries(&disk_dir());
     let out = lab.bconsole(&format!("estimate job=vm-{AGENT} listing\n"));
     assert!(out.contains(&format!("/@vm-backup/{AGENT}/")), "{out}");
     assert!(out.contains("backup-metadata.json"), "{out}");
-    assert_eq!(entries(&vm_dir(AGENT)), before, "estimate wrote a backup");
+    // Each disk, with its allocated size, without touching the VM.
+    assert!(out.contains(&format!("/{AGENT}-vda.qcow2")), "{out}");
+    assert!(
+        out.contains("would copy disk vda (") && out.contains("bytes allocated)"),
+        "{out}"
+    );
+    assert_eq!(entries(&vm_dir(&AGENT)), before, "estimate wrote a backup");
     assert_eq!(
         entries(&disk_dir()),
         disk_dir_before,
         "estimate created files (overlay?)"
     );
-    assert_on_base(AGENT);
+    assert_on_base(&AGENT);
 }
 
 #[test]
@@ -347,31 +384,37 @@ fn unknown_vm_and_malformed_string_fail_the_job() {
     let Some(lab) = lab("unknown_vm_and_malformed_string_fail_the_job", false) else {
         return;
     };
-    let (id, status) = lab.run("vm-bac-missing");
+    let missing = format!("{}-missing", prefix());
+    let (id, status) = lab.run(&format!("vm-{missing}"));
     let log = lab.joblog(id);
     assert_eq!(status, 'f', "{log}");
     assert!(
-        log.contains("Fatal error: vm-backup: backup of bac-missing pre-check failed (exit 1)"),
+        log.contains(&format!(
+            "Fatal error: vm-backup: backup of {missing} pre-check failed (exit 1)"
+        )),
         "{log}"
     );
-    assert!(log.contains("no domain named \"bac-missing\""), "{log}");
     assert!(
-        !vm_dir("bac-missing").exists(),
+        log.contains(&format!("no domain named \"{missing}\"")),
+        "{log}"
+    );
+    assert!(
+        !vm_dir(&missing).exists(),
         "something was written for an unknown VM"
     );
 
     lab.drop_in(
         "zz-malformed",
-        "FileSet { Name = \"bad-set\"\n Include { Plugin = \"vm-backup: vm=bac-agent colour=red\" } }\n\
-         Job { Name = \"vm-bad-string\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"bad-set\" }\n",
+        &format!("FileSet {{ Name = \"bad-set\"\n Include {{ Plugin = \"vm-backup: vm={AGENT} colour=red\" }} }}\n\
+         Job {{ Name = \"vm-bad-string\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"bad-set\" }}\n"),
     );
-    let before = entries(&vm_dir(AGENT));
+    let before = entries(&vm_dir(&AGENT));
     let (id, status) = lab.run("vm-bad-string");
     let log = lab.joblog(id);
     assert_eq!(status, 'f', "{log}");
     assert!(log.contains("unknown key \"colour\""), "{log}");
     assert_eq!(
-        entries(&vm_dir(AGENT)),
+        entries(&vm_dir(&AGENT)),
         before,
         "a malformed job touched the target"
     );
@@ -411,10 +454,10 @@ fn queued_jobs_run_one_at_a_time_in_priority_order() {
     );
     for id in ids {
         let files = lab.files(id);
-        let vm = if files.iter().any(|f| f.contains(NOAGENT)) {
-            NOAGENT
+        let vm = if files.iter().any(|f| f.contains(&*NOAGENT)) {
+            &*NOAGENT
         } else {
-            AGENT
+            &*AGENT
         };
         discard(&folder_of(&files, vm));
     }
@@ -432,14 +475,14 @@ fn scheduled_job_behaves_like_run_job() {
         "zz-schedule",
         &format!(
             "Schedule {{\n Name = \"TestSoon\"\n Run = Level=Full daily at {at}\n}}\n\
-             Job {{ Name = \"vm-bac-agent-scheduled\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"vm-{AGENT}-set\"\n Schedule = \"TestSoon\" }}\n"
+             Job {{ Name = \"vm-{AGENT}-scheduled\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"vm-{AGENT}-set\"\n Schedule = \"TestSoon\" }}\n"
         ),
     );
     let last: u32 = lab.sql("select max(JobId) from Job").parse().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(150);
     let id = loop {
         let id = lab.sql(&format!(
-            "select max(JobId) from Job where Name='vm-bac-agent-scheduled' and JobId>{last}"
+            "select max(JobId) from Job where Name='vm-{AGENT}-scheduled' and JobId>{last}"
         ));
         if let Ok(id) = id.parse::<u32>() {
             break id;
@@ -457,15 +500,14 @@ fn scheduled_job_behaves_like_run_job() {
     assert_eq!(status, 'T', "{log}");
     assert!(log.contains("vm-backup: copying vda"), "{log}");
     let files = lab.files(id);
-    let dir = folder_of(&files, AGENT);
+    let dir = folder_of(&files, &AGENT);
     sha256sum_check(&dir);
-    assert_on_base(AGENT);
+    assert_on_base(&AGENT);
     discard(&dir);
 }
 
 /// Waits until the copy of `vm` has begun (its `.partial` folder exists on the target).
-/// Log lines are no signal: the File Daemon delivers a plugin's job messages only when the
-/// BackupCommand event returns (observed with Bacula 9.6.7), i.e. after the whole direct backup.
+/// (The folder rather than a log line: it is the moment the engine starts writing.)
 fn wait_copy(vm: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -499,7 +541,7 @@ fn cancel_during_copy_ends_a_and_leaves_nothing() {
     };
     let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
     assert!(
-        wait_copy(AGENT, Duration::from_secs(60)),
+        wait_copy(&AGENT, Duration::from_secs(60)),
         "the copy did not start"
     );
     let out = lab.bconsole(&format!("cancel jobid={id} yes\n"));
@@ -513,16 +555,16 @@ fn cancel_during_copy_ends_a_and_leaves_nothing() {
     // The Director ends the job as soon as it has told the FD; the FD's job thread then stops
     // the copy, commits the snapshot and removes the partial folder.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (!partials(AGENT).is_empty() || !overlays().is_empty()) && Instant::now() < deadline {
+    while (!partials(&AGENT).is_empty() || !overlays().is_empty()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        partials(AGENT).is_empty(),
+        partials(&AGENT).is_empty(),
         "partial left: {:?}",
-        partials(AGENT)
+        partials(&AGENT)
     );
     assert!(overlays().is_empty(), "overlay left: {:?}", overlays());
-    assert_on_base(AGENT);
+    assert_on_base(&AGENT);
 }
 
 #[test]
@@ -535,7 +577,7 @@ fn kill_9_of_the_fd_mid_backup_is_repaired_by_the_next_job() {
     };
     let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
     assert!(
-        wait_copy(AGENT, Duration::from_secs(60)),
+        wait_copy(&AGENT, Duration::from_secs(60)),
         "the copy did not start"
     );
     let pid = std::fs::read_to_string(format!("{LAB}/work/fd.pid")).expect("fd pid");
@@ -546,7 +588,7 @@ fn kill_9_of_the_fd_mid_backup_is_repaired_by_the_next_job() {
     assert!(killed.success());
     let status = lab.wait(id);
     assert_ne!(status, 'T', "the job survived kill -9 of the FD");
-    let left = (partials(AGENT), overlays());
+    let left = (partials(&AGENT), overlays());
     let out = Command::new(lab_script())
         .arg("restart-fd")
         .output()
@@ -563,14 +605,14 @@ fn kill_9_of_the_fd_mid_backup_is_repaired_by_the_next_job() {
         log2.contains("did not finish: repairing its leftovers"),
         "the next job did not repair (left after kill: {left:?}): {log2}"
     );
-    assert_on_base(AGENT);
+    assert_on_base(&AGENT);
     assert!(
-        partials(AGENT).is_empty(),
+        partials(&AGENT).is_empty(),
         "partial left: {:?}",
-        partials(AGENT)
+        partials(&AGENT)
     );
     assert!(overlays().is_empty(), "overlay left: {:?}", overlays());
-    let dir = folder_of(&lab.files(id2), AGENT);
+    let dir = folder_of(&lab.files(id2), &AGENT);
     sha256sum_check(&dir);
     discard(&dir);
 }
@@ -585,7 +627,7 @@ fn restore_with_where_defines_a_new_domain_that_boots() {
     let _ = support::virsh(&["undefine", &restored, "--nvram"]);
     let (id, status) = lab.run(&format!("vm-{AGENT}"));
     assert_eq!(status, 'T', "{}", lab.joblog(id));
-    let dir = folder_of(&lab.files(id), AGENT);
+    let dir = folder_of(&lab.files(id), &AGENT);
     let where_ = PathBuf::from(format!("{LAB}/restore/job-{id}"));
     let _ = std::fs::remove_dir_all(&where_);
 
@@ -672,7 +714,7 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
              Job {{\n Name = \"vm-stream\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"stream-set\"\n}}\n"
         ),
     );
-    let before = entries(&vm_dir(NOAGENT));
+    let before = entries(&vm_dir(&NOAGENT));
     let (id, status) = lab.run("vm-stream");
     let log = lab.joblog(id);
     assert_eq!(status, 'T', "{log}");
@@ -700,11 +742,11 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
         "the disk did not go through Bacula: JobBytes={bytes}"
     );
     assert_eq!(
-        entries(&vm_dir(NOAGENT)),
+        entries(&vm_dir(&NOAGENT)),
         before,
         "stream mode wrote to the target"
     );
-    assert_on_base(NOAGENT);
+    assert_on_base(&NOAGENT);
 
     let where_ = PathBuf::from(format!("{LAB}/restore/stream-{id}"));
     let _ = std::fs::remove_dir_all(&where_);
@@ -724,7 +766,7 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     // The folder rebuilt from Bacula's data checks against the digests taken while streaming,
     // and the restored disk is byte-identical to it.
     let stamp = files[0].split('/').nth(3).expect("stamp");
-    let rebuilt = where_.join(NOAGENT).join(stamp);
+    let rebuilt = where_.join(&*NOAGENT).join(stamp);
     sha256sum_check(&rebuilt);
     let meta: serde_json::Value = serde_json::from_slice(
         &std::fs::read(rebuilt.join("backup-metadata.json")).expect("streamed metadata"),
@@ -764,4 +806,158 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-stream.conf")).ok();
     std::fs::remove_file(&stream_conf).ok();
     lab.bconsole("reload\n");
+}
+
+/// The `Bytes=` count of job `id` in `status client`, and its "Processing file" line.
+fn client_bytes(status: &str, id: u32) -> Option<(u64, String)> {
+    let mut lines = status
+        .lines()
+        .skip_while(|l| !l.contains(&format!("JobId {id} ")));
+    lines.next()?;
+    let mut bytes = None;
+    let mut file = String::new();
+    for l in lines.take(6) {
+        if let Some(rest) = l.split("Bytes=").nth(1).filter(|_| l.contains("Files=")) {
+            let n: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == ',')
+                .filter(char::is_ascii_digit)
+                .collect();
+            bytes = n.parse().ok();
+        }
+        if let Some(f) = l.split("Processing file: ").nth(1) {
+            file = f.trim().to_string();
+        }
+    }
+    bytes.map(|b| (b, file))
+}
+
+#[test]
+fn progress_reaches_messages_and_status_client_while_the_copy_runs() {
+    let Some(lab) = lab(
+        "progress_reaches_messages_and_status_client_while_the_copy_runs",
+        true,
+    ) else {
+        return;
+    };
+    lab.bconsole("messages\n"); // drain what earlier jobs left
+    let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // Copy lines (`…vda.qcow2: 42% (…`, not yet 100 %) seen in `messages` while the job ran,
+    // and the byte counts `status client` showed meanwhile.
+    let mut live_lines = Vec::new();
+    let mut counts: Vec<u64> = Vec::new();
+    let mut processing = String::new();
+    let mut messages = String::new();
+    while Instant::now() < deadline {
+        let out = lab.bconsole("messages\n");
+        let status = lab.bconsole("status client=vmb-fd\n");
+        let running = lab.status(id) == 'R';
+        messages.push_str(&out);
+        if running {
+            for l in out.lines() {
+                if l.contains("vda.qcow2: ")
+                    && l.contains("% (")
+                    && !l.contains("100% (")
+                    && l.contains("MiB/s, ETA")
+                {
+                    live_lines.push(l.to_string());
+                }
+            }
+            if let Some((bytes, file)) = client_bytes(&status, id) {
+                if counts.last() != Some(&bytes) {
+                    counts.push(bytes);
+                }
+                if !file.is_empty() {
+                    processing = file;
+                }
+            }
+        }
+        if matches!(lab.status(id), 'T' | 'E' | 'e' | 'f' | 'A') {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let status = lab.wait(id);
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "{log}");
+    eprintln!(
+        "live copy lines: {}; status client byte counts while running: {counts:?}; processing: {processing}",
+        live_lines.len()
+    );
+    assert!(
+        !live_lines.is_empty(),
+        "no copy progress line in `messages` before the job ended: {messages}"
+    );
+    assert!(
+        counts.len() >= 2 && counts.windows(2).all(|w| w[0] < w[1]),
+        "status client did not show a growing byte count while the job ran: {counts:?}"
+    );
+    assert!(
+        processing.ends_with("/progress.log"),
+        "status client's current file: {processing:?}"
+    );
+    // Every phase reaches the job log.
+    for want in [
+        "pre-checks",
+        "(the frozen window)",
+        "% (",
+        "committing the overlays",
+        "publishing the backup folder",
+        "post-checks",
+        "job report: VM",
+    ] {
+        assert!(log.contains(want), "{want:?} not in the job log: {log}");
+    }
+    discard(&folder_of(&lab.files(id), &AGENT));
+}
+
+#[test]
+fn a_warning_that_does_not_touch_the_data_ends_ok_with_warnings() {
+    let Some(lab) = lab(
+        "a_warning_that_does_not_touch_the_data_ends_ok_with_warnings",
+        true,
+    ) else {
+        return;
+    };
+    // A port nobody listens on: the appliance's SSH and the Slack webhook are unreachable.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let inventory = format!("{LAB}/etc/vm-list-warn.yaml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "vms:\n  - name: {NOAGENT}\n    method: snapshot\n    appliance: asav\n    address: 127.0.0.1\n"
+        ),
+    )
+    .unwrap();
+    let conf = format!("{LAB}/etc/vm-backup-warn.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "target = \"{LAB}/target\"\njournal_dir = \"{LAB}/journal\"\ninventory = \"{inventory}\"\n\
+             [ssh]\nport = {port}\nconnect_timeout_seconds = 2\ncommand_timeout_seconds = 5\n\
+             [slack]\nalerts_webhook = \"http://127.0.0.1:{port}/hook\"\ntimeout_seconds = 1\nbudget_seconds = 3\n"
+        ),
+    )
+    .unwrap();
+    lab.drop_in(
+        "zz-warn",
+        &format!(
+            "FileSet {{\n Name = \"warn-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} config={conf}\"\n }}\n}}\n\
+             Job {{\n Name = \"vm-warn\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"warn-set\"\n}}\n"
+        ),
+    );
+    let (id, status) = lab.run("vm-warn");
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "{log}");
+    assert!(log.contains("Backup OK -- with warnings"), "{log}");
+    assert!(log.contains("Slack alert not delivered"), "{log}");
+    assert!(log.contains("Warning: vm-backup:"), "{log}");
+    let dir = folder_of(&lab.files(id), &NOAGENT);
+    sha256sum_check(&dir);
+    assert_on_base(&NOAGENT);
+    discard(&dir);
 }

@@ -24,6 +24,9 @@ pub struct DirectBackup {
     pub warnings: Vec<String>,
     /// The level that ran, and why when it is not the one asked (for the job log).
     pub level_report: String,
+    /// The job report: VM, method and level, frozen window, bytes, duration, throughput, the
+    /// published folder and the warnings, in one line for the job log.
+    pub report: String,
 }
 
 /// The engine's request for a plugin string, built as `vm-backup backup` builds it: the method
@@ -36,6 +39,21 @@ pub fn request(args: &PluginArgs, settings: &Settings) -> Result<BackupRequest, 
             .with_method(args.method)
             .with_appliance(std::sync::Arc::new(crate::ops::appliance::SshAppliance)),
     )
+}
+
+/// The disks a backup of the plugin string's VM would copy, with their allocated sizes, read
+/// without touching the VM (the engine's [`crate::engine::backup::checks::estimate_disks`]).
+pub fn estimate_disks(
+    args: &PluginArgs,
+    settings: &Settings,
+) -> Result<Vec<crate::engine::backup::checks::EstimatedDisk>, PluginError> {
+    let request = BackupRequest::new(&args.vm, settings.clone());
+    crate::engine::backup::checks::estimate_disks(&request).map_err(|e| PluginError::Backup {
+        vm: args.vm.clone(),
+        status: e.status,
+        source: std::sync::Arc::new(e),
+        release_problems: Vec::new(),
+    })
 }
 
 /// Runs the engine's backup exactly as `vm-backup backup` does. Failures (exit 1 and 2) come back
@@ -60,12 +78,14 @@ pub fn backup_direct(
         },
         None => String::new(),
     };
+    let report = job_report(&args.vm, &outcome);
     match (outcome.status, outcome.backup_dir) {
         (ExitStatus::Success | ExitStatus::Warning, Some(dir)) => Ok(DirectBackup {
             status: outcome.status,
             dir,
             warnings: outcome.warnings,
             level_report,
+            report,
         }),
         (status, _) => {
             if cancel.is_cancelled() {
@@ -84,6 +104,41 @@ pub fn backup_direct(
             }
         }
     }
+}
+
+/// The job report of a finished backup, one line: VM, method, level, frozen window, bytes,
+/// duration, throughput, the published folder and the warnings.
+pub fn job_report(vm: &str, outcome: &crate::engine::backup::BackupOutcome) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let Some(m) = &outcome.metadata else {
+        return format!("vm-backup: job report: VM {vm}: {}", outcome.status);
+    };
+    let frozen = m.frozen_ms.map_or_else(
+        || "not frozen".to_string(),
+        |ms| format!("frozen {ms:.0} ms"),
+    );
+    let folder = outcome
+        .backup_dir
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |d| d.display().to_string());
+    let warnings = if outcome.warnings.is_empty() {
+        "none".to_string()
+    } else {
+        format!(
+            "{} ({})",
+            outcome.warnings.len(),
+            outcome.warnings.join("; ")
+        )
+    };
+    format!(
+        "vm-backup: job report: VM {vm}, method {}, level {}, {frozen}, {:.1} MiB in {:.1} s ({:.1} MiB/s), folder {folder}, result {}, warnings: {warnings}",
+        m.method,
+        m.level(),
+        m.total_bytes as f64 / MIB,
+        outcome.seconds,
+        m.bytes_per_sec / MIB,
+        outcome.status,
+    )
 }
 
 /// Restores the VM of a direct-mode backup from the target named in the plugin string (or the

@@ -96,7 +96,14 @@ pub enum Content {
     File(PathBuf),
     /// Listing only (estimate): never read.
     Listing,
+    /// The job log of a direct backup while the engine runs on its worker thread: each read
+    /// waits for the next lines, forwards them to the job log from the File Daemon's thread and
+    /// hands them to Bacula as this file's data; it ends when the engine has finished.
+    Live,
 }
+
+/// The name of the live job-log file of a direct backup (see [`Content::Live`]).
+pub const PROGRESS_FILE: &str = "progress.log";
 
 /// One file the plugin shows to Bacula.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +178,34 @@ struct BackupState {
     hashes: Vec<(String, FileDigests)>,
     /// Stream mode: the session's progress and log lines.
     messages: Option<Receiver<Event>>,
+    /// Direct mode: the engine's run on its worker thread.
+    live: Option<Live>,
+}
+
+/// A direct backup running on a worker thread while the File Daemon reads the live log.
+struct Live {
+    args: PluginArgs,
+    /// The engine's lines and, last, its result.
+    rx: Receiver<Event>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// Log bytes not yet handed to Bacula.
+    pending: Vec<u8>,
+    /// Lines at warning level forwarded so far (the reporter's own warnings come after the
+    /// backup's status is decided).
+    warnings: usize,
+    /// The engine has finished (its result handled).
+    finished: bool,
+    mtime: i64,
+}
+
+impl Live {
+    /// Waits for the worker (it ends soon once canceled) so that nothing of the job outlives it.
+    fn join(&mut self) -> Result<(), PluginError> {
+        match self.worker.take().map(std::thread::JoinHandle::join) {
+            Some(Err(_)) => Err(PluginError::WorkerPanicked),
+            _ => Ok(()),
+        }
+    }
 }
 
 struct Reader {
@@ -297,29 +332,52 @@ impl Job {
         let mtime = chrono::Utc::now().timestamp();
         let state = match args.mode {
             Mode::Direct => {
+                // The engine runs on a worker thread; this event returns at once, and the File
+                // Daemon's thread then reads the live log (Content::Live), forwarding the
+                // engine's lines as they come (see docs/bacula.md, "Live progress").
                 let cancel = self.cancel.clone();
-                let outcome = self.pump(|progress| {
-                    engine::backup_direct(&args, &settings, level, progress, &cancel)
-                })?;
-                if !outcome.level_report.is_empty() {
-                    self.say(
-                        MessageLevel::Info,
-                        &format!(
-                            "vm-backup: {} requested: {}",
-                            level_name(self.info.level),
-                            outcome.level_report
-                        ),
-                    );
-                }
-                let files = self.direct_files(&args, &outcome, mtime)?;
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let worker_args = args.clone();
+                let worker = std::thread::Builder::new()
+                    .name(format!("vmb-job-{}", self.info.job_id))
+                    .spawn(move || {
+                        let progress = ChannelProgress::new(tx.clone());
+                        let result = engine::backup_direct(
+                            &worker_args,
+                            &settings,
+                            level,
+                            &progress,
+                            &cancel,
+                        );
+                        let _ = tx.send(Event::Done(Box::new(result)));
+                    })
+                    .map_err(|e| PluginError::io("start the backup's worker thread", e))?;
+                let vm = layout::safe_component(&args.vm)?;
+                let stamp = layout::stamp_for(chrono::Local::now());
                 BackupState {
-                    files,
+                    files: vec![VirtualFile {
+                        path: VirtualPath::new(&vm, &stamp, PROGRESS_FILE).to_path(),
+                        kind: FileKind::Regular,
+                        size: 0,
+                        mode: 0o600,
+                        mtime,
+                        content: Content::Live,
+                    }],
                     current: None,
                     reader: None,
                     session: None,
                     finished: true,
                     hashes: Vec::new(),
                     messages: None,
+                    live: Some(Live {
+                        args,
+                        rx,
+                        worker: Some(worker),
+                        pending: Vec::new(),
+                        warnings: 0,
+                        finished: false,
+                        mtime,
+                    }),
                 }
             }
             Mode::Stream => {
@@ -338,6 +396,7 @@ impl Job {
                     finished: false,
                     hashes: Vec::new(),
                     messages: Some(rx),
+                    live: None,
                 }
             }
         };
@@ -347,7 +406,7 @@ impl Job {
 
     /// The two virtual files of a direct backup, read from the published folder.
     fn direct_files(
-        &self,
+        say: &mut dyn FnMut(MessageLevel, &str),
         args: &PluginArgs,
         outcome: &DirectBackup,
         mtime: i64,
@@ -363,9 +422,9 @@ impl Job {
         match outcome.status {
             ExitStatus::Warning => {
                 for w in &outcome.warnings {
-                    self.say(MessageLevel::Warning, &format!("vm-backup: {w}"));
+                    say(MessageLevel::Warning, &format!("vm-backup: {w}"));
                 }
-                self.say(
+                say(
                     MessageLevel::Error,
                     &format!(
                         "vm-backup: backup of {} completed with post-check warnings (exit 3): {}",
@@ -374,7 +433,7 @@ impl Job {
                     ),
                 );
             }
-            _ => self.say(
+            _ => say(
                 MessageLevel::Info,
                 &format!(
                     "vm-backup: backup of {} written to {}",
@@ -405,6 +464,40 @@ impl Job {
         let vm = layout::safe_component(&args.vm)?;
         let mtime = chrono::Utc::now().timestamp();
         let mut files: Vec<VirtualFile> = Vec::new();
+        // Each disk and its allocated size, read from the domain's XML and the images (both
+        // modes: in direct mode the engine copies them to the target, in stream mode they go
+        // to Bacula). Best effort: a VM that cannot be inspected still gets its listing.
+        match engine::estimate_disks(&args, &settings) {
+            Ok(disks) => {
+                for d in disks {
+                    self.say(
+                        MessageLevel::Info,
+                        &format!(
+                            "vm-backup: estimate: {} would copy disk {} ({}, {} bytes allocated)",
+                            args.vm,
+                            d.target,
+                            d.source.display(),
+                            d.allocated_size
+                        ),
+                    );
+                    files.push(VirtualFile {
+                        path: VirtualPath::new(&vm, &stamp, &d.file_name).to_path(),
+                        kind: FileKind::Regular,
+                        size: d.allocated_size,
+                        mode: 0o600,
+                        mtime,
+                        content: Content::Listing,
+                    });
+                }
+            }
+            Err(e) => self.say(
+                MessageLevel::Warning,
+                &format!(
+                    "vm-backup: estimate: cannot list the disks of {}: {e}",
+                    args.vm
+                ),
+            ),
+        }
         if args.mode == Mode::Stream {
             files.extend(stream::estimate(&args, &settings, &stamp, mtime)?);
         }
@@ -426,6 +519,7 @@ impl Job {
             finished: true,
             hashes: Vec::new(),
             messages: None,
+            live: None,
         }));
         Ok(())
     }
@@ -464,8 +558,10 @@ impl Job {
                     self.sink.message(level, &text);
                 }
             }
-            for Event::Line(level, text) in rx.try_iter() {
-                self.sink.message(level, &text);
+            for event in rx.try_iter() {
+                if let Event::Line(level, text) = event {
+                    self.sink.message(level, &text);
+                }
             }
             match handle.join() {
                 Ok(result) => result,
@@ -544,7 +640,7 @@ impl Job {
                 fs::File::open(p)
                     .map_err(|e| PluginError::io(format!("open {}", p.display()), e))?,
             ),
-            Content::Listing => Box::new(std::io::empty()),
+            Content::Listing | Content::Live => Box::new(std::io::empty()),
         };
         let now = Instant::now();
         let hasher = state.session.is_some().then(stream::hasher);
@@ -569,6 +665,13 @@ impl Job {
         let State::Backup(state) = &mut self.state else {
             return Err(PluginError::Protocol("read outside a backup"));
         };
+        let live_file = state
+            .current
+            .and_then(|i| state.files.get(i))
+            .is_some_and(|f| f.content == Content::Live);
+        if live_file {
+            return self.read_live(buf);
+        }
         let reader = state
             .reader
             .as_mut()
@@ -590,8 +693,10 @@ impl Job {
             }
         }
         if let Some(rx) = &state.messages {
-            for Event::Line(level, text) in rx.try_iter() {
-                self.sink.message(level, &text);
+            for event in rx.try_iter() {
+                if let Event::Line(level, text) = event {
+                    self.sink.message(level, &text);
+                }
             }
         }
         let now = Instant::now();
@@ -613,6 +718,102 @@ impl Job {
             self.sink.message(MessageLevel::Info, &line);
         }
         Ok(n)
+    }
+
+    /// pluginIO READ of the live log: hands out the log bytes not yet read; when there are none,
+    /// waits for the engine's next lines (forwarding each to the job log from this thread, where
+    /// the File Daemon sends it to the Director at once) or its result. 0 once the engine has
+    /// finished and everything is read; its failure is this read's error.
+    fn read_live(&mut self, buf: &mut [u8]) -> Result<usize, PluginError> {
+        let level_letter = self.info.level;
+        let sink = self.sink.as_ref();
+        let cancel = &self.cancel;
+        let State::Backup(state) = &mut self.state else {
+            return Err(PluginError::Protocol("read outside a backup"));
+        };
+        let live = state
+            .live
+            .as_mut()
+            .ok_or(PluginError::Protocol("live log without a running backup"))?;
+        loop {
+            if !live.pending.is_empty() {
+                let n = buf.len().min(live.pending.len());
+                buf[..n].copy_from_slice(&live.pending[..n]);
+                live.pending.drain(..n);
+                return Ok(n);
+            }
+            if live.finished {
+                return Ok(0);
+            }
+            if cancel.is_cancelled() {
+                return Err(PluginError::Canceled);
+            }
+            let event = match live.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    live.finished = true;
+                    live.join()?;
+                    return Err(PluginError::Protocol(
+                        "the backup's worker ended without a result",
+                    ));
+                }
+            };
+            let warnings = std::cell::Cell::new(live.warnings);
+            let pending = &mut live.pending;
+            let mut say = |level: MessageLevel, text: &str| {
+                sink.message(level, text);
+                if level == MessageLevel::Warning {
+                    warnings.set(warnings.get() + 1);
+                }
+                let stamp = chrono::Local::now().format("%H:%M:%S");
+                pending.extend_from_slice(format!("{stamp} {text}\n").as_bytes());
+            };
+            match event {
+                Event::Line(level, text) => {
+                    say(level, &text);
+                    live.warnings = warnings.get();
+                }
+                Event::Done(result) => {
+                    let outcome = match *result {
+                        Ok(outcome) => outcome,
+                        Err(e) => {
+                            live.finished = true;
+                            live.join()?;
+                            return Err(e);
+                        }
+                    };
+                    if !outcome.level_report.is_empty() {
+                        say(
+                            MessageLevel::Info,
+                            &format!(
+                                "vm-backup: {} requested: {}",
+                                level_name(level_letter),
+                                outcome.level_report
+                            ),
+                        );
+                    }
+                    let files = Self::direct_files(&mut say, &live.args, &outcome, live.mtime)?;
+                    say(MessageLevel::Info, &outcome.report);
+                    // Warnings after the status was decided (Slack, catalog, metrics): the job
+                    // ends "OK -- with warnings" (an M_ERROR line; M_WARNING alone does not).
+                    if outcome.status == ExitStatus::Success && warnings.get() > 0 {
+                        let n = warnings.get();
+                        say(
+                            MessageLevel::Error,
+                            &format!(
+                                "vm-backup: backup of {} completed; {n} warning(s) that do not touch the backup (see above)",
+                                live.args.vm
+                            ),
+                        );
+                    }
+                    live.warnings = warnings.get();
+                    live.finished = true;
+                    live.join()?;
+                    state.files.extend(files);
+                }
+            }
+        }
     }
 
     /// pluginIO CLOSE.
@@ -665,6 +866,10 @@ impl Job {
         let Some(vp) = VirtualPath::parse_restored(ofname, where_)? else {
             return Ok(CreateResult::Created);
         };
+        if vp.file == PROGRESS_FILE {
+            // The job log of a direct backup: kept in Bacula's catalog, nothing to restore.
+            return Ok(CreateResult::Skip);
+        }
         if vp.file.contains('/')
             || layout::safe_component(&vp.file).ok().as_deref() != Some(&vp.file)
         {
@@ -840,6 +1045,16 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
+        // Direct mode: a backup still running when the job ends (a failure elsewhere, cancel)
+        // is canceled; its guards clean up before the File Daemon frees the plugin.
+        if let State::Backup(state) = &mut self.state {
+            if let Some(live) = state.live.as_mut() {
+                if !live.finished {
+                    self.cancel.cancel();
+                }
+                let _ = live.join();
+            }
+        }
         // Stream mode: a session still open (error, cancel) is dropped here, and its guards
         // commit the snapshot. Partial staging folders of a failed restore are removed.
         if let State::Restore(state) = &mut self.state {
@@ -851,8 +1066,12 @@ impl Drop for Job {
 
 /// Largest metadata/checksum file accepted in memory on restore.
 const MAX_SMALL_FILE: usize = 64 << 20;
-/// How often progress lines reach the job log.
-const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// How often progress lines reach the job log (at the latest).
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// A progress line also every this many percent…
+const REPORT_STEP_PERCENT: f64 = 5.0;
+/// …but not more often than this.
+const REPORT_MIN_GAP: Duration = Duration::from_secs(2);
 
 fn level_name(level: char) -> String {
     match level {
@@ -872,16 +1091,34 @@ fn rate(bytes: u64, elapsed: Duration) -> f64 {
     }
 }
 
-/// The progress line of a transfer, e.g. `vda: 42% (108 of 256 MiB, 95.3 MiB/s)`.
-pub fn transfer_line(what: &str, t: Transfer) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    let pct = if t.total > 0 {
+fn percent(t: Transfer) -> f64 {
+    if t.total > 0 {
         (t.done as f64 * 100.0 / t.total as f64).min(100.0)
     } else {
         100.0
+    }
+}
+
+/// The progress line of a transfer, e.g.
+/// `vda: 42% (108 of 256 MiB, 95.3 MiB/s, ETA 2 s)`.
+pub fn transfer_line(what: &str, t: Transfer) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let pct = percent(t);
+    let left = t.total.saturating_sub(t.done);
+    let eta = if left == 0 {
+        "done".to_string()
+    } else if t.bytes_per_sec > 0.0 {
+        let secs = (left as f64 / t.bytes_per_sec).round() as u64;
+        if secs >= 60 {
+            format!("ETA {}m{:02}s", secs / 60, secs % 60)
+        } else {
+            format!("ETA {secs} s")
+        }
+    } else {
+        "ETA unknown".to_string()
     };
     format!(
-        "vm-backup: {what}: {pct:.0}% ({:.0} of {:.0} MiB, {:.1} MiB/s)",
+        "vm-backup: {what}: {pct:.0}% ({:.0} of {:.0} MiB, {:.1} MiB/s, {eta})",
         t.done as f64 / MIB,
         t.total as f64 / MIB,
         t.bytes_per_sec / MIB
@@ -890,13 +1127,17 @@ pub fn transfer_line(what: &str, t: Transfer) -> String {
 
 enum Event {
     Line(MessageLevel, String),
+    /// Direct mode: the engine's result (last).
+    Done(Box<Result<DirectBackup, PluginError>>),
 }
 
 /// The engine's [`Progress`] sink on the worker thread: lines go into a channel, transfers are
-/// thinned to one line per disk every few seconds (plus the last).
+/// thinned to one line per disk every [`REPORT_EVERY`] or every [`REPORT_STEP_PERCENT`] (at most
+/// one per [`REPORT_MIN_GAP`]), plus the first and the last.
 struct ChannelProgress {
     tx: Sender<Event>,
-    last: Mutex<HashMap<String, Instant>>,
+    /// Per transfer: when its last line went out, and its percent then.
+    last: Mutex<HashMap<String, (Instant, f64)>>,
 }
 
 impl ChannelProgress {
@@ -912,16 +1153,22 @@ impl Progress for ChannelProgress {
     fn transfer(&self, what: &str, transfer: Transfer) {
         let finished = transfer.done >= transfer.total;
         let now = Instant::now();
+        let pct = percent(transfer);
         let due = {
             let Ok(mut last) = self.last.lock() else {
                 return;
             };
             let due = match last.get(what) {
                 None => true,
-                Some(t) => finished || now.duration_since(*t) >= REPORT_EVERY,
+                Some((t, p)) => {
+                    let gap = now.duration_since(*t);
+                    finished
+                        || gap >= REPORT_EVERY
+                        || (pct - p >= REPORT_STEP_PERCENT && gap >= REPORT_MIN_GAP)
+                }
             };
             if due {
-                last.insert(what.to_string(), now);
+                last.insert(what.to_string(), (now, pct));
             }
             due
         };
@@ -951,7 +1198,7 @@ fn forward(rx: &Receiver<Event>, sink: &dyn MessageSink) {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(Event::Line(level, text)) => sink.message(level, &text),
-            Err(RecvTimeoutError::Timeout) => continue,
+            Ok(Event::Done(_)) | Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -1022,11 +1269,51 @@ mod tests {
         p.transfer("vda", t(100));
         p.message(Level::Warning, "agent slow");
         drop(p);
-        let lines: Vec<String> = rx.iter().map(|Event::Line(_, s)| s).collect();
+        let lines: Vec<String> = rx
+            .iter()
+            .filter_map(|e| match e {
+                Event::Line(_, s) => Some(s),
+                Event::Done(_) => None,
+            })
+            .collect();
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[0].contains("vda: 1%"), "{lines:?}");
         assert!(lines[1].contains("vda: 100%"), "{lines:?}");
         assert_eq!(lines[2], "vm-backup: agent slow");
+    }
+
+    #[test]
+    fn transfer_lines_carry_percent_rate_and_eta() {
+        let mib = 1024 * 1024;
+        let t = |done: u64| Transfer {
+            done: done * mib,
+            total: 700 * mib,
+            bytes_per_sec: 5.0 * mib as f64,
+            elapsed: Duration::from_secs(10),
+        };
+        assert_eq!(
+            transfer_line("vda", t(350)),
+            "vm-backup: vda: 50% (350 of 700 MiB, 5.0 MiB/s, ETA 1m10s)"
+        );
+        assert!(transfer_line("vda", t(690)).ends_with("ETA 2 s)"));
+        assert!(transfer_line("vda", t(700)).ends_with("done)"));
+    }
+
+    #[test]
+    fn progress_lines_follow_five_percent_steps_but_not_too_often() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let p = ChannelProgress::new(tx);
+        let t = |done| Transfer {
+            done,
+            total: 100,
+            bytes_per_sec: 1.0,
+            elapsed: Duration::from_secs(1),
+        };
+        p.transfer("vda", t(1));
+        // 50 % more, but within REPORT_MIN_GAP of the first line: thinned.
+        p.transfer("vda", t(51));
+        drop(p);
+        assert_eq!(rx.iter().count(), 1);
     }
 
     #[test]

@@ -614,6 +614,58 @@ pub fn run_pre_checks(request: &BackupRequest) -> Result<PreCheck, BackupError> 
     Ok(pre)
 }
 
+/// One disk a backup would copy, as an estimate lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EstimatedDisk {
+    /// Target device (`vda`).
+    pub target: String,
+    /// The file name inside the backup folder.
+    pub file_name: String,
+    /// The image on the host.
+    pub source: PathBuf,
+    /// Bytes allocated on the host (what the copy reads).
+    pub allocated_size: u64,
+}
+
+/// The disks a backup of `request.vm` would copy, for an estimate: read from the domain's XML
+/// and the image files' sizes only (no agent, no snapshot, nothing written).
+pub fn estimate_disks(request: &BackupRequest) -> Result<Vec<EstimatedDisk>, BackupError> {
+    use std::os::unix::fs::MetadataExt;
+    let vm = request.vm.as_str();
+    let pre = |e: CheckError| BackupError::pre(vm, e);
+    let hv =
+        Hypervisor::connect(&request.settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
+    let dom = hv.domain(vm).map_err(|e| BackupError::pre(vm, e))?;
+    let state = dom.state().map_err(|e| BackupError::pre(vm, e))?;
+    let current = dom
+        .parsed(!state.is_live())
+        .map_err(|e| BackupError::pre(vm, e))?;
+    let mut disks = Vec::new();
+    for d in &current.disks {
+        let (None, "file", Some(source)) = (d.skip_reason(), d.kind.as_str(), d.source.clone())
+        else {
+            continue;
+        };
+        let meta = fs::metadata(&source).map_err(|e| {
+            pre(CheckError::Unreadable {
+                target: d.target.clone(),
+                what: "",
+                path: source.clone(),
+                source: e,
+            })
+        })?;
+        let format = d.format.clone().unwrap_or_else(|| "raw".into());
+        disks.push(EstimatedDisk {
+            target: d.target.clone(),
+            file_name: layout::disk_file_name(vm, &d.target, &format)
+                .map_err(|e| BackupError::pre(vm, e))?,
+            source,
+            allocated_size: meta.blocks() * 512,
+        });
+    }
+    Ok(disks)
+}
+
 /// Flushes `path` to the share and drops its pages from the local page cache
 /// (`fsync`, then `posix_fadvise(DONTNEED)`), so that the next read comes from the share and
 /// not from what this host wrote.
