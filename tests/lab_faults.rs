@@ -888,3 +888,126 @@ fn kill9_during_the_snapshot_call_then_orphans_thaws_and_restores_the_images() {
     assert_vm_intact(&d, &before);
     env.verify_ok(&d, json["metadata"]["stamp"].as_str().unwrap());
 }
+
+/// Kills the shared libvirtd with SIGKILL and starts it again (`lab/libvirt-lab.sh daemons`),
+/// under `flock /tmp/vmb-libvirtd-restart.lock` (the daemons are shared: one restart at a
+/// time, kept short). Returns how long libvirtd was away. Panics unless it answers again.
+fn restart_libvirtd() -> Duration {
+    let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/libvirt-lab.sh");
+    let t = Instant::now();
+    let out = Command::new("flock")
+        .args(["-w", "120", "/tmp/vmb-libvirtd-restart.lock", "sh", "-c"])
+        .arg(
+            "pid=$(cat /var/lib/vm-backup-lab/daemons/libvirtd.pid) && kill -9 \"$pid\" && \
+             for i in $(seq 1 100); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.05; done; \
+             \"$0\" daemons",
+        )
+        .arg(&lab)
+        .output()
+        .unwrap();
+    let away = t.elapsed();
+    assert!(
+        out.status.success(),
+        "libvirtd restart failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let version = virsh(&["version"]);
+    assert!(version.status.success(), "libvirtd is not back");
+    away
+}
+
+#[test]
+fn libvirtd_killed_and_restarted_between_snapshot_and_commit_the_job_reconnects_and_finishes() {
+    if !lab_enabled(
+        "libvirtd_killed_and_restarted_between_snapshot_and_commit_the_job_reconnects_and_finishes",
+    ) {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(120, 5, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "5000")]);
+    dirty_overlay(&env, &d, &mut child);
+    let away = restart_libvirtd();
+    eprintln!(
+        "MEASURE libvirtd kill -9 + restart: {:.1} s",
+        away.as_secs_f64()
+    );
+    let (out, json) = finish(child);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{json:#}\n{stderr}");
+    assert!(stderr.contains("reconnect"), "{stderr}");
+    assert!(!env.journal_file(&d).exists(), "the journal remains");
+    assert_vm_intact(&d, &before);
+    env.verify_ok(&d, json["metadata"]["stamp"].as_str().unwrap());
+}
+
+#[test]
+fn libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots() {
+    if !lab_enabled("libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots")
+    {
+        return;
+    }
+    let _g = serial();
+    // A converge bound long enough to outlast the restart; the throttled commit then needs
+    // the bounded pause to converge.
+    let env = Env::new(25, 10, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let mut child = env.spawn_backup(
+        &d,
+        &[
+            ("VMB_DEBUG_COMMIT_BANDWIDTH_BYTES", "4096"),
+            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "4000"),
+        ],
+    );
+    dirty_overlay(&env, &d, &mut child);
+    let t = Instant::now();
+    loop {
+        let out = virsh(&["blockjob", &d, "vda", "--info"]);
+        if (text(&out.stdout) + &text(&out.stderr))
+            .to_lowercase()
+            .contains("commit")
+        {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("backup ended ({status}) before its commit");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no commit job");
+        sleep(Duration::from_millis(100));
+    }
+    let away = restart_libvirtd();
+    eprintln!(
+        "MEASURE libvirtd kill -9 + restart during the commit: {:.1} s",
+        away.as_secs_f64()
+    );
+    let (out, json) = finish(child);
+    let stderr = text(&out.stderr);
+    eprintln!(
+        "RESULT restart during the commit: exit {:?}",
+        out.status.code()
+    );
+    if out.status.code() == Some(0) {
+        assert!(stderr.contains("reconnect"), "{stderr}");
+    } else {
+        // Not finished within its bounds: exit 2, and the next run's repair converges.
+        assert_eq!(out.status.code(), Some(2), "{json:#}\n{stderr}");
+        let out = env
+            .cmd(&["orphans", "--cleanup", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "orphans: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    assert!(!env.journal_file(&d).exists(), "the journal remains");
+    assert_vm_intact(&d, &before);
+}
