@@ -1011,3 +1011,103 @@ fn libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots
     assert!(!env.journal_file(&d).exists(), "the journal remains");
     assert_vm_intact(&d, &before);
 }
+
+#[test]
+fn two_runs_with_different_journal_dirs_exclude_each_other_and_nothing_is_deleted() {
+    if !lab_enabled(
+        "two_runs_with_different_journal_dirs_exclude_each_other_and_nothing_is_deleted",
+    ) {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(120, 5, 3);
+    // The same target, another journal_dir (what a plugin `config=` beside the CLI's gives).
+    let other = Env::with_target(120, 5, 3, Some(env.target.clone()));
+    assert_ne!(env.journal, other.journal);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let mut first = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "5000")]);
+    let t = Instant::now();
+    let partial = loop {
+        if let Some(p) = env.partials(&d).into_iter().next() {
+            break p;
+        }
+        if let Ok(Some(status)) = first.try_wait() {
+            panic!("first backup ended ({status}) before its partial folder appeared");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
+        sleep(Duration::from_millis(50));
+    };
+    let (out, json) = other.backup(&d, &[]);
+    let err = json["error"].as_str().unwrap_or_default().to_string();
+    eprintln!("RESULT second run: exit {:?}: {err}", out.status.code());
+    assert_ne!(out.status.code(), Some(0), "{json:#}");
+    assert!(
+        err.contains("lock") || err.contains("busy") || err.contains("another"),
+        "{err}"
+    );
+    assert!(
+        partial.is_dir(),
+        "the second run removed the first run's partial folder"
+    );
+    let (out, json) = finish(first);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    assert_vm_intact(&d, &before);
+    env.verify_ok(&d, json["metadata"]["stamp"].as_str().unwrap());
+}
+
+/// Every file and folder below `dir` with its mode (`lstat`).
+fn modes_below(dir: &Path, out: &mut Vec<(PathBuf, u32, bool)>) {
+    use std::os::unix::fs::MetadataExt;
+    for p in list(dir) {
+        let meta = fs::symlink_metadata(&p).unwrap();
+        out.push((p.clone(), meta.mode() & 0o7777, meta.is_dir()));
+        if meta.is_dir() {
+            modes_below(&p, out);
+        }
+    }
+}
+
+#[test]
+fn a_backup_started_under_umask_022_writes_private_files() {
+    if !lab_enabled("a_backup_started_under_umask_022_writes_private_files") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(120, 5, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("umask 022 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_vm-backup"))
+        .args(["backup", &d, "--json", "--method", "quiesce", "--config"])
+        .arg(&env.config)
+        .env("LIBVIRT_DEFAULT_URI", "qemu:///system");
+    let out = c.output().unwrap();
+    let json = Env::json(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    modes_below(&env.target.join(HOST), &mut seen);
+    modes_below(&env.journal, &mut seen);
+    assert!(seen.len() > 5, "{seen:?}");
+    let open: Vec<String> = seen
+        .iter()
+        .filter(|(_, mode, dir)| mode & 0o077 != 0 && !(*dir && *mode == 0o711))
+        .map(|(p, mode, _)| format!("{} {mode:o}", p.display()))
+        .collect();
+    eprintln!("RESULT umask 022: {} files and folders checked", seen.len());
+    assert!(open.is_empty(), "readable by others: {open:#?}");
+}
