@@ -1012,56 +1012,6 @@ fn libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots
     assert_vm_intact(&d, &before);
 }
 
-#[test]
-fn two_runs_with_different_journal_dirs_exclude_each_other_and_nothing_is_deleted() {
-    if !lab_enabled(
-        "two_runs_with_different_journal_dirs_exclude_each_other_and_nothing_is_deleted",
-    ) {
-        return;
-    }
-    let _g = serial();
-    let env = Env::new(120, 5, 3);
-    // The same target, another journal_dir (what a plugin `config=` beside the CLI's gives).
-    let other = Env::with_target(120, 5, 3, Some(env.target.clone()));
-    assert_ne!(env.journal, other.journal);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
-    let mut first = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "5000")]);
-    let t = Instant::now();
-    let partial = loop {
-        if let Some(p) = env.partials(&d).into_iter().next() {
-            break p;
-        }
-        if let Ok(Some(status)) = first.try_wait() {
-            panic!("first backup ended ({status}) before its partial folder appeared");
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
-        sleep(Duration::from_millis(50));
-    };
-    let (out, json) = other.backup(&d, &[]);
-    let err = json["error"].as_str().unwrap_or_default().to_string();
-    eprintln!("RESULT second run: exit {:?}: {err}", out.status.code());
-    assert_ne!(out.status.code(), Some(0), "{json:#}");
-    assert!(
-        err.contains("lock") || err.contains("busy") || err.contains("another"),
-        "{err}"
-    );
-    assert!(
-        partial.is_dir(),
-        "the second run removed the first run's partial folder"
-    );
-    let (out, json) = finish(first);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{json:#}\n{}",
-        text(&out.stderr)
-    );
-    assert_vm_intact(&d, &before);
-    env.verify_ok(&d, json["metadata"]["stamp"].as_str().unwrap());
-}
-
 /// Every file and folder below `dir` with its mode (`lstat`).
 fn modes_below(dir: &Path, out: &mut Vec<(PathBuf, u32, bool)>) {
     use std::os::unix::fs::MetadataExt;
