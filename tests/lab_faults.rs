@@ -891,12 +891,21 @@ fn kill9_during_the_snapshot_call_then_orphans_thaws_and_restores_the_images() {
 
 /// Kills the shared libvirtd with SIGKILL and starts it again (`lab/libvirt-lab.sh daemons`),
 /// under `flock /tmp/vmb-libvirtd-restart.lock` (the daemons are shared: one restart at a
-/// time, kept short). Returns how long libvirtd was away. Panics unless it answers again.
+/// time, kept short; `-o`: the restarted daemon must not inherit the lock's descriptor, or it
+/// would hold the lock for as long as it runs). Returns how long libvirtd was away. Panics
+/// unless it answers again.
 fn restart_libvirtd() -> Duration {
     let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/libvirt-lab.sh");
     let t = Instant::now();
     let out = Command::new("flock")
-        .args(["-w", "120", "/tmp/vmb-libvirtd-restart.lock", "sh", "-c"])
+        .args([
+            "-o",
+            "-w",
+            "120",
+            "/tmp/vmb-libvirtd-restart.lock",
+            "sh",
+            "-c",
+        ])
         .arg(
             "pid=$(cat /var/lib/vm-backup-lab/daemons/libvirtd.pid) && kill -9 \"$pid\" && \
              for i in $(seq 1 100); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.05; done; \
@@ -962,7 +971,8 @@ fn libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots
         &d,
         &[
             ("VMB_DEBUG_COMMIT_BANDWIDTH_BYTES", "4096"),
-            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "4000"),
+            // Long enough for the guest's 16 MiB to land in the overlay first (slow TCG).
+            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "15000"),
         ],
     );
     dirty_overlay(&env, &d, &mut child);
