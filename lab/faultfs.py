@@ -5,11 +5,17 @@
 Usage: faultfs.py BACKING_DIR MOUNTPOINT CONTROL_FILE   (runs in the foreground; root)
 
 Every operation on MOUNTPOINT is passed to BACKING_DIR. CONTROL_FILE holds JSON:
-    {"fail_after": BYTES or null, "errno": "EIO" | "ENOSPC" | "EROFS" | "EDQUOT", "fail_fsync": bool}
+    {"fail_after": BYTES or null, "errno": "EIO" | "ENOSPC" | "EROFS" | "EDQUOT", "fail_fsync": bool,
+     "fail_ops": {"rename": REGEX, "mkdir": REGEX, "unlink": REGEX, "rmdir": REGEX, "create": REGEX},
+     "write_delay_ms": MS}
 Once BYTES bytes have been written through the mount (counted from the moment the control
 file last changed), every further write fails with that errno (the write that crosses the
-limit is cut short); with "fail_fsync", fsync fails too. The control file is re-read when it is
-replaced, so `lab/share.sh fault DIR ...` changes the behaviour of a live mount.
+limit is cut short); with "fail_fsync", fsync fails too. "fail_ops" fails a namespace operation
+with that errno when its (source) path, as seen in the mount ("/host/vm/stamp.partial"), matches
+the regular expression (re.search): e.g. {"rename": "\\.partial$"} fails the publish of a
+backup and nothing else. "write_delay_ms" sleeps before each write (a slow share, so that a test
+can act while a copy is under way). The control file is re-read when it is replaced, so
+`lab/share.sh fault DIR ...` changes the behaviour of a live mount.
 
 Written with python3-fuse (Debian package, libfuse 2 API), single-threaded for simplicity.
 """
@@ -17,7 +23,9 @@ Written with python3-fuse (Debian package, libfuse 2 API), single-threaded for s
 import errno
 import json
 import os
+import re
 import sys
+import time
 
 import fuse
 from fuse import Fuse
@@ -34,6 +42,8 @@ class Faults:
         self.fail_after = None
         self.errno = errno.EIO
         self.fail_fsync = False
+        self.fail_ops = {}
+        self.write_delay = 0.0
         self.written = 0
 
     def refresh(self):
@@ -54,8 +64,18 @@ class Faults:
         self.fail_after = conf.get("fail_after")
         self.errno = getattr(errno, conf.get("errno") or "EIO", errno.EIO)
         self.fail_fsync = bool(conf.get("fail_fsync"))
+        self.fail_ops = {op: re.compile(rx) for op, rx in (conf.get("fail_ops") or {}).items()}
+        self.write_delay = (conf.get("write_delay_ms") or 0) / 1000.0
         self.written = 0
         log(f"policy: {conf}")
+
+    def check(self, op, path):
+        """Raises OSError(self.errno) when `op` on `path` is told to fail."""
+        self.refresh()
+        rx = self.fail_ops.get(op)
+        if rx is not None and rx.search(path):
+            log(f"{op} {path}: failing with {errno.errorcode[self.errno]}")
+            raise OSError(self.errno, os.strerror(self.errno))
 
     def allow(self, length):
         """How many of `length` bytes may be written now (0 = fail with self.errno)."""
@@ -92,6 +112,8 @@ def make_fs(backing, faults):
             # O_DIRECT needs aligned buffers, which Python does not give: the backing file is
             # opened without it (the mount still accepts O_DIRECT opens from the application).
             flags &= ~getattr(os, "O_DIRECT", 0)
+            if flags & os.O_CREAT:
+                faults.check("create", path)
             self.fd = os.open(real(path), flags, *mode)
             self.path = path
 
@@ -102,6 +124,8 @@ def make_fs(backing, faults):
         @guarded
         def write(self, buf, offset):
             n = faults.allow(len(buf))
+            if faults.write_delay:
+                time.sleep(faults.write_delay)
             if n == 0:
                 log(f"write {self.path} @{offset}: failing with {errno.errorcode[faults.errno]}")
                 return -faults.errno
@@ -152,10 +176,12 @@ def make_fs(backing, faults):
 
         @guarded
         def unlink(self, path):
+            faults.check("unlink", path)
             os.unlink(real(path))
 
         @guarded
         def rmdir(self, path):
+            faults.check("rmdir", path)
             os.rmdir(real(path))
 
         @guarded
@@ -164,6 +190,7 @@ def make_fs(backing, faults):
 
         @guarded
         def rename(self, old, new):
+            faults.check("rename", old)
             os.rename(real(old), real(new))
 
         @guarded
@@ -188,6 +215,7 @@ def make_fs(backing, faults):
 
         @guarded
         def mkdir(self, path, mode):
+            faults.check("mkdir", path)
             os.mkdir(real(path), mode)
 
         @guarded

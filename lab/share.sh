@@ -9,9 +9,16 @@
 #                               mount a FUSE pass-through filesystem on DIR (backed by a private folder)
 #                               that fails writes with ERRNO once BYTES bytes have been written in all
 #                               (default: never fails until told with `fault`)
-#   fault DIR [--fail-after BYTES] [--errno ERRNO] [--fail-fsync] | fault DIR --off
+#   fault DIR [--fail-after BYTES] [--errno ERRNO] [--fail-fsync] [--fail-op OP=REGEX]...
+#             [--write-delay-ms MS] | fault DIR --off
 #                               change the fault of a mounted faulty share at run time
-#                               (BYTES counts from the moment of the change)
+#                               (BYTES counts from the moment of the change); --fail-op fails the
+#                               namespace operation OP (rename, mkdir, unlink, rmdir, create) on
+#                               paths matching REGEX (e.g. rename='\.partial$': the publish);
+#                               --write-delay-ms slows every write (a slow share)
+#   vanish DIR                  the share disappears: lazy unmount and kill of the FUSE server
+#                               (open files get ENOTCONN); its content is kept for `remount`
+#   remount DIR                 mounts a vanished faulty share again, healthy, with its content
 #   umount DIR                  unmount DIR and delete what mkfull/faulty created for it
 #   list                        show the shares made by this script
 # State lives in /var/lib/vm-backup-lab/shares/.
@@ -29,23 +36,49 @@ key_of() { realpath -m "$1" | sed 's|^/||; s|/|_|g'; }
 is_mounted() { mountpoint -q "$1" 2>/dev/null; }
 
 fault_args() { # prints the control file content for the fault options
-  local after="" errno=EIO fsync=0 off=0
+  local after=null errno=EIO fsync=false off=0 delay=0 ops=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --fail-after) after=$2; shift 2 ;;
       --errno) errno=$2; shift 2 ;;
-      --fail-fsync) fsync=1; shift ;;
+      --fail-fsync) fsync=true; shift ;;
+      --fail-op) ops+=("$2"); shift 2 ;;
+      --write-delay-ms) delay=$2; shift 2 ;;
       --off) off=1; shift ;;
       *) die "unknown option $1" ;;
     esac
   done
-  case "$errno" in EIO|ENOSPC|EROFS|EDQUOT) ;; *) die "unsupported errno $errno" ;; esac
-  if [ "$off" = 1 ] || { [ -z "$after" ] && [ "$fsync" = 0 ]; }; then
+  case "$errno" in EIO|ENOSPC|EROFS|EDQUOT|ENOTCONN) ;; *) die "unsupported errno $errno" ;; esac
+  [[ "$after" =~ ^(null|[0-9]+)$ ]] || die "--fail-after takes a byte count"
+  [[ "$delay" =~ ^[0-9]+$ ]] || die "--write-delay-ms takes milliseconds"
+  if [ "$off" = 1 ]; then
     echo '{"fail_after": null, "errno": "EIO", "fail_fsync": false}'
-  else
-    printf '{"fail_after": %s, "errno": "%s", "fail_fsync": %s}\n' "${after:-null}" "$errno" \
-      "$([ "$fsync" = 1 ] && echo true || echo false)"
+    return
   fi
+  # JSON built by python (the regular expressions need escaping).
+  /usr/bin/python3 - "$after" "$errno" "$fsync" "$delay" "${ops[@]}" <<'PY'
+import json, re, sys
+after, errno, fsync, delay, *ops = sys.argv[1:]
+fail_ops = {}
+for op in ops:
+    name, sep, rx = op.partition("=")
+    if not sep or name not in ("rename", "mkdir", "unlink", "rmdir", "create"):
+        sys.exit(f"share: ERROR: --fail-op takes OP=REGEX (rename, mkdir, unlink, rmdir, create): {op}")
+    re.compile(rx)
+    fail_ops[name] = rx
+print(json.dumps({"fail_after": None if after == "null" else int(after), "errno": errno,
+                  "fail_fsync": fsync == "true", "fail_ops": fail_ops,
+                  "write_delay_ms": int(delay)}))
+PY
+}
+
+start_faultfs() { # DIR KEY: mounts the backing folder of KEY on DIR, waits for the mount
+  local dir=$1 k=$2
+  /usr/bin/python3 "$SRC_DIR/faultfs.py" "$STATE/$k.backing" "$dir" "$STATE/$k.ctl" \
+    >> "$STATE/$k.log" 2>&1 &
+  echo $! > "$STATE/$k.pid"
+  for _ in $(seq 1 100); do is_mounted "$dir" && break; sleep 0.05; done
+  is_mounted "$dir" || { cat "$STATE/$k.log" >&2; die "FUSE mount of $dir failed"; }
 }
 
 cmd=${1:-}; [ $# -gt 0 ] && shift
@@ -79,12 +112,9 @@ case "$cmd" in
     k=$(key_of "$dir")
     rm -rf "${STATE:?}/$k.backing"; mkdir -p "$STATE/$k.backing"
     fault_args "$@" > "$STATE/$k.ctl"
-    /usr/bin/python3 "$SRC_DIR/faultfs.py" "$STATE/$k.backing" "$dir" "$STATE/$k.ctl" \
-      > "$STATE/$k.log" 2>&1 &
-    echo $! > "$STATE/$k.pid"
+    : > "$STATE/$k.log"
     echo faulty > "$STATE/$k.kind"; realpath "$dir" > "$STATE/$k.dir"
-    for _ in $(seq 1 100); do is_mounted "$dir" && break; sleep 0.05; done
-    is_mounted "$dir" || { cat "$STATE/$k.log" >&2; die "FUSE mount of $dir failed"; }
+    start_faultfs "$dir" "$k"
     echo "share: $dir is a faulty FUSE share ($(cat "$STATE/$k.ctl"))"
     ;;
   fault)
@@ -95,6 +125,27 @@ case "$cmd" in
     fault_args "$@" > "$STATE/$k.ctl.new"
     mv -f "$STATE/$k.ctl.new" "$STATE/$k.ctl"
     echo "share: $dir fault now $(cat "$STATE/$k.ctl")"
+    ;;
+  vanish)
+    [ $# -eq 1 ] || die "usage: vanish DIR"
+    dir=$1
+    k=$(key_of "$dir")
+    [ "$(cat "$STATE/$k.kind" 2>/dev/null)" = faulty ] || die "$dir is not a faulty share"
+    is_mounted "$dir" || die "$dir is not mounted"
+    umount -l "$dir"
+    kill -9 "$(cat "$STATE/$k.pid")" 2>/dev/null || true
+    rm -f "$STATE/$k.pid"
+    echo "share: $dir vanished (content kept in $STATE/$k.backing)"
+    ;;
+  remount)
+    [ $# -eq 1 ] || die "usage: remount DIR"
+    dir=$1
+    k=$(key_of "$dir")
+    [ "$(cat "$STATE/$k.kind" 2>/dev/null)" = faulty ] || die "$dir is not a faulty share"
+    is_mounted "$dir" && die "$dir is still mounted"
+    fault_args --off > "$STATE/$k.ctl"
+    start_faultfs "$dir" "$k"
+    echo "share: $dir mounted again"
     ;;
   umount)
     [ $# -eq 1 ] || die "usage: umount DIR"

@@ -1,7 +1,9 @@
 //! Fault injection on the libvirt lab (`lab/libvirt-lab.sh up PREFIX`, `VMB_LAB_LIBVIRT=1`;
 //! skipped otherwise): a guest agent that hangs between the ping and the freeze, a thaw that
 //! fails for longer than its bound, a commit that does not converge, `kill -9` during the
-//! commit and before the publish, a copy corrupted before its post-checks then a prune.
+//! commit and before the publish, a copy corrupted before its post-checks then a prune, and
+//! share faults at backup level (a FUSE share from `lab/share.sh faulty`: EIO during the copy
+//! and at the publish, fsync failing, the share full, the share disappearing mid-copy).
 //!
 //! After each fault: the guest is thawed (`guest-fsfreeze-status`), the domain is on its
 //! original images with no block job, nothing partial looks whole, earlier backups still
@@ -40,11 +42,22 @@ struct Env {
 
 impl Env {
     fn new(commit_seconds: u64, pause_max: u64, keep_last: u32) -> Env {
+        Env::with_target(commit_seconds, pause_max, keep_last, None)
+    }
+
+    /// [`Env::new`] with the target at `target` (a share mounted by the test) instead of a
+    /// folder of the test's own.
+    fn with_target(
+        commit_seconds: u64,
+        pause_max: u64,
+        keep_last: u32,
+        target: Option<PathBuf>,
+    ) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("vmb-faults-test")
             .tempdir_in("/var/tmp")
             .unwrap();
-        let target = tmp.path().join("target");
+        let target = target.unwrap_or_else(|| tmp.path().join("target"));
         let journal = tmp.path().join("journal");
         fs::create_dir_all(&target).unwrap();
         vm_backup::store::FolderStore::init(&target, None).unwrap();
@@ -671,4 +684,390 @@ fn the_libvirt_connection_drops_between_snapshot_and_commit_then_reconnects_and_
     assert_vm_intact(&d, &before);
     let stamp = json["metadata"]["stamp"].as_str().unwrap();
     env.verify_ok(&d, stamp);
+}
+
+/// A fault of the share, switched on while the backup runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShareFault {
+    /// Writes fail with EIO once 1 MiB of the copy is written.
+    CopyEio,
+    /// The rename of `<stamp>.partial` to `<stamp>` fails with EIO.
+    PublishEio,
+    /// Every fsync fails with EIO.
+    FsyncFails,
+    /// The share is full (ENOSPC) once 1 MiB of the copy is written.
+    Full,
+    /// The share disappears (unmounted, FUSE server killed) while a disk is being copied.
+    Vanishes,
+}
+
+/// The size of the biggest temporary file (a disk being copied) below `dir`.
+fn biggest_temp_file(dir: &Path) -> u64 {
+    let mut best = 0;
+    for p in list(dir) {
+        let Ok(meta) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            best = best.max(biggest_temp_file(&p));
+        } else if p.to_string_lossy().contains(".vmb-tmp-") {
+            best = best.max(meta.len());
+        }
+    }
+    best
+}
+
+#[test]
+fn share_faults_during_a_backup_fail_it_cleanly_and_keep_the_earlier_backup() {
+    if !lab_enabled("share_faults_during_a_backup_fail_it_cleanly_and_keep_the_earlier_backup") {
+        return;
+    }
+    let _g = serial();
+    let tmp = tempfile::Builder::new()
+        .prefix("vmb-faults-share")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mnt = tmp.path().join("share");
+    let share = Share::faulty(&mnt, &[]);
+    let env = Env::with_target(120, 5, 10, Some(mnt.clone()));
+    let mnt_text = mnt.to_string_lossy().into_owned();
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let (out, json) = env.backup(&d, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
+    let backing = share.backing();
+    assert!(backing.is_dir(), "{}", backing.display());
+    for fault in [
+        ShareFault::CopyEio,
+        ShareFault::PublishEio,
+        ShareFault::FsyncFails,
+        ShareFault::Full,
+        ShareFault::Vanishes,
+    ] {
+        eprintln!("--- share fault {fault:?}");
+        let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "4000")]);
+        let t = Instant::now();
+        while env.partials(&d).is_empty() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{fault:?}: backup ended ({status}) before its partial folder appeared");
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
+            sleep(Duration::from_millis(50));
+        }
+        match fault {
+            ShareFault::CopyEio => share.set_fault(&["--fail-after", "1048576", "--errno", "EIO"]),
+            ShareFault::PublishEio => share.set_fault(&["--fail-op", r"rename=\.partial$"]),
+            ShareFault::FsyncFails => share.set_fault(&["--fail-fsync"]),
+            ShareFault::Full => share.set_fault(&["--fail-after", "1048576", "--errno", "ENOSPC"]),
+            ShareFault::Vanishes => {
+                // A slow share, so that the copy is caught under way.
+                share.set_fault(&["--write-delay-ms", "30"]);
+                let t = Instant::now();
+                while biggest_temp_file(&backing) < 512 * 1024 {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("backup ended ({status}) before its copy was under way");
+                    }
+                    assert!(t.elapsed() < Duration::from_secs(120), "no copy under way");
+                    sleep(Duration::from_millis(20));
+                }
+                share.vanish();
+            }
+        }
+        let (out, json) = finish(child);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{fault:?}: {json:#}\n{stderr}");
+        let err = json["error"].as_str().unwrap_or_default();
+        eprintln!("RESULT {fault:?}: exit 2: {err}");
+        assert!(
+            err.contains(&mnt_text),
+            "{fault:?}: the error does not name the target: {err}"
+        );
+        if fault == ShareFault::Vanishes {
+            // Nothing went to the empty mount point on the local disk.
+            assert!(
+                list(&mnt).is_empty(),
+                "written into the bare mount point: {:?}",
+                list(&mnt)
+            );
+            share.remount();
+        } else {
+            share.set_fault(&["--off"]);
+        }
+        assert_vm_intact(&d, &before);
+        let whole: Vec<String> = env
+            .folders(&d)
+            .into_iter()
+            .filter(|f| !f.ends_with(".partial") && !f.starts_with('.'))
+            .collect();
+        assert_eq!(whole, vec![good.clone()], "{fault:?}");
+        env.verify_ok(&d, &good);
+    }
+    // Healed, the same share takes the next backup; what the faults left is repaired.
+    let (out, json) = env.backup(&d, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    assert!(env.partials(&d).is_empty(), "{:?}", env.partials(&d));
+    env.verify_ok(&d, &good);
+    drop(env);
+    drop(share);
+}
+
+#[test]
+fn kill9_during_the_snapshot_call_then_orphans_thaws_and_restores_the_images() {
+    if !lab_enabled("kill9_during_the_snapshot_call_then_orphans_thaws_and_restores_the_images") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(120, 5, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    // The engine pings, then pauses 3 s; qemu-ga stops for 8 s meanwhile, so the snapshot
+    // call (its quiescing freeze) is in flight when the backup is killed.
+    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_AFTER_PING_MS", "3000")]);
+    sleep(Duration::from_millis(1000));
+    agent_hang(&d, Duration::from_secs(8));
+    sleep(Duration::from_millis(3500));
+    if let Ok(Some(status)) = child.try_wait() {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "backup ended ({status}) before its snapshot call: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        env.journal_file(&d).exists(),
+        "no journal records the snapshot in flight"
+    );
+    // The agent wakes up and runs the freeze libvirt queued: the guest may end frozen, and the
+    // snapshot may have been taken after all. The answer to the ping comes after the freeze.
+    wait_agent(&d, Duration::from_secs(60));
+    let status = fsfreeze_status(&d);
+    eprintln!(
+        "RESULT kill -9 during the snapshot call: guest {status:?}, disks {:?}",
+        disk_sources(&d)
+    );
+    let out = env
+        .cmd(&["orphans", "--cleanup", "--json"])
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "orphans: {report}{}",
+        text(&out.stderr)
+    );
+    assert!(!env.journal_file(&d).exists(), "the journal remains");
+    assert!(
+        env.folders(&d).is_empty(),
+        "left on the target: {:?}",
+        env.folders(&d)
+    );
+    assert_vm_intact(&d, &before);
+    let (out, json) = env.backup(&d, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    assert_vm_intact(&d, &before);
+    env.verify_ok(&d, json["metadata"]["stamp"].as_str().unwrap());
+}
+
+/// Kills the shared libvirtd with SIGKILL and starts it again (`lab/libvirt-lab.sh daemons`),
+/// under `flock /tmp/vmb-libvirtd-restart.lock` (the daemons are shared: one restart at a
+/// time, kept short; `-o`: the restarted daemon must not inherit the lock's descriptor, or it
+/// would hold the lock for as long as it runs). Returns how long libvirtd was away. Panics
+/// unless it answers again.
+fn restart_libvirtd() -> Duration {
+    let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/libvirt-lab.sh");
+    let t = Instant::now();
+    let out = Command::new("flock")
+        .args([
+            "-o",
+            "-w",
+            "120",
+            "/tmp/vmb-libvirtd-restart.lock",
+            "sh",
+            "-c",
+        ])
+        .arg(
+            "pid=$(cat /var/lib/vm-backup-lab/daemons/libvirtd.pid) && kill -9 \"$pid\" && \
+             for i in $(seq 1 100); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.05; done; \
+             \"$0\" daemons",
+        )
+        .arg(&lab)
+        .output()
+        .unwrap();
+    let away = t.elapsed();
+    assert!(
+        out.status.success(),
+        "libvirtd restart failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let version = virsh(&["version"]);
+    assert!(version.status.success(), "libvirtd is not back");
+    away
+}
+
+#[test]
+fn libvirtd_killed_and_restarted_between_snapshot_and_commit_the_job_reconnects_and_finishes() {
+    if !lab_enabled(
+        "libvirtd_killed_and_restarted_between_snapshot_and_commit_the_job_reconnects_and_finishes",
+    ) {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(120, 5, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "5000")]);
+    dirty_overlay(&env, &d, &mut child);
+    let away = restart_libvirtd();
+    eprintln!(
+        "MEASURE libvirtd kill -9 + restart: {:.1} s",
+        away.as_secs_f64()
+    );
+    let (out, json) = finish(child);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{json:#}\n{stderr}");
+    assert!(stderr.contains("reconnect"), "{stderr}");
+    assert!(!env.journal_file(&d).exists(), "the journal remains");
+    assert_vm_intact(&d, &before);
+    env.verify_ok(&d, json["metadata"]["stamp"].as_str().unwrap());
+}
+
+#[test]
+fn libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots() {
+    if !lab_enabled("libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots")
+    {
+        return;
+    }
+    let _g = serial();
+    // A converge bound long enough to outlast the restart; the throttled commit then needs
+    // the bounded pause to converge.
+    let env = Env::new(25, 10, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let mut child = env.spawn_backup(
+        &d,
+        &[
+            ("VMB_DEBUG_COMMIT_BANDWIDTH_BYTES", "4096"),
+            // Long enough for the guest's 16 MiB to land in the overlay first (slow TCG).
+            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "15000"),
+        ],
+    );
+    dirty_overlay(&env, &d, &mut child);
+    let t = Instant::now();
+    loop {
+        let out = virsh(&["blockjob", &d, "vda", "--info"]);
+        if (text(&out.stdout) + &text(&out.stderr))
+            .to_lowercase()
+            .contains("commit")
+        {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("backup ended ({status}) before its commit");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no commit job");
+        sleep(Duration::from_millis(100));
+    }
+    let away = restart_libvirtd();
+    eprintln!(
+        "MEASURE libvirtd kill -9 + restart during the commit: {:.1} s",
+        away.as_secs_f64()
+    );
+    let (out, json) = finish(child);
+    let stderr = text(&out.stderr);
+    eprintln!(
+        "RESULT restart during the commit: exit {:?}",
+        out.status.code()
+    );
+    if out.status.code() == Some(0) {
+        assert!(stderr.contains("reconnect"), "{stderr}");
+    } else {
+        // Not finished within its bounds: exit 2, and the next run's repair converges.
+        assert_eq!(out.status.code(), Some(2), "{json:#}\n{stderr}");
+        let out = env
+            .cmd(&["orphans", "--cleanup", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "orphans: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    assert!(!env.journal_file(&d).exists(), "the journal remains");
+    assert_vm_intact(&d, &before);
+}
+
+/// Every file and folder below `dir` with its mode (`lstat`).
+fn modes_below(dir: &Path, out: &mut Vec<(PathBuf, u32, bool)>) {
+    use std::os::unix::fs::MetadataExt;
+    for p in list(dir) {
+        let meta = fs::symlink_metadata(&p).unwrap();
+        out.push((p.clone(), meta.mode() & 0o7777, meta.is_dir()));
+        if meta.is_dir() {
+            modes_below(&p, out);
+        }
+    }
+}
+
+#[test]
+fn a_backup_started_under_umask_022_writes_private_files() {
+    if !lab_enabled("a_backup_started_under_umask_022_writes_private_files") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(120, 5, 3);
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("umask 022 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_vm-backup"))
+        .args(["backup", &d, "--json", "--method", "quiesce", "--config"])
+        .arg(&env.config)
+        .env("LIBVIRT_DEFAULT_URI", "qemu:///system");
+    let out = c.output().unwrap();
+    let json = Env::json(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    modes_below(&env.target.join(HOST), &mut seen);
+    modes_below(&env.journal, &mut seen);
+    assert!(seen.len() > 5, "{seen:?}");
+    let open: Vec<String> = seen
+        .iter()
+        .filter(|(_, mode, dir)| mode & 0o077 != 0 && !(*dir && *mode == 0o711))
+        .map(|(p, mode, _)| format!("{} {mode:o}", p.display()))
+        .collect();
+    eprintln!("RESULT umask 022: {} files and folders checked", seen.len());
+    assert!(open.is_empty(), "readable by others: {open:#?}");
 }

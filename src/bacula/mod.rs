@@ -142,6 +142,14 @@ pub enum PluginError {
         #[source]
         source: Box<crate::engine::restore::RestoreError>,
     },
+    /// A backup rebuilt from Bacula's data failed its checks before publication (removed).
+    #[error("the backup rebuilt in {dir} failed its checks and was removed, nothing restored: {problems}")]
+    StagedRefused {
+        /// The staging folder.
+        dir: std::path::PathBuf,
+        /// The problems found.
+        problems: String,
+    },
     /// The metadata of a backup does not parse.
     #[error("{path}: bad metadata: {source}")]
     BadMetadata {
@@ -432,6 +440,7 @@ impl PluginError {
             PluginError::Backup { source, .. } => source.kind(),
             PluginError::Restore { source, .. } => source.kind(),
             PluginError::BadMetadata { .. } => ErrorKind::Corrupt,
+            PluginError::StagedRefused { .. } => ErrorKind::Corrupt,
             PluginError::WriteMetadata { .. } => ErrorKind::Internal,
             PluginError::StreamBackingFile { .. } => ErrorKind::InvalidInput,
             PluginError::TooLarge { .. } => ErrorKind::Corrupt,

@@ -189,8 +189,41 @@ pub fn estimate(
     Ok(Vec::new())
 }
 
-/// Restores the VM from a backup folder rebuilt from the streamed files (`staged`, ending in
-/// `.partial`): renames it into place and restores from it as from any backup.
+/// Checks a backup rebuilt from Bacula's data in its staging folder (`<stamp>.partial`, which
+/// `list`, restore and prune never take for a backup) before it is published: the metadata
+/// parses and names this stamp, and the same post-checks as a direct-mode backup pass (every
+/// file present with its size, each disk re-hashed against its chunk manifest, every line of
+/// `checksums.sha256`, `qemu-img check`). Refused: [`PluginError::StagedRefused`]; the caller
+/// drops the guard, which removes the folder.
+pub fn check_staged(
+    staged: &PartialBackup,
+    stamp: &str,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<BackupMetadata, PluginError> {
+    let dir = staged.path();
+    let refused = |problems: String| PluginError::StagedRefused {
+        dir: dir.to_owned(),
+        problems,
+    };
+    let meta = BackupMetadata::read(dir)
+        .map_err(|e| refused(format!("cannot read {}: {e}", layout::METADATA_FILE)))?;
+    if meta.stamp != stamp {
+        return Err(refused(format!(
+            "the metadata is of backup {}, not {stamp}",
+            meta.stamp
+        )));
+    }
+    let problems = crate::engine::backup::checks::post_check_folder(dir, &meta, progress, cancel);
+    if !problems.is_empty() {
+        tracing::warn!(dir = %dir.display(), "streamed backup refused: {}", problems.join("; "));
+        return Err(refused(problems.join("; ")));
+    }
+    Ok(meta)
+}
+
+/// Restores a backup rebuilt from Bacula's data: [`check_staged`] first, then the folder is
+/// published (renamed without `.partial`) and restored from.
 pub fn restore_staged(
     settings: &Settings,
     staged: PartialBackup,
@@ -208,9 +241,8 @@ pub fn restore_staged(
         .strip_suffix(layout::PARTIAL_SUFFIX)
         .unwrap_or(&name)
         .to_string();
+    let meta = check_staged(&staged, &stamp, progress, cancel)?;
     let folder = staged.publish()?;
-    let meta = BackupMetadata::read(&folder)
-        .map_err(|e| PluginError::io(format!("read the metadata of {}", folder.display()), e))?;
     let mut request = crate::engine::restore::RestoreRequest::new(
         &settings.target,
         &meta.host,
@@ -233,4 +265,55 @@ pub fn restore_staged(
         "{line} (streamed backup rebuilt in {})",
         folder.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+
+    const STAMP: &str = "2026-11-21-120000";
+
+    /// A staged folder with `web.xml` and its checksum (`sum`: the line's hash).
+    fn staged(root: &std::path::Path, sum: Option<&str>) -> PartialBackup {
+        let p = PartialBackup::create(
+            root.join(format!("{STAMP}{}", layout::PARTIAL_SUFFIX)),
+            root.join(STAMP),
+        )
+        .unwrap();
+        let md = format!(
+            r#"{{"schema_version": 1, "tool_version": "0", "vm_name": "web", "vm_uuid": "u",
+                "host": "hv1", "stamp": "{STAMP}", "method_requested": "auto",
+                "method": "offline", "started_at": "t0", "finished_at": "t1", "phases": {{}},
+                "disks": [], "skipped_disks": [], "files": ["web.xml"], "total_bytes": 0,
+                "bytes_per_sec": 0.0, "result": "success"}}"#
+        );
+        p.write_file(layout::METADATA_FILE, md.as_bytes()).unwrap();
+        p.write_file("web.xml", b"<domain/>").unwrap();
+        let real = crate::engine::verify::sha256_file(&p.path().join("web.xml")).unwrap();
+        let line = format!("{}  web.xml\n", sum.unwrap_or(&real));
+        p.write_file(layout::CHECKSUMS_FILE, line.as_bytes())
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn a_streamed_backup_is_checked_before_it_is_published_and_removed_when_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancelToken::new();
+        let good = staged(dir.path(), None);
+        let meta = check_staged(&good, STAMP, &NoProgress, &cancel).unwrap();
+        assert_eq!(meta.vm_name, "web");
+        // Another stamp than the folder's: refused.
+        let err = check_staged(&good, "2026-11-21-120001", &NoProgress, &cancel).unwrap_err();
+        assert!(matches!(err, PluginError::StagedRefused { .. }), "{err}");
+        drop(good);
+        // A corrupt file: refused, and once dropped nothing is left, nothing published.
+        let bad = staged(dir.path(), Some(&"0".repeat(64)));
+        let err = check_staged(&bad, STAMP, &NoProgress, &cancel).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("web.xml"), "{err}");
+        drop(bad);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }

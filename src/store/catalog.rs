@@ -259,8 +259,8 @@ impl Catalog {
         super::target::read_marker(target)?;
         let path = catalog_path(target);
         let dir = target.join(METADATA_DIR);
-        super::target::ensure_dir(target, &dir)?;
-        super::target::refuse_symlink(&path)?;
+        super::target::ensure_dir(target, &dir)?
+            .refuse_symlink(std::ffi::OsStr::new(CATALOG_FILE))?;
         if !path.exists() {
             tracing::info!(path = %path.display(), "catalog missing: rebuilding it from the share");
             Self::rebuild(target)?;
@@ -336,7 +336,7 @@ impl Catalog {
     /// that replaces the old one only when complete.
     pub fn rebuild(target: &Path) -> Result<RebuildReport, CatalogError> {
         super::target::read_marker(target)?;
-        super::target::ensure_dir(target, &target.join(METADATA_DIR))?;
+        let meta_dir = super::target::ensure_dir(target, &target.join(METADATA_DIR))?;
         let path = catalog_path(target);
         let tmp = path.with_extension(format!("db.rebuild-{}", std::process::id()));
         let _ = fs::remove_file(&tmp);
@@ -363,13 +363,16 @@ impl Catalog {
             }
             tx.commit().map_err(sql)?;
             conn.close().map_err(|(_, e)| sql(e))?;
-            let (mode, _) = super::target::modes_in(&target.join(METADATA_DIR));
-            super::target::set_mode(&tmp, mode)?;
-            fs::rename(&tmp, &path).map_err(|source| CatalogError::Io {
-                context: "cannot install the rebuilt catalog",
-                path: path.clone(),
-                source,
-            })?;
+            let (mode, _) = meta_dir.modes();
+            let tmp_name = tmp.file_name().unwrap_or_default();
+            meta_dir.set_file_mode(tmp_name, mode)?;
+            meta_dir
+                .rename(tmp_name, std::ffi::OsStr::new(CATALOG_FILE))
+                .map_err(|source| CatalogError::Io {
+                    context: "cannot install the rebuilt catalog",
+                    path: path.clone(),
+                    source,
+                })?;
             Ok(report)
         })();
         if result.is_err() {

@@ -2,21 +2,26 @@
 //! rename, fsync of the folder", for small files written from bytes and for big files the
 //! copier fills through a sink.
 
-use std::fs::{File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::OFlags;
+
+use super::dirfd::Dir;
 use super::StoreError;
 
 /// A file being written under a temporary name beside its final name: created by
 /// [`StagedFile::create`], made durable and visible by [`StagedFile::commit`], removed when
-/// dropped uncommitted.
+/// dropped uncommitted. Every step is relative to the handle of its folder.
 #[derive(Debug)]
 pub struct StagedFile {
     file: File,
     direct: bool,
-    temp: PathBuf,
+    dir: Dir,
+    temp: OsString,
+    name: OsString,
     target: PathBuf,
     note: Option<String>,
     armed: bool,
@@ -24,18 +29,21 @@ pub struct StagedFile {
 
 impl StagedFile {
     /// Creates `.<name>.vmb-tmp-<pid>[-n]` beside `target` (mode 0600, or 0640 in a target
-    /// with a group; `O_CREAT|O_EXCL|O_NOFOLLOW`: never an existing file, never through a
-    /// symlink planted at that name). With `direct`, opens it with O_DIRECT when the file system
-    /// accepts it; when it refuses (EINVAL), writes through the page cache and says so in
-    /// [`StagedFile::note`].
+    /// with a group; `O_CREAT|O_EXCL|O_NOFOLLOW` relative to the folder's handle: never an
+    /// existing file, never through a symlink planted at that name). With `direct`, opens it
+    /// with O_DIRECT when the file system accepts it; when it refuses (EINVAL), writes through
+    /// the page cache and says so in [`StagedFile::note`]. The folder of `target` must not be a
+    /// symlink.
     pub fn create(target: &Path, direct: bool) -> Result<Self, StoreError> {
-        let folder = folder_of(target);
         let name = target
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| StoreError::BadName(target.display().to_string()))?;
-        super::target::refuse_symlink(&folder)?;
-        let (mode, _) = super::target::modes_in(&folder);
+        Self::create_in(Dir::open(&folder_of(target))?, name, direct)
+    }
+
+    /// [`StagedFile::create`] for the file `name` of the open folder `dir`.
+    pub(crate) fn create_in(dir: Dir, name: &OsStr, direct: bool) -> Result<Self, StoreError> {
+        let (mode, _) = dir.modes();
         let mut want_direct = direct;
         let mut note = None;
         for attempt in 0..100u32 {
@@ -44,42 +52,44 @@ impl StagedFile {
             } else {
                 format!("-{attempt}")
             };
-            let temp = folder.join(format!(".{name}.vmb-tmp-{}{suffix}", std::process::id()));
-            let mut opts = OpenOptions::new();
-            opts.write(true).create_new(true).mode(mode);
-            let flags = if want_direct { libc::O_DIRECT } else { 0 };
-            opts.custom_flags(flags | libc::O_NOFOLLOW);
-            match opts.open(&temp) {
+            let mut temp = OsString::from(".");
+            temp.push(name);
+            temp.push(format!(".vmb-tmp-{}{suffix}", std::process::id()));
+            let mut flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL;
+            if want_direct {
+                flags |= OFlags::DIRECT;
+            }
+            match dir.open_file(&temp, flags, mode) {
                 Ok(file) => {
-                    // The umask may have narrowed the mode: set it exactly.
-                    file.set_permissions(std::fs::Permissions::from_mode(mode))
-                        .map_err(|e| StoreError::io("set the mode of", &temp, e))?;
                     return Ok(Self {
                         file,
                         direct: want_direct,
+                        target: dir.join(name),
+                        dir,
                         temp,
-                        target: target.to_owned(),
+                        name: name.to_owned(),
                         note,
                         armed: true,
                     });
                 }
+                // Taken (a leftover, or a symlink planted there): never touched, next name.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                    // create_new may have left the file behind before O_DIRECT was refused.
-                    let _ = std::fs::remove_file(&temp);
+                    // O_CREAT may have made the file before O_DIRECT was refused.
+                    let _ = dir.unlink(&temp);
                     note = Some(format!(
                         "O_DIRECT refused on destination folder {} (EINVAL); writing through the page cache",
-                        folder.display()
+                        dir.path().display()
                     ));
                     want_direct = false;
                     continue;
                 }
-                Err(source) => return Err(StoreError::io("create", &temp, source)),
+                Err(e) => return Err(dir.file_error("create", &temp, e)),
             }
         }
         Err(StoreError::io(
             "create a temporary file for",
-            target,
+            &dir.join(name),
             std::io::Error::other("too many leftover temporary files"),
         ))
     }
@@ -100,8 +110,8 @@ impl StagedFile {
     }
 
     /// The temporary path (for tests and logs).
-    pub fn temp_path(&self) -> &Path {
-        &self.temp
+    pub fn temp_path(&self) -> PathBuf {
+        self.dir.join(&self.temp)
     }
 
     /// Why O_DIRECT was not used although asked for, if so.
@@ -109,23 +119,25 @@ impl StagedFile {
         self.note.as_deref()
     }
 
-    /// Syncs the data, renames the file to its final name and syncs the folder.
+    /// Syncs the data, renames the file to its final name and syncs the folder (all relative
+    /// to the folder's handle; a symlink at the final name is replaced, never followed).
     pub fn commit(mut self) -> Result<(), StoreError> {
         self.file
             .sync_all()
-            .map_err(|e| StoreError::io("fsync", &self.temp, e))?;
-        std::fs::rename(&self.temp, &self.target)
+            .map_err(|e| StoreError::io("fsync", &self.temp_path(), e))?;
+        self.dir
+            .rename(&self.temp, &self.name)
             .map_err(|e| StoreError::io("rename into place", &self.target, e))?;
         self.armed = false;
-        sync_dir(&folder_of(&self.target))
+        self.dir.sync()
     }
 }
 
 impl Drop for StagedFile {
     fn drop(&mut self) {
         if self.armed {
-            if let Err(e) = std::fs::remove_file(&self.temp) {
-                tracing::warn!(path = %self.temp.display(), "cannot remove temporary file: {e}");
+            if let Err(e) = self.dir.unlink(&self.temp) {
+                tracing::warn!(path = %self.temp_path().display(), "cannot remove temporary file: {e}");
             }
         }
     }
@@ -133,47 +145,25 @@ impl Drop for StagedFile {
 
 /// Writes a small file durably: a temporary file beside it, fsync, rename, fsync of the
 /// folder. The temporary file is removed on failure; the previous content, if any, stays.
+/// The folder of `path` must not be a symlink; the file is reached relative to its handle.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut staged = StagedFile::create(path, false)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| StoreError::BadName(path.display().to_string()))?;
+    write_atomic_in(&Dir::open(&folder_of(path))?, name, bytes)
+}
+
+/// [`write_atomic`] for the file `name` of the open folder `dir`.
+pub(crate) fn write_atomic_in(dir: &Dir, name: &OsStr, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut staged = StagedFile::create_in(dir.try_clone()?, name, false)?;
     staged
         .file
         .write_all(bytes)
-        .map_err(|e| StoreError::io("write", path, e))?;
+        .map_err(|e| StoreError::io("write", &staged.target, e))?;
+    let path = staged.target.clone();
     staged.commit()?;
     tracing::trace!(path = %path.display(), bytes = bytes.len(), "written durably");
     Ok(())
-}
-
-/// fsyncs a folder (its entries: names created, renamed, removed).
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-        .open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("fsync", dir, e))
-}
-
-/// fsyncs every file and folder under `dir` (cheap for files already synced).
-pub(crate) fn sync_tree(dir: &Path) -> Result<(), StoreError> {
-    let read = std::fs::read_dir(dir).map_err(|e| StoreError::io("list", dir, e))?;
-    for entry in read {
-        let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
-        let path = entry.path();
-        let kind = entry
-            .file_type()
-            .map_err(|e| StoreError::io("stat", &path, e))?;
-        if kind.is_symlink() {
-            return Err(StoreError::Symlink(path));
-        } else if kind.is_dir() {
-            sync_tree(&path)?;
-        } else {
-            super::target::open_nofollow(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| StoreError::io("fsync", &path, e))?;
-        }
-    }
-    sync_dir(dir)
 }
 
 fn folder_of(path: &Path) -> PathBuf {
@@ -262,6 +252,13 @@ mod tests {
         let temp = dir
             .path()
             .join(format!(".a.json.vmb-tmp-{}", std::process::id()));
+        // Planted as the folder itself: refused.
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+        let err = write_atomic(&linked.join("b.json"), b"x").unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        let err = StagedFile::create(&linked.join("disk.raw"), false).unwrap_err();
+        assert!(err.to_string().contains("is a symlink"), "{err}");
         std::os::unix::fs::symlink(&victim, &temp).unwrap();
         std::os::unix::fs::symlink(&victim, &path).unwrap();
         write_atomic(&path, b"new").unwrap();

@@ -1,14 +1,16 @@
 //! The backup target as a local or NFS-mounted folder, laid out as [`crate::format::layout`]
 //! says: `<target>/<host>/<vm>/<stamp>[.partial]/`.
 
+use std::ffi::{OsStr, OsString};
 use std::io::ErrorKind as IoKind;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::OFlags;
 
 use crate::format::layout::{self, VmDir};
 use crate::format::metadata::BackupMetadata;
 
-use std::os::unix::fs::OpenOptionsExt;
-
+use super::dirfd::Dir;
 use super::durable::{self, StagedFile};
 use super::target::{self, LockMode, TargetLock, TargetMarker};
 use super::{BackupStore, StoreError};
@@ -76,8 +78,22 @@ impl FolderStore {
     /// the folders above it). The guard removes it when dropped unless published.
     pub fn begin(&self, host: &str, vm: &str, stamp: &str) -> Result<PartialBackup, StoreError> {
         let vm_dir = self.vm_dir(host, vm)?;
-        target::ensure_dir(&self.root, &vm_dir.path)?;
-        PartialBackup::create(vm_dir.partial_dir(stamp), vm_dir.backup_dir(stamp))
+        let parent = target::ensure_dir(&self.root, &vm_dir.path)?;
+        PartialBackup::create_in(parent, vm_dir.partial_dir(stamp), vm_dir.backup_dir(stamp))
+    }
+
+    /// Opens the folder `path` below the root, entering each folder without following a
+    /// symlink; missing: [`StoreError::NotFound`].
+    fn open_below(&self, path: &Path) -> Result<Dir, StoreError> {
+        let rel = path
+            .strip_prefix(&self.root)
+            .map_err(|_| StoreError::BadName(path.display().to_string()))?;
+        match Dir::open_beneath(&self.root, rel) {
+            Err(StoreError::Io { source, .. }) if source.kind() == IoKind::NotFound => {
+                Err(StoreError::NotFound(path.to_owned()))
+            }
+            other => other,
+        }
     }
 
     /// Checks that the target accepts a new file: a fresh random name, created with
@@ -89,15 +105,24 @@ impl FolderStore {
     }
 
     fn probe(&self, name: &str) -> Result<(), StoreError> {
-        let probe = self.root.join(name);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&probe)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
-            .and_then(|()| std::fs::remove_file(&probe))
+        let root = Dir::open(&self.root).map_err(|e| match e {
+            StoreError::Io { source, .. } => {
+                StoreError::io("write a test file in", &self.root, source)
+            }
+            other => other,
+        })?;
+        let name = OsStr::new(name);
+        let mut file = root
+            .open_file(name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, 0o600)
+            .map_err(|e| match root.file_error("write a test file in", name, e) {
+                StoreError::Io { source, .. } => {
+                    StoreError::io("write a test file in", &self.root, source)
+                }
+                other => other,
+            })?;
+        std::io::Write::write_all(&mut file, b"x")
+            .and_then(|()| file.sync_all())
+            .and_then(|()| root.unlink(name))
             .map_err(|e| StoreError::io("write a test file in", &self.root, e))
     }
 }
@@ -112,11 +137,11 @@ impl BackupStore for FolderStore {
     }
 
     fn read(&self, host: &str, vm: &str, stamp: &str, name: &str) -> Result<Vec<u8>, StoreError> {
-        let path = self
-            .vm_dir(host, vm)?
-            .backup_dir(stamp)
-            .join(safe_name(name)?);
-        target::read_nofollow(&path)
+        let dir = self.vm_dir(host, vm)?.backup_dir(stamp);
+        let rel = dir
+            .strip_prefix(&self.root)
+            .map_err(|_| StoreError::BadName(dir.display().to_string()))?;
+        Dir::open_beneath(&self.root, rel)?.read_file(OsStr::new(safe_name(name)?))
     }
 
     fn write(
@@ -127,43 +152,63 @@ impl BackupStore for FolderStore {
         name: &str,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let dir = self.vm_dir(host, vm)?.backup_dir(stamp);
-        target::refuse_symlink(&dir)?;
-        if !dir.is_dir() {
-            return Err(StoreError::NotFound(dir));
-        }
-        durable::write_atomic(&dir.join(safe_name(name)?), bytes)
+        let dir = self.open_below(&self.vm_dir(host, vm)?.backup_dir(stamp))?;
+        durable::write_atomic_in(&dir, OsStr::new(safe_name(name)?), bytes)
     }
 
     fn delete(&self, host: &str, vm: &str, stamp: &str) -> Result<PathBuf, StoreError> {
-        delete_backup(&self.vm_dir(host, vm)?, stamp)
+        let vm_dir = self.vm_dir(host, vm)?;
+        delete_in(&self.open_below(&vm_dir.path)?, stamp)
     }
 }
 
-/// A backup being written: `<stamp>.partial/` on the target. Every file goes in durably;
-/// [`PartialBackup::publish`] renames the folder to its final name. Dropped unpublished, it
-/// removes the folder.
+/// A backup being written: `<stamp>.partial/` on the target. Every file goes in durably,
+/// relative to the folder's handle; [`PartialBackup::publish`] renames the folder to its final
+/// name (relative to the handle of the folder above, never replacing anything). Dropped
+/// unpublished, it removes the folder.
 #[derive(Debug)]
 pub struct PartialBackup {
+    parent: Dir,
+    handle: Dir,
+    name: OsString,
+    final_name: OsString,
     dir: PathBuf,
     final_dir: PathBuf,
     armed: bool,
 }
 
 impl PartialBackup {
-    /// Creates `dir` (a folder named `<stamp>.partial`) to be published as `final_dir`. For
-    /// staging a backup outside the target (a Bacula restore to `where=`), the same rules.
+    /// Creates `dir` (a folder named `<stamp>.partial`) to be published as `final_dir`, its
+    /// sibling. For staging a backup outside the target (a Bacula restore to `where=`), the same
+    /// rules: the folders above `dir` are created if needed, and `dir`'s own folder must not be
+    /// a symlink.
     pub fn create(dir: PathBuf, final_dir: PathBuf) -> Result<Self, StoreError> {
-        if final_dir.exists() {
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| StoreError::io("create", &parent, e))?;
+        Self::create_in(Dir::open(&parent)?, dir, final_dir)
+    }
+
+    fn create_in(parent: Dir, dir: PathBuf, final_dir: PathBuf) -> Result<Self, StoreError> {
+        let (Some(name), Some(final_name)) = (dir.file_name(), final_dir.file_name()) else {
+            return Err(StoreError::BadName(dir.display().to_string()));
+        };
+        if final_dir.parent() != dir.parent() || name == final_name {
+            return Err(StoreError::BadName(final_dir.display().to_string()));
+        }
+        if parent.exists(final_name) {
             return Err(StoreError::Exists(final_dir));
         }
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| StoreError::io("create", parent, e))?;
-            target::refuse_symlink(parent)?;
-        }
-        make_dir(&dir)?;
+        let (_, mode) = parent.modes();
+        let handle = parent.ensure_sub(name, mode)?;
         tracing::debug!(path = %dir.display(), "partial backup created");
         Ok(Self {
+            name: name.to_owned(),
+            final_name: final_name.to_owned(),
+            parent,
+            handle,
             dir,
             final_dir,
             armed: true,
@@ -183,55 +228,49 @@ impl PartialBackup {
     /// Writes the file `name` (relative, may name a subfolder made by
     /// [`PartialBackup::create_dir`]) durably from bytes.
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        durable::write_atomic(&self.file_path(name)?, bytes)
+        let (dir, leaf) = self.leaf(name)?;
+        durable::write_atomic_in(&dir, OsStr::new(leaf), bytes)
     }
 
     /// Stages the file `name` for the copier: fill [`StagedFile::file`], then
     /// [`StagedFile::commit`]. `direct` asks for O_DIRECT.
     pub fn create_file(&self, name: &str, direct: bool) -> Result<StagedFile, StoreError> {
-        StagedFile::create(&self.file_path(name)?, direct)
+        let (dir, leaf) = self.leaf(name)?;
+        StagedFile::create_in(dir, OsStr::new(leaf), direct)
     }
 
     /// Opens the file `name` for streaming in (a Bacula restore); made durable on publish.
     pub fn create_stream(&self, name: &str) -> Result<std::fs::File, StoreError> {
-        let path = self.file_path(name)?;
-        let (mode, _) = target::modes_in(path.parent().unwrap_or(&self.dir));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| StoreError::io("create", &path, e))?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .map_err(|e| StoreError::io("set the mode of", &path, e))?;
-        Ok(file)
+        let (dir, leaf) = self.leaf(name)?;
+        let (mode, _) = dir.modes();
+        let leaf = OsStr::new(leaf);
+        dir.open_file(leaf, OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC, mode)
+            .map_err(|e| dir.file_error("create", leaf, e))
     }
 
     /// Creates the subfolder `name` and returns its path (appliance configurations).
     pub fn create_dir(&self, name: &str) -> Result<PathBuf, StoreError> {
-        let path = self.dir.join(safe_name(name)?);
-        make_dir(&path)?;
-        Ok(path)
+        let (_, mode) = self.handle.modes();
+        let sub = self.handle.ensure_sub(OsStr::new(safe_name(name)?), mode)?;
+        Ok(sub.path().to_owned())
     }
 
-    /// Syncs every file and folder, renames `<stamp>.partial` to `<stamp>` and syncs the
-    /// folder above. Returns the published folder.
+    /// Syncs every file and folder, renames `<stamp>.partial` to `<stamp>` (never over an
+    /// existing name) and syncs the folder above. Returns the published folder.
     pub fn publish(mut self) -> Result<PathBuf, StoreError> {
-        durable::sync_tree(&self.dir)?;
-        std::fs::rename(&self.dir, &self.final_dir).map_err(|e| {
-            StoreError::io(
-                "rename into place",
-                &self.final_dir,
-                std::io::Error::new(e.kind(), format!("from {}: {e}", self.dir.display())),
-            )
-        })?;
+        self.handle.sync_tree()?;
+        self.parent
+            .rename_noreplace(&self.name, &self.parent, &self.final_name)
+            .map_err(|e| {
+                StoreError::io(
+                    "rename into place",
+                    &self.final_dir,
+                    std::io::Error::new(e.kind(), format!("from {}: {e}", self.dir.display())),
+                )
+            })?;
         self.armed = false;
-        if let Some(parent) = self.final_dir.parent() {
-            if let Err(e) = durable::sync_dir(parent) {
-                tracing::warn!("backup published, but {e}");
-            }
+        if let Err(e) = self.parent.sync() {
+            tracing::warn!("backup published, but {e}");
         }
         tracing::info!(path = %self.final_dir.display(), "backup published");
         Ok(self.final_dir.clone())
@@ -240,58 +279,82 @@ impl PartialBackup {
     /// Removes the folder now; on failure the guard still holds it (and tries again on drop).
     pub fn discard(&mut self) -> Result<(), StoreError> {
         if self.armed {
-            remove_partial(&self.dir)?;
+            self.remove()?;
             self.armed = false;
         }
         Ok(())
     }
 
-    fn file_path(&self, name: &str) -> Result<PathBuf, StoreError> {
-        let mut path = self.dir.clone();
-        for part in name.split('/') {
-            path.push(safe_name(part)?);
+    fn remove(&self) -> Result<(), StoreError> {
+        self.parent
+            .remove_tree(&self.name)
+            .map_err(|e| StoreError::io("remove", &self.dir, e))?;
+        tracing::info!(path = %self.dir.display(), "partial backup removed");
+        Ok(())
+    }
+
+    /// The folder holding `name` (entered without following symlinks) and its last part.
+    fn leaf<'a>(&self, name: &'a str) -> Result<(Dir, &'a str), StoreError> {
+        let mut parts: Vec<&str> = name.split('/').collect();
+        for part in &parts {
+            safe_name(part)?;
         }
-        Ok(path)
+        let leaf = parts.pop().unwrap_or_default();
+        let mut dir = self.handle.try_clone()?;
+        for part in parts {
+            dir = dir.sub(OsStr::new(part))?;
+        }
+        Ok((dir, leaf))
     }
 }
 
 impl Drop for PartialBackup {
     fn drop(&mut self) {
         if self.armed {
-            if let Err(e) = remove_partial(&self.dir) {
+            if let Err(e) = self.remove() {
                 tracing::warn!("{e}");
             }
         }
     }
 }
 
-/// Removes a `.partial` folder and everything in it (already gone: done).
+/// Removes a `.partial` folder and everything in it (already gone: done); symlinks inside are
+/// removed, never followed, and the folder itself must not be one.
 pub fn remove_partial(dir: &Path) -> Result<(), StoreError> {
-    if !dir
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().ends_with(layout::PARTIAL_SUFFIX))
-    {
+    let (Some(name), Some(parent)) = (dir.file_name(), dir.parent()) else {
+        return Err(StoreError::BadName(dir.display().to_string()));
+    };
+    if !name.to_string_lossy().ends_with(layout::PARTIAL_SUFFIX) {
         return Err(StoreError::BadName(dir.display().to_string()));
     }
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {
-            tracing::info!(path = %dir.display(), "partial backup removed");
-            Ok(())
-        }
-        Err(e) if e.kind() == IoKind::NotFound => Ok(()),
-        Err(e) => Err(StoreError::io("remove", dir, e)),
-    }
+    let parent = match Dir::open(parent) {
+        Ok(p) => p,
+        Err(StoreError::Io { source, .. }) if source.kind() == IoKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    parent
+        .remove_tree(name)
+        .map_err(|e| StoreError::io("remove", dir, e))?;
+    tracing::info!(path = %dir.display(), "partial backup removed");
+    Ok(())
 }
 
 /// Deletes the published backup `stamp` of a VM: renamed to `.<stamp>.pruning` first, so that
 /// a folder half-removed by a crash is never taken for a backup. Returns the folder removed.
 pub fn delete_backup(vm_dir: &VmDir, stamp: &str) -> Result<PathBuf, StoreError> {
+    delete_in(&Dir::open(&vm_dir.path)?, stamp)
+}
+
+fn delete_in(vm: &Dir, stamp: &str) -> Result<PathBuf, StoreError> {
     layout::parse_stamp(stamp)?;
-    let path = vm_dir.backup_dir(stamp);
-    target::refuse_symlink(&path)?;
-    let doomed = vm_dir.path.join(format!(".{stamp}.pruning"));
-    std::fs::rename(&path, &doomed).map_err(|e| StoreError::io("remove", &path, e))?;
-    std::fs::remove_dir_all(&doomed).map_err(|e| StoreError::io("remove", &doomed, e))?;
+    let path = vm.join(stamp);
+    let name = OsStr::new(stamp);
+    vm.refuse_symlink(name)?;
+    let doomed = OsString::from(format!(".{stamp}.pruning"));
+    vm.rename(name, &doomed)
+        .map_err(|e| StoreError::io("remove", &path, e))?;
+    vm.remove_tree(&doomed)
+        .map_err(|e| StoreError::io("remove", &vm.join(&doomed), e))?;
     tracing::info!(path = %path.display(), "backup deleted");
     Ok(path)
 }
@@ -305,24 +368,6 @@ pub fn write_metadata(backup_dir: &Path, md: &BackupMetadata) -> Result<(), Stor
 /// Rewrites one small file (`backup.log`…) in a published backup folder durably.
 pub fn write_backup_file(backup_dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     durable::write_atomic(&backup_dir.join(safe_name(name)?), bytes)
-}
-
-/// Creates the folder `path` (its parent exists) with the mode its parent calls for; an
-/// existing real folder is fine, a symlink is refused.
-fn make_dir(path: &Path) -> Result<(), StoreError> {
-    let (_, mode) = target::modes_in(path.parent().unwrap_or(Path::new(".")));
-    match std::fs::create_dir(path) {
-        Ok(()) => target::set_mode(path, mode),
-        Err(e) if e.kind() == IoKind::AlreadyExists => {
-            target::refuse_symlink(path)?;
-            if path.is_dir() {
-                Ok(())
-            } else {
-                Err(StoreError::io("create", path, e))
-            }
-        }
-        Err(e) => Err(StoreError::io("create", path, e)),
-    }
 }
 
 /// A file name inside a backup: one component, not `.`/`..`, no hidden file.
@@ -474,6 +519,62 @@ mod tests {
         let err = store.begin("hv1", "evil", "2026-11-21-120000").unwrap_err();
         assert!(matches!(err, StoreError::Symlink(_)), "{err}");
         assert!(store.lock_vm("hv1", "evil", LockMode::Exclusive).is_err());
+        assert_eq!(names(outside.path()), vec!["victim"]);
+    }
+
+    #[test]
+    fn symlinks_planted_inside_a_backup_are_refused_and_removal_never_follows_them() {
+        use std::os::unix::fs::symlink;
+        let (dir, store) = store();
+        let outside = crate::store::scratch();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        // The partial folder's own name planted as a symlink: never entered.
+        std::fs::create_dir_all(dir.path().join("hv1/web")).unwrap();
+        symlink(
+            outside.path(),
+            dir.path().join("hv1/web/2026-11-21-120000.partial"),
+        )
+        .unwrap();
+        let err = store.begin("hv1", "web", "2026-11-21-120000").unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        // The host folder a symlink: nothing is created through it.
+        symlink(outside.path(), dir.path().join("hv2")).unwrap();
+        let err = store.begin("hv2", "web", "2026-11-21-120000").unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        let p = store.begin("hv1", "web", "2026-11-21-120001").unwrap();
+        // A subfolder, a streamed file and a file name inside the partial folder.
+        symlink(outside.path(), p.path().join("configs")).unwrap();
+        let err = p.write_file("configs/running.cfg", b"x").unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        assert!(p.create_dir("configs").is_err());
+        symlink(&victim, p.path().join("disk.raw")).unwrap();
+        let err = p.create_stream("disk.raw").unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        // Publish refuses the symlink inside (sync_tree), and the guard removes the folder
+        // without following any of them.
+        let partial = p.path().to_owned();
+        let err = p.publish().unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        assert!(!partial.exists());
+        // A symlink at the final name: publish never replaces it.
+        let p = store.begin("hv1", "web", "2026-11-21-120002").unwrap();
+        symlink(outside.path(), dir.path().join("hv1/web/2026-11-21-120002")).unwrap();
+        assert!(p.publish().is_err());
+        // A published backup that is a symlink: neither deleted through nor read.
+        let err = store.delete("hv1", "web", "2026-11-21-120002").unwrap_err();
+        assert!(matches!(err, StoreError::Symlink(_)), "{err}");
+        assert!(store
+            .read("hv1", "web", "2026-11-21-120002", "victim")
+            .is_err());
+        // remove_partial of a folder holding symlinks to the outside.
+        let left = dir.path().join("hv1/web/2026-11-21-120003.partial");
+        std::fs::create_dir(&left).unwrap();
+        symlink(outside.path(), left.join("d")).unwrap();
+        symlink(&victim, left.join("f")).unwrap();
+        remove_partial(&left).unwrap();
+        assert!(!left.exists());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert_eq!(names(outside.path()), vec!["victim"]);
     }
 

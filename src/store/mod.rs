@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::error::ErrorKind;
 
 pub mod catalog;
+mod dirfd;
 mod durable;
 mod folder;
 mod target;

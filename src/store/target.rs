@@ -6,16 +6,18 @@
 //! - modes: files 0600 and folders 0700, or 0640 and 2750 (setgid, so the group is inherited)
 //!   under a target initialised with a group. The mode is set explicitly after creation, so the
 //!   umask never widens or narrows it;
-//! - no symlink followed: every folder the store creates or enters is checked not to be a
-//!   symlink, files are created with `O_CREAT|O_EXCL` and opened with `O_NOFOLLOW`;
+//! - no symlink followed: every folder below the root is entered and created relative to its
+//!   parent's handle with `O_NOFOLLOW` ([`super::dirfd`]), files are created with
+//!   `O_CREAT|O_EXCL|O_NOFOLLOW` and opened with `O_NOFOLLOW` relative to their folder;
 //! - one lock per VM on the target (`<target>/<host>/<vm>/.lock`, `flock`), independent of the
 //!   local `journal_dir`: exclusive for what writes or deletes (backup, prune), shared for what
 //!   only reads (verify, restore).
 
-use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind as IoKind, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{ErrorKind as IoKind, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::layout;
 
+use super::dirfd::Dir;
 use super::StoreError;
 
 /// The format version of the target written by this build.
@@ -45,17 +48,25 @@ pub struct TargetMarker {
 /// Reads the marker of the target `root`: missing root or marker is
 /// [`StoreError::NotInitialised`] (kind TargetMissing).
 pub(crate) fn read_marker(root: &Path) -> Result<TargetMarker, StoreError> {
-    let path = root.join(layout::TARGET_MARKER);
-    let mut text = String::new();
-    match open_nofollow(&path).and_then(|mut f| f.read_to_string(&mut text)) {
-        Ok(_) => {}
-        Err(e) if e.kind() == IoKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
+    let missing = |e: &std::io::Error| {
+        e.kind() == IoKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+    };
+    let dir = match Dir::open(root) {
+        Ok(dir) => dir,
+        Err(StoreError::Io { source, .. }) if missing(&source) => {
             return Err(StoreError::NotInitialised(root.to_owned()))
         }
-        Err(e) => return Err(StoreError::io("read", &path, e)),
-    }
+        Err(e) => return Err(e),
+    };
+    let text = match dir.read_file(OsStr::new(layout::TARGET_MARKER)) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(StoreError::Io { source, .. }) if missing(&source) => {
+            return Err(StoreError::NotInitialised(root.to_owned()))
+        }
+        Err(e) => return Err(e),
+    };
     serde_json::from_str(&text).map_err(|e| StoreError::BadMarker {
-        path,
+        path: root.join(layout::TARGET_MARKER),
         reason: e.to_string(),
     })
 }
@@ -65,16 +76,20 @@ pub(crate) fn read_marker(root: &Path) -> Result<TargetMarker, StoreError> {
 /// given to that group with mode 2750, so what is written below is readable by the group.
 /// Returns the marker and whether it was written now.
 pub(crate) fn init(root: &Path, group: Option<&str>) -> Result<(TargetMarker, bool), StoreError> {
-    refuse_symlink(root)?;
-    if !root.exists() {
+    let fresh = !root.exists();
+    if fresh {
         std::fs::create_dir_all(root).map_err(|e| StoreError::io("create", root, e))?;
-        set_mode(root, 0o700)?;
+    }
+    // The root itself must not be a symlink (the folders above it are the administrator's).
+    let dir = Dir::open(root)?;
+    if fresh {
+        dir.set_mode(0o700)?;
     }
     if let Some(name) = group {
         let gid = group_id(name)?;
-        nix::unistd::chown(root, None, Some(gid))
+        nix::unistd::fchown(dir.fd().as_raw_fd(), None, Some(gid))
             .map_err(|e| StoreError::io("change the group of", root, e.into()))?;
-        set_mode(root, 0o2750)?;
+        dir.set_mode(0o2750)?;
     }
     match read_marker(root) {
         Ok(marker) => return Ok((marker, false)),
@@ -88,7 +103,7 @@ pub(crate) fn init(root: &Path, group: Option<&str>) -> Result<(TargetMarker, bo
         group: group.map(str::to_owned),
     };
     let bytes = serde_json::to_vec_pretty(&marker).map_err(StoreError::Encode)?;
-    super::durable::write_atomic(&root.join(layout::TARGET_MARKER), &bytes)?;
+    super::durable::write_atomic_in(&dir, OsStr::new(layout::TARGET_MARKER), &bytes)?;
     tracing::info!(target = %root.display(), id = %marker.id, "target initialised");
     Ok((marker, true))
 }
@@ -106,33 +121,10 @@ fn group_id(name: &str) -> Result<nix::unistd::Gid, StoreError> {
     }
 }
 
-/// The modes of a new file and a new folder inside `folder`: 0640/2750 when the folder is
-/// setgid with group read access (a target initialised with a group), else 0600/0700.
-pub(crate) fn modes_in(folder: &Path) -> (u32, u32) {
-    match std::fs::symlink_metadata(folder) {
-        Ok(m) if m.mode() & 0o2000 != 0 && m.mode() & 0o050 == 0o050 => (0o640, 0o2750),
-        _ => (0o600, 0o700),
-    }
-}
-
-/// Sets the mode of `path` exactly (whatever the umask was at creation).
-pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| StoreError::io("set the mode of", path, e))
-}
-
-/// Refuses `path` if it is a symlink (missing is fine).
-pub(crate) fn refuse_symlink(path: &Path) -> Result<(), StoreError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(StoreError::Symlink(path.to_owned())),
-        _ => Ok(()),
-    }
-}
-
-/// Creates the folder `path` and the missing folders above it up to `root` (which must
-/// exist), each with the mode its parent calls for; an existing folder on the way must be a
-/// real folder, not a symlink.
-pub(crate) fn ensure_dir(root: &Path, path: &Path) -> Result<(), StoreError> {
+/// Opens the folder `path` below the target `root`, creating the missing folders on the way
+/// (each with the mode its parent calls for), one name at a time relative to its parent's
+/// handle: a symlink anywhere below the root is refused ([`StoreError::Symlink`]).
+pub(crate) fn ensure_dir(root: &Path, path: &Path) -> Result<Dir, StoreError> {
     let rel = path.strip_prefix(root).map_err(|_| {
         StoreError::io(
             "create",
@@ -140,49 +132,15 @@ pub(crate) fn ensure_dir(root: &Path, path: &Path) -> Result<(), StoreError> {
             std::io::Error::other(format!("not under the target {}", root.display())),
         )
     })?;
-    let mut cur = root.to_path_buf();
-    refuse_symlink(&cur)?;
+    let mut dir = Dir::open(root)?;
     for part in rel.components() {
-        let parent = cur.clone();
-        cur.push(part);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => return Err(StoreError::Symlink(cur)),
-            Ok(m) if m.is_dir() => continue,
-            Ok(_) => {
-                return Err(StoreError::io(
-                    "create",
-                    &cur,
-                    std::io::Error::from(IoKind::AlreadyExists),
-                ))
-            }
-            Err(e) if e.kind() == IoKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("stat", &cur, e)),
-        }
-        let (_, dir_mode) = modes_in(&parent);
-        match std::fs::create_dir(&cur) {
-            Ok(()) => set_mode(&cur, dir_mode)?,
-            Err(e) if e.kind() == IoKind::AlreadyExists => refuse_symlink(&cur)?,
-            Err(e) => return Err(StoreError::io("create", &cur, e)),
-        }
+        let Component::Normal(name) = part else {
+            return Err(StoreError::BadName(rel.display().to_string()));
+        };
+        let (_, dir_mode) = dir.modes();
+        dir = dir.ensure_sub(name, dir_mode)?;
     }
-    Ok(())
-}
-
-/// Opens a file for reading without following a symlink at its name.
-pub(crate) fn open_nofollow(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-}
-
-/// Reads a whole file without following a symlink at its name.
-pub(crate) fn read_nofollow(path: &Path) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::new();
-    open_nofollow(path)
-        .and_then(|mut f| f.read_to_end(&mut out))
-        .map_err(|e| StoreError::io("read", path, e))?;
-    Ok(out)
+    Ok(dir)
 }
 
 /// Whether a VM lock is taken to read (shared) or to write and delete (exclusive).
@@ -206,17 +164,16 @@ impl TargetLock {
     /// Takes the lock of the folder `vm_dir` (created if needed) without waiting; held by
     /// another run: [`StoreError::Busy`].
     pub(crate) fn acquire(root: &Path, vm_dir: &Path, mode: LockMode) -> Result<Self, StoreError> {
-        ensure_dir(root, vm_dir)?;
-        let path = vm_dir.join(layout::VM_LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| StoreError::io("open the lock", &path, e))?;
+        let dir = ensure_dir(root, vm_dir)?;
+        let name = OsStr::new(layout::VM_LOCK_FILE);
+        let path = dir.join(name);
+        let file = dir
+            .open_file(
+                name,
+                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CREATE,
+                0o600,
+            )
+            .map_err(|e| dir.file_error("open the lock", name, e))?;
         let arg = match mode {
             LockMode::Shared => FlockArg::LockSharedNonblock,
             LockMode::Exclusive => FlockArg::LockExclusiveNonblock,

@@ -442,6 +442,33 @@ impl Share {
         args.extend_from_slice(fault);
         Share::script_ok(&args);
     }
+
+    /// The share disappears (lazy unmount, FUSE server killed: open files get ENOTCONN); its
+    /// content is kept for [`Share::remount`].
+    pub fn vanish(&self) {
+        Share::script_ok(&["vanish", &self.dir.to_string_lossy()]);
+    }
+
+    /// Mounts a vanished share again, healthy, with its content.
+    pub fn remount(&self) {
+        Share::script_ok(&["remount", &self.dir.to_string_lossy()]);
+    }
+
+    /// The folder holding the share's content (what the FUSE mount passes through to).
+    pub fn backing(&self) -> PathBuf {
+        let key = self
+            .dir
+            .canonicalize()
+            .unwrap_or_else(|_| self.dir.clone())
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .replace('/', "_");
+        let root =
+            std::env::var("VMB_LAB_ROOT").unwrap_or_else(|_| "/var/lib/vm-backup-lab".into());
+        Path::new(&root)
+            .join("shares")
+            .join(format!("{key}.backing"))
+    }
 }
 
 impl Drop for Share {

@@ -834,6 +834,26 @@ pub fn post_check_folder(
     problems
 }
 
+/// Whether the metadata `md` names the domain `name` with UUID `uuid` (unknown: not compared).
+fn identity_problems(name: &str, uuid: Option<&str>, md: &BackupMetadata) -> Vec<String> {
+    let mut problems = Vec::new();
+    if md.vm_name != name {
+        problems.push(format!(
+            "the backup is of VM {:?}, not of {name:?}",
+            md.vm_name
+        ));
+    }
+    if let Some(uuid) = uuid {
+        if !md.vm_uuid.is_empty() && !md.vm_uuid.eq_ignore_ascii_case(uuid) {
+            problems.push(format!(
+                "the backup is of the domain with UUID {}, {name:?} has UUID {uuid}",
+                md.vm_uuid
+            ));
+        }
+    }
+    problems
+}
+
 /// One image file of a backup, as the post-checks see it.
 struct ImageFile<'a> {
     file: &'a str,
@@ -843,10 +863,11 @@ struct ImageFile<'a> {
     format: &'a str,
 }
 
-/// Checks the domain runs on the images the backup recorded (`md.disks[].source`), with no
-/// overlay of ours and no block job. Returns the problems found.
+/// Checks the backup is of this domain (the VM name and UUID the metadata records), and that
+/// the domain runs on the images the backup recorded (`md.disks[].source`), with no overlay of
+/// ours and no block job. Returns the problems found.
 pub fn post_check_domain(dom: &Dom, md: &BackupMetadata) -> Vec<String> {
-    let mut problems = Vec::new();
+    let mut problems = identity_problems(dom.name(), dom.uuid().ok().as_deref(), md);
     let state = match dom.state() {
         Ok(s) => s,
         Err(e) => return vec![e.to_string()],
@@ -942,6 +963,26 @@ mod tests {
         bool,
         Result<Method, &'static str>,
     );
+
+    #[test]
+    fn the_post_check_compares_the_vm_name_and_uuid_of_the_metadata() {
+        let md: BackupMetadata = serde_json::from_str(
+            r#"{"schema_version": 1, "tool_version": "0", "vm_name": "web",
+                "vm_uuid": "0f8fad5b-d9cb-469f-a165-70867728950e", "host": "hv1",
+                "stamp": "2026-11-21-120000", "method_requested": "auto", "method": "offline",
+                "started_at": "t0", "finished_at": "t1", "phases": {}, "disks": [],
+                "skipped_disks": [], "files": [], "total_bytes": 0, "bytes_per_sec": 0.0,
+                "result": "success"}"#,
+        )
+        .unwrap();
+        let uuid = "0F8FAD5B-D9CB-469F-A165-70867728950E";
+        assert!(identity_problems("web", Some(uuid), &md).is_empty());
+        assert!(identity_problems("web", None, &md).is_empty());
+        let other = identity_problems("web 01", Some(uuid), &md);
+        assert_eq!(other.len(), 1, "{other:?}");
+        let recreated = identity_problems("web", Some("7c9e6679-7425-40de-944b-e07fc1f90ae7"), &md);
+        assert!(recreated[0].contains("UUID"), "{recreated:?}");
+    }
 
     #[test]
     fn method_table() {
