@@ -3,10 +3,11 @@
 //! (`lab/libvirt-lab.sh up ins --only agent`):
 //! `VMB_LAB_PREFIX=ins VMB_LAB_LIBVIRT=1 cargo test --test lab_instant -- --test-threads=1`.
 //!
-//! The restored domain boots from local overlays over the read-only backup, the guest agent
-//! answers, files the guest writes during and after the copy end up on the final disk, which
-//! has no backing file and still holds the backup's files; the backup's files (content,
-//! owner, mode, times) are unchanged. A restore killed with `kill -9` during the copy leaves
+//! The restored domain (from an incremental on a full: the chain is followed) boots from
+//! local overlays over the read-only backup, the guest agent answers, files the guest wrote
+//! between the backups, during and after the copy end up on the final disk, which has no
+//! backing file and still holds the backup's files; the backup's files (content, owner, mode,
+//! times) are unchanged. A restore killed with `kill -9` during the copy leaves
 //! the domain running on its overlays, `orphans` reports it and `orphans --cleanup` finishes.
 
 mod support;
@@ -31,6 +32,8 @@ fn texts(out: &Output) -> (String, String) {
 struct Scratch {
     dir: PathBuf,
     domains: Vec<String>,
+    /// A shared lab domain whose `vmb-*` checkpoints this test created (removed on drop).
+    checkpoints_of: Option<String>,
 }
 
 impl Scratch {
@@ -53,6 +56,7 @@ impl Scratch {
         Scratch {
             dir,
             domains: Vec::new(),
+            checkpoints_of: None,
         }
     }
 
@@ -76,7 +80,16 @@ impl Scratch {
 
     /// Backs up `dom`; returns the backup folder.
     fn backup(&self, dom: &str) -> PathBuf {
-        self.vmb_ok(&["backup", dom]);
+        self.backup_level(dom, "full")
+    }
+
+    /// Backs up `dom` at `level` (`full`: no checkpoint); returns the backup folder.
+    fn backup_level(&self, dom: &str, level: &str) -> PathBuf {
+        if level == "full" {
+            self.vmb_ok(&["backup", dom]);
+        } else {
+            self.vmb_ok(&["backup", dom, "--level", level]);
+        }
         let vm_dir = self.dir.join("target/labhost").join(dom);
         let stamp = vm_backup::format::layout::VmDir {
             path: vm_dir.clone(),
@@ -127,6 +140,18 @@ impl Drop for Scratch {
         for d in &self.domains {
             let _ = virsh(&["destroy", d]);
             let _ = virsh(&["undefine", d]);
+        }
+        // Later lab tests share the agent domain: leave it without our checkpoints.
+        if let Some(dom) = &self.checkpoints_of {
+            let names = virsh(&["checkpoint-list", dom, "--name"]);
+            for c in String::from_utf8_lossy(&names.stdout)
+                .lines()
+                .map(str::trim)
+            {
+                if c.starts_with("vmb-") {
+                    let _ = virsh(&["checkpoint-delete", dom, c]);
+                }
+            }
         }
         if self.servers().is_empty() {
             let _ = fs::remove_dir_all(&self.dir);
@@ -199,7 +224,19 @@ fn instant_restore_runs_at_once_and_ends_on_standalone_local_disks() {
     }
     let mut s = Scratch::new("inst");
     let src = agent_dom();
-    let bdir = s.backup(&src);
+    // An incremental on a full: the instant restore follows the chain.
+    s.checkpoints_of = Some(src.clone());
+    s.vmb_ok(&["backup", &src, "--level", "full"]);
+    gexec_ok(
+        &src,
+        "echo between-backups > /mnt/data/instant-incr.txt && sync",
+    );
+    let bdir = s.backup_level(&src, "incremental");
+    let meta = fs::read_to_string(bdir.join("backup-metadata.json")).unwrap();
+    assert!(
+        meta.contains("\"parent\": \"20"),
+        "not an incremental:\n{meta}"
+    );
     let image = bdir.join(format!("{src}-vda.qcow2"));
     let before = s.target_state();
     let name = format!("{}-inst", prefix());
@@ -239,7 +276,15 @@ fn instant_restore_runs_at_once_and_ends_on_standalone_local_disks() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
     no_orphan_of(&s, &name);
-    check_final(&name, &dest, &image, &[("instant-after.txt", "after-copy")]);
+    check_final(
+        &name,
+        &dest,
+        &image,
+        &[
+            ("instant-incr.txt", "between-backups"),
+            ("instant-after.txt", "after-copy"),
+        ],
+    );
     assert_eq!(s.target_state(), before, "the backup changed");
     // A second instant restore under the same name is refused while the domain exists.
     let again = s.vmb(&[
