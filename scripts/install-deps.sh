@@ -12,7 +12,7 @@ packages=(
   linux-image-amd64 busybox-static ovmf libnbd-bin jq e2fsprogs cpio xz-utils
   genisoimage virtnbdbackup python3-fuse
   # file-level restore (mount, files) and its lab disks: partitions, xfs, LVM metadata
-  fdisk xfsprogs lvm2
+  fdisk xfsprogs lvm2 acl attr
   # tests: share simulation, ssh appliance, misc tools
   fuse3 openssh-server openssh-client sqlite3 time python3 curl iproute2 util-linux
   # Bacula lab

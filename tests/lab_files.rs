@@ -145,6 +145,11 @@ fn write_tree(root: &Path, tag: &str) {
     let d = root.join("known");
     fs::create_dir(&d).unwrap();
     fs::write(d.join("config.txt"), format!("known file on {tag}\n")).unwrap();
+    // An extended attribute and a POSIX ACL (kept by `files extract`).
+    sh(&format!(
+        "setfattr -n user.vmb -v {tag} {0}/config.txt && setfacl -m u:4321:r {0}/config.txt",
+        d.display()
+    ));
     sh(&format!("chown 1234:2345 {0}/config.txt && chmod 0640 {0}/config.txt && touch -d '2024-02-03 04:05:06' {0}/config.txt", d.display()));
     let mut big = Vec::new();
     while big.len() < 9 << 20 {
@@ -155,12 +160,30 @@ fn write_tree(root: &Path, tag: &str) {
     fs::create_dir(d.join("sub")).unwrap();
     fs::write(d.join("sub/secret"), b"s").unwrap();
     sh(&format!(
-        "chmod 0700 {0}/sub && chown 7:8 {0}/sub && chmod 4755 {0}/sub/secret",
+        "chmod 0700 {0}/sub && chown 7:8 {0}/sub && chmod 4755 {0}/sub/secret && \
+         setfacl -d -m u:4321:rx {0}/sub",
         d.display()
     ));
 }
 
-/// Compares two trees: names, types, content, owner, mode, mtime.
+/// The extended attributes of `p` (ACLs included), sorted, without `security.selinux` and
+/// xfs's `trusted.SGI_ACL_*` (its on-disk form of the same ACLs).
+fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = xattr::list(p)
+        .unwrap()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n != "security.selinux" && !n.starts_with("trusted.SGI_ACL_"))
+        .map(|n| {
+            let v = xattr::get(p, &n).unwrap().unwrap_or_default();
+            (n, v)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Compares two trees: names, types, content, owner, mode, mtime, extended attributes and
+/// ACLs.
 fn same_tree(a: &Path, b: &Path) {
     let ma = fs::symlink_metadata(a).unwrap();
     let mb = fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{} missing: {e}", b.display()));
@@ -172,6 +195,7 @@ fn same_tree(a: &Path, b: &Path) {
         b.display()
     );
     if !ma.file_type().is_symlink() {
+        assert_eq!(xattrs_of(a), xattrs_of(b), "xattrs of {}", b.display());
         assert_eq!(
             ma.mode() & 0o7777,
             mb.mode() & 0o7777,

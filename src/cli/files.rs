@@ -104,12 +104,14 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
                 println!(
-                    "extracted {path} to {}: {} file(s), {} folder(s), {} symlink(s), {} bytes",
+                    "extracted {path} to {}: {} file(s), {} folder(s), {} symlink(s), {} bytes, {} \
+                     extended attribute(s)",
                     r.dest.display(),
                     r.files,
                     r.dirs,
                     r.symlinks,
-                    r.bytes
+                    r.bytes,
+                    r.xattrs
                 );
                 for s in &r.skipped {
                     println!("  skipped: {s}");

@@ -8,8 +8,9 @@ use super::common::{self, TargetArgs};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Repair what is found: commit our overlays back, thaw, abort stale block jobs, remove
-    /// partial folders, start domains shut down for a backup.
-    #[arg(long)]
+    /// partial folders, start domains shut down for a backup, finish interrupted instant
+    /// restores.
+    #[arg(long, alias = "repair")]
     cleanup: bool,
     #[command(flatten)]
     common: TargetArgs,

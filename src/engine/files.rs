@@ -342,8 +342,51 @@ impl Browse {
                 .push(format!("{shown}: a {} is not extracted", kind_of(ft)));
             return Ok(());
         }
+        if !ft.is_symlink() {
+            let (copied, refused) = copy_xattrs(host, dest).map_err(werr)?;
+            report.xattrs += copied;
+            report.skipped.extend(
+                refused
+                    .into_iter()
+                    .map(|(name, e)| format!("{shown}: extended attribute {name} not kept: {e}")),
+            );
+        }
         apply_meta(dest, &md, ft.is_symlink()).map_err(werr)
     }
+}
+
+/// Copies the extended attributes of `src` onto `dest` (neither a symlink), POSIX ACLs
+/// included (`system.posix_acl_access`/`_default`); `security.selinux` is left to the host's
+/// policy, and xfs's `trusted.SGI_ACL_*` (the same ACLs) is not duplicated. Returns how many were copied and those the destination refused (a filesystem
+/// without xattrs or ACLs: `EOPNOTSUPP`), which are reported, not fatal. Done before the
+/// owner, mode and times are set (an ACL write adjusts the mode; the times come last).
+fn copy_xattrs(src: &Path, dest: &Path) -> io::Result<(u64, Vec<(String, String)>)> {
+    let mut copied = 0;
+    let mut refused = Vec::new();
+    let names = match xattr::list(src) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok((0, refused)),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        let shown = name.to_string_lossy().into_owned();
+        // xfs also shows its ACLs to root as `trusted.SGI_ACL_*`, its on-disk form of the
+        // `system.posix_acl_*` copied here: copying both would leave a stray attribute.
+        if shown == "security.selinux" || shown.starts_with("trusted.SGI_ACL_") {
+            continue;
+        }
+        let Some(value) = xattr::get(src, &name)? else {
+            continue;
+        };
+        match xattr::set(dest, &name, &value) {
+            Ok(()) => copied += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                refused.push((shown, e.to_string()))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((copied, refused))
 }
 
 impl Drop for Browse {
@@ -370,7 +413,9 @@ pub struct ExtractReport {
     pub symlinks: u64,
     /// Bytes of file content.
     pub bytes: u64,
-    /// Devices, fifos and sockets not extracted.
+    /// Extended attributes copied (POSIX ACLs included: `system.posix_acl_*`).
+    pub xattrs: u64,
+    /// Devices, fifos and sockets not extracted; attributes the destination refused.
     pub skipped: Vec<String>,
 }
 
@@ -451,6 +496,37 @@ mod tests {
         let link = dir.path().join("l");
         std::os::unix::fs::symlink("a", &link).unwrap();
         apply_meta(&link, &md, true).unwrap();
+    }
+
+    #[test]
+    fn extended_attributes_and_acls_are_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a");
+        fs::write(&src, b"x").unwrap();
+        if xattr::set(&src, "user.vmb", b"kept").is_err() {
+            eprintln!("SKIP: no user xattrs on {}", dir.path().display());
+            return;
+        }
+        let acl = std::process::Command::new("setfacl")
+            .args(["-m", "u:1234:r"])
+            .arg(&src)
+            .status()
+            .is_ok_and(|s| s.success());
+        let dst = dir.path().join("b");
+        fs::write(&dst, b"x").unwrap();
+        let (copied, refused) = copy_xattrs(&src, &dst).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            xattr::get(&dst, "user.vmb").unwrap().as_deref(),
+            Some(&b"kept"[..])
+        );
+        if acl {
+            assert_eq!(copied, 2);
+            assert_eq!(
+                xattr::get(&dst, "system.posix_acl_access").unwrap(),
+                xattr::get(&src, "system.posix_acl_access").unwrap()
+            );
+        }
     }
 
     #[test]

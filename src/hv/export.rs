@@ -78,7 +78,7 @@ fn run(tool: &str, args: &[&str]) -> Result<String, ExportError> {
 }
 
 /// One image of a disk's chain, as `qemu-storage-daemon` opens it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layer {
     /// The file to open (read-only).
     pub path: PathBuf,
@@ -90,28 +90,7 @@ pub struct Layer {
 /// at `export`. The chain is given explicitly (`backing` of each qcow2 node), so the headers'
 /// backing names are never followed.
 pub fn qsd_args(layers: &[Layer], export: &Path, pidfile: &Path) -> Vec<String> {
-    let mut args = Vec::new();
-    let n = layers.len();
-    for (i, layer) in layers.iter().enumerate().rev() {
-        args.push("--blockdev".to_string());
-        args.push(
-            json!({"driver": "file", "node-name": format!("f{i}"),
-                   "filename": layer.path.to_string_lossy(), "read-only": true,
-                   "locking": "off"})
-            .to_string(),
-        );
-        let mut node = json!({"driver": layer.format, "node-name": format!("n{i}"),
-                              "file": format!("f{i}"), "read-only": true});
-        if layer.format == "qcow2" {
-            node["backing"] = if i + 1 < n {
-                json!(format!("n{}", i + 1))
-            } else {
-                serde_json::Value::Null
-            };
-        }
-        args.push("--blockdev".to_string());
-        args.push(node.to_string());
-    }
+    let mut args = chain_nodes("", layers);
     args.push("--export".to_string());
     args.push(
         json!({"type": "fuse", "id": "e", "node-name": "n0",
@@ -122,6 +101,80 @@ pub fn qsd_args(layers: &[Layer], export: &Path, pidfile: &Path) -> Vec<String> 
     args.push("--pidfile".to_string());
     args.push(pidfile.to_string_lossy().into_owned());
     args
+}
+
+/// The `--blockdev` arguments opening `layers` (top first) read-only, nodes named
+/// `{prefix}f{i}` (file) and `{prefix}n{i}` (format; the top is `{prefix}n0`), each qcow2
+/// node's backing given explicitly.
+fn chain_nodes(prefix: &str, layers: &[Layer]) -> Vec<String> {
+    let mut args = Vec::new();
+    let n = layers.len();
+    for (i, layer) in layers.iter().enumerate().rev() {
+        args.push("--blockdev".to_string());
+        args.push(
+            json!({"driver": "file", "node-name": format!("{prefix}f{i}"),
+                   "filename": layer.path.to_string_lossy(), "read-only": true,
+                   "locking": "off"})
+            .to_string(),
+        );
+        let mut node = json!({"driver": layer.format, "node-name": format!("{prefix}n{i}"),
+                              "file": format!("{prefix}f{i}"), "read-only": true});
+        if layer.format == "qcow2" {
+            node["backing"] = if i + 1 < n {
+                json!(format!("{prefix}n{}", i + 1))
+            } else {
+                serde_json::Value::Null
+            };
+        }
+        args.push("--blockdev".to_string());
+        args.push(node.to_string());
+    }
+    args
+}
+
+/// The `nbd+unix` URL of export `name` on `socket` (a qcow2 overlay's backing file name).
+pub fn nbd_url(name: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{name}?socket={}", socket.display())
+}
+
+/// The `qemu-storage-daemon` arguments exporting each disk's chain (export name, layers top
+/// first) read-only over NBD on the unix socket `socket` (an instant restore's backing files:
+/// the backup is opened read-only by root, QEMU reads it through the socket).
+pub fn qsd_nbd_args(disks: &[(String, Vec<Layer>)], socket: &Path, pidfile: &Path) -> Vec<String> {
+    let mut args = Vec::new();
+    for (d, (_, layers)) in disks.iter().enumerate() {
+        args.extend(chain_nodes(&format!("d{d}"), layers));
+    }
+    args.push("--nbd-server".to_string());
+    args.push(json!({"addr": {"type": "unix", "path": socket.to_string_lossy()}}).to_string());
+    for (d, (name, _)) in disks.iter().enumerate() {
+        args.push("--export".to_string());
+        args.push(
+            json!({"type": "nbd", "id": format!("e{d}"), "node-name": format!("d{d}n0"),
+                   "name": name, "writable": false})
+            .to_string(),
+        );
+    }
+    args.push("--daemonize".to_string());
+    args.push("--pidfile".to_string());
+    args.push(pidfile.to_string_lossy().into_owned());
+    args
+}
+
+/// Starts `qemu-storage-daemon` with [`qsd_nbd_args`] (daemonized: it returns once the socket
+/// listens) and returns its pid.
+pub fn start_qsd_nbd(
+    disks: &[(String, Vec<Layer>)],
+    socket: &Path,
+    pidfile: &Path,
+) -> Result<u32, ExportError> {
+    let args = qsd_nbd_args(disks, socket, pidfile);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("qemu-storage-daemon", &refs)?;
+    read_pid(pidfile).ok_or_else(|| ExportError::Failed {
+        tool: "qemu-storage-daemon".into(),
+        message: format!("no pid in {}", pidfile.display()),
+    })
 }
 
 /// Starts `qemu-storage-daemon` (daemonized: it returns once the export is in place) and returns

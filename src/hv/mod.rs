@@ -399,6 +399,24 @@ impl Dom {
             .map_err(|e| self.err(format!("starting the block commit of {target}"), e))
     }
 
+    /// Starts a full (not shallow), transient block copy of `target` into the existing image
+    /// `dest` (format `format`, created beforehand without a backing file): once pivoted, the
+    /// disk stands alone on `dest` (an instant restore moving a disk off the backup).
+    pub fn start_block_copy(
+        &self,
+        target: &str,
+        dest: &Path,
+        format: &str,
+    ) -> Result<(), LibvirtError> {
+        let dest_xml = format!(
+            "<disk type='file'><source file='{}'/><driver type='{}'/></disk>",
+            xml::escape_attr(&dest.to_string_lossy()),
+            xml::escape_attr(format)
+        );
+        raw::block_copy(&self.dom, target, &dest_xml, raw::COPY_REUSE_FULL_TRANSIENT)
+            .map_err(|e| self.err(format!("starting the block copy of {target}"), e))
+    }
+
     /// Limits the block job of `target` to `bytes_per_sec` (0: unlimited).
     pub fn set_block_job_speed(
         &self,
@@ -409,10 +427,10 @@ impl Dom {
             .map_err(|e| self.err(format!("setting the speed of the block job of {target}"), e))
     }
 
-    /// Pivots a ready active commit (waits for the pivot to complete).
+    /// Pivots a ready active commit or block copy (waits for the pivot to complete).
     pub fn pivot(&self, target: &str) -> Result<(), LibvirtError> {
         raw::block_job_abort(&self.dom, target, true)
-            .map_err(|e| self.err(format!("pivoting {target} back to its base"), e))
+            .map_err(|e| self.err(format!("pivoting {target}"), e))
     }
 
     /// Cancels the block job of a disk.

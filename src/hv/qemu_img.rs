@@ -294,6 +294,33 @@ pub fn create_overlay(
     run_ok("create", overlay, &args).map(drop)
 }
 
+/// Creates an empty image `path` (format `format`, no backing file) of `virtual_size` bytes.
+pub fn create(path: &Path, format: &str, virtual_size: u64) -> Result<(), QemuImgError> {
+    let args: Vec<OsString> = vec![
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        format.into(),
+        path.into(),
+        virtual_size.to_string().into(),
+    ];
+    run_ok("create", path, &args).map(drop)
+}
+
+/// `qemu-img convert -O format src dest`: `src` with its whole backing chain flattened into
+/// the standalone image `dest` (no backing file).
+pub fn convert_flat(src: &Path, dest: &Path, format: &str) -> Result<(), QemuImgError> {
+    let args: Vec<OsString> = vec![
+        "convert".into(),
+        "-q".into(),
+        "-O".into(),
+        format.into(),
+        src.into(),
+        dest.into(),
+    ];
+    run_ok("convert", dest, &args).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,6 +73,9 @@ pub struct JournalRecord {
     /// repair.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch_dir: Option<PathBuf>,
+    /// An instant restore of this domain (`vm` is the restored name): what a repair finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instant: Option<crate::engine::restore::instant::InstantRecord>,
 }
 
 /// The journal file and lock of one VM.

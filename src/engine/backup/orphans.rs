@@ -51,6 +51,9 @@ pub enum OrphanError {
         /// The overlay.
         overlay: PathBuf,
     },
+    /// An interrupted instant restore could not be finished.
+    #[error(transparent)]
+    Instant(Box<crate::engine::restore::RestoreError>),
     /// An overlay or a partial folder could not be removed.
     #[error("cannot {what} {}: {source}", path.display())]
     Remove {
@@ -75,6 +78,7 @@ impl OrphanError {
             OrphanError::NotOurs(_) => ErrorKind::Busy,
             OrphanError::StillOnOverlay { .. } => ErrorKind::Libvirt,
             OrphanError::Remove { source, .. } => ErrorKind::from_io(source),
+            OrphanError::Instant(e) => e.kind(),
         }
     }
 }
@@ -117,6 +121,11 @@ pub(crate) fn repair_record(
     progress: &dyn Progress,
     log: &RunLog,
 ) -> Result<Vec<String>, OrphanError> {
+    if let Some(instant) = &rec.instant {
+        use crate::engine::restore::instant;
+        return instant::repair(hv, instant, instant::DEFAULT_COPY_BOUND, progress)
+            .map_err(|e| OrphanError::Instant(Box::new(e)));
+    }
     let mut actions = Vec::new();
     let dom = match hv.domain(&rec.vm) {
         Ok(d) => Some(d),
@@ -299,6 +308,12 @@ pub fn scan(
         }
         if rec.may_be_frozen {
             detail.push_str("; the guest may be frozen");
+        }
+        if let Some(i) = &rec.instant {
+            detail.push_str(&format!(
+                "; {}",
+                crate::engine::restore::instant::describe(i)
+            ));
         }
         if let Some(p) = &rec.partial_dir {
             if p.exists() {

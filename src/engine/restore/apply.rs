@@ -359,7 +359,7 @@ pub fn create_disk_dir(dir: &Path) -> Result<Option<PathBuf>, RestoreError> {
 /// Gives a restored image (or NVRAM) to the user QEMU runs as, mode 0600: private, yet
 /// readable by libvirt's probe of the backing chain, which runs as that user before it
 /// labels the images. Without such a user (QEMU as root), root keeps it.
-fn hand_to_qemu(path: &Path) -> Result<(), RestoreError> {
+pub(super) fn hand_to_qemu(path: &Path) -> Result<(), RestoreError> {
     let io = |source| RestoreError::Io {
         context: "cannot hand to the QEMU user",
         path: path.to_path_buf(),
@@ -373,7 +373,7 @@ fn hand_to_qemu(path: &Path) -> Result<(), RestoreError> {
 
 /// Copies the file `from` (never through a symlink at its name) to `to` (created with mode
 /// 0600, or replaced).
-fn copy_nofollow(from: &Path, to: &Path) -> std::io::Result<u64> {
+pub(super) fn copy_nofollow(from: &Path, to: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut src = fs::OpenOptions::new()
         .read(true)

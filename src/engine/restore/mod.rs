@@ -60,6 +60,7 @@
 
 pub mod apply;
 pub mod chain;
+pub mod instant;
 pub mod plan;
 pub mod test_restore;
 
@@ -316,6 +317,30 @@ pub enum RestoreError {
     /// Cancelled; nothing was left behind.
     #[error("restore cancelled")]
     Cancelled,
+    /// The journal of the restored name could not be written, or its lock is held.
+    #[error(transparent)]
+    Journal(#[from] crate::engine::backup::journal::JournalError),
+    /// The read-only server of the backup (instant restore) could not be started.
+    #[error("serving the backup: {0}")]
+    Export(#[from] crate::hv::export::ExportError),
+    /// `qemu-img` failed (instant restore: an overlay or a destination image).
+    #[error(transparent)]
+    QemuImg(#[from] QemuImgError),
+    /// An interrupted instant restore of this name must be repaired first.
+    #[error("{0}")]
+    Interrupted(String),
+    /// An instant restore stopped after its domain started: the domain keeps running on
+    /// its overlays (never on a half-copied disk) and the journal keeps the state.
+    #[error(
+        "instant restore of {domain} not finished: {detail}; the domain keeps running on its \
+         overlays over the backup: `vm-backup orphans --cleanup` finishes the copy"
+    )]
+    Unfinished {
+        /// The restored domain.
+        domain: String,
+        /// What stopped it.
+        detail: String,
+    },
 }
 
 /// Finds the backup folder of a request.
@@ -615,6 +640,11 @@ impl RestoreError {
             RestoreError::ChainUnreadable { source, .. } => source.kind(),
             RestoreError::Chain { .. } => ErrorKind::Corrupt,
             RestoreError::Cancelled => ErrorKind::Cancelled,
+            RestoreError::Journal(e) => e.kind(),
+            RestoreError::Export(e) => e.kind(),
+            RestoreError::QemuImg(e) => e.kind(),
+            RestoreError::Interrupted(_) => ErrorKind::Busy,
+            RestoreError::Unfinished { .. } => ErrorKind::Libvirt,
         }
     }
 }
