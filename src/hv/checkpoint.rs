@@ -93,8 +93,23 @@ impl Dom {
                 message: format!("not created by vm-backup (no {CHECKPOINT_PREFIX} prefix)"),
             });
         }
-        raw::checkpoint_delete(&self.dom, name)
+        raw::checkpoint_delete(&self.dom, name, false)
             .map_err(|e| self.err(format!("deleting checkpoint {name}"), e))
+    }
+
+    /// Deletes only libvirt's record of a checkpoint of ours, for one whose bitmap is gone
+    /// from a disk (libvirt then refuses the normal delete): the bitmaps it had on the other
+    /// disks stay in those images.
+    pub fn forget_checkpoint(&self, name: &str) -> Result<(), LibvirtError> {
+        if !is_ours(name) {
+            return Err(LibvirtError::Call {
+                vm: self.name.clone(),
+                op: format!("forgetting checkpoint {name}"),
+                message: format!("not created by vm-backup (no {CHECKPOINT_PREFIX} prefix)"),
+            });
+        }
+        raw::checkpoint_delete(&self.dom, name, true)
+            .map_err(|e| self.err(format!("forgetting checkpoint {name}"), e))
     }
 
     /// Starts a push-mode backup job of the changes since `since` into the given files (the
@@ -180,6 +195,20 @@ impl Dom {
     }
 }
 
+/// The disk whose bitmap libvirt refused, from its error message (`checkpoint inconsistent:
+/// missing or broken bitmap 'C' for disk 'vda'`, `bitmap 'C' not found in backing chain of
+/// 'vda'`). Pure.
+pub fn refused_bitmap_disk(message: &str) -> Option<String> {
+    if !message.contains("bitmap") {
+        return None;
+    }
+    let tail = ["for disk '", "backing chain of '"]
+        .iter()
+        .find_map(|m| message.rfind(m).map(|i| &message[i + m.len()..]))?;
+    let disk = &tail[..tail.find('\'')?];
+    (!disk.is_empty()).then(|| disk.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +237,25 @@ mod tests {
             m.contains("<disk name='vda' backup='yes' type='file'><driver"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn the_disk_of_a_refused_bitmap_is_found() {
+        assert_eq!(
+            refused_bitmap_disk(
+                "operation failed: checkpoint inconsistent: missing or broken bitmap 'c3' for disk 'vda'"
+            )
+            .as_deref(),
+            Some("vda")
+        );
+        assert_eq!(
+            refused_bitmap_disk(
+                "internal error: bitmap 'vmb-1' not found in backing chain of 'vdb'"
+            )
+            .as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(refused_bitmap_disk("domain is not running"), None);
     }
 
     #[test]

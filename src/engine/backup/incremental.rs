@@ -147,6 +147,17 @@ pub enum FullReason {
         /// The bitmap (checkpoint) name.
         bitmap: String,
     },
+    /// libvirt refused a disk's bitmap at the job start (missing or broken).
+    #[error("disk {target}: libvirt refused its bitmap: {message}")]
+    BitmapRefused {
+        /// The disk.
+        target: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// Every disk needs a full (each disk's reason, joined).
+    #[error("every disk needs a full: {0}")]
+    EveryDisk(String),
     /// libvirt failed (listing checkpoints), or refused the backup job.
     #[error("libvirt refused the backup job: {0}")]
     JobRefused(#[source] crate::hv::LibvirtError),
@@ -282,11 +293,19 @@ pub fn per_disk_or_whole(
     targets: &[String],
     full: BTreeMap<String, FullReason>,
 ) -> Result<BTreeMap<String, FullReason>, FullReason> {
-    let mut full = full;
     if !targets.is_empty() && targets.iter().all(|t| full.contains_key(t)) {
-        if let Some(first) = targets.first().and_then(|t| full.remove(t)) {
-            return Err(first);
+        let mut full = full;
+        if targets.len() == 1 {
+            if let Some(only) = full.remove(&targets[0]) {
+                return Err(only);
+            }
         }
+        return Err(FullReason::EveryDisk(
+            full.values()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
     }
     Ok(full)
 }
@@ -427,21 +446,7 @@ impl BackupSession<'_> {
                 self.plan.chain.level = Some(asked);
                 self.plan.chain.parent = Some(p.stamp.clone());
                 for (target, why) in full {
-                    let note = format!("{target}: copied in full inside the {asked}: {why}");
-                    self.log(Level::Warning, &note);
-                    self.plan.chain.full_disks.insert(target, why.to_string());
-                }
-                if !self.plan.chain.full_disks.is_empty() {
-                    self.plan.chain.level_note = Some(format!(
-                        "{asked}; disk(s) copied in full: {}",
-                        self.plan
-                            .chain
-                            .full_disks
-                            .iter()
-                            .map(|(t, w)| format!("{t} ({w})"))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    ));
+                    self.disk_in_full(asked, target, why);
                 }
                 self.log(
                     Level::Info,
@@ -457,6 +462,24 @@ impl BackupSession<'_> {
                 None
             }
         }
+    }
+
+    /// Disk `target` is copied in full inside the incremental or differential: recorded in
+    /// `full_disks` and `level_note`, said in the log.
+    fn disk_in_full(&mut self, asked: BackupLevel, target: String, why: FullReason) {
+        let note = format!("{target}: copied in full inside the {asked}: {why}");
+        self.log(Level::Warning, &note);
+        self.plan.chain.full_disks.insert(target, why.to_string());
+        self.plan.chain.level_note = Some(format!(
+            "{asked}; disk(s) copied in full: {}",
+            self.plan
+                .chain
+                .full_disks
+                .iter()
+                .map(|(t, w)| format!("{t} ({w})"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
     }
 
     fn full_instead(&mut self, asked: BackupLevel, why: FullReason) {
@@ -497,18 +520,12 @@ impl BackupSession<'_> {
             if full.contains_key(&d.target) {
                 continue;
             }
+            // The image on disk lists the bitmaps QEMU loaded at start (and those stored at
+            // a snapshot); one created since lives only in QEMU until it closes the image. So
+            // a bitmap absent here proves nothing: libvirt checks presence at the job start
+            // (`take_increment` retries with that disk in full when it refuses one).
             let bitmaps = qemu_img::bitmaps(&d.source)?;
             match bitmaps.iter().find(|b| b.name == parent.checkpoint) {
-                None => {
-                    full.insert(
-                        d.target.clone(),
-                        FullReason::BitmapMissing {
-                            target: d.target.clone(),
-                            bitmap: parent.checkpoint.clone(),
-                            path: d.source.clone(),
-                        },
-                    );
-                }
                 Some(b) if b.is_inconsistent() => {
                     full.insert(
                         d.target.clone(),
@@ -518,7 +535,7 @@ impl BackupSession<'_> {
                         },
                     );
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
         let targets: Vec<String> = self.plan.disks.iter().map(|d| d.target.clone()).collect();
@@ -591,6 +608,22 @@ impl BackupSession<'_> {
                     Level::Info,
                     &format!("checkpoint {c} deleted (no longer needed)"),
                 ),
+                // Its bitmap is gone from a disk: libvirt refuses the delete; forget it.
+                Err(e) if checkpoint::refused_bitmap_disk(&e.to_string()).is_some() => {
+                    match self.run.dom.forget_checkpoint(&c) {
+                        Ok(()) => self.log(
+                            Level::Warning,
+                            &format!(
+                                "checkpoint {c} forgotten (a disk lost its bitmap: {e}); its \
+                                 bitmaps on the other disks stay in their images"
+                            ),
+                        ),
+                        Err(e) => self.log(
+                            Level::Warning,
+                            &format!("cannot delete checkpoint {c}: {e}"),
+                        ),
+                    }
+                }
                 Err(e) => self.log(
                     Level::Warning,
                     &format!("cannot delete checkpoint {c}: {e}"),
@@ -654,35 +687,33 @@ impl BackupSession<'_> {
             .map(|(t, f)| (t.clone(), f.as_path()))
             .collect();
         let targets: Vec<String> = files.iter().map(|(t, _)| t.clone()).collect();
-        let full: Vec<String> = self.plan.chain.full_disks.keys().cloned().collect();
         let quiesce = self.plan.method == Method::Quiesce;
-        let begun = if quiesce {
-            let _ = self.run.journal.update(|r| r.may_be_frozen = true);
-            let tf = Instant::now();
-            let r = match self.run.dom.fs_freeze() {
-                Ok(_) => {
-                    let r = self.run.dom.begin_push_backup(
-                        &parent.checkpoint,
-                        &jobs,
-                        &full,
-                        Some((&new, &targets)),
-                    );
-                    let thawed = self.run.dom.fs_thaw();
-                    self.run.frozen_ms = Some(tf.elapsed().as_secs_f64() * 1000.0);
-                    if let Err(e) = thawed {
-                        return Err(self.failed(Phase::Snapshot, e));
+        let begun = loop {
+            let full: Vec<String> = self.plan.chain.full_disks.keys().cloned().collect();
+            let begun = self.begin_job(quiesce, parent, &jobs, &full, &new, &targets)?;
+            let Err(e) = begun else { break Ok(()) };
+            // A bitmap libvirt refuses (missing, broken): that disk in full, the others
+            // still incrementally; a whole full only when no disk would be left.
+            match checkpoint::refused_bitmap_disk(&e.to_string()) {
+                Some(disk)
+                    if targets.contains(&disk)
+                        && !full.contains(&disk)
+                        && full.len() + 1 < targets.len() =>
+                {
+                    let why = FullReason::BitmapRefused {
+                        target: disk.clone(),
+                        message: e.to_string(),
+                    };
+                    self.disk_in_full(self.run.request.level, disk, why);
+                    // A refused start may leave its target files: the next one makes them.
+                    for (_, f) in &files {
+                        let _ = fs::remove_file(f);
                     }
-                    r
                 }
-                Err(e) => Err(e),
-            };
-            let _ = self.run.journal.update(|r| r.may_be_frozen = false);
-            r
-        } else {
-            self.run
-                .dom
-                .begin_push_backup(&parent.checkpoint, &jobs, &full, Some((&new, &targets)))
+                _ => break Err(e),
+            }
         };
+        let full: Vec<String> = self.plan.chain.full_disks.keys().cloned().collect();
         if let Err(e) = begun {
             // Nothing started: no job, no new checkpoint. Heal with a full.
             let _ = self.run.journal.update(|r| {
@@ -755,6 +786,48 @@ impl BackupSession<'_> {
         }
         self.phase_finished(Phase::Snapshot, t.elapsed().as_secs_f64());
         Ok(true)
+    }
+
+    /// One attempt at the job start: [freeze] backup-begin [thaw]. `Err` inside `Ok` is
+    /// libvirt refusing the job (nothing started); the outer `Err` a failed thaw.
+    fn begin_job(
+        &mut self,
+        quiesce: bool,
+        parent: &ParentChoice,
+        jobs: &[(String, &Path)],
+        full: &[String],
+        new: &str,
+        targets: &[String],
+    ) -> Result<Result<(), crate::hv::LibvirtError>, super::BackupError> {
+        if !quiesce {
+            return Ok(self.run.dom.begin_push_backup(
+                &parent.checkpoint,
+                jobs,
+                full,
+                Some((new, targets)),
+            ));
+        }
+        let _ = self.run.journal.update(|r| r.may_be_frozen = true);
+        let tf = Instant::now();
+        let r = match self.run.dom.fs_freeze() {
+            Ok(_) => {
+                let r = self.run.dom.begin_push_backup(
+                    &parent.checkpoint,
+                    jobs,
+                    full,
+                    Some((new, targets)),
+                );
+                let thawed = self.run.dom.fs_thaw();
+                self.run.frozen_ms = Some(tf.elapsed().as_secs_f64() * 1000.0);
+                if let Err(e) = thawed {
+                    return Err(self.failed(Phase::Snapshot, e));
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        let _ = self.run.journal.update(|r| r.may_be_frozen = false);
+        Ok(r)
     }
 
     /// After the copy of an incremental: the records name the domain's images, not the
@@ -983,7 +1056,11 @@ mod tests {
         };
         let both: BTreeMap<_, _> = [(t("vda"), reason("vda")), (t("vdb"), reason("vdb"))].into();
         let e = per_disk_or_whole(&[t("vda"), t("vdb")], both).unwrap_err();
-        assert!(e.to_string().contains("vda"), "{e}");
+        assert!(matches!(e, FullReason::EveryDisk(_)), "{e}");
+        assert!(
+            e.to_string().contains("vda") && e.to_string().contains("vdb"),
+            "{e}"
+        );
         let one: BTreeMap<_, _> = [(t("vdb"), reason("vdb"))].into();
         let m = per_disk_or_whole(&[t("vda"), t("vdb")], one).unwrap();
         assert_eq!(m.keys().collect::<Vec<_>>(), vec!["vdb"]);
