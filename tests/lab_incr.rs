@@ -495,7 +495,7 @@ fn inl_chain_survives_a_restart_verifies_lists_test_restores_and_prunes_whole() 
     );
     let note = offline.chain.level_note.clone().unwrap_or_default();
     assert!(note.contains("not running"), "{note}");
-    drop(off);
+    // (`off` is dropped at the end: its drop removes our checkpoints from the domain.)
     // Started again: the bitmaps were written at shutdown and QEMU loads them.
     start_and_wait(&dom);
     let image = the_disk(&dom);
@@ -652,7 +652,9 @@ fn inl_chain_survives_a_restart_verifies_lists_test_restores_and_prunes_whole() 
     for d in [&full_dir, &inc_dir, &diff_dir] {
         assert!(d.exists(), "{} pruned out of a kept chain", d.display());
     }
-    let (new_dir, _) = s.backup(&dom, "full", &[]);
+    let (new_dir, new_full) = s.backup(&dom, "full", &[]);
+    // (verified, so that "newest verified backup" is not the old incremental)
+    assert_eq!(verify(&new_full.stamp).0, Some(0));
     let out = s.vmb(&["prune"]);
     assert!(out.status.success(), "{:?}", texts(&out));
     for d in [&full_dir, &inc_dir, &diff_dir] {

@@ -28,7 +28,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             .iter()
             .map(|row| JsonRow {
                 row,
-                chain: chain_of(std::path::Path::new(&row.path)),
+                chain: chain_of(&settings.target.join(&row.path)),
             })
             .collect();
         println!(
@@ -58,7 +58,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         "TEST-RESTORE"
     );
     for r in rows {
-        let c = chain_of(std::path::Path::new(&r.path));
+        let c = chain_of(&settings.target.join(&r.path));
         println!(
             "{:<12} {:<20} {:<18} {:<18} {:<32} {:<9} {:>10} {:>8.1}s {:>12} {:>9} {:<9} {:<7} {:<12}",
             r.host,
