@@ -6,10 +6,11 @@
 //! full:         checkpoint vmb-<stamp> (just before the snapshot) ─► the usual full backup
 //! incremental:  parent = the newest backup on this target (it has a checkpoint)
 //! differential: parent = the newest full on this target (it has a checkpoint)
-//!   checks: domain running, every disk qcow2, same disks and sizes as the parent, the
-//!           parent's files there (and its parents' up to a full), the checkpoint known to
-//!           libvirt, its bitmap present and consistent in every image
+//!   checks: domain running, every disk qcow2, no disk of the parent gone, the parent's
+//!           files there (and its parents' up to a full), the checkpoint known to libvirt
 //!   anything off ─► a full, the reason in `level_note` and the log
+//!   per disk: added or resized, bitmap inconsistent, or refused by libvirt at the job
+//!           start ─► that disk copied in full inside the incremental (`full_disks`)
 //!   else: [freeze] backup-begin (push, <incremental>parent's checkpoint</incremental>, new
 //!         checkpoint vmb-<stamp>) [thaw] ─► wait for the job ─► each target file rebased
 //!         (header only) onto ../<parent>/<file> ─► copied into the folder like a full's disk
