@@ -796,7 +796,10 @@ fn forget_our_checkpoints(dom: &str) {
         .map(str::trim)
         .filter(|c| c.starts_with("vmb-"))
     {
-        if !support::virsh(&["checkpoint-delete", dom, c]).status.success() {
+        if !support::virsh(&["checkpoint-delete", dom, c])
+            .status
+            .success()
+        {
             let _ = support::virsh(&["checkpoint-delete", dom, c, "--metadata"]);
         }
     }

@@ -254,11 +254,11 @@ pub fn plan(
     // member is kept (a later increment on a kept full stays with it).
     // (each chain named by its newest kept member)
     let kept_chains: BTreeMap<usize, usize> = reasons.keys().map(|&i| (root[i], i)).collect();
-    for i in 0..sorted.len() {
+    for (i, r) in root.iter().enumerate() {
         if reasons.contains_key(&i) {
             continue;
         }
-        if let Some(&k) = kept_chains.get(&root[i]) {
+        if let Some(&k) = kept_chains.get(r) {
             let why = format!("same chain as kept {}", sorted[k].stamp);
             reasons.entry(i).or_default().push(why);
         }

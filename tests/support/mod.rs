@@ -450,26 +450,6 @@ impl Drop for Share {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::SeqCheck;
-
-    #[test]
-    fn seq_check_summary_parses() {
-        let s = "gap after 3: 5\nfirst=1 last=9 gaps=1 lines=8\n";
-        assert_eq!(
-            SeqCheck::parse(s),
-            Some(SeqCheck {
-                first: 1,
-                last: 9,
-                gaps: 1,
-                lines: 8
-            })
-        );
-        assert_eq!(SeqCheck::parse("garbage"), None);
-    }
-}
-
 /// The QEMU node name of the qcow2 format layer of `image` in the running domain (QMP
 /// `query-named-block-nodes`).
 pub fn format_node(dom: &str, image: &str) -> String {
@@ -497,4 +477,24 @@ pub fn remove_bitmap_live(dom: &str, image: &str, name: &str) {
         "arguments": {"node": format_node(dom, image), "name": name},
     });
     virsh_ok(&["qemu-monitor-command", dom, &cmd.to_string()]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeqCheck;
+
+    #[test]
+    fn seq_check_summary_parses() {
+        let s = "gap after 3: 5\nfirst=1 last=9 gaps=1 lines=8\n";
+        assert_eq!(
+            SeqCheck::parse(s),
+            Some(SeqCheck {
+                first: 1,
+                last: 9,
+                gaps: 1,
+                lines: 8
+            })
+        );
+        assert_eq!(SeqCheck::parse("garbage"), None);
+    }
 }
