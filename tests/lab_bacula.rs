@@ -827,7 +827,7 @@ fn incremental_job_after_a_full_is_an_incremental_and_restores_byte_exact() {
     lab.drop_in(
         "zz-incr",
         &format!(
-            "FileSet {{\n Name = \"incr-set\"\n Include {{\n  Plugin = \"vm-backup: vm={dom} mode=direct method=snapshot\"\n }}\n}}\n\
+            "FileSet {{\n Name = \"incr-set\"\n Include {{\n  Plugin = \"vm-backup: vm={dom} mode=direct method=snapshot config={LAB}/etc/vm-backup.conf\"\n }}\n}}\n\
              Job {{\n Name = \"vm-incr\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"incr-set\"\n}}\n"
         ),
     );
