@@ -961,3 +961,155 @@ fn a_warning_that_does_not_touch_the_data_ends_ok_with_warnings() {
     assert_on_base(&NOAGENT);
     discard(&dir);
 }
+
+// ---- issue 11: Bacula levels (incrementals in direct mode) ----
+
+/// `run job=JOB level=LEVEL yes`, waited for: (JobId, JobStatus).
+fn run_level(lab: &Lab, job: &str, level: &str) -> (u32, char) {
+    let out = lab.bconsole(&format!("run job={job} level={level} yes\n"));
+    let id: u32 = out
+        .lines()
+        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
+        .find_map(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{job} not queued: {out}"));
+    (id, lab.wait(id))
+}
+
+/// Resumes a paused domain when dropped.
+struct ResumeOnDrop(String);
+
+impl Drop for ResumeOnDrop {
+    fn drop(&mut self) {
+        let _ = support::virsh(&["resume", &self.0]);
+    }
+}
+
+/// Our checkpoints (`vmb-*`) deleted from a domain (a clean chain before and after).
+fn forget_our_checkpoints(dom: &str) {
+    let names = support::virsh(&["checkpoint-list", dom, "--name"]);
+    for c in String::from_utf8_lossy(&names.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|c| c.starts_with("vmb-"))
+    {
+        if !support::virsh(&["checkpoint-delete", dom, c])
+            .status
+            .success()
+        {
+            let _ = support::virsh(&["checkpoint-delete", dom, c, "--metadata"]);
+        }
+    }
+}
+
+/// A Bacula Incremental after a Full, in direct mode, on the agent guest of the libvirt lab
+/// of `VMB_LAB_PREFIX`: the job log says which level ran and on what, the folder is an
+/// incremental on the Full's folder, and a bconsole restore of the Incremental's JobId gives
+/// the disk as of that job, byte for byte.
+#[test]
+fn incremental_job_after_a_full_is_an_incremental_and_restores_byte_exact() {
+    let name = "incremental_job_after_a_full_is_an_incremental_and_restores_byte_exact";
+    let Some(lab) = lab(name, false) else {
+        return;
+    };
+    if !support::lab_enabled(name) {
+        return;
+    }
+    let dom = support::agent_dom();
+    support::wait_agent(&dom, Duration::from_secs(60));
+    forget_our_checkpoints(&dom);
+    let restored = format!("{dom}-restored");
+    let _ = support::virsh(&["destroy", &restored]);
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    lab.drop_in(
+        "zz-incr",
+        &format!(
+            "FileSet {{\n Name = \"incr-set\"\n Include {{\n  Plugin = \"vm-backup: vm={dom} mode=direct method=snapshot config={LAB}/etc/vm-backup.conf\"\n }}\n}}\n\
+             Job {{\n Name = \"vm-incr\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"incr-set\"\n}}\n"
+        ),
+    );
+    let (fid, fstatus) = run_level(&lab, "vm-incr", "Full");
+    let flog = lab.joblog(fid);
+    assert_eq!(fstatus, 'T', "{flog}");
+    assert!(flog.contains("Full requested: level full ran"), "{flog}");
+    let full_dir = folder_of(&lab.files(fid), &dom);
+
+    // Known data, then the Incremental while the guest is paused (the reference is its disk).
+    support::gexec_ok(
+        &dom,
+        "dd if=/dev/urandom of=/mnt/data/bacula-inc.bin bs=64k count=8 2>/dev/null && sync",
+    );
+    let image = support::disk_sources(&dom)
+        .into_iter()
+        .find(|(t, _)| t == "vda")
+        .map(|(_, s)| s)
+        .expect("vda");
+    let reference = PathBuf::from(format!("{LAB}/restore/incr-reference.raw"));
+    let (iid, istatus) = {
+        support::virsh_ok(&["suspend", &dom]);
+        let _resume = ResumeOnDrop(dom.clone());
+        let out = Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw", &image])
+            .arg(&reference)
+            .output()
+            .expect("qemu-img convert");
+        assert!(out.status.success(), "{out:?}");
+        run_level(&lab, "vm-incr", "Incremental")
+    };
+    let ilog = lab.joblog(iid);
+    assert_eq!(istatus, 'T', "{ilog}");
+    let full_stamp = full_dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        ilog.contains(&format!(
+            "Incremental requested: level incremental ran, on top of {full_stamp}"
+        )),
+        "{ilog}"
+    );
+    let inc_dir = folder_of(&lab.files(iid), &dom);
+    let meta = vm_backup::format::metadata::BackupMetadata::read(&inc_dir).expect("metadata");
+    assert_eq!(
+        meta.level(),
+        vm_backup::format::metadata::BackupLevel::Incremental
+    );
+    assert_eq!(meta.chain.parent.as_deref(), Some(full_stamp.as_str()));
+
+    // Restore of the Incremental's JobId through bconsole: the chain comes back.
+    let where_ = PathBuf::from(format!("{LAB}/restore/incr-{iid}"));
+    let _ = std::fs::remove_dir_all(&where_);
+    let out = lab.bconsole(&format!(
+        "restore jobid={iid} where={} all done yes\n",
+        where_.display()
+    ));
+    let rid: u32 = out
+        .lines()
+        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
+        .find_map(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("restore not queued: {out}"));
+    let rstatus = lab.wait(rid);
+    let rlog = lab.joblog(rid);
+    assert_eq!(rstatus, 'T', "{rlog}");
+    let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
+    let disk = blk
+        .split_whitespace()
+        .find(|w| w.starts_with(&where_.display().to_string()) && w.ends_with(".qcow2"))
+        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
+        .to_string();
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw", &disk])
+        .arg(&reference)
+        .output()
+        .expect("qemu-img compare");
+    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    let _ = std::fs::remove_dir_all(&where_);
+    let _ = std::fs::remove_file(&reference);
+    std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-incr.conf")).ok();
+    lab.bconsole("reload\n");
+    forget_our_checkpoints(&dom);
+    discard(&inc_dir);
+    discard(&full_dir);
+    assert!(
+        cmp.status.success(),
+        "the restored incremental differs from the disk at the job: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+}

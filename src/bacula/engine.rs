@@ -72,7 +72,8 @@ pub fn backup_direct(
     let outcome = run_backup(&request, progress, &reporter, cancel);
     let level_report = match &outcome.metadata {
         Some(m) => match (&m.chain.level_note, &m.chain.parent) {
-            (Some(note), _) => format!("level {} ran: {note}", m.level()),
+            (Some(note), Some(p)) => format!("level {} ran, on top of {p}: {note}", m.level()),
+            (Some(note), None) => format!("level {} ran: {note}", m.level()),
             (None, Some(p)) => format!("level {} ran, on top of {p}", m.level()),
             (None, None) => format!("level {} ran", m.level()),
         },

@@ -1,8 +1,9 @@
 //! `vm-backup list`: the backups on the target, from the catalog (kept in line with the share).
 
 use vm_backup::config::Settings;
+use vm_backup::format::metadata::BackupMetadata;
 use vm_backup::ops::notify::{human_bytes, human_rate, verdict_word};
-use vm_backup::store::catalog::Catalog;
+use vm_backup::store::catalog::{BackupRow, Catalog};
 
 use super::common::TargetArgs;
 
@@ -23,6 +24,13 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     catalog.sync()?;
     let rows = catalog.backups(args.vm.as_deref())?;
     if args.common.json {
+        let rows: Vec<JsonRow<'_>> = rows
+            .iter()
+            .map(|row| JsonRow {
+                row,
+                chain: chain_of(&settings.target.join(&row.path)),
+            })
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&rows).unwrap_or_default()
@@ -34,10 +42,11 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         return Ok(0);
     }
     println!(
-        "{:<12} {:<20} {:<18} {:<32} {:<9} {:>10} {:>9} {:>12} {:>9} {:<9} {:<7} {:<12}",
+        "{:<12} {:<20} {:<18} {:<18} {:<32} {:<9} {:>10} {:>9} {:>12} {:>9} {:<9} {:<7} {:<12}",
         "HOST",
         "VM",
         "STAMP",
+        "CHAIN",
         "LEVEL (PARENT)",
         "METHOD",
         "SIZE",
@@ -49,12 +58,14 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         "TEST-RESTORE"
     );
     for r in rows {
+        let c = chain_of(&settings.target.join(&r.path));
         println!(
-            "{:<12} {:<20} {:<18} {:<32} {:<9} {:>10} {:>8.1}s {:>12} {:>9} {:<9} {:<7} {:<12}",
+            "{:<12} {:<20} {:<18} {:<18} {:<32} {:<9} {:>10} {:>8.1}s {:>12} {:>9} {:<9} {:<7} {:<12}",
             r.host,
             r.vm,
             r.stamp,
-            level_of(std::path::Path::new(&r.path)),
+            c.as_ref().map_or("-", |c| c.chain.as_str()),
+            c.as_ref().map_or_else(|| "-".to_string(), ChainView::text),
             r.method,
             human_bytes(r.total_bytes),
             r.duration_seconds,
@@ -69,14 +80,67 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     Ok(0)
 }
 
-/// `full`, or `incremental (<parent>)` / `differential (<parent>)`, from the folder's metadata
-/// (`-` when it cannot be read).
-fn level_of(dir: &std::path::Path) -> String {
-    match vm_backup::format::metadata::BackupMetadata::read(dir) {
-        Ok(m) => match &m.chain.parent {
-            Some(p) => format!("{} ({p})", m.level()),
-            None => m.level().to_string(),
-        },
-        Err(_) => "-".into(),
+/// A catalog row with its place in a chain (`list --json`).
+#[derive(serde::Serialize)]
+struct JsonRow<'a> {
+    #[serde(flatten)]
+    row: &'a BackupRow,
+    /// `None` when the metadata cannot be read.
+    chain: Option<ChainView>,
+}
+
+/// Where a backup sits in its chain, from its folder's metadata.
+#[derive(serde::Serialize)]
+struct ChainView {
+    /// `full`, `incremental` or `differential`.
+    level: String,
+    /// The parent's stamp (incremental, differential).
+    parent: Option<String>,
+    /// The chain's id: the stamp of the full it stands on (its own for a full).
+    chain: String,
+    /// How many backups lie between it and the full (0 for a full).
+    depth: usize,
+    /// Disks copied in full inside an incremental, with why.
+    full_disks: std::collections::BTreeMap<String, String>,
+}
+
+impl ChainView {
+    /// `full`, or `└ incremental (<parent>)` indented by depth, with the disks copied whole.
+    fn text(&self) -> String {
+        let mut t = match &self.parent {
+            Some(p) => format!("{}└ {} ({p})", "  ".repeat(self.depth - 1), self.level),
+            None => self.level.clone(),
+        };
+        if !self.full_disks.is_empty() {
+            let disks: Vec<&str> = self.full_disks.keys().map(String::as_str).collect();
+            t.push_str(&format!(" +full {}", disks.join(",")));
+        }
+        t
     }
+}
+
+/// The chain of the backup in `dir`: its parents followed through their metadata.
+fn chain_of(dir: &std::path::Path) -> Option<ChainView> {
+    let m = BackupMetadata::read(dir).ok()?;
+    let base = dir.parent()?;
+    let mut chain = m.stamp.clone();
+    let mut depth = 0;
+    let mut next = m.chain.parent.clone();
+    while let Some(p) = next.take() {
+        depth += 1;
+        chain = p.clone();
+        if depth > 1000 {
+            break;
+        }
+        next = BackupMetadata::read(&base.join(&p))
+            .ok()
+            .and_then(|pm| pm.chain.parent);
+    }
+    Some(ChainView {
+        level: m.level().to_string(),
+        parent: m.chain.parent.clone(),
+        chain,
+        depth,
+        full_disks: m.chain.full_disks.clone(),
+    })
 }

@@ -95,7 +95,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             },
             None => None,
         };
-        let report = verify::verify_backup(dir, &options, &progress, &cancel)?;
+        let report = verify::verify_chain(dir, &options, &progress, &cancel)?;
         if let Err(e) = verify::record_verdict(&settings.target, &report) {
             eprintln!("vm-backup: warning: {e}");
         }

@@ -166,9 +166,44 @@ pub fn plan(
         add(i, "newest verified backup".into());
     }
 
+    // Chains: a backup's chain is named by its oldest member found (the full it stands on).
+    let index: BTreeMap<&str, usize> = sorted
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.stamp.as_str(), i))
+        .collect();
+    let root: Vec<usize> = (0..sorted.len())
+        .map(|i| {
+            let mut r = i;
+            for _ in 0..sorted.len() {
+                match sorted[r].parent.as_deref().and_then(|p| index.get(p)) {
+                    Some(&j) if j != r => r = j,
+                    _ => break,
+                }
+            }
+            r
+        })
+        .collect();
+
+    // keep-last counts chains: the newest usable point of each of the N newest chains.
     if let Some(n) = retention.keep_last {
-        for (rank, &i) in usable.iter().rev().take(n as usize).enumerate() {
-            add(i, format!("keep-last {}/{n}", rank + 1));
+        let mut chains = BTreeSet::new();
+        for &i in usable.iter().rev() {
+            if chains.len() >= n as usize {
+                break;
+            }
+            if chains.insert(root[i]) {
+                let why = if root[i] == i {
+                    format!("keep-last {}/{n}", chains.len())
+                } else {
+                    format!(
+                        "keep-last {}/{n} (chain of {})",
+                        chains.len(),
+                        sorted[root[i]].stamp
+                    )
+                };
+                add(i, why);
+            }
         }
     }
     type PeriodKey = fn(&NaiveDateTime) -> String;
@@ -201,12 +236,7 @@ pub fn plan(
         }
     }
 
-    // Chains stay whole: a kept backup keeps its parent, that one its own, down to the full.
-    let index: BTreeMap<&str, usize> = sorted
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.stamp.as_str(), i))
-        .collect();
+    // Chains stay whole: a kept backup keeps its parent, that one its own, down to the full…
     let mut todo: Vec<usize> = reasons.keys().copied().collect();
     while let Some(i) = todo.pop() {
         let Some(p) = sorted[i].parent.as_deref() else {
@@ -218,6 +248,19 @@ pub fn plan(
         reasons.entry(j).or_default().push(why);
         if first {
             todo.push(j);
+        }
+    }
+    // …and a chain is removed whole or not at all: every member of a chain with a kept
+    // member is kept (a later increment on a kept full stays with it).
+    // (each chain named by its newest kept member)
+    let kept_chains: BTreeMap<usize, usize> = reasons.keys().map(|&i| (root[i], i)).collect();
+    for (i, r) in root.iter().enumerate() {
+        if reasons.contains_key(&i) {
+            continue;
+        }
+        if let Some(&k) = kept_chains.get(r) {
+            let why = format!("same chain as kept {}", sorted[k].stamp);
+            reasons.entry(i).or_default().push(why);
         }
     }
 
@@ -422,10 +465,15 @@ mod tests {
                 policy(1, 0, 0, 0, 0),
                 vec!["2026-01-06-120000", "2026-01-07-120000"],
             ),
-            // keep-last 2: the differential is not in it, but nothing of another chain is.
+            // keep-last 2 counts chains: F3's and F2's (with its differential), whole.
             (
                 policy(2, 0, 0, 0, 0),
-                vec!["2026-01-06-120000", "2026-01-07-120000"],
+                vec![
+                    "2026-01-04-120000",
+                    "2026-01-05-120000",
+                    "2026-01-06-120000",
+                    "2026-01-07-120000",
+                ],
             ),
             // keep-daily 5 reaches back to I2 (2026-01-03): its whole chain comes along.
             (
@@ -479,6 +527,63 @@ mod tests {
                 .any(|r| r == "parent of kept 2026-01-07-120000"),
             "{:?}",
             f3.reasons
+        );
+    }
+
+    #[test]
+    fn a_chain_is_removed_whole_or_not_at_all() {
+        // F1 ← I1 ← I2 ← I3 (days 1–4), F2 ← I4 (days 5–6).
+        let list = [
+            chained("2026-01-01-120000", None),
+            chained("2026-01-02-120000", Some("2026-01-01-120000")),
+            chained("2026-01-03-120000", Some("2026-01-02-120000")),
+            chained("2026-01-04-120000", Some("2026-01-03-120000")),
+            chained("2026-01-05-120000", None),
+            chained("2026-01-06-120000", Some("2026-01-05-120000")),
+        ];
+        // (policy, kept): a rule keeping any point of F1's chain keeps all of it.
+        let table: [(Retention, Vec<&str>); 4] = [
+            (
+                policy(1, 0, 0, 0, 0),
+                vec!["2026-01-05-120000", "2026-01-06-120000"],
+            ),
+            (
+                policy(2, 0, 0, 0, 0),
+                list.iter().map(|c| c.stamp.as_str()).collect(),
+            ),
+            // keep-daily 3: days 4–6; day 4 is I3, so F1…I3 all stay.
+            (
+                policy(0, 3, 0, 0, 0),
+                list.iter().map(|c| c.stamp.as_str()).collect(),
+            ),
+            // keep-daily 2: days 5–6, F2's chain only.
+            (
+                policy(0, 2, 0, 0, 0),
+                vec!["2026-01-05-120000", "2026-01-06-120000"],
+            ),
+        ];
+        for (retention, want) in table {
+            let d = plan(&list, &retention, None);
+            assert_eq!(kept(&d), want, "{retention:?}");
+        }
+        // A full kept by a rule keeps its later increments (reason named), not only parents.
+        let d = plan(&list[..4], &policy(0, 0, 0, 0, 0), None);
+        assert!(d.iter().all(|d| d.keep));
+        let yearly_on_full = [
+            chained("2025-12-31-120000", None),
+            chained("2026-01-01-120000", Some("2025-12-31-120000")),
+            chained("2026-01-02-120000", None),
+        ];
+        let d = plan(&yearly_on_full, &policy(1, 0, 0, 0, 2), None);
+        let i = d.iter().find(|d| d.stamp == "2026-01-01-120000").unwrap();
+        assert!(i.keep, "{d:?}");
+        assert!(
+            i.reasons
+                .iter()
+                .any(|r| r == "same chain as kept 2025-12-31-120000")
+                || i.reasons.iter().any(|r| r.starts_with("keep-yearly")),
+            "{:?}",
+            i.reasons
         );
     }
 

@@ -519,3 +519,241 @@ impl VerifyError {
         }
     }
 }
+
+/// Verifies a backup and, for an incremental or differential, its whole chain down to the
+/// full: every parent folder checked like the backup itself (its files reported as
+/// `../<stamp>/<file>`), each parent's recorded stamp and VM name as the child names them,
+/// each increment's header naming exactly `../<parent stamp>/<parent's file>` (relative,
+/// inside the VM's folder on the target), and every disk's chain opened as a whole
+/// (`qemu-img info --backing-chain`: exactly the expected layers; `qemu-img check` with the
+/// chain). A full verifies as with [`verify_backup`].
+pub fn verify_chain(
+    dir: &Path,
+    options: &VerifyOptions,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<VerifyReport, VerifyError> {
+    let started = Instant::now();
+    let mut report = verify_backup(dir, options, progress, cancel)?;
+    let meta = BackupMetadata::read(dir).map_err(|source| VerifyError::Metadata {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    if meta.chain.parent.is_none() {
+        return Ok(report);
+    }
+    let fault = |file: String, check: &str, detail: String| FileCheck {
+        file,
+        check: check.into(),
+        ok: false,
+        detail,
+        bad_chunk: None,
+    };
+    let base = dir.parent().unwrap_or(dir);
+    let mut folders: Vec<(PathBuf, BackupMetadata)> = vec![(dir.to_path_buf(), meta.clone())];
+    let mut extra = Vec::new();
+    let mut complete = true;
+    let mut next = meta.chain.parent.clone();
+    while let Some(p) = next.take() {
+        let rel = format!("../{p}");
+        if folders.len() > 1000 {
+            extra.push(fault(
+                rel,
+                "chain",
+                "the chain does not end in a full".into(),
+            ));
+            complete = false;
+            break;
+        }
+        if p == ".."
+            || crate::format::layout::safe_component(&p).ok().as_deref() != Some(p.as_str())
+        {
+            extra.push(fault(
+                rel,
+                "chain",
+                "the recorded parent is not a folder name of this VM".into(),
+            ));
+            complete = false;
+            break;
+        }
+        let pdir = base.join(&p);
+        match fs::symlink_metadata(&pdir) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => {
+                extra.push(fault(rel, "chain", "the parent is not a folder".into()));
+                complete = false;
+                break;
+            }
+            Err(e) => {
+                extra.push(fault(rel, "chain", format!("the parent is missing: {e}")));
+                complete = false;
+                break;
+            }
+        }
+        let pmeta = match BackupMetadata::read(&pdir) {
+            Ok(m) => m,
+            Err(e) => {
+                extra.push(fault(
+                    rel,
+                    "chain",
+                    format!("the parent's metadata cannot be read: {e}"),
+                ));
+                complete = false;
+                break;
+            }
+        };
+        if pmeta.stamp != p || pmeta.vm_name != meta.vm_name {
+            extra.push(fault(
+                rel.clone(),
+                "chain",
+                format!(
+                    "the parent records stamp {} of VM {:?}, the child names {p} of {:?}",
+                    pmeta.stamp, pmeta.vm_name, meta.vm_name
+                ),
+            ));
+        }
+        progress.message(Level::Info, &format!("verifying the parent {p}"));
+        let r = verify_backup(&pdir, options, progress, cancel)?;
+        report.bytes += r.bytes;
+        extra.extend(r.checks.into_iter().map(|mut c| {
+            c.file = format!("{rel}/{}", c.file);
+            c
+        }));
+        next = pmeta.chain.parent.clone();
+        folders.push((pdir, pmeta));
+    }
+    // The links between the folders, and each disk's chain as a whole.
+    for (i, (fdir, fmeta)) in folders.iter().enumerate() {
+        let Some((_, pmeta)) = folders.get(i + 1) else {
+            break;
+        };
+        let prefix = if i == 0 {
+            String::new()
+        } else {
+            format!("../{}/", fmeta.stamp)
+        };
+        for disk in fmeta
+            .disks
+            .iter()
+            .filter(|d| fmeta.chain.disk_has_parent(&d.target))
+        {
+            extra.push(link_check(fdir, &prefix, disk, pmeta));
+        }
+    }
+    if complete && options.qemu_img_check {
+        for disk in &meta.disks {
+            extra.push(whole_chain_check(&folders, &disk.target));
+        }
+    }
+    for c in extra.iter().filter(|c| !c.ok) {
+        progress.message(Level::Error, &format!("{}: {}", c.file, c.detail));
+    }
+    report.checks.extend(extra);
+    report.ok = report.checks.iter().all(|c| c.ok);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The header of an increment's image must name its parent's image of the same disk as
+/// `../<parent stamp>/<file>`: relative, inside the VM's folder, the parent as recorded.
+fn link_check(dir: &Path, prefix: &str, disk: &DiskRecord, parent: &BackupMetadata) -> FileCheck {
+    let file = format!("{prefix}{}", disk.file);
+    let verdict = |ok: bool, detail: String| FileCheck {
+        file: file.clone(),
+        check: "chain link".into(),
+        ok,
+        detail,
+        bad_chunk: None,
+    };
+    let Some(pd) = parent.disks.iter().find(|d| d.target == disk.target) else {
+        return verdict(
+            false,
+            format!("disk {} is not in the parent {}", disk.target, parent.stamp),
+        );
+    };
+    let want = format!("../{}/{}", parent.stamp, pd.file);
+    match crate::hv::qemu_img::info(&dir.join(&disk.file), &disk.format) {
+        Ok(info) if info.backing_filename.as_deref() == Some(want.as_str()) => {
+            verdict(true, format!("names its parent's image {want}"))
+        }
+        Ok(info) => verdict(
+            false,
+            format!(
+                "names {}, not the parent's image {want}",
+                info.backing_filename
+                    .as_deref()
+                    .unwrap_or("no backing file")
+            ),
+        ),
+        Err(e) => verdict(false, e.to_string()),
+    }
+}
+
+/// The layers disk `target` of `folders[0]` must open, top to bottom: its image in each
+/// folder of the chain while it is an increment there, then the base folder's own backing
+/// chain (absolute paths).
+fn expected_layers(folders: &[(PathBuf, BackupMetadata)], target: &str) -> Option<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for (dir, meta) in folders {
+        let disk = meta.disks.iter().find(|d| d.target == target)?;
+        out.push(dir.join(&disk.file));
+        if !meta.chain.disk_has_parent(target) {
+            out.extend(disk.backing_chain.iter().map(|b| dir.join(&b.file)));
+            return Some(out);
+        }
+    }
+    None
+}
+
+/// Disk `target`'s chain opened as a whole from the top folder: exactly the expected layers
+/// (compared after resolving `..`), then `qemu-img check` with the chain.
+fn whole_chain_check(folders: &[(PathBuf, BackupMetadata)], target: &str) -> FileCheck {
+    let (dir, meta) = &folders[0];
+    let disk = meta.disks.iter().find(|d| d.target == target);
+    let file = disk.map(|d| d.file.clone()).unwrap_or_default();
+    let verdict = |ok: bool, detail: String| FileCheck {
+        file: file.clone(),
+        check: "whole chain".into(),
+        ok,
+        detail,
+        bad_chunk: None,
+    };
+    let (Some(disk), Some(want)) = (disk, expected_layers(folders, target)) else {
+        return verdict(
+            false,
+            format!("disk {target}: the chain does not reach its base"),
+        );
+    };
+    let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let top = dir.join(&disk.file);
+    let found = match crate::hv::qemu_img::info_chain(&top, Some(&disk.format)) {
+        Ok(c) => c,
+        Err(e) => return verdict(false, e.to_string()),
+    };
+    let found: Vec<PathBuf> = found
+        .iter()
+        .map(|i| canon(Path::new(&i.filename)))
+        .collect();
+    let want: Vec<PathBuf> = want.iter().map(|p| canon(p)).collect();
+    if found != want {
+        return verdict(
+            false,
+            format!("qemu-img opens {found:?} as the chain, expected {want:?}"),
+        );
+    }
+    match crate::hv::qemu_img::check_chain(&top, &disk.format) {
+        Ok(r) => verdict(
+            true,
+            format!(
+                "{} layer(s) open inside the target; qemu-img check with the chain: {}",
+                want.len(),
+                if r.leaks == 0 {
+                    "no errors".to_string()
+                } else {
+                    format!("{} leaked cluster(s), no corruption", r.leaks)
+                }
+            ),
+        ),
+        Err(e) => verdict(false, e.to_string()),
+    }
+}

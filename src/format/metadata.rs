@@ -296,6 +296,20 @@ pub struct ChainInfo {
     /// reads the blocks changed since it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Disks of an incremental or differential copied in full (their files have no backing
+    /// file: the chain of that disk starts here), by target, with why (bitmap missing or
+    /// inconsistent, disk added or resized). Empty for a full and when every disk is an
+    /// increment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub full_disks: BTreeMap<String, String>,
+}
+
+impl ChainInfo {
+    /// Whether disk `target` of this backup is an increment on its parent's image (false
+    /// for a full and for a disk copied in full inside an incremental or differential).
+    pub fn disk_has_parent(&self, target: &str) -> bool {
+        self.parent.is_some() && !self.full_disks.contains_key(target)
+    }
 }
 
 impl BackupMetadata {
@@ -432,6 +446,15 @@ mod chain_tests {
         assert_eq!(v["level"], "incremental");
         assert_eq!(v["parent"], "2026-01-01-000000");
         assert!(v.get("level_note").is_none());
+        assert!(v.get("full_disks").is_none());
+        assert!(c.disk_has_parent("vda"));
+        let mut mixed = c.clone();
+        mixed
+            .full_disks
+            .insert("vdb".into(), "disk vdb was added".into());
+        assert!(!mixed.disk_has_parent("vdb") && mixed.disk_has_parent("vda"));
+        let v = serde_json::to_value(&mixed).unwrap();
+        assert_eq!(v["full_disks"]["vdb"], "disk vdb was added");
         let back: ChainInfo = serde_json::from_value(serde_json::json!({})).unwrap();
         assert_eq!(back, ChainInfo::default());
     }

@@ -41,16 +41,23 @@ pub fn checkpoint_xml(name: &str, targets: &[String]) -> String {
 }
 
 /// `<domainbackup mode='push'>`: the changes since checkpoint `since` of each `(target,
-/// file)` written into a new qcow2 `file` (only the changed clusters are allocated).
-pub fn push_backup_xml(since: &str, disks: &[(String, &Path)]) -> String {
+/// file)` written into a new qcow2 `file` (only the changed clusters are allocated); the
+/// disks named in `full` are copied whole instead (`backupmode='full'`, libvirt ≥ 7.7: a
+/// disk whose bitmap is missing or broken, or that was added or resized).
+pub fn push_backup_xml(since: &str, disks: &[(String, &Path)], full: &[String]) -> String {
     let mut x = format!(
         "<domainbackup mode='push'><incremental>{}</incremental><disks>",
         escape(since)
     );
     for (t, f) in disks {
         x.push_str(&format!(
-            "<disk name='{}' backup='yes' type='file'><driver type='qcow2'/><target file='{}'/></disk>",
+            "<disk name='{}' backup='yes' type='file'{}><driver type='qcow2'/><target file='{}'/></disk>",
             escape(t),
+            if full.contains(t) {
+                " backupmode='full'"
+            } else {
+                ""
+            },
             escape(&f.to_string_lossy())
         ));
     }
@@ -86,20 +93,42 @@ impl Dom {
                 message: format!("not created by vm-backup (no {CHECKPOINT_PREFIX} prefix)"),
             });
         }
-        raw::checkpoint_delete(&self.dom, name)
+        raw::checkpoint_delete(&self.dom, name, false)
             .map_err(|e| self.err(format!("deleting checkpoint {name}"), e))
     }
 
-    /// Starts a push-mode backup job of the changes since `since` into the given files,
-    /// creating the checkpoint `new_checkpoint` at the same instant (when given).
+    /// Deletes only libvirt's record of a checkpoint of ours, for one whose bitmap is gone
+    /// from a disk (libvirt then refuses the normal delete): the bitmaps it had on the other
+    /// disks stay in those images.
+    pub fn forget_checkpoint(&self, name: &str) -> Result<(), LibvirtError> {
+        if !is_ours(name) {
+            return Err(LibvirtError::Call {
+                vm: self.name.clone(),
+                op: format!("forgetting checkpoint {name}"),
+                message: format!("not created by vm-backup (no {CHECKPOINT_PREFIX} prefix)"),
+            });
+        }
+        raw::checkpoint_delete(&self.dom, name, true)
+            .map_err(|e| self.err(format!("forgetting checkpoint {name}"), e))
+    }
+
+    /// Starts a push-mode backup job of the changes since `since` into the given files (the
+    /// disks in `full` copied whole), creating the checkpoint `new_checkpoint` at the same
+    /// instant (when given).
     pub fn begin_push_backup(
         &self,
         since: &str,
         disks: &[(String, &Path)],
+        full: &[String],
         new_checkpoint: Option<(&str, &[String])>,
     ) -> Result<(), LibvirtError> {
         let ck = new_checkpoint.map(|(n, t)| checkpoint_xml(n, t));
-        raw::backup_begin(&self.dom, &push_backup_xml(since, disks), ck.as_deref()).map_err(|e| {
+        raw::backup_begin(
+            &self.dom,
+            &push_backup_xml(since, disks, full),
+            ck.as_deref(),
+        )
+        .map_err(|e| {
             self.err(
                 format!("starting the backup job (changes since {since})"),
                 e,
@@ -166,6 +195,20 @@ impl Dom {
     }
 }
 
+/// The disk whose bitmap libvirt refused, from its error message (`checkpoint inconsistent:
+/// missing or broken bitmap 'C' for disk 'vda'`, `bitmap 'C' not found in backing chain of
+/// 'vda'`). Pure.
+pub fn refused_bitmap_disk(message: &str) -> Option<String> {
+    if !message.contains("bitmap") {
+        return None;
+    }
+    let tail = ["for disk '", "backing chain of '"]
+        .iter()
+        .find_map(|m| message.rfind(m).map(|i| &message[i + m.len()..]))?;
+    let disk = &tail[..tail.find('\'')?];
+    (!disk.is_empty()).then(|| disk.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,9 +219,43 @@ mod tests {
         assert!(x.contains("<name>vmb-1</name>"));
         assert!(x.contains("<disk name='vdb' checkpoint='bitmap'/>"));
         let p = Path::new("/t/a'b.qcow2");
-        let b = push_backup_xml("vmb-1", &[("vda".into(), p)]);
+        let b = push_backup_xml("vmb-1", &[("vda".into(), p)], &[]);
         assert!(b.contains("<incremental>vmb-1</incremental>"));
         assert!(b.contains("file='/t/a&apos;b.qcow2'"), "{b}");
+        assert!(!b.contains("backupmode"), "{b}");
+        let q = Path::new("/t/b.qcow2");
+        let m = push_backup_xml(
+            "vmb-1",
+            &[("vda".into(), p), ("vdb".into(), q)],
+            &["vdb".into()],
+        );
+        assert!(
+            m.contains("<disk name='vdb' backup='yes' type='file' backupmode='full'>"),
+            "{m}"
+        );
+        assert!(
+            m.contains("<disk name='vda' backup='yes' type='file'><driver"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn the_disk_of_a_refused_bitmap_is_found() {
+        assert_eq!(
+            refused_bitmap_disk(
+                "operation failed: checkpoint inconsistent: missing or broken bitmap 'c3' for disk 'vda'"
+            )
+            .as_deref(),
+            Some("vda")
+        );
+        assert_eq!(
+            refused_bitmap_disk(
+                "internal error: bitmap 'vmb-1' not found in backing chain of 'vdb'"
+            )
+            .as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(refused_bitmap_disk("domain is not running"), None);
     }
 
     #[test]

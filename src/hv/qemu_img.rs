@@ -418,6 +418,37 @@ pub fn bitmaps(path: &Path) -> Result<Vec<Bitmap>, QemuImgError> {
     })
 }
 
+/// Removes from the qcow2 image `path` every persistent bitmap whose name starts with
+/// `prefix` (`qemu-img bitmap --remove`), opened without its backing file (a restored layer
+/// may name one not in place yet). Returns the names removed. A restored image must not
+/// carry the checkpoints' bitmaps of the domain it was copied from (flagged `in-use`).
+pub fn remove_bitmaps(path: &Path, prefix: &str) -> Result<Vec<String>, QemuImgError> {
+    let names: Vec<String> = bitmaps(path)?
+        .into_iter()
+        .map(|b| b.name)
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "backing": null,
+        "file": {"driver": "file", "filename": path},
+    });
+    let spec: OsString = format!("json:{spec}").into();
+    for name in &names {
+        let args: Vec<OsString> = vec![
+            "bitmap".into(),
+            "--remove".into(),
+            spec.clone(),
+            name.into(),
+        ];
+        run_ok("bitmap", path, &args)?;
+    }
+    Ok(names)
+}
+
 fn parse_bitmaps(json: &[u8]) -> Result<Vec<Bitmap>, serde_json::Error> {
     let info: InfoBitmaps = serde_json::from_slice(json)?;
     Ok(info
@@ -439,5 +470,36 @@ mod bitmap_tests {
         assert!(!b[0].is_inconsistent());
         assert!(b[1].is_inconsistent());
         assert!(parse_bitmaps(br#"{"format":"raw"}"#).unwrap().is_empty());
+    }
+
+    #[test]
+    fn our_bitmaps_are_removed_and_others_kept_even_with_a_missing_backing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.qcow2");
+        let q = |args: &[&str]| {
+            let ok = Command::new("qemu-img")
+                .args(args)
+                .status()
+                .map(|s| s.success());
+            assert_eq!(ok.ok(), Some(true), "qemu-img {args:?}");
+        };
+        let p = img.display().to_string();
+        q(&["create", "-q", "-f", "qcow2", &p, "1M"]);
+        q(&["bitmap", "--add", &p, "vmb-2026-01-01-000000"]);
+        q(&["bitmap", "--add", &p, "theirs"]);
+        q(&[
+            "rebase",
+            "-u",
+            "-b",
+            "../gone/base.qcow2",
+            "-F",
+            "qcow2",
+            &p,
+        ]);
+        let removed = remove_bitmaps(&img, "vmb-").unwrap();
+        assert_eq!(removed, vec!["vmb-2026-01-01-000000"]);
+        let left: Vec<String> = bitmaps(&img).unwrap().into_iter().map(|b| b.name).collect();
+        assert_eq!(left, vec!["theirs"]);
+        assert!(remove_bitmaps(&img, "vmb-").unwrap().is_empty());
     }
 }

@@ -270,7 +270,7 @@ pub fn checkpoint_names(dom: &Domain) -> Result<Vec<String>, Error> {
 }
 
 /// Deletes the checkpoint `name` (its bitmap merges into its parent's).
-pub fn checkpoint_delete(dom: &Domain, name: &str) -> Result<(), Error> {
+pub fn checkpoint_delete(dom: &Domain, name: &str, metadata_only: bool) -> Result<(), Error> {
     let name = cstring(name)?;
     // SAFETY: `dom` is a valid domain handle and `name` a NUL-terminated string alive for
     // the call; a non-NULL result is a reference we free below.
@@ -279,7 +279,12 @@ pub fn checkpoint_delete(dom: &Domain, name: &str) -> Result<(), Error> {
         return Err(Error::last_error());
     }
     // SAFETY: `ck` is a valid checkpoint reference.
-    let rc = unsafe { sys::virDomainCheckpointDelete(ck, 0) };
+    let flags = if metadata_only {
+        sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+    } else {
+        0
+    };
+    let rc = unsafe { sys::virDomainCheckpointDelete(ck, flags) };
     let err = (rc < 0).then(Error::last_error);
     // SAFETY: `ck` is freed exactly once, after its last use.
     unsafe { sys::virDomainCheckpointFree(ck) };

@@ -477,6 +477,35 @@ impl Drop for Share {
     }
 }
 
+/// The QEMU node name of the qcow2 format layer of `image` in the running domain (QMP
+/// `query-named-block-nodes`).
+pub fn format_node(dom: &str, image: &str) -> String {
+    let out = virsh_ok(&[
+        "qemu-monitor-command",
+        dom,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("QMP answer");
+    v["return"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["drv"] == "qcow2" && n["file"] == image)
+        .and_then(|n| n["node-name"].as_str())
+        .unwrap_or_else(|| panic!("no qcow2 node for {image} in {dom}: {out}"))
+        .to_string()
+}
+
+/// Removes the persistent dirty bitmap `name` from `image` of the running domain behind
+/// libvirt's back (QMP `block-dirty-bitmap-remove`): a bitmap lost "by hand".
+pub fn remove_bitmap_live(dom: &str, image: &str, name: &str) {
+    let cmd = serde_json::json!({
+        "execute": "block-dirty-bitmap-remove",
+        "arguments": {"node": format_node(dom, image), "name": name},
+    });
+    virsh_ok(&["qemu-monitor-command", dom, &cmd.to_string()]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::SeqCheck;

@@ -6,10 +6,11 @@
 //! full:         checkpoint vmb-<stamp> (just before the snapshot) ─► the usual full backup
 //! incremental:  parent = the newest backup on this target (it has a checkpoint)
 //! differential: parent = the newest full on this target (it has a checkpoint)
-//!   checks: domain running, every disk qcow2, same disks and sizes as the parent, the
-//!           parent's files there (and its parents' up to a full), the checkpoint known to
-//!           libvirt, its bitmap present and consistent in every image
+//!   checks: domain running, every disk qcow2, no disk of the parent gone, the parent's
+//!           files there (and its parents' up to a full), the checkpoint known to libvirt
 //!   anything off ─► a full, the reason in `level_note` and the log
+//!   per disk: added or resized, bitmap inconsistent, or refused by libvirt at the job
+//!           start ─► that disk copied in full inside the incremental (`full_disks`)
 //!   else: [freeze] backup-begin (push, <incremental>parent's checkpoint</incremental>, new
 //!         checkpoint vmb-<stamp>) [thaw] ─► wait for the job ─► each target file rebased
 //!         (header only) onto ../<parent>/<file> ─► copied into the folder like a full's disk
@@ -20,6 +21,7 @@
 //! `docs/incremental.md` for why push and not pull); the copy into the backup folder then
 //! goes through the copier (SHA-256, chunk manifest) like any disk.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -146,6 +148,17 @@ pub enum FullReason {
         /// The bitmap (checkpoint) name.
         bitmap: String,
     },
+    /// libvirt refused a disk's bitmap at the job start (missing or broken).
+    #[error("disk {target}: libvirt refused its bitmap: {message}")]
+    BitmapRefused {
+        /// The disk.
+        target: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// Every disk needs a full (each disk's reason, joined).
+    #[error("every disk needs a full: {0}")]
+    EveryDisk(String),
     /// libvirt failed (listing checkpoints), or refused the backup job.
     #[error("libvirt refused the backup job: {0}")]
     JobRefused(#[source] crate::hv::LibvirtError),
@@ -225,9 +238,14 @@ pub fn choose_parent(
     })
 }
 
-/// Checks that the disks to back up are those of the parent, with the same sizes, all
-/// qcow2. `Err` is why a full must run instead. Pure.
-pub fn disks_match(disks: &[SessionDisk], parent: &BackupMetadata) -> Result<(), FullReason> {
+/// Checks the disks to back up against the parent's: all qcow2, none of the parent's gone
+/// (`Err`: why the whole backup must be a full). A disk added or resized since the parent
+/// is copied in full inside the incremental: the map says which, and why. Pure.
+pub fn disks_match(
+    disks: &[SessionDisk],
+    parent: &BackupMetadata,
+) -> Result<BTreeMap<String, FullReason>, FullReason> {
+    let mut full = BTreeMap::new();
     for d in disks {
         if d.format != "qcow2" {
             return Err(FullReason::NotQcow2 {
@@ -237,18 +255,24 @@ pub fn disks_match(disks: &[SessionDisk], parent: &BackupMetadata) -> Result<(),
         }
         match parent.disks.iter().find(|p| p.target == d.target) {
             None => {
-                return Err(FullReason::DiskAdded {
-                    target: d.target.clone(),
-                    parent: parent.stamp.clone(),
-                })
+                full.insert(
+                    d.target.clone(),
+                    FullReason::DiskAdded {
+                        target: d.target.clone(),
+                        parent: parent.stamp.clone(),
+                    },
+                );
             }
             Some(p) if p.virtual_size != d.virtual_size => {
-                return Err(FullReason::DiskResized {
-                    target: d.target.clone(),
-                    before: p.virtual_size,
-                    after: d.virtual_size,
-                    parent: parent.stamp.clone(),
-                })
+                full.insert(
+                    d.target.clone(),
+                    FullReason::DiskResized {
+                        target: d.target.clone(),
+                        before: p.virtual_size,
+                        after: d.virtual_size,
+                        parent: parent.stamp.clone(),
+                    },
+                );
             }
             Some(_) => {}
         }
@@ -261,7 +285,30 @@ pub fn disks_match(disks: &[SessionDisk], parent: &BackupMetadata) -> Result<(),
             });
         }
     }
-    Ok(())
+    Ok(full)
+}
+
+/// Per-disk fallbacks decided: `Err` (a whole full) when every disk needs a full, with the
+/// first disk's reason; else the disks to copy in full. Pure.
+pub fn per_disk_or_whole(
+    targets: &[String],
+    full: BTreeMap<String, FullReason>,
+) -> Result<BTreeMap<String, FullReason>, FullReason> {
+    if !targets.is_empty() && targets.iter().all(|t| full.contains_key(t)) {
+        let mut full = full;
+        if targets.len() == 1 {
+            if let Some(only) = full.remove(&targets[0]) {
+                return Err(only);
+            }
+        }
+        return Err(FullReason::EveryDisk(
+            full.values()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    Ok(full)
 }
 
 /// The checkpoints to delete once a backup with checkpoint `new` is published: every one of
@@ -396,9 +443,12 @@ impl BackupSession<'_> {
             return None;
         }
         match self.incremental_parent(asked, live) {
-            Ok(p) => {
+            Ok((p, full)) => {
                 self.plan.chain.level = Some(asked);
                 self.plan.chain.parent = Some(p.stamp.clone());
+                for (target, why) in full {
+                    self.disk_in_full(asked, target, why);
+                }
                 self.log(
                     Level::Info,
                     &format!(
@@ -415,6 +465,24 @@ impl BackupSession<'_> {
         }
     }
 
+    /// Disk `target` is copied in full inside the incremental or differential: recorded in
+    /// `full_disks` and `level_note`, said in the log.
+    fn disk_in_full(&mut self, asked: BackupLevel, target: String, why: FullReason) {
+        let note = format!("{target}: copied in full inside the {asked}: {why}");
+        self.log(Level::Warning, &note);
+        self.plan.chain.full_disks.insert(target, why.to_string());
+        self.plan.chain.level_note = Some(format!(
+            "{asked}; disk(s) copied in full: {}",
+            self.plan
+                .chain
+                .full_disks
+                .iter()
+                .map(|(t, w)| format!("{t} ({w})"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+
     fn full_instead(&mut self, asked: BackupLevel, why: FullReason) {
         let note = format!("{asked} asked, full backup instead: {why}");
         self.log(Level::Warning, &note);
@@ -422,13 +490,15 @@ impl BackupSession<'_> {
         self.plan.chain.level_requested = Some(asked);
         self.plan.chain.level_note = Some(note);
         self.plan.chain.parent = None;
+        self.plan.chain.full_disks.clear();
     }
 
+    /// The parent, and the disks to copy in full inside the incremental (with why).
     fn incremental_parent(
         &self,
         asked: BackupLevel,
         live: bool,
-    ) -> Result<ParentChoice, FullReason> {
+    ) -> Result<(ParentChoice, BTreeMap<String, FullReason>), FullReason> {
         if !live || self.plan.method == Method::Offline {
             return Err(FullReason::NotRunning);
         }
@@ -438,7 +508,7 @@ impl BackupSession<'_> {
             &self.run.request.vm,
         )?;
         let parent = choose_parent(asked, &published(&vm_dir))?;
-        disks_match(&self.plan.disks, &parent.metadata)?;
+        let mut full = disks_match(&self.plan.disks, &parent.metadata)?;
         chain_present(&vm_dir, &parent)?;
         let names = self.run.dom.checkpoint_names()?;
         if !names.contains(&parent.checkpoint) {
@@ -448,25 +518,30 @@ impl BackupSession<'_> {
             });
         }
         for d in &self.plan.disks {
+            if full.contains_key(&d.target) {
+                continue;
+            }
+            // The image on disk lists the bitmaps QEMU loaded at start (and those stored at
+            // a snapshot); one created since lives only in QEMU until it closes the image. So
+            // a bitmap absent here proves nothing: libvirt checks presence at the job start
+            // (`take_increment` retries with that disk in full when it refuses one).
             let bitmaps = qemu_img::bitmaps(&d.source)?;
             match bitmaps.iter().find(|b| b.name == parent.checkpoint) {
-                None => {
-                    return Err(FullReason::BitmapMissing {
-                        target: d.target.clone(),
-                        bitmap: parent.checkpoint.clone(),
-                        path: d.source.clone(),
-                    })
-                }
                 Some(b) if b.is_inconsistent() => {
-                    return Err(FullReason::BitmapInconsistent {
-                        target: d.target.clone(),
-                        bitmap: parent.checkpoint.clone(),
-                    })
+                    full.insert(
+                        d.target.clone(),
+                        FullReason::BitmapInconsistent {
+                            target: d.target.clone(),
+                            bitmap: parent.checkpoint.clone(),
+                        },
+                    );
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
-        Ok(parent)
+        let targets: Vec<String> = self.plan.disks.iter().map(|d| d.target.clone()).collect();
+        let full = per_disk_or_whole(&targets, full)?;
+        Ok((parent, full))
     }
 
     /// Full backups of a running domain: creates the checkpoint `vmb-<stamp>` just before
@@ -534,6 +609,22 @@ impl BackupSession<'_> {
                     Level::Info,
                     &format!("checkpoint {c} deleted (no longer needed)"),
                 ),
+                // Its bitmap is gone from a disk: libvirt refuses the delete; forget it.
+                Err(e) if checkpoint::refused_bitmap_disk(&e.to_string()).is_some() => {
+                    match self.run.dom.forget_checkpoint(&c) {
+                        Ok(()) => self.log(
+                            Level::Warning,
+                            &format!(
+                                "checkpoint {c} forgotten (a disk lost its bitmap: {e}); its \
+                                 bitmaps on the other disks stay in their images"
+                            ),
+                        ),
+                        Err(e) => self.log(
+                            Level::Warning,
+                            &format!("cannot delete checkpoint {c}: {e}"),
+                        ),
+                    }
+                }
                 Err(e) => self.log(
                     Level::Warning,
                     &format!("cannot delete checkpoint {c}: {e}"),
@@ -598,32 +689,32 @@ impl BackupSession<'_> {
             .collect();
         let targets: Vec<String> = files.iter().map(|(t, _)| t.clone()).collect();
         let quiesce = self.plan.method == Method::Quiesce;
-        let begun = if quiesce {
-            let _ = self.run.journal.update(|r| r.may_be_frozen = true);
-            let tf = Instant::now();
-            let r = match self.run.dom.fs_freeze() {
-                Ok(_) => {
-                    let r = self.run.dom.begin_push_backup(
-                        &parent.checkpoint,
-                        &jobs,
-                        Some((&new, &targets)),
-                    );
-                    let thawed = self.run.dom.fs_thaw();
-                    self.run.frozen_ms = Some(tf.elapsed().as_secs_f64() * 1000.0);
-                    if let Err(e) = thawed {
-                        return Err(self.failed(Phase::Snapshot, e));
+        let begun = loop {
+            let full: Vec<String> = self.plan.chain.full_disks.keys().cloned().collect();
+            let begun = self.begin_job(quiesce, parent, &jobs, &full, &new, &targets)?;
+            let Err(e) = begun else { break Ok(()) };
+            // A bitmap libvirt refuses (missing, broken): that disk in full, the others
+            // still incrementally; a whole full only when no disk would be left.
+            match checkpoint::refused_bitmap_disk(&e.to_string()) {
+                Some(disk)
+                    if targets.contains(&disk)
+                        && !full.contains(&disk)
+                        && full.len() + 1 < targets.len() =>
+                {
+                    let why = FullReason::BitmapRefused {
+                        target: disk.clone(),
+                        message: e.to_string(),
+                    };
+                    self.disk_in_full(self.run.request.level, disk, why);
+                    // A refused start may leave its target files: the next one makes them.
+                    for (_, f) in &files {
+                        let _ = fs::remove_file(f);
                     }
-                    r
                 }
-                Err(e) => Err(e),
-            };
-            let _ = self.run.journal.update(|r| r.may_be_frozen = false);
-            r
-        } else {
-            self.run
-                .dom
-                .begin_push_backup(&parent.checkpoint, &jobs, Some((&new, &targets)))
+                _ => break Err(e),
+            }
         };
+        let full: Vec<String> = self.plan.chain.full_disks.keys().cloned().collect();
         if let Err(e) = begun {
             // Nothing started: no job, no new checkpoint. Heal with a full.
             let _ = self.run.journal.update(|r| {
@@ -656,12 +747,20 @@ impl BackupSession<'_> {
             .update(|r| r.backup_job = false)
             .map_err(|e| self.failed(Phase::Snapshot, e))?;
         for (i, (target, file)) in files.iter().enumerate() {
-            let Some(p) = parent.metadata.disks.iter().find(|p| &p.target == target) else {
-                return Err(self.failed(Phase::Snapshot, Cause::Internal("parent disk vanished")));
+            let backing = if full.contains(target) {
+                // Copied whole by the job: no backing file, this disk's chain starts here.
+                None
+            } else {
+                let Some(p) = parent.metadata.disks.iter().find(|p| &p.target == target) else {
+                    return Err(
+                        self.failed(Phase::Snapshot, Cause::Internal("parent disk vanished"))
+                    );
+                };
+                let backing = Path::new("..").join(&parent.stamp).join(&p.file);
+                qemu_img::rebase_unsafe(file, "qcow2", &backing, "qcow2")
+                    .map_err(|e| self.failed(Phase::Snapshot, e))?;
+                Some(backing)
             };
-            let backing = Path::new("..").join(&parent.stamp).join(&p.file);
-            qemu_img::rebase_unsafe(file, "qcow2", &backing, "qcow2")
-                .map_err(|e| self.failed(Phase::Snapshot, e))?;
             let size = fs::metadata(file).map(|m| m.len()).unwrap_or(0);
             let disk = &mut self.plan.disks[i];
             if let Some(c) = self.held.checkpointed.as_mut() {
@@ -673,17 +772,63 @@ impl BackupSession<'_> {
             disk.allocated_size = size;
             disk.backing_file = None;
             disk.backing_chain.clear();
-            self.log(
-                Level::Info,
-                &format!(
+            let text = match &backing {
+                Some(b) => format!(
                     "{target}: {size} bytes of changed blocks (virtual {}), backing file {}",
                     self.plan.disks[i].virtual_size,
-                    backing.display()
+                    b.display()
                 ),
-            );
+                None => format!(
+                    "{target}: copied in full ({size} bytes, virtual {}), no backing file",
+                    self.plan.disks[i].virtual_size
+                ),
+            };
+            self.log(Level::Info, &text);
         }
         self.phase_finished(Phase::Snapshot, t.elapsed().as_secs_f64());
         Ok(true)
+    }
+
+    /// One attempt at the job start: [freeze] backup-begin [thaw]. `Err` inside `Ok` is
+    /// libvirt refusing the job (nothing started); the outer `Err` a failed thaw.
+    fn begin_job(
+        &mut self,
+        quiesce: bool,
+        parent: &ParentChoice,
+        jobs: &[(String, &Path)],
+        full: &[String],
+        new: &str,
+        targets: &[String],
+    ) -> Result<Result<(), crate::hv::LibvirtError>, super::BackupError> {
+        if !quiesce {
+            return Ok(self.run.dom.begin_push_backup(
+                &parent.checkpoint,
+                jobs,
+                full,
+                Some((new, targets)),
+            ));
+        }
+        let _ = self.run.journal.update(|r| r.may_be_frozen = true);
+        let tf = Instant::now();
+        let r = match self.run.dom.fs_freeze() {
+            Ok(_) => {
+                let r = self.run.dom.begin_push_backup(
+                    &parent.checkpoint,
+                    jobs,
+                    full,
+                    Some((new, targets)),
+                );
+                let thawed = self.run.dom.fs_thaw();
+                self.run.frozen_ms = Some(tf.elapsed().as_secs_f64() * 1000.0);
+                if let Err(e) = thawed {
+                    return Err(self.failed(Phase::Snapshot, e));
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        let _ = self.run.journal.update(|r| r.may_be_frozen = false);
+        Ok(r)
     }
 
     /// After the copy of an incremental: the records name the domain's images, not the
@@ -869,17 +1014,59 @@ mod tests {
         };
         let mut p = parent.clone();
         p.disks.truncate(1);
-        assert!(disks_match(std::slice::from_ref(&disk), &p).is_ok());
+        assert!(disks_match(std::slice::from_ref(&disk), &p)
+            .unwrap()
+            .is_empty());
         let mut bigger = disk.clone();
         bigger.virtual_size += 1;
-        assert!(matches!(
-            disks_match(&[bigger], &p),
-            Err(FullReason::DiskResized { .. })
-        ));
+        let m = disks_match(&[bigger], &p).unwrap();
+        assert!(
+            matches!(m.get(&disk.target), Some(FullReason::DiskResized { .. })),
+            "{m:?}"
+        );
         let mut added = disk.clone();
         added.target = "vdz".into();
-        let e = disks_match(&[disk, added], &p).unwrap_err();
+        let m = disks_match(&[disk.clone(), added], &p).unwrap();
+        assert_eq!(m.len(), 1, "{m:?}");
+        let e = &m["vdz"];
         assert!(matches!(e, FullReason::DiskAdded { .. }), "{e}");
         assert!(e.to_string().contains("was added"), "{e}");
+        // A disk of the parent gone: a whole full.
+        let mut two = parent.clone();
+        two.disks.truncate(2);
+        if two.disks.len() == 2 {
+            assert!(matches!(
+                disks_match(std::slice::from_ref(&disk), &two),
+                Err(FullReason::DiskGone { .. })
+            ));
+        }
+        let mut raw = disk.clone();
+        raw.format = "raw".into();
+        assert!(matches!(
+            disks_match(&[raw], &p),
+            Err(FullReason::NotQcow2 { .. })
+        ));
+    }
+
+    #[test]
+    fn every_disk_full_means_a_whole_full() {
+        let t = |s: &str| s.to_string();
+        let reason = |s: &str| FullReason::DiskAdded {
+            target: t(s),
+            parent: t("p"),
+        };
+        let both: BTreeMap<_, _> = [(t("vda"), reason("vda")), (t("vdb"), reason("vdb"))].into();
+        let e = per_disk_or_whole(&[t("vda"), t("vdb")], both).unwrap_err();
+        assert!(matches!(e, FullReason::EveryDisk(_)), "{e}");
+        assert!(
+            e.to_string().contains("vda") && e.to_string().contains("vdb"),
+            "{e}"
+        );
+        let one: BTreeMap<_, _> = [(t("vdb"), reason("vdb"))].into();
+        let m = per_disk_or_whole(&[t("vda"), t("vdb")], one).unwrap();
+        assert_eq!(m.keys().collect::<Vec<_>>(), vec!["vdb"]);
+        assert!(per_disk_or_whole(&[t("vda")], BTreeMap::new())
+            .unwrap()
+            .is_empty());
     }
 }

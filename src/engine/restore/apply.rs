@@ -67,6 +67,7 @@ pub fn apply(
             progress,
             cancel,
         )?;
+        drop_our_bitmaps(&tmp, &disk.record.format, progress);
         staged.push((tmp, disk.dest.clone()));
         for layer in &disk.layers {
             if layer.reuse {
@@ -95,6 +96,7 @@ pub fn apply(
                 progress,
                 cancel,
             )?;
+            drop_our_bitmaps(&tmp, &layer.record.format, progress);
             staged.push((tmp, layer.dest.clone()));
         }
         restored.push(RestoredDisk {
@@ -283,6 +285,31 @@ fn copy_image(
         }
     }
     Ok(report.logical_size)
+}
+
+/// A restored qcow2 image drops the checkpoint bitmaps (`vmb-*`) the backup copied from the
+/// source (flagged `in-use` there): the restored VM starts clean. A failure is a warning.
+fn drop_our_bitmaps(image: &Path, format: &str, progress: &dyn Progress) {
+    if format != "qcow2" {
+        return;
+    }
+    match qemu_img::remove_bitmaps(image, crate::hv::checkpoint::CHECKPOINT_PREFIX) {
+        Ok(names) if !names.is_empty() => progress.message(
+            Level::Info,
+            &format!(
+                "checkpoint bitmap(s) {} dropped from the restored image",
+                names.join(", ")
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => progress.message(
+            Level::Warning,
+            &format!(
+                "cannot drop the checkpoint bitmaps of {}: {e}",
+                image.display()
+            ),
+        ),
+    }
 }
 
 /// Removes the files a restore created if it does not complete.

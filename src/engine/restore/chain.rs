@@ -42,13 +42,21 @@ pub fn expand(dir: &Path, meta: &BackupMetadata) -> Result<BackupMetadata, Resto
         return Ok(out);
     }
     let parents = parent_dirs(dir, meta)?;
-    for disk in &mut out.disks {
-        let mut depth = disk.backing_chain.len();
-        for pdir in &parents {
-            let pmd = BackupMetadata::read(pdir).map_err(|source| RestoreError::Unreadable {
+    let parents: Vec<BackupMetadata> = parents
+        .iter()
+        .map(|pdir| {
+            BackupMetadata::read(pdir).map_err(|source| RestoreError::Unreadable {
                 path: pdir.join(crate::format::layout::METADATA_FILE),
                 source,
-            })?;
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    for disk in &mut out.disks {
+        if !meta.chain.disk_has_parent(&disk.target) {
+            continue; // copied in full inside this incremental: its chain starts here
+        }
+        let mut depth = disk.backing_chain.len();
+        for pmd in &parents {
             let stamp = pmd.stamp.clone();
             let Some(pd) = pmd.disks.iter().find(|d| d.target == disk.target) else {
                 return Err(RestoreError::NotFound(format!(
@@ -87,7 +95,11 @@ pub fn expand(dir: &Path, meta: &BackupMetadata) -> Result<BackupMetadata, Resto
                 copy_seconds: pd.copy_seconds,
                 backing_rewrite: None,
             });
-            // A full's own backing chain (copied unchanged) goes below it.
+            if pmd.chain.disk_has_parent(&disk.target) {
+                continue;
+            }
+            // This disk's chain starts in `pmd` (a full, or a disk copied in full inside an
+            // incremental): its own backing chain (copied unchanged) goes below, and no more.
             for b in &pd.backing_chain {
                 depth += 1;
                 disk.backing_chain.push(BackingRecord {
@@ -96,6 +108,7 @@ pub fn expand(dir: &Path, meta: &BackupMetadata) -> Result<BackupMetadata, Resto
                     ..b.clone()
                 });
             }
+            break;
         }
     }
     Ok(out)
