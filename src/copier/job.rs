@@ -266,7 +266,9 @@ fn fill(
         hold: (settings.queue_depth / 2).max(1),
     };
     let reader = reopen_for_reading(dst_file, &dst);
-    let reread = reader.as_ref().map(|file| hashing::Reread { file, path: &dst });
+    let reread = reader
+        .as_ref()
+        .map(|file| hashing::Reread { file, path: &dst });
     let what = src.file_name().map_or_else(
         || src.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
@@ -291,7 +293,10 @@ fn fill(
     if let Some(e) = hashes.error {
         return Err(e);
     }
-    let hashes = HashResult { error: None, ..hashes };
+    let hashes = HashResult {
+        error: None,
+        ..hashes
+    };
     check_unchanged(&source.file, src, size)?;
     if cancel.is_cancelled() {
         return Err(CopyError::Cancelled {
