@@ -80,6 +80,8 @@ if [[ ",$methods," == *",a,"* ]]; then
     vmb=$repo/target/release/vm-backup
   fi
   rm -rf "$out/probe"; mkdir -p "$out/probe"
+  # Targets must be initialised (`vm-backup init`) before a backup is written into them.
+  "$vmb" init --target "$out/probe" >/dev/null 2>&1 || true
   rc=0; "$vmb" backup "$dom" --target "$out/probe" >"$out/probe.log" 2>&1 || rc=$?
   if [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ]; then
     have_a=1
@@ -91,6 +93,7 @@ fi
 
 run_a() {
   local d=$out/a; rm -rf "$d"; mkdir -p "$d"
+  "$vmb" init --target "$d" > /dev/null
   local rc=0
   "$vmb" backup "$dom" --target "$d" > "$out/a.log" 2>&1 || rc=$?
   # 0 = success, 3 = completed with a post-check warning (still a whole backup).

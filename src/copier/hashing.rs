@@ -1,22 +1,29 @@
 //! Hashing in the same pass as the copy.
 //!
 //! The I/O engine hands every block (a filled buffer, or a hole) to [`consume`], which runs on
-//! its own thread: it puts the blocks back in file order, feeds the whole-file SHA-256 in stream
-//! order (holes as zeros, so the digest equals `sha256sum`'s), and routes each piece to the
-//! chunk worker that owns its chunk (`chunk % workers`), through crossbeam channels. A chunk
+//! its own thread: it puts the blocks back in file order, hands them in that order to the
+//! whole-file SHA-256 (a thread of its own; holes as zeros, so the digest equals
+//! `sha256sum`'s), and routes each piece to the chunk worker that owns its chunk
+//! (`chunk % workers`), through crossbeam channels. The whole-file hasher never holds more than
+//! a share of the buffers: past it, it reads the block again from the destination when it gets
+//! there, so hashing the holes of a sparse image overlaps the copy of its data. A chunk
 //! worker detects all-zero chunks without hashing them: their digest comes from a value
 //! precomputed once per chunk length.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::ops::Range;
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
 use sha2::{Digest, Sha256};
 
 use super::buffer::Filled;
 use super::ticker::Ticker;
-use super::{ChunkManifest, HashMode};
+use super::{ChunkManifest, CopyError, HashMode};
 
 /// A 64 KiB block of zeros, fed to hashers for holes.
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
@@ -87,6 +94,8 @@ pub(crate) struct HashSettings {
     pub workers: usize,
     /// Logical size of the file.
     pub size: u64,
+    /// Most buffers the whole-file hasher may hold (the rest of the pool keeps the copy going).
+    pub hold: usize,
 }
 
 impl HashSettings {
@@ -113,6 +122,8 @@ pub(crate) struct HashResult {
     pub chunks: Option<Vec<ChunkDigest>>,
     /// Bytes seen contiguously from offset 0 (equals the size when nothing was lost).
     pub done: u64,
+    /// A block the whole-file hasher could not read again from the destination.
+    pub error: Option<CopyError>,
 }
 
 /// A piece of one chunk for a chunk worker.
@@ -127,12 +138,50 @@ enum PieceBytes {
     Zeros(u64),
 }
 
+/// Where the whole-file hasher reads again a block it fell behind on: the destination, opened
+/// for reading (the bytes the copy wrote, once its write has completed).
+pub(crate) struct Reread<'a> {
+    /// The destination, readable.
+    pub file: &'a File,
+    /// Its final path, for errors.
+    pub path: &'a Path,
+}
+
+/// One in-order item for the whole-file hasher.
+enum StreamItem {
+    /// A block held in memory (counted in `held`).
+    Data(Arc<Filled>),
+    /// A block let go so the copy goes on; still in memory if someone holds it, else read
+    /// again from the destination (its buffer came back to the pool, so its write completed).
+    Later(Weak<Filled>, u64, usize),
+    /// `n` zero bytes (a hole).
+    Zeros(u64),
+}
+
+/// Most items queued for the whole-file hasher (a few MiB of bookkeeping): beyond it, the
+/// in-order stage waits, which only happens when the hasher is hundreds of GiB behind.
+const STREAM_QUEUE: usize = 1 << 18;
+
 /// Receives blocks until the engine drops its sender, hashes them, and reports progress.
-pub(crate) fn consume(rx: Receiver<Item>, settings: HashSettings, ticker: &Ticker) -> HashResult {
-    if !settings.chunks() {
-        return order(rx, settings, ticker, Vec::new());
-    }
-    let workers = settings.workers.max(1);
+///
+/// Three stages run side by side: the in-order stage (this thread: reorders, routes pieces to
+/// the chunk workers, ticks), the whole-file SHA-256 on a thread of its own, and the chunk
+/// workers. The whole-file hasher must see every byte in order, holes as zeros, so on a sparse
+/// image it spends most of its time on zeros; it keeps at most `settings.hold` buffers, and
+/// past that the blocks go to it as weak references, read again from the destination when it
+/// gets there. The copy therefore never waits for it: the run costs max(hash of the virtual
+/// size, copy of the allocated data), not their sum.
+pub(crate) fn consume(
+    rx: Receiver<Item>,
+    settings: HashSettings,
+    reread: Option<Reread<'_>>,
+    ticker: &Ticker,
+) -> HashResult {
+    let workers = if settings.chunks() {
+        settings.workers.max(1)
+    } else {
+        0
+    };
     let full_zero = zero_digest(settings.chunk_size);
     let tail = settings.size % settings.chunk_size;
     let tail_zero = if tail == 0 {
@@ -141,6 +190,7 @@ pub(crate) fn consume(rx: Receiver<Item>, settings: HashSettings, ticker: &Ticke
         zero_digest(tail)
     };
     let count = settings.size.div_ceil(settings.chunk_size);
+    let held = AtomicUsize::new(0);
     std::thread::scope(|s| {
         let mut senders = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -150,8 +200,37 @@ pub(crate) fn consume(rx: Receiver<Item>, settings: HashSettings, ticker: &Ticke
             handles
                 .push(s.spawn(move || chunk_worker(rx, settings.chunk_size, full_zero, tail_zero)));
         }
-        // `order` drops the senders when done, which ends the workers.
-        let mut result = order(rx, settings, ticker, senders);
+        let (stream_tx, stream) = if settings.file() {
+            let (tx, rx) = crossbeam_channel::bounded::<StreamItem>(STREAM_QUEUE);
+            let held = &held;
+            let reread = reread.as_ref();
+            (
+                Some(tx),
+                Some(s.spawn(move || whole_file(rx, held, reread))),
+            )
+        } else {
+            (None, None)
+        };
+        // A hold limit only makes sense when the hasher can find a let-go block again.
+        let hold = match reread {
+            Some(_) => settings.hold,
+            None => usize::MAX,
+        };
+        // `order` drops the senders when done, which ends the workers and the stream hasher.
+        let mut result = order(rx, settings, ticker, senders, stream_tx, &held, hold);
+        if let Some(h) = stream {
+            let (seen, digest) = match h.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            match digest {
+                Ok(d) if seen == settings.size && result.done == settings.size => {
+                    result.file = Some(d)
+                }
+                Ok(_) => {}
+                Err(e) => result.error = Some(e),
+            }
+        }
         let mut chunks = vec![None; count as usize];
         for h in handles {
             let done = match h.join() {
@@ -165,21 +244,24 @@ pub(crate) fn consume(rx: Receiver<Item>, settings: HashSettings, ticker: &Ticke
             }
         }
         // Chunks are complete only when the whole file went through.
-        if result.done == settings.size {
+        if workers > 0 && result.done == settings.size {
             result.chunks = chunks.into_iter().collect();
         }
         result
     })
 }
 
-/// The in-order stage: reorders blocks by offset, feeds the stream hasher and the chunk workers.
+/// The in-order stage: reorders blocks by offset, routes them to the chunk workers and the
+/// whole-file hasher (at most `hold` buffers held by the latter, counted in `held`).
 fn order(
     rx: Receiver<Item>,
     settings: HashSettings,
     ticker: &Ticker,
     senders: Vec<Sender<Piece>>,
+    stream: Option<Sender<StreamItem>>,
+    held: &AtomicUsize,
+    hold: usize,
 ) -> HashResult {
-    let mut stream = settings.file().then(Sha256::new);
     let mut pending: BTreeMap<u64, Item> = BTreeMap::new();
     let mut next = 0u64;
     for item in rx {
@@ -188,26 +270,73 @@ fn order(
             if !senders.is_empty() {
                 route(&item, settings, &senders);
             }
-            if let Some(h) = stream.as_mut() {
-                match &item.data {
-                    Some(d) => h.update(d.data()),
-                    None => feed_zeros(h, item.len),
-                }
+            if let Some(tx) = stream.as_ref() {
+                let out = match item.data {
+                    None => StreamItem::Zeros(item.len),
+                    // The first block always stays in memory (nothing is held before it).
+                    Some(d) if item.offset == 0 || held.load(Ordering::Acquire) < hold => {
+                        held.fetch_add(1, Ordering::AcqRel);
+                        StreamItem::Data(d)
+                    }
+                    Some(d) => StreamItem::Later(Arc::downgrade(&d), item.offset, d.len()),
+                };
+                // The hasher only goes away by panicking (propagated) or failing (reported).
+                let _ = tx.send(out);
             }
             next += item.len;
             ticker.tick(next);
         }
     }
-    let file = if next == settings.size {
-        stream.map(|h| h.finalize().into())
-    } else {
-        None
-    };
     HashResult {
-        file,
+        file: None,
         chunks: None,
         done: next,
+        error: None,
     }
+}
+
+/// The whole-file SHA-256, in order, holes as zeros. Returns the bytes hashed and the digest,
+/// or the error of a block it could not read again.
+fn whole_file(
+    rx: Receiver<StreamItem>,
+    held: &AtomicUsize,
+    reread: Option<&Reread<'_>>,
+) -> (u64, Result<[u8; 32], CopyError>) {
+    let mut hasher = Sha256::new();
+    let mut seen = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    for item in rx {
+        match item {
+            StreamItem::Data(d) => {
+                hasher.update(d.data());
+                seen += d.len() as u64;
+                drop(d);
+                held.fetch_sub(1, Ordering::AcqRel);
+            }
+            StreamItem::Zeros(n) => {
+                feed_zeros(&mut hasher, n);
+                seen += n;
+            }
+            StreamItem::Later(weak, offset, len) => {
+                if let Some(d) = weak.upgrade() {
+                    hasher.update(d.data());
+                } else {
+                    let Some(r) = reread else {
+                        // Cannot happen: blocks are only let go when they can be read again.
+                        let e = std::io::Error::other("block let go without a way to read it");
+                        return (seen, Err(CopyError::write(Path::new(""), offset, e)));
+                    };
+                    buf.resize(len, 0);
+                    if let Err(e) = r.file.read_exact_at(&mut buf, offset) {
+                        return (seen, Err(CopyError::write(r.path, offset, e)));
+                    }
+                    hasher.update(&buf);
+                }
+                seen += len as u64;
+            }
+        }
+    }
+    (seen, Ok(hasher.finalize().into()))
 }
 
 /// Splits an item at chunk boundaries and sends each piece to the worker owning its chunk.
@@ -417,6 +546,81 @@ impl StreamHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::NoProgress;
+
+    /// Blocks the whole-file hasher let go, whose buffers are gone, are read again from the
+    /// destination: the digest is that of the destination's bytes for them.
+    #[test]
+    fn let_go_blocks_are_read_again_from_the_destination() {
+        let block = 4096usize;
+        let pool = super::super::buffer::Pool::new(4, block);
+        let content: Vec<u8> = (0..4 * block).map(|i| (i * 7 % 251) as u8).collect();
+        let mut written = content.clone();
+        written[block + 5] ^= 0xff; // what the destination holds differs in block 1
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dst");
+        std::fs::write(&path, &written).expect("write");
+        let file = File::open(&path).expect("open");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..4 {
+            let mut buf = pool.try_get().expect("buffer");
+            buf.as_mut_slice()[..block].copy_from_slice(&content[i * block..(i + 1) * block]);
+            let filled = pool.fill(buf, (i * block) as u64, block);
+            tx.send(Item {
+                offset: (i * block) as u64,
+                len: block as u64,
+                data: Some(filled),
+            })
+            .expect("send");
+        }
+        tx.send(Item {
+            offset: 4 * block as u64,
+            len: 3 * block as u64,
+            data: None,
+        })
+        .expect("send");
+        drop(tx);
+        // File digest only: no chunk worker holds a block, so a let-go block is gone at once.
+        let settings = HashSettings {
+            mode: HashMode::File,
+            chunk_size: 2 * block as u64,
+            workers: 2,
+            size: 7 * block as u64,
+            hold: 0,
+        };
+        let ticker = Ticker::new(&NoProgress, "t".into(), settings.size);
+        let reread = Reread {
+            file: &file,
+            path: &path,
+        };
+        let out = consume(rx, settings, Some(reread), &ticker);
+        assert!(out.error.is_none());
+        assert_eq!(out.done, settings.size);
+        // Block 0 stays in memory; blocks 1-3 were let go and read again from the destination.
+        let mut expected = content[..block].to_vec();
+        expected.extend_from_slice(&written[block..]);
+        expected.extend_from_slice(&[0u8; 3 * 4096]);
+        let want: [u8; 32] = Sha256::digest(&expected).into();
+        assert_eq!(out.file, Some(want));
+        // Without a way to read again, every block is kept: the digest is the copy's.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut buf = pool.try_get().expect("buffer");
+        buf.as_mut_slice()[..block].copy_from_slice(&content[..block]);
+        tx.send(Item {
+            offset: 0,
+            len: block as u64,
+            data: Some(pool.fill(buf, 0, block)),
+        })
+        .expect("send");
+        drop(tx);
+        let one = HashSettings {
+            size: block as u64,
+            ..settings
+        };
+        let out = consume(rx, one, None, &ticker);
+        let want: [u8; 32] = Sha256::digest(&content[..block]).into();
+        assert_eq!(out.file, Some(want));
+    }
 
     #[test]
     fn stream_hasher_matches_one_pass_digests_across_chunk_edges() {

@@ -263,7 +263,12 @@ fn fill(
         chunk_size: settings.chunk_size,
         workers: settings.hash_workers,
         size,
+        hold: (settings.queue_depth / 2).max(1),
     };
+    let reader = reopen_for_reading(dst_file, &dst);
+    let reread = reader
+        .as_ref()
+        .map(|file| hashing::Reread { file, path: &dst });
     let what = src.file_name().map_or_else(
         || src.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
@@ -276,7 +281,7 @@ fn fill(
     let planner = Planner::new(&source.file, size, settings.buffer_size);
     let (tx, rx) = crossbeam_channel::unbounded::<Item>();
     let (stats, hashes) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| hashing::consume(rx, hash, &ticker));
+        let hasher = s.spawn(|| hashing::consume(rx, hash, reread, &ticker));
         let stats = engine(&job, planner, tx, &mut notes);
         let hashes = match hasher.join() {
             Ok(h) => h,
@@ -285,6 +290,13 @@ fn fill(
         (stats, hashes)
     });
     let stats = stats?;
+    if let Some(e) = hashes.error {
+        return Err(e);
+    }
+    let hashes = HashResult {
+        error: None,
+        ..hashes
+    };
     check_unchanged(&source.file, src, size)?;
     if cancel.is_cancelled() {
         return Err(CopyError::Cancelled {
@@ -308,6 +320,24 @@ fn fill(
     let mut report = build_report(src, &dst, size, settings, io, stats, hashes, notes, started);
     report.header_rewrite = header_rewrite;
     Ok(report)
+}
+
+/// The destination opened again for reading (through `/proc/self/fd`, so it is the same file
+/// whatever its name; without O_DIRECT, so a block whose write completed is read back from the
+/// page cache or the share), for the whole-file hasher to read back blocks it let go. `None`
+/// (with a debug line) when that is refused: the hasher then keeps every block it is handed.
+fn reopen_for_reading(dst: &File, path: &Path) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    match File::open(format!("/proc/self/fd/{}", dst.as_raw_fd())) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::debug!(
+                "cannot open {} again for reading ({e}); the whole-file hasher keeps its blocks",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
 /// What became of a header rewrite; when it was applied and chunks were hashed, the source's

@@ -11,7 +11,10 @@
 //!        holes: no read, no write   │  uring: one ring, reads ahead / writes behind
 //!                                   │  threads: pread/pwrite workers
 //!                                   ▼ every block, as soon as it is read (any order)
-//!                    in-order stage: whole-file SHA-256 (holes fed as zeros), progress
+//!                    in-order stage: reorders, progress ──► whole-file SHA-256 (own thread,
+//!                                   │                         holes as zeros, holds ≤ half the
+//!                                   │                         buffers, reads let-go blocks back
+//!                                   │                         from the destination)
 //!                                   │ pieces routed by chunk (chunk % workers)
 //!                                   ▼
 //!                    chunk workers: per-chunk SHA-256, zero chunks from a precomputed digest
