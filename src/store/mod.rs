@@ -19,6 +19,7 @@ use crate::error::ErrorKind;
 pub mod catalog;
 mod durable;
 mod folder;
+pub mod offsite;
 mod target;
 pub mod verified_read;
 
