@@ -53,7 +53,11 @@ impl Fixture {
     }
 
     fn vmb(&self, args: &[&str]) -> Output {
-        vm_backup().args(args).args(["--config", &self.conf()]).output().unwrap()
+        vm_backup()
+            .args(args)
+            .args(["--config", &self.conf()])
+            .output()
+            .unwrap()
     }
 
     /// `vm-backup offsite ACTION --prefix P ARGS`.
@@ -66,7 +70,10 @@ impl Fixture {
     fn offsite_ok(&self, action: &str, prefix: &str, args: &[&str]) -> String {
         let out = self.offsite(action, prefix, args);
         let (o, e) = texts(&out);
-        assert!(out.status.success(), "offsite {action} {args:?} failed:\n{o}\n{e}");
+        assert!(
+            out.status.success(),
+            "offsite {action} {args:?} failed:\n{o}\n{e}"
+        );
         o
     }
 
@@ -265,7 +272,11 @@ fn second_push_sends_only_what_changed_and_nothing_is_readable() {
     );
 
     // The marker is in the backup image in the clear, and nowhere on the server's disk.
-    let dir = f.dir.join("target/labhost").join(f.vm()).join(&f.backups[0].0);
+    let dir = f
+        .dir
+        .join("target/labhost")
+        .join(f.vm())
+        .join(&f.backups[0].0);
     let image_bytes = fs::read(dir.join(&f.backups[0].1.disks[0].file)).unwrap();
     let needle = MARKER.as_bytes();
     assert!(
@@ -284,7 +295,9 @@ fn second_push_sends_only_what_changed_and_nothing_is_readable() {
         );
         // Manifests are sealed: the disk file names are not readable either.
         if p.to_string_lossy().contains("/backups/") {
-            assert!(!bytes.windows(vm_name.len() + 4).any(|w| w.starts_with(vm_name.as_bytes()) && &w[vm_name.len()..] == b"-vda"));
+            assert!(!bytes
+                .windows(vm_name.len() + 4)
+                .any(|w| w.starts_with(vm_name.as_bytes()) && &w[vm_name.len()..] == b"-vda"));
         }
     }
 
@@ -297,7 +310,10 @@ fn second_push_sends_only_what_changed_and_nothing_is_readable() {
         .iter()
         .all(|b| b["already"] == true));
     let list = f.offsite_ok("list", "main", &[]);
-    assert!(list.contains(&f.backup_name(0)) && list.contains(&f.backup_name(1)), "{list}");
+    assert!(
+        list.contains(&f.backup_name(0)) && list.contains(&f.backup_name(1)),
+        "{list}"
+    );
     let v = f.offsite_ok("verify", "main", &[]);
     assert!(v.contains("checked: ok"), "{v}");
 }
@@ -311,7 +327,15 @@ fn killed_push_resumes_without_duplicates_and_lists_nothing_meanwhile() {
     let prefix = "killed";
     let mut child = vm_backup()
         .args([
-            "offsite", "push", &f.vm(), "--prefix", prefix, "--workers", "1", "--config", &f.conf(),
+            "offsite",
+            "push",
+            &f.vm(),
+            "--prefix",
+            prefix,
+            "--workers",
+            "1",
+            "--config",
+            &f.conf(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -320,8 +344,14 @@ fn killed_push_resumes_without_duplicates_and_lists_nothing_meanwhile() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut listed_meanwhile = Vec::new();
     while f.chunk_files(prefix).len() < 8 {
-        assert!(Instant::now() < deadline, "the push uploaded no chunk in 120 s");
-        assert!(child.try_wait().unwrap().is_none(), "the push ended before it was killed");
+        assert!(
+            Instant::now() < deadline,
+            "the push uploaded no chunk in 120 s"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the push ended before it was killed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // While it runs, nothing is listed.
@@ -386,12 +416,11 @@ fn flipped_byte_is_named_by_verify_and_refused_by_restore() {
                 .map(|c| (i, c.clone()))
         })
         .expect("a chunk of the newest backup only");
-    let object = f
-        .s3
-        .data
-        .join("main/chunks")
-        .join(&chunk.id[..2])
-        .join(&chunk.id);
+    let object =
+        f.s3.data
+            .join("main/chunks")
+            .join(&chunk.id[..2])
+            .join(&chunk.id);
     let original = fs::read(&object).unwrap();
     struct PutBack(PathBuf, Vec<u8>);
     impl Drop for PutBack {
@@ -415,7 +444,8 @@ fn flipped_byte_is_named_by_verify_and_refused_by_restore() {
         "verify names the backup {name} and {want}:\n{o}"
     );
     assert!(
-        !o.lines().any(|l| l.starts_with("FAULT") && l.contains(&f.backup_name(0))),
+        !o.lines()
+            .any(|l| l.starts_with("FAULT") && l.contains(&f.backup_name(0))),
         "the older backup does not hold that chunk:\n{o}"
     );
 
@@ -470,13 +500,28 @@ fn wrong_key_and_unreachable_server_fail_clearly_and_quickly() {
     let out = f.offsite("list", "main", &["--endpoint", "http://127.0.0.1:9"]);
     let (_, e) = texts(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(t.elapsed() < Duration::from_secs(20), "bounded: {:?}", t.elapsed());
-    assert!(e.contains("S3 server http://127.0.0.1:9") && e.contains("Connect"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "bounded: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        e.contains("S3 server http://127.0.0.1:9") && e.contains("Connect"),
+        "{e}"
+    );
 
     // Wrong credentials.
     let t = Instant::now();
     let out = vm_backup()
-        .args(["offsite", "push", &f.vm(), "--prefix", "main", "--config", &f.conf()])
+        .args([
+            "offsite",
+            "push",
+            &f.vm(),
+            "--prefix",
+            "main",
+            "--config",
+            &f.conf(),
+        ])
         .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         .output()
         .unwrap();
@@ -499,8 +544,12 @@ fn prune_and_gc_remove_only_unreferenced_chunks() {
     let prefix = "pruned";
     f.offsite_ok("push", prefix, &[&f.vm()]);
     let store = f.store(prefix);
-    let m0 = store.get_manifest("labhost", &f.vm(), &f.backups[0].0).unwrap();
-    let m1 = store.get_manifest("labhost", &f.vm(), &f.backups[1].0).unwrap();
+    let m0 = store
+        .get_manifest("labhost", &f.vm(), &f.backups[0].0)
+        .unwrap();
+    let m1 = store
+        .get_manifest("labhost", &f.vm(), &f.backups[1].0)
+        .unwrap();
     let keep: BTreeSet<_> = m1.chunk_ids().collect();
     let only_old: BTreeSet<_> = m0.chunk_ids().filter(|i| !keep.contains(i)).collect();
     assert!(!only_old.is_empty());
@@ -510,9 +559,15 @@ fn prune_and_gc_remove_only_unreferenced_chunks() {
     let o = f.offsite_ok("prune", prefix, &["--keep-last", "1", "--json"]);
     let report: serde_json::Value = serde_json::from_str(&o).unwrap();
     assert_eq!(report["removed"], serde_json::json!([f.backup_name(0)]));
-    assert_eq!(report["chunks_deleted"].as_u64().unwrap(), only_old.len() as u64);
+    assert_eq!(
+        report["chunks_deleted"].as_u64().unwrap(),
+        only_old.len() as u64
+    );
     let after: BTreeSet<_> = store.chunk_ids().unwrap();
-    assert_eq!(after, keep, "exactly the chunks the kept backup references remain");
+    assert_eq!(
+        after, keep,
+        "exactly the chunks the kept backup references remain"
+    );
     let list = f.offsite_ok("list", prefix, &[]);
     assert!(!list.contains(&f.backup_name(0)) && list.contains(&f.backup_name(1)));
     let v = f.offsite_ok("verify", prefix, &[]);
@@ -567,7 +622,10 @@ fn restore_from_offsite_boots() {
     assert!(o.contains(&f.backups[1].0), "{o}");
     wait_agent(&name, Duration::from_secs(240));
     let seen = gexec_ok(&name, "head -c 64 /mnt/data/marker.txt");
-    assert!(seen.contains(MARKER), "the restored guest sees its data: {seen}");
+    assert!(
+        seen.contains(MARKER),
+        "the restored guest sees its data: {seen}"
+    );
     // Nothing of the staging is left beside the disks.
     let left: Vec<String> = fs::read_dir(&disks)
         .unwrap()
