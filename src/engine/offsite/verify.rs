@@ -12,6 +12,9 @@ use super::{backup_name, sha256_hex, OffsiteRunError};
 use crate::progress::{CancelToken, Level, Progress};
 use crate::store::offsite::{ChunkId, OffsiteStore};
 
+/// Every (backup, file, chunk index, recorded SHA-256) that references one chunk.
+type Refs = Vec<(String, String, u64, String)>;
+
 /// One chunk that failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChunkFault {
@@ -74,7 +77,7 @@ pub fn verify(
     };
     let mut report = OffsiteVerifyReport::default();
     // id → every (backup, file, chunk, sha256) that references it, for the sample.
-    let mut wanted: HashMap<ChunkId, Vec<(String, String, u64, String)>> = HashMap::new();
+    let mut wanted: HashMap<ChunkId, Refs> = HashMap::new();
     let mut rng = rand::thread_rng();
     for (host, vm, stamp) in &backups {
         let name = backup_name(host, vm, stamp);
@@ -127,8 +130,7 @@ pub fn verify(
             report.backups.len()
         ),
     );
-    let queue: Mutex<Vec<(ChunkId, Vec<(String, String, u64, String)>)>> =
-        Mutex::new(wanted.into_iter().collect());
+    let queue: Mutex<Vec<(ChunkId, Refs)>> = Mutex::new(wanted.into_iter().collect());
     let results: Mutex<(u64, u64, Vec<ChunkFault>)> = Mutex::new((0, 0, Vec::new()));
     let fatal: Mutex<Option<OffsiteRunError>> = Mutex::new(None);
     std::thread::scope(|scope| {

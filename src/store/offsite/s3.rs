@@ -167,6 +167,8 @@ enum Outcome {
     Fail { retry: bool, err: OffsiteError },
 }
 
+// The request closures return ureq's own (large) error, matched at once by `attempt`.
+#[allow(clippy::result_large_err)]
 impl S3Client {
     /// A client for `cfg` with `credentials`; nothing is sent yet.
     pub fn new(cfg: &S3Config, credentials: Credentials) -> Result<Self, OffsiteError> {
@@ -447,10 +449,13 @@ impl S3Client {
     }
 }
 
+/// Objects (key, size) and the continuation token of one listing page.
+type Listing = (Vec<(String, u64)>, Option<String>);
+
 /// The objects (key, size) and the continuation token of a ListObjectsV2 answer. Read here
 /// with quick-xml rather than by rusty-s3's parser, which requires `<ETag>` in every entry,
 /// and some servers (s3s-fs, the lab's) leave it out; we need only the key and the size.
-fn parse_listing(text: &str) -> Result<(Vec<(String, u64)>, Option<String>), String> {
+fn parse_listing(text: &str) -> Result<Listing, String> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(text);
     let mut path: Vec<String> = Vec::new();
@@ -468,11 +473,9 @@ fn parse_listing(text: &str) -> Result<(Vec<(String, u64)>, Option<String>), Str
                 path.push(name);
             }
             Event::End(_) => {
-                if path.pop().as_deref() == Some("Contents") {
-                    if let Some(k) = key.take() {
-                        out.push((k, size));
-                    }
-                }
+                let ended = path.pop();
+                let entry = key.take_if(|_| ended.as_deref() == Some("Contents"));
+                out.extend(entry.map(|k| (k, size)));
             }
             Event::Text(t) => {
                 let value = t.unescape().map_err(|e| e.to_string())?.into_owned();
@@ -489,6 +492,13 @@ fn parse_listing(text: &str) -> Result<(Vec<(String, u64)>, Option<String>), Str
         }
     }
     Ok((out, next))
+}
+
+/// The `<Code>` of an S3 error body.
+fn xml_code(body: &str) -> Option<String> {
+    let start = body.find("<Code>")? + "<Code>".len();
+    let end = body[start..].find("</Code>")? + start;
+    Some(body[start..end].to_string())
 }
 
 #[cfg(test)]
@@ -509,11 +519,4 @@ mod tests {
         );
         assert_eq!(next.as_deref(), Some("t1"));
     }
-}
-
-/// The `<Code>` of an S3 error body.
-fn xml_code(body: &str) -> Option<String> {
-    let start = body.find("<Code>")? + "<Code>".len();
-    let end = body[start..].find("</Code>")? + start;
-    Some(body[start..end].to_string())
 }
