@@ -79,12 +79,11 @@ fn write_key(k: &MasterKey, file: &Path, pass: Option<&Path>) -> Result<(), vm_b
     if matches!(&pass, Some(p) if p.is_empty()) {
         return Err(vm_backup::Error::Other("the passphrase is empty".into()));
     }
-    let kf = KeyFile::new(k, pass.as_deref().map(|p| &p[..])).map_err(|reason| {
-        OffsiteError::BadKeyFile {
+    let kf =
+        KeyFile::new(k, pass.as_deref().map(|p| &p[..])).map_err(|e| OffsiteError::BadKeyFile {
             path: file.to_owned(),
-            reason,
-        }
-    })?;
+            reason: e.to_string(),
+        })?;
     kf.write_new(file)?;
     println!("key {} written to {}", k.fingerprint(), file.display());
     println!("keep a copy off the backup share (`vm-backup key paper`): without it the off-site backups cannot be read");

@@ -22,6 +22,33 @@ const ZSTD: u8 = 1;
 /// The zstd level (fast, and most of the gain on disk images).
 const ZSTD_LEVEL: i32 = 3;
 
+/// Why a stored object does not open.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Shorter than nonce and tag.
+    #[error("too short to be an encrypted object")]
+    TooShort,
+    /// Not a chunk object.
+    #[error("not a vm-backup chunk object (bad magic)")]
+    BadMagic,
+    /// The GCM tag does not match.
+    #[error("authentication failed (altered, or another key)")]
+    Authentication,
+    /// An encoding byte this build does not know.
+    #[error("unknown chunk encoding {0}")]
+    UnknownEncoding(u8),
+    /// zstd refused the frame.
+    #[error("zstd: {0}")]
+    Decompress(#[source] std::io::Error),
+}
+
+impl CodecError {
+    /// What kind of failure this is: always a damaged or altered object.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Corrupt
+    }
+}
+
 fn cipher(keys: &DerivedKeys) -> Aes256Gcm {
     // A 32-byte key is always the right length for AES-256.
     match Aes256Gcm::new_from_slice(&keys.encryption[..]) {
@@ -50,9 +77,9 @@ fn encrypt(keys: &DerivedKeys, aad: &[u8], plain: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decrypt(keys: &DerivedKeys, aad: &[u8], bytes: &[u8]) -> Result<Vec<u8>, String> {
+fn decrypt(keys: &DerivedKeys, aad: &[u8], bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
     if bytes.len() < 12 + 16 {
-        return Err("too short to be an encrypted object".into());
+        return Err(CodecError::TooShort);
     }
     cipher(keys)
         .decrypt(
@@ -62,7 +89,7 @@ fn decrypt(keys: &DerivedKeys, aad: &[u8], bytes: &[u8]) -> Result<Vec<u8>, Stri
                 aad,
             },
         )
-        .map_err(|_| "authentication failed (altered, or another key)".into())
+        .map_err(|_| CodecError::Authentication)
 }
 
 /// The stored form of the chunk `plain` whose id is `id`.
@@ -87,9 +114,9 @@ fn aad(id: &ChunkId, encoding: u8) -> Vec<u8> {
 }
 
 /// The plaintext of a stored chunk (its id is checked by the caller).
-pub fn decode_chunk(keys: &DerivedKeys, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>, String> {
+pub fn decode_chunk(keys: &DerivedKeys, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
     if bytes.len() < 5 || &bytes[..4] != MAGIC {
-        return Err("not a vm-backup chunk object (bad magic)".into());
+        return Err(CodecError::BadMagic);
     }
     let encoding = bytes[4];
     let body = decrypt(keys, &aad(id, encoding), &bytes[5..])?;
@@ -97,8 +124,8 @@ pub fn decode_chunk(keys: &DerivedKeys, id: &ChunkId, bytes: &[u8]) -> Result<Ve
         STORED => Ok(body),
         // A chunk is at most 4 MiB plus slack: bound the output so a forged frame cannot
         // make us allocate without limit.
-        ZSTD => zstd::bulk::decompress(&body, 64 << 20).map_err(|e| format!("zstd: {e}")),
-        other => Err(format!("unknown chunk encoding {other}")),
+        ZSTD => zstd::bulk::decompress(&body, 64 << 20).map_err(CodecError::Decompress),
+        other => Err(CodecError::UnknownEncoding(other)),
     }
 }
 
@@ -108,7 +135,7 @@ pub fn seal(keys: &DerivedKeys, name: &str, plain: &[u8]) -> Vec<u8> {
 }
 
 /// Opens what [`seal`] sealed under `name`.
-pub fn open_sealed(keys: &DerivedKeys, name: &str, bytes: &[u8]) -> Result<Vec<u8>, String> {
+pub fn open_sealed(keys: &DerivedKeys, name: &str, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
     decrypt(keys, name.as_bytes(), bytes)
 }
 

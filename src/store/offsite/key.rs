@@ -19,6 +19,44 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::OffsiteError;
 
+/// Why a key could not be made, wrapped or read back from paper.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The KDF named in the key file is not Argon2id.
+    #[error("unknown KDF {0:?}")]
+    UnknownKdf(String),
+    /// A hex field does not decode.
+    #[error("{field}: {source}")]
+    Hex {
+        /// The field.
+        field: &'static str,
+        /// The cause.
+        #[source]
+        source: hex::FromHexError,
+    },
+    /// Argon2 refused its parameters.
+    #[error("KDF: {0}")]
+    Kdf(argon2::Error),
+    /// AES-GCM refused (a wrong key length: a damaged file).
+    #[error("cannot wrap the key")]
+    Wrap,
+    /// A line of the paper copy is wrong.
+    #[error("paper key line {line}: {reason}")]
+    Paper {
+        /// The line number (1 to 8; 0: the whole text).
+        line: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+impl KeyError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::InvalidInput
+    }
+}
+
 /// The master key (32 bytes, zeroed when dropped; never printed by `Debug`).
 #[derive(Clone)]
 pub struct MasterKey(Zeroizing<[u8; 32]>);
@@ -114,7 +152,7 @@ impl MasterKey {
     }
 
     /// The key back from a paper export's 8 lines (`NN: hex  check`); every check must match.
-    pub fn from_paper(text: &str) -> Result<Self, String> {
+    pub fn from_paper(text: &str) -> Result<Self, KeyError> {
         use sha2::Digest;
         let mut key = Zeroizing::new([0u8; 32]);
         let mut seen = 0usize;
@@ -126,31 +164,31 @@ impl MasterKey {
                 continue;
             };
             let parts: Vec<&str> = rest.split_whitespace().collect();
+            let paper = |reason| KeyError::Paper { line: n, reason };
             let [data, check] = parts[..] else {
-                return Err(format!(
-                    "line {n}: expected 8 hex digits and a 4-digit check"
-                ));
+                return Err(paper("expected 8 hex digits and a 4-digit check"));
             };
             if !(1..=8).contains(&n) {
-                return Err(format!("line number {n} out of 1..8"));
+                return Err(paper("line number out of 1..8"));
             }
-            let bytes = hex::decode(data).map_err(|e| format!("line {n}: {e}"))?;
+            let bytes = hex::decode(data).map_err(|_| paper("not hex"))?;
             if bytes.len() != 4 {
-                return Err(format!("line {n}: expected 8 hex digits"));
+                return Err(paper("expected 8 hex digits"));
             }
             let mut h = sha2::Sha256::new();
             h.update([(n - 1) as u8]);
             h.update(&bytes);
             if hex::encode(&h.finalize()[..2]) != check.to_lowercase() {
-                return Err(format!(
-                    "line {n}: the check does not match (typing error?)"
-                ));
+                return Err(paper("the check does not match (typing error?)"));
             }
             key[(n - 1) * 4..n * 4].copy_from_slice(&bytes);
             seen |= 1 << (n - 1);
         }
         if seen != 0xff {
-            return Err("expected the 8 lines 01 to 08".into());
+            return Err(KeyError::Paper {
+                line: 0,
+                reason: "expected the 8 lines 01 to 08",
+            });
         }
         Ok(MasterKey(key))
     }
@@ -191,23 +229,26 @@ pub struct KeyFile {
     pub wrapped: Option<String>,
 }
 
-fn argon2_key(pass: &[u8], kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>, String> {
+fn argon2_key(pass: &[u8], kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>, KeyError> {
     if kdf.algorithm != "argon2id" {
-        return Err(format!("unknown KDF {:?}", kdf.algorithm));
+        return Err(KeyError::UnknownKdf(kdf.algorithm.clone()));
     }
-    let salt = hex::decode(&kdf.salt).map_err(|e| format!("salt: {e}"))?;
-    let params = argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(32))
-        .map_err(|e| format!("KDF parameters: {e}"))?;
+    let salt = hex::decode(&kdf.salt).map_err(|source| KeyError::Hex {
+        field: "salt",
+        source,
+    })?;
+    let params =
+        argon2::Params::new(kdf.m_cost, kdf.t_cost, kdf.p_cost, Some(32)).map_err(KeyError::Kdf)?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = Zeroizing::new([0u8; 32]);
     a.hash_password_into(pass, &salt, &mut out[..])
-        .map_err(|e| format!("KDF: {e}"))?;
+        .map_err(KeyError::Kdf)?;
     Ok(out)
 }
 
 impl KeyFile {
     /// A key file for `key`, wrapped under `passphrase` when given (Argon2id, 64 MiB, 3 passes).
-    pub fn new(key: &MasterKey, passphrase: Option<&[u8]>) -> Result<Self, String> {
+    pub fn new(key: &MasterKey, passphrase: Option<&[u8]>) -> Result<Self, KeyError> {
         let mut file = KeyFile {
             format: 1,
             fingerprint: key.fingerprint(),
@@ -229,12 +270,12 @@ impl KeyFile {
                     p_cost: 1,
                 };
                 let kek = argon2_key(pass, &kdf)?;
-                let cipher = Aes256Gcm::new_from_slice(&kek[..]).map_err(|e| e.to_string())?;
+                let cipher = Aes256Gcm::new_from_slice(&kek[..]).map_err(|_| KeyError::Wrap)?;
                 let mut nonce = [0u8; 12];
                 rand::rngs::OsRng.fill_bytes(&mut nonce);
                 let ct = cipher
                     .encrypt(Nonce::from_slice(&nonce), &key.bytes()[..])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| KeyError::Wrap)?;
                 let mut w = nonce.to_vec();
                 w.extend_from_slice(&ct);
                 file.kdf = Some(kdf);
@@ -312,7 +353,7 @@ impl KeyFile {
                 if w.len() < 12 {
                     return Err(bad("wrapped key too short".into()));
                 }
-                let kek = argon2_key(pass, kdf).map_err(bad)?;
+                let kek = argon2_key(pass, kdf).map_err(|e| bad(e.to_string()))?;
                 let cipher = Aes256Gcm::new_from_slice(&kek[..]).map_err(|e| bad(e.to_string()))?;
                 Zeroizing::new(
                     cipher

@@ -318,12 +318,11 @@ impl OffsiteStore {
             .client
             .get(&key)?
             .ok_or_else(|| OffsiteError::Missing(key.clone()))?;
-        let plain = codec::decode_chunk(&self.keys, id, &bytes).map_err(|reason| {
-            OffsiteError::Corrupt {
+        let plain =
+            codec::decode_chunk(&self.keys, id, &bytes).map_err(|e| OffsiteError::Corrupt {
                 key: key.clone(),
-                reason,
-            }
-        })?;
+                reason: e.to_string(),
+            })?;
         if self.chunk_id(&plain) != *id {
             return Err(OffsiteError::Corrupt {
                 key,
@@ -366,12 +365,11 @@ impl OffsiteStore {
             .client
             .get(&key)?
             .ok_or_else(|| OffsiteError::Missing(key.clone()))?;
-        let opened = codec::open_sealed(&self.keys, &key, &sealed).map_err(|reason| {
-            OffsiteError::Corrupt {
+        let opened =
+            codec::open_sealed(&self.keys, &key, &sealed).map_err(|e| OffsiteError::Corrupt {
                 key: key.clone(),
-                reason,
-            }
-        })?;
+                reason: e.to_string(),
+            })?;
         let json = zstd::decode_all(&opened[..]).map_err(|e| OffsiteError::Corrupt {
             key: key.clone(),
             reason: format!("cannot decompress: {e}"),

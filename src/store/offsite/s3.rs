@@ -455,7 +455,7 @@ type Listing = (Vec<(String, u64)>, Option<String>);
 /// The objects (key, size) and the continuation token of a ListObjectsV2 answer. Read here
 /// with quick-xml rather than by rusty-s3's parser, which requires `<ETag>` in every entry,
 /// and some servers (s3s-fs, the lab's) leave it out; we need only the key and the size.
-fn parse_listing(text: &str) -> Result<Listing, String> {
+fn parse_listing(text: &str) -> Result<Listing, quick_xml::Error> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(text);
     let mut path: Vec<String> = Vec::new();
@@ -463,7 +463,7 @@ fn parse_listing(text: &str) -> Result<Listing, String> {
     let mut next = None;
     let (mut key, mut size) = (None::<String>, 0u64);
     loop {
-        match reader.read_event().map_err(|e| e.to_string())? {
+        match reader.read_event()? {
             Event::Start(e) => {
                 let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
                 if name == "Contents" {
@@ -478,7 +478,7 @@ fn parse_listing(text: &str) -> Result<Listing, String> {
                 out.extend(entry.map(|k| (k, size)));
             }
             Event::Text(t) => {
-                let value = t.unescape().map_err(|e| e.to_string())?.into_owned();
+                let value = t.unescape()?.into_owned();
                 let here: Vec<&str> = path.iter().map(String::as_str).collect();
                 match here[..] {
                     [.., "Contents", "Key"] => key = Some(value),
