@@ -38,3 +38,14 @@ if [ "${#missing[@]}" -gt 0 ] || [ -n "${need_update:-}" ]; then
     --allow-downgrades "qemu-utils=${qemu_ver}" "${missing[@]}" >/dev/null
 fi
 echo "install-deps: all packages present"
+
+# The off-site tests' S3-compatible server (lab/s3-lab.sh): s3s-fs, built from crates.io once
+# and cached (0.14.1: later versions need a newer rustc than this toolchain).
+S3S_ROOT=/var/cache/vm-backup-lab/s3s-fs
+if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
+  echo "install-deps: building s3s-fs (about 4 minutes)"
+  mkdir -p "$S3S_ROOT"
+  PATH="$HOME/.cargo/bin:$PATH" cargo install s3s-fs@0.14.1 --features binary --locked \
+    --root "$S3S_ROOT" --quiet
+fi
+echo "install-deps: s3s-fs present"

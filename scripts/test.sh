@@ -26,6 +26,16 @@ echo "== libvirt lab tests (real libvirt + TCG guests; prefix ${VMB_LAB_PREFIX:-
   VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test 'lab_*' --test compat_fixture -- --test-threads=1
 )
 
+echo "== off-site lab tests (s3s-fs on 127.0.0.1 + the agent guest with a filled disk; prefix ofs)"
+(
+  trap 'lab/s3-lab.sh stop || true; lab/libvirt-lab.sh down ofs' EXIT
+  lab/s3-lab.sh start
+  eval "$(lab/s3-lab.sh env)"
+  # 400 MiB of data, so the few chunks any backup changes in metadata stay far below 5 %.
+  lab/libvirt-lab.sh up ofs --only agent --data-size 512M --fill 400M
+  VMB_LAB_PREFIX=ofs VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test lab_offsite -- --test-threads=1
+)
+
 echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugin, TCG guests; prefix bac)"
 (
   export VMB_LAB_PREFIX=bac   # the prefix lab/bacula-lab.sh and tests/lab_bacula.rs use

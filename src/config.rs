@@ -16,6 +16,15 @@
 //! [slack]
 //! alerts_webhook = "https://hooks.slack.com/services/…"
 //! reports_webhook = "https://hooks.slack.com/services/…"
+//! [offsite]                       # `vm-backup offsite` (docs/offsite.md)
+//! endpoint = "https://s3.example.net"
+//! bucket = "vm-backups"
+//! prefix = "site1"
+//! key_file = "/etc/vm-backup/offsite.key"
+//! credentials_file = "/etc/vm-backup/s3-credentials"   # or AWS_ACCESS_KEY_ID/…
+//! [offsite.retention]
+//! keep_weekly = 8
+//! keep_monthly = 12
 //! [ssh]
 //! user = "backup"
 //! identity_file = "/etc/vm-backup/id_ed25519"
@@ -168,6 +177,33 @@ pub struct Settings {
     pub metrics_file: Option<PathBuf>,
     /// `vm-backup test-restore`.
     pub test_restore: TestRestore,
+    /// The off-site copy (`vm-backup offsite`, docs/offsite.md).
+    pub offsite: Offsite,
+}
+
+/// The off-site copy on S3-compatible storage (`[offsite]`; flags override each key).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Offsite {
+    /// `http(s)://host:port` of the S3-compatible server.
+    pub endpoint: Option<String>,
+    /// The bucket.
+    pub bucket: Option<String>,
+    /// A folder inside the bucket.
+    pub prefix: Option<String>,
+    /// The signing region (default `us-east-1`).
+    pub region: Option<String>,
+    /// The key file (`vm-backup key create`); keep it, and a paper copy, off the share.
+    pub key_file: Option<PathBuf>,
+    /// A file holding the key file's passphrase, when it has one.
+    pub passphrase_file: Option<PathBuf>,
+    /// An AWS-format credentials file, used when `AWS_ACCESS_KEY_ID` is not set; never on
+    /// the backup share.
+    pub credentials_file: Option<PathBuf>,
+    /// Upload and download threads (default 4).
+    pub workers: Option<usize>,
+    /// The off-site retention (`offsite prune`), independent of the primary's.
+    pub retention: Retention,
 }
 
 /// Settings of `vm-backup test-restore`.
@@ -207,6 +243,7 @@ impl Default for Settings {
             ssh: Ssh::default(),
             metrics_file: None,
             test_restore: TestRestore::default(),
+            offsite: Offsite::default(),
         }
     }
 }

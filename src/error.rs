@@ -49,6 +49,12 @@ pub enum Error {
     /// The Bacula plugin string or job state is invalid.
     #[error(transparent)]
     Plugin(#[from] crate::bacula::PluginError),
+    /// The off-site copy failed (push, verify, restore, prune, key).
+    #[error(transparent)]
+    Offsite(#[from] crate::engine::offsite::OffsiteRunError),
+    /// The off-site store refused (server, credentials, key file).
+    #[error(transparent)]
+    OffsiteStore(#[from] crate::store::offsite::OffsiteError),
     /// An I/O error with the path it concerns.
     #[error("{context}: {source}")]
     Io {
@@ -78,6 +84,8 @@ impl Error {
             Error::Catalog(e) => e.kind(),
             Error::Store(e) => e.kind(),
             Error::Prune(e) => e.kind(),
+            Error::Offsite(e) => e.kind(),
+            Error::OffsiteStore(e) => e.kind(),
             Error::Plugin(e) => e.kind(),
             Error::Io { source, .. } => ErrorKind::from_io(source),
             Error::Other(_) => ErrorKind::Internal,

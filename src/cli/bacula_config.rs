@@ -31,6 +31,10 @@ pub struct Args {
     /// Send the disk images through Bacula (mode=stream) instead of writing them to the target.
     #[arg(long)]
     stream: bool,
+    /// Add an Admin job that runs `vm-backup offsite push --all` on the first client after
+    /// the VM jobs (docs/offsite.md, docs/bacula.md).
+    #[arg(long)]
+    offsite: bool,
     /// Write to this file instead of standard output.
     #[arg(long, short, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -39,6 +43,9 @@ pub struct Args {
 /// Runs `vm-backup bacula-config`.
 pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let inventory = Inventory::load(&args.inventory)?;
+    let offsite_job = args
+        .offsite
+        .then(|| offsite_admin_job(&inventory, &args.clients));
     let opts = Options {
         clients: args.clients,
         catalog: args.catalog,
@@ -52,12 +59,50 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             Mode::Direct
         },
     };
-    let text = director_config::generate(&inventory, &opts)
+    let mut text = director_config::generate(&inventory, &opts)
         .map_err(|e| vm_backup::Error::Other(e.to_string()))?;
+    if let Some(job) = offsite_job {
+        text.push_str(&job);
+    }
     match args.output {
         Some(path) => vm_backup::store::write_atomic(&path, text.as_bytes())
             .map_err(|e| vm_backup::Error::io(format!("write {}", path.display()), e.into()))?,
         None => print!("{text}"),
     }
     Ok(0)
+}
+
+/// The Admin job of the off-site push: same JobDefs (schedule, pool, messages) as the VM
+/// jobs, a lower priority so it starts after them, the push run on the hypervisor.
+fn offsite_admin_job(inventory: &Inventory, clients: &[ClientSpec]) -> String {
+    let after = inventory.vms.iter().map(|v| v.priority).max().unwrap_or(10) + 1;
+    let client = clients
+        .first()
+        .map(|c| c.name.as_str())
+        .unwrap_or("CHANGE-ME");
+    let fileset = inventory
+        .vms
+        .first()
+        .map(|v| format!("vm-{}-set", v.name))
+        .unwrap_or_default();
+    format!(
+        r#"
+# The off-site copy (docs/offsite.md): after the VM jobs, push what is new to S3.
+# Type = Admin saves no data; the FileSet is only required by the syntax.
+Job {{
+  Name = "vm-backup-offsite-push"
+  JobDefs = "VmBackup"
+  Type = Admin
+  Client = "{client}"
+  FileSet = "{fileset}"
+  Priority = {after}
+  RunScript {{
+    RunsWhen = Before
+    RunsOnClient = yes
+    FailJobOnError = yes
+    Command = "/usr/bin/vm-backup offsite push --all"
+  }}
+}}
+"#
+    )
 }

@@ -12,8 +12,10 @@ mod common;
 mod copy;
 mod files;
 mod init;
+mod key;
 mod list;
 mod mount;
+mod offsite;
 mod orphans;
 mod prune;
 mod report;
@@ -79,6 +81,10 @@ enum Command {
     VerifiedServe(mount::ServeArgs),
     /// Every VM: last backup, verdicts, size, and what needs attention first.
     Status(status::Args),
+    /// The off-site copy's key: create, fingerprint, paper export, import.
+    Key(key::Args),
+    /// The off-site copy on S3-compatible storage: push, list, verify, restore, prune.
+    Offsite(offsite::Args),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateAssets(assets::Args),
@@ -111,6 +117,8 @@ pub fn main() -> i32 {
         Command::Files(a) => files::run(a),
         Command::VerifiedServe(a) => mount::run_serve(a),
         Command::Status(a) => status::run(a),
+        Command::Key(a) => key::run(a),
+        Command::Offsite(a) => offsite::run(a),
         Command::GenerateAssets(a) => assets::run(a),
     };
     match result {

@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod files;
 pub mod mount;
+pub mod offsite;
 pub mod prune;
 pub mod restore;
 mod sink;

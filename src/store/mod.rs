@@ -20,6 +20,7 @@ pub mod catalog;
 mod dirfd;
 mod durable;
 mod folder;
+pub mod offsite;
 mod target;
 pub mod verified_read;
 

@@ -525,3 +525,38 @@ mod tests {
         assert_eq!(SeqCheck::parse("garbage"), None);
     }
 }
+
+/// The lab's S3-compatible server (`lab/s3-lab.sh start`; `eval "$(lab/s3-lab.sh env)"`):
+/// endpoint, bucket and the folder where the server keeps the bucket's objects as files.
+#[derive(Debug, Clone)]
+pub struct S3Lab {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The bucket.
+    pub bucket: String,
+    /// The bucket's folder on this machine (s3s-fs stores each object as a plain file).
+    pub data: PathBuf,
+}
+
+/// The S3 lab when its environment is set (`VMB_S3_ENDPOINT`, `VMB_S3_BUCKET`,
+/// `VMB_S3_DATA`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`); otherwise prints a visible
+/// SKIP line naming `test` and returns `None`.
+pub fn s3_lab(test: &str) -> Option<S3Lab> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (
+        var("VMB_S3_ENDPOINT"),
+        var("VMB_S3_BUCKET"),
+        var("VMB_S3_DATA"),
+        var("AWS_ACCESS_KEY_ID"),
+    ) {
+        (Some(endpoint), Some(bucket), Some(data), Some(_)) => Some(S3Lab {
+            endpoint,
+            bucket,
+            data: PathBuf::from(data),
+        }),
+        _ => {
+            eprintln!("SKIP: {test}: S3 lab not enabled (lab/s3-lab.sh start; eval \"$(lab/s3-lab.sh env)\")");
+            None
+        }
+    }
+}
