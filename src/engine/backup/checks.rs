@@ -764,6 +764,11 @@ pub fn post_check_folder(
         if !dir.join(f).is_file() {
             problems.push(format!("{f} is missing"));
         }
+        // A line cut away at a line boundary leaves a well-formed but shorter list: every
+        // file the metadata names must be in it, or `sha256sum -c` would skip that file.
+        if !listed.contains_key(f) {
+            problems.push(format!("{f}: not listed in checksums.sha256"));
+        }
     }
     // Each backing chain as a whole, opened inside the folder only.
     for d in md.disks.iter().filter(|d| !d.backing_chain.is_empty()) {
@@ -982,6 +987,38 @@ mod tests {
         assert_eq!(other.len(), 1, "{other:?}");
         let recreated = identity_problems("web", Some("7c9e6679-7425-40de-944b-e07fc1f90ae7"), &md);
         assert!(recreated[0].contains("UUID"), "{recreated:?}");
+    }
+
+    #[test]
+    fn a_file_cut_out_of_checksums_sha256_is_a_post_check_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let xml = "<domain/>\n";
+        fs::write(dir.path().join("web.xml"), xml).unwrap();
+        let md: BackupMetadata = serde_json::from_str(
+            r#"{"schema_version": 1, "tool_version": "0", "vm_name": "web", "vm_uuid": "0f8fad5b-d9cb-469f-a165-70867728950e", "host": "hv1",
+                "stamp": "2026-11-21-120000", "method_requested": "auto", "method": "offline",
+                "started_at": "t0", "finished_at": "t1", "phases": {}, "disks": [],
+                "skipped_disks": [], "files": ["web.xml"], "total_bytes": 0,
+                "bytes_per_sec": 0.0, "result": "success"}"#,
+        )
+        .unwrap();
+        let cancel = CancelToken::new();
+        let sums = dir.path().join(layout::CHECKSUMS_FILE);
+        let line = format!("{}  web.xml\n", {
+            use sha2::Digest;
+            format!("{:x}", sha2::Sha256::digest(xml.as_bytes()))
+        });
+        fs::write(&sums, &line).unwrap();
+        let whole = post_check_folder(dir.path(), &md, &crate::progress::NoProgress, &cancel);
+        assert!(whole.is_empty(), "{whole:?}");
+        // The same list with its only line removed at the line boundary: still well formed.
+        fs::write(&sums, "").unwrap();
+        let cut = post_check_folder(dir.path(), &md, &crate::progress::NoProgress, &cancel);
+        assert!(
+            cut.iter()
+                .any(|p| p.contains("web.xml") && p.contains("not listed")),
+            "{cut:?}"
+        );
     }
 
     #[test]
