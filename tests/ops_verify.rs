@@ -222,3 +222,43 @@ fn a_flipped_byte_in_a_backing_layer_is_named() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("a-vda.backing-1.raw"), "{stdout}");
 }
+
+/// A `checksums.sha256` cut at a line boundary is still well formed (and `sha256sum -c` passes
+/// it); verify names every file the metadata records that the list lost.
+#[test]
+fn a_file_cut_out_of_checksums_sha256_is_a_fault() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("backup");
+    let vda = tmp.path().join("a.raw");
+    make_image(&vda, 2 << 20, 5, "raw");
+    let disks = [("vda", "raw", vda)];
+    let (dir, _meta) = hand_backup(&target, "hv1", "a", STAMP, &domain_xml("a", &disks), &disks);
+    let verify = || {
+        run(&[
+            "verify",
+            "a",
+            STAMP,
+            "--target",
+            target.to_str().unwrap(),
+            "--host",
+            "hv1",
+        ])
+    };
+    let out = verify();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).0);
+    let sums = dir.join("checksums.sha256");
+    let kept: String = fs::read_to_string(&sums)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.ends_with("  a.xml"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(&sums, kept).unwrap();
+    let out = verify();
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("a.xml") && stdout.contains("not listed in checksums.sha256"),
+        "{stdout}"
+    );
+}
