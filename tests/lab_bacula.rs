@@ -506,6 +506,22 @@ fn scheduled_job_behaves_like_run_job() {
     discard(&dir);
 }
 
+/// The restored image holds the backup's guest data, byte for byte (`qemu-img compare`). The
+/// files themselves may differ: a restore drops the checkpoint bitmaps (`vmb-*`) that a
+/// direct-mode Full copied from the source, so the restored VM starts clean.
+fn assert_same_guest_data(restored: &str, backed_up: &str) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", restored, backed_up])
+        .output()
+        .expect("qemu-img compare");
+    assert!(
+        out.status.success(),
+        "restored disk {restored} differs from {backed_up}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Waits until the copy of `vm` has begun (its `.partial` folder exists on the target).
 /// (The folder rather than a log line: it is the moment the engine starts writing.)
 fn wait_copy(vm: &str, limit: Duration) -> bool {
@@ -657,22 +673,8 @@ fn restore_with_where_defines_a_new_domain_that_boots() {
         .find(|w| w.starts_with(&where_.display().to_string()))
         .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
         .to_string();
-    let sums = std::fs::read_to_string(dir.join("checksums.sha256")).expect("checksums");
-    let want = sums
-        .lines()
-        .find(|l| l.ends_with(&format!("{AGENT}-vda.qcow2")))
-        .and_then(|l| l.split_whitespace().next())
-        .expect("disk checksum")
-        .to_string();
-    let got = Command::new("sha256sum")
-        .arg(&disk)
-        .output()
-        .expect("sha256sum");
-    let got = String::from_utf8_lossy(&got.stdout);
-    assert!(
-        got.starts_with(&want),
-        "restored disk {disk} differs: {got} vs {want}"
-    );
+    let backed_up = dir.join(format!("{AGENT}-vda.qcow2"));
+    assert_same_guest_data(&disk, &backed_up.display().to_string());
 
     // It boots: the guest agent answers.
     support::virsh_ok(&["start", &restored]);
@@ -784,23 +786,8 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
         })
         .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
         .to_string();
-    let sum = |p: &str| {
-        let out = Command::new("sha256sum")
-            .arg(p)
-            .output()
-            .expect("sha256sum");
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    };
     let streamed = rebuilt.join(format!("{NOAGENT}-vda.qcow2"));
-    assert_eq!(
-        sum(&disk),
-        sum(&streamed.display().to_string()),
-        "restored disk differs"
-    );
+    assert_same_guest_data(&disk, &streamed.display().to_string());
     let _ = support::virsh(&["undefine", &restored, "--nvram"]);
     let _ = std::fs::remove_dir_all(&where_);
     std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-stream.conf")).ok();
@@ -1112,4 +1099,59 @@ fn incremental_job_after_a_full_is_an_incremental_and_restores_byte_exact() {
         String::from_utf8_lossy(&cmp.stdout),
         String::from_utf8_lossy(&cmp.stderr)
     );
+}
+
+/// The program and a Bacula job on the same VM at once, each with its own `journal_dir`: the
+/// second comer is refused by the VM's lock on the target (exit 1, nothing touched), and the
+/// job it met runs on to a verified backup with its `.partial` folder never removed.
+#[test]
+fn the_program_and_a_bacula_job_on_one_vm_exclude_each_other_through_the_target() {
+    let name = "the_program_and_a_bacula_job_on_one_vm_exclude_each_other_through_the_target";
+    let Some(lab) = lab(name, true) else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let conf = scratch.path().join("vm-backup.conf");
+    let site = std::fs::read_to_string(format!("{LAB}/etc/vm-backup.conf")).unwrap();
+    let other_journal = scratch.path().join("journal");
+    let own: String = site
+        .lines()
+        .map(|l| {
+            if l.starts_with("journal_dir") {
+                format!("journal_dir = \"{}\"\n", other_journal.display())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&conf, own).unwrap();
+    let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
+    assert!(
+        wait_copy(&AGENT, Duration::from_secs(60)),
+        "the copy did not start"
+    );
+    let staged = partials(&AGENT);
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-backup"))
+        .args(["backup", &AGENT, "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let still_copying = lab.status(id) == 'R';
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lock"), "{stderr}");
+    if still_copying {
+        assert_eq!(
+            partials(&AGENT),
+            staged,
+            "the job's partial folder was touched"
+        );
+    }
+    let status = lab.wait(id);
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "{log}");
+    let dir = folder_of(&lab.files(id), &AGENT);
+    sha256sum_check(&dir);
+    assert_on_base(&AGENT);
+    discard(&dir);
 }
