@@ -474,27 +474,8 @@ pub fn chain_check(dir: &Path, disk: &DiskRecord) -> FileCheck {
     };
     let found: Vec<PathBuf> = chain.iter().map(|i| PathBuf::from(&i.filename)).collect();
     let want: Vec<PathBuf> = layers.iter().map(|(f, _)| dir.join(f)).collect();
-    if found != want {
-        return verdict(
-            false,
-            format!("qemu-img opens {found:?} as the chain, expected {want:?}"),
-        );
-    }
-    match crate::hv::qemu_img::check_chain(&top, &disk.format) {
-        Ok(r) => verdict(
-            true,
-            format!(
-                "{} layer(s) open inside the backup; qemu-img check with the chain: {}",
-                layers.len(),
-                if r.leaks == 0 {
-                    "no errors".to_string()
-                } else {
-                    format!("{} leaked cluster(s), no corruption", r.leaks)
-                }
-            ),
-        ),
-        Err(e) => verdict(false, e.to_string()),
-    }
+    let (ok, detail) = opened_chain_verdict(&top, &disk.format, &found, &want, "backup");
+    verdict(ok, detail)
 }
 
 /// Writes the verdict into the backup's metadata (atomically) and the catalog. A catalog
@@ -741,17 +722,30 @@ fn whole_chain_check(folders: &[(PathBuf, BackupMetadata)], target: &str) -> Fil
         .map(|i| canon(Path::new(&i.filename)))
         .collect();
     let want: Vec<PathBuf> = want.iter().map(|p| canon(p)).collect();
+    let (ok, detail) = opened_chain_verdict(&top, &disk.format, &found, &want, "target");
+    verdict(ok, detail)
+}
+
+/// The verdict on a chain qemu-img opened from `top`: exactly the `want` layers (`found`, in
+/// order), then `qemu-img check` with the chain. `scope` names where the layers must lie.
+fn opened_chain_verdict(
+    top: &Path,
+    format: &str,
+    found: &[PathBuf],
+    want: &[PathBuf],
+    scope: &str,
+) -> (bool, String) {
     if found != want {
-        return verdict(
+        return (
             false,
             format!("qemu-img opens {found:?} as the chain, expected {want:?}"),
         );
     }
-    match crate::hv::qemu_img::check_chain(&top, &disk.format) {
-        Ok(r) => verdict(
+    match crate::hv::qemu_img::check_chain(top, format) {
+        Ok(r) => (
             true,
             format!(
-                "{} layer(s) open inside the target; qemu-img check with the chain: {}",
+                "{} layer(s) open inside the {scope}; qemu-img check with the chain: {}",
                 want.len(),
                 if r.leaks == 0 {
                     "no errors".to_string()
@@ -760,6 +754,6 @@ fn whole_chain_check(folders: &[(PathBuf, BackupMetadata)], target: &str) -> Fil
                 }
             ),
         ),
-        Err(e) => verdict(false, e.to_string()),
+        Err(e) => (false, e.to_string()),
     }
 }
