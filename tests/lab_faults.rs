@@ -245,6 +245,36 @@ fn finish(child: Child) -> (Output, Value) {
     (out, json)
 }
 
+/// A backup that must succeed (exit 0); returns its stamp.
+fn good_backup(env: &Env, d: &str) -> String {
+    let (out, json) = env.backup(d, &[]);
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    json["metadata"]["stamp"].as_str().unwrap().to_string()
+}
+
+/// Starts a backup that pauses `pause_ms` once its `.partial` folder is complete (before its
+/// post-checks) and returns it with that folder, once its metadata is written (bound 120 s).
+fn backup_paused_before_postcheck(env: &Env, d: &str, pause_ms: &str) -> (Child, PathBuf) {
+    let mut child = env.spawn_backup(d, &[("VMB_DEBUG_PAUSE_BEFORE_POSTCHECK_MS", pause_ms)]);
+    let t = Instant::now();
+    let partial = loop {
+        if let Some(p) = env.partials(d).into_iter().next() {
+            break p;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("backup ended ({status}) before its partial folder appeared");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
+        sleep(Duration::from_millis(50));
+    };
+    wait_for_file(
+        &partial.join("backup-metadata.json"),
+        Duration::from_secs(120),
+        &mut child,
+    );
+    (child, partial)
+}
+
 #[test]
 fn agent_hangs_between_ping_and_freeze_then_wakes_up_the_thaw_is_confirmed() {
     if !lab_enabled("agent_hangs_between_ping_and_freeze_then_wakes_up_the_thaw_is_confirmed") {
@@ -482,25 +512,10 @@ fn a_copy_corrupted_before_its_post_checks_is_never_published_and_prune_keeps_th
     let d = agent_dom();
     wait_agent(&d, Duration::from_secs(60));
     let before = disk_sources(&d);
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(out.status.code(), Some(0), "{json:#}");
-    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
+    let good = good_backup(&env, &d);
     // The second backup pauses once its `.partial` folder is complete: flip one byte of its
     // disk image there (what a faulty share would return on the re-read).
-    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_POSTCHECK_MS", "4000")]);
-    let t = Instant::now();
-    let partial = loop {
-        if let Some(p) = env.partials(&d).into_iter().next() {
-            break p;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
-        sleep(Duration::from_millis(50));
-    };
-    wait_for_file(
-        &partial.join("backup-metadata.json"),
-        Duration::from_secs(120),
-        &mut child,
-    );
+    let (child, partial) = backup_paused_before_postcheck(&env, &d, "4000");
     let image = list(&partial)
         .into_iter()
         .find(|p| p.to_string_lossy().ends_with(".qcow2"))
@@ -559,23 +574,8 @@ fn kill9_before_the_publish_leaves_nothing_that_looks_whole() {
     let d = agent_dom();
     wait_agent(&d, Duration::from_secs(60));
     let before = disk_sources(&d);
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(out.status.code(), Some(0), "{json:#}");
-    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
-    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_POSTCHECK_MS", "10000")]);
-    let t = Instant::now();
-    let partial = loop {
-        if let Some(p) = env.partials(&d).into_iter().next() {
-            break p;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
-        sleep(Duration::from_millis(50));
-    };
-    wait_for_file(
-        &partial.join("backup-metadata.json"),
-        Duration::from_secs(120),
-        &mut child,
-    );
+    let good = good_backup(&env, &d);
+    let (mut child, partial) = backup_paused_before_postcheck(&env, &d, "10000");
     child.kill().unwrap();
     let _ = child.wait();
     // Only the good backup looks whole; the killed one is a `.partial` folder.
