@@ -83,15 +83,6 @@ impl Problem {
             Self::file(file, ProblemKind::Unreadable, e.to_string())
         }
     }
-
-    /// Whether the fault is in the backup's data (the folder), rather than in the domain or in
-    /// a check that could not run.
-    pub fn touches_the_data(&self) -> bool {
-        !matches!(
-            self.kind,
-            ProblemKind::Identity | ProblemKind::Domain | ProblemKind::CheckFailed
-        )
-    }
 }
 
 impl fmt::Display for Problem {
@@ -246,8 +237,6 @@ mod tests {
         let p = Problem::io("d.qcow2", &eio);
         assert_eq!(p.kind, ProblemKind::Unreadable);
         assert!(p.to_string().starts_with("d.qcow2: "), "{p}");
-        assert!(p.touches_the_data());
-        assert!(!Problem::general(ProblemKind::Identity, "x").touches_the_data());
     }
 
     #[test]
