@@ -448,6 +448,43 @@ fn a_commit_that_does_not_converge_pauses_the_guest_and_pivots() {
     let (d, before) = ready_agent();
     // A commit throttled to 1 KiB/s never converges in 3 s: 16 MiB written into the overlay
     // during the copy (QEMU's first burst copies one 1 MiB buffer at most).
+    let mut child = env.spawn_backup(
+        &d,
+        &[
+            ("VMB_DEBUG_COMMIT_BANDWIDTH_BYTES", "1024"),
+            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "8000"),
+        ],
+    );
+    dirty_overlay(&env, &d, &mut child);
+    let (out, json) = finish(child);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let paused = json["metadata"]["phases"]["commit-pause"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no commit-pause in the phases: {json:#}"));
+    eprintln!("MEASURE commit pause: {:.0} ms", paused * 1000.0);
+    assert!(paused > 0.0 && paused <= 10.0, "{paused}");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("pausing the guest"), "{stderr}");
+    assert_eq!(domstate(&d), "running");
+    assert_vm_intact(&d, &before);
+    let stamp = json["metadata"]["stamp"].as_str().unwrap();
+    env.verify_ok(&d, stamp);
+}
+
+#[test]
+fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
+    if !lab_enabled("kill9_during_the_commit_then_orphans_converges_and_pivots") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(600, 10, 3);
+    let (d, before) = ready_agent();
+    // Wait for the throttled commit job, then kill -9.
     let mut child = backup_in_a_throttled_commit(&env, &d, "1024", "8000");
     child.kill().unwrap();
     let _ = child.wait();
