@@ -22,7 +22,10 @@
  *
  * Threads: every event arrives on the job's File Daemon thread, except bEventCancelCommand,
  * which arrives on the Director connection thread; vmb_job_cancel only sets an atomic flag.
- * All state is per instance (ctx->pContext); the only globals are written once in loadPlugin.
+ * All state is per instance (ctx->pContext); the only globals are written once in loadPlugin,
+ * and instance_lock: a cancel that races the end of its job (freePlugin on the job thread) takes
+ * it to read the instance, and freePlugin takes it to detach the instance before freeing it, so
+ * the cancel either reaches a live job or finds none (never a freed one).
  *
  * SPDX-License-Identifier: AGPL-3.0-or-later
  */
@@ -31,6 +34,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,6 +86,9 @@ static bFuncs *bfuncs;
 static struct vmb_api api;
 static void *engine_handle;
 static char load_error[1024];
+/* Held only to read or detach ctx->pContext (never across a call into the engine that blocks):
+ * orders bEventCancelCommand on the Director's thread against freePlugin on the job's. */
+static pthread_mutex_t instance_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* ---- per-job state ------------------------------------------------------------------------ */
 
@@ -259,11 +266,16 @@ static bRC newPlugin(bpContext *ctx) {
 }
 
 static bRC freePlugin(bpContext *ctx) {
+    if (!ctx) return bRC_OK;
+    /* Detached first, under the lock the cancel path reads it with: a cancel arriving from now
+     * on finds no instance. The job itself cancels a backup still running when it is freed. */
+    pthread_mutex_lock(&instance_lock);
     struct instance *in = inst(ctx);
+    ctx->pContext = NULL;
+    pthread_mutex_unlock(&instance_lock);
     if (!in) return bRC_OK;
     if (in->job) api.job_free(in->job); /* releases everything the job still holds */
     free(in);
-    ctx->pContext = NULL;
     return bRC_OK;
 }
 
@@ -292,7 +304,19 @@ static bRC command(bpContext *ctx, enum VmbCommand kind, const char *cmd) {
     return check(ctx, api.job_command(in->job, kind, cmd, &err), &err);
 }
 
+/* bEventCancelCommand: from the Director connection thread, where no job message may be sent;
+ * it only sets a flag and cannot fail for a live job, which then ends as canceled. The instance
+ * is read under the lock: freePlugin may be freeing it on the job thread at this moment. */
+static bRC cancel_job(bpContext *ctx) {
+    pthread_mutex_lock(&instance_lock);
+    struct instance *in = inst(ctx);
+    if (in && in->job) (void)api.job_cancel(in->job, NULL);
+    pthread_mutex_unlock(&instance_lock);
+    return bRC_OK;
+}
+
 static bRC handlePluginEvent(bpContext *ctx, bEvent *event, void *value) {
+    if (event && event->eventType == bEventCancelCommand) return cancel_job(ctx);
     struct instance *in = inst(ctx);
     char *err = NULL;
     if (!in || !event) return bRC_OK;
@@ -306,11 +330,6 @@ static bRC handlePluginEvent(bpContext *ctx, bEvent *event, void *value) {
     case bEventSince:
         if (!in->job) return bRC_OK;
         return check(ctx, api.job_set_since(in->job, (int64_t)(intptr_t)value, &err), &err);
-    case bEventCancelCommand:
-        /* From the Director connection thread, where no job message may be sent; it only sets
-         * a flag and cannot fail for a live job. The job itself then ends as canceled. */
-        if (in->job) (void)api.job_cancel(in->job, NULL);
-        return bRC_OK;
     case bEventPluginCommand:
         return command(ctx, VMB_COMMAND_CHECK, (const char *)value);
     case bEventBackupCommand:

@@ -169,6 +169,40 @@ impl Lab {
         (id, self.wait(id))
     }
 
+    /// Waits until the job has ended, at most `limit` (panics naming the job otherwise).
+    fn wait_within(&self, id: u32, limit: Duration) -> char {
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = self.status(id);
+            if matches!(status, 'T' | 'E' | 'e' | 'f' | 'A') {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} still '{status}' after {limit:?}: {}",
+                self.joblog(id)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Runs bconsole `commands` that queue one job and returns its JobId.
+    fn queued(&self, commands: &str) -> u32 {
+        let out = self.bconsole(commands);
+        queued_id(&out).unwrap_or_else(|| panic!("nothing queued by {commands:?}: {out}"))
+    }
+
+    /// A bconsole restore of every file of job `id` into `where_` (empty: the plugin's own
+    /// place), waited for: (restore JobId, JobStatus, job log).
+    fn restore(&self, id: u32, where_: &Path) -> (u32, char, String) {
+        let rid = self.queued(&format!(
+            "restore jobid={id} where={} all done yes\n",
+            where_.display()
+        ));
+        let status = self.wait(rid);
+        (rid, status, self.joblog(rid))
+    }
+
     fn joblog(&self, id: u32) -> String {
         self.sql(&format!(
             "select LogText from Log where JobId={id} order by LogId"
@@ -188,6 +222,29 @@ impl Lab {
         let out = self.bconsole("reload\n");
         assert!(!out.contains("rror"), "reload: {out}");
     }
+}
+
+/// The JobId of a `Job queued. JobId=N` line.
+fn queued_id(bconsole_out: &str) -> Option<u32> {
+    bconsole_out
+        .lines()
+        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
+        .find_map(|s| s.trim().parse().ok())
+}
+
+/// Destroys and undefines a domain a restore may have defined (before and after a test).
+fn forget_domain(dom: &str) {
+    let _ = support::virsh(&["destroy", dom]);
+    let _ = support::virsh(&["undefine", dom, "--nvram"]);
+}
+
+/// The disk of the restored domain that lies in `where_` and passes `also`.
+fn restored_disk(restored: &str, where_: &Path, also: impl Fn(&str) -> bool) -> String {
+    let blk = support::virsh_ok(&["domblklist", restored, "--details"]);
+    blk.split_whitespace()
+        .find(|w| w.starts_with(&where_.display().to_string()) && also(w))
+        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
+        .to_string()
 }
 
 /// Where the libvirt lab keeps the `bac` domains' disks.
@@ -639,8 +696,7 @@ fn restore_with_where_defines_a_new_domain_that_boots() {
         return;
     };
     let restored = format!("{AGENT}-restored");
-    let _ = support::virsh(&["destroy", &restored]);
-    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    forget_domain(&restored);
     let (id, status) = lab.run(&format!("vm-{AGENT}"));
     assert_eq!(status, 'T', "{}", lab.joblog(id));
     let dir = folder_of(&lab.files(id), &AGENT);
@@ -648,17 +704,7 @@ fn restore_with_where_defines_a_new_domain_that_boots() {
     let _ = std::fs::remove_dir_all(&where_);
 
     let t0 = Instant::now();
-    let out = lab.bconsole(&format!(
-        "restore jobid={id} where={} all done yes\n",
-        where_.display()
-    ));
-    let rid: u32 = out
-        .lines()
-        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
-        .find_map(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("restore not queued: {out}"));
-    let rstatus = lab.wait(rid);
-    let log = lab.joblog(rid);
+    let (rid, rstatus, log) = lab.restore(id, &where_);
     eprintln!(
         "restore job {rid}: {rstatus} in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -667,12 +713,7 @@ fn restore_with_where_defines_a_new_domain_that_boots() {
     assert!(log.contains(&format!("as domain {restored}")), "{log}");
 
     // Defined under the new name, its disk in `where`, byte-identical to the backup's copy.
-    let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
-    let disk = blk
-        .split_whitespace()
-        .find(|w| w.starts_with(&where_.display().to_string()))
-        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
-        .to_string();
+    let disk = restored_disk(&restored, &where_, |_| true);
     let backed_up = dir.join(format!("{AGENT}-vda.qcow2"));
     assert_same_guest_data(&disk, &backed_up.display().to_string());
 
@@ -682,8 +723,7 @@ fn restore_with_where_defines_a_new_domain_that_boots() {
         .args(["wait-agent", &restored, "90"])
         .status()
         .expect("wait-agent");
-    let _ = support::virsh(&["destroy", &restored]);
-    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    forget_domain(&restored);
     assert!(booted.success(), "{restored} did not boot to its agent");
     let _ = std::fs::remove_dir_all(&where_);
     discard(&dir);
@@ -698,8 +738,7 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
         return;
     };
     let restored = format!("{NOAGENT}-restored");
-    let _ = support::virsh(&["destroy", &restored]);
-    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    forget_domain(&restored);
     // The lab's settings with a configured host name, which the streamed metadata must record
     // (as direct mode's does).
     let stream_conf = format!("{LAB}/etc/vm-backup-stream.conf");
@@ -752,17 +791,7 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
 
     let where_ = PathBuf::from(format!("{LAB}/restore/stream-{id}"));
     let _ = std::fs::remove_dir_all(&where_);
-    let out = lab.bconsole(&format!(
-        "restore jobid={id} where={} all done yes\n",
-        where_.display()
-    ));
-    let rid: u32 = out
-        .lines()
-        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
-        .find_map(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("restore not queued: {out}"));
-    let rstatus = lab.wait(rid);
-    let rlog = lab.joblog(rid);
+    let (_, rstatus, rlog) = lab.restore(id, &where_);
     assert_eq!(rstatus, 'T', "{rlog}");
     assert!(rlog.contains(&format!("as domain {restored}")), "{rlog}");
     // The folder rebuilt from Bacula's data checks against the digests taken while streaming,
@@ -776,19 +805,12 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     .expect("metadata is JSON");
     assert_eq!(meta["host"], STREAM_HOST, "{meta}");
     assert!(meta["phases"]["copy"].as_f64().is_some(), "{meta}");
-    let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
-    let disk = blk
-        .split_whitespace()
-        .find(|w| {
-            w.starts_with(&where_.display().to_string())
-                && w.ends_with(".qcow2")
-                && !w.contains(stamp)
-        })
-        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
-        .to_string();
+    let disk = restored_disk(&restored, &where_, |w| {
+        w.ends_with(".qcow2") && !w.contains(stamp)
+    });
     let streamed = rebuilt.join(format!("{NOAGENT}-vda.qcow2"));
     assert_same_guest_data(&disk, &streamed.display().to_string());
-    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    forget_domain(&restored);
     let _ = std::fs::remove_dir_all(&where_);
     std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-stream.conf")).ok();
     std::fs::remove_file(&stream_conf).ok();
@@ -953,12 +975,7 @@ fn a_warning_that_does_not_touch_the_data_ends_ok_with_warnings() {
 
 /// `run job=JOB level=LEVEL yes`, waited for: (JobId, JobStatus).
 fn run_level(lab: &Lab, job: &str, level: &str) -> (u32, char) {
-    let out = lab.bconsole(&format!("run job={job} level={level} yes\n"));
-    let id: u32 = out
-        .lines()
-        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
-        .find_map(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{job} not queued: {out}"));
+    let id = lab.queued(&format!("run job={job} level={level} yes\n"));
     (id, lab.wait(id))
 }
 
@@ -1005,8 +1022,7 @@ fn incremental_job_after_a_full_is_an_incremental_and_restores_byte_exact() {
     support::wait_agent(&dom, Duration::from_secs(60));
     forget_our_checkpoints(&dom);
     let restored = format!("{dom}-restored");
-    let _ = support::virsh(&["destroy", &restored]);
-    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    forget_domain(&restored);
     lab.drop_in(
         "zz-incr",
         &format!(
@@ -1062,30 +1078,15 @@ fn incremental_job_after_a_full_is_an_incremental_and_restores_byte_exact() {
     // Restore of the Incremental's JobId through bconsole: the chain comes back.
     let where_ = PathBuf::from(format!("{LAB}/restore/incr-{iid}"));
     let _ = std::fs::remove_dir_all(&where_);
-    let out = lab.bconsole(&format!(
-        "restore jobid={iid} where={} all done yes\n",
-        where_.display()
-    ));
-    let rid: u32 = out
-        .lines()
-        .filter_map(|l| l.split("Job queued. JobId=").nth(1))
-        .find_map(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("restore not queued: {out}"));
-    let rstatus = lab.wait(rid);
-    let rlog = lab.joblog(rid);
+    let (_, rstatus, rlog) = lab.restore(iid, &where_);
     assert_eq!(rstatus, 'T', "{rlog}");
-    let blk = support::virsh_ok(&["domblklist", &restored, "--details"]);
-    let disk = blk
-        .split_whitespace()
-        .find(|w| w.starts_with(&where_.display().to_string()) && w.ends_with(".qcow2"))
-        .unwrap_or_else(|| panic!("no disk of {restored} in {}: {blk}", where_.display()))
-        .to_string();
+    let disk = restored_disk(&restored, &where_, |w| w.ends_with(".qcow2"));
     let cmp = Command::new("qemu-img")
         .args(["compare", "-f", "qcow2", "-F", "raw", &disk])
         .arg(&reference)
         .output()
         .expect("qemu-img compare");
-    let _ = support::virsh(&["undefine", &restored, "--nvram"]);
+    forget_domain(&restored);
     let _ = std::fs::remove_dir_all(&where_);
     let _ = std::fs::remove_file(&reference);
     std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-incr.conf")).ok();
@@ -1154,4 +1155,219 @@ fn the_program_and_a_bacula_job_on_one_vm_exclude_each_other_through_the_target(
     sha256sum_check(&dir);
     assert_on_base(&AGENT);
     discard(&dir);
+}
+
+// ---- issue 9: the last fault rows through Bacula ----
+
+/// Waits until job `id`'s log contains `marker` (true) or the job has ended without it
+/// (false), at most `limit`.
+fn wait_log(lab: &Lab, id: u32, marker: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if lab.joblog(id).contains(marker) {
+            return true;
+        }
+        if matches!(lab.status(id), 'T' | 'E' | 'e' | 'f' | 'A') {
+            return lab.joblog(id).contains(marker);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The File Daemon process is alive and answers `status client`.
+fn assert_fd_answers(lab: &Lab) {
+    let pid = std::fs::read_to_string(format!("{LAB}/work/fd.pid")).expect("fd pid");
+    let alive = Command::new("kill")
+        .args(["-0", pid.trim()])
+        .status()
+        .expect("kill -0");
+    assert!(alive.success(), "bacula-fd (pid {}) is gone", pid.trim());
+    let status = lab.bconsole("status client=vmb-fd\n");
+    assert!(
+        status.contains("Plugin: vm-backup-fd.so"),
+        "bacula-fd does not answer status client: {status}"
+    );
+}
+
+/// The published backups of `vm` on the lab target (folder names without `.partial`).
+fn published(vm: &str) -> Vec<String> {
+    entries(&vm_dir(vm))
+        .into_iter()
+        .filter(|e| !e.ends_with(".partial"))
+        .collect()
+}
+
+/// `vm-backup` with the lab's settings.
+fn lab_vmb(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vm-backup"))
+        .args(args)
+        .args(["--config", &format!("{LAB}/etc/vm-backup.conf")])
+        .output()
+        .expect("run vm-backup")
+}
+
+/// Nothing partial looks like a backup of `vm`: `vm-backup list` and the catalog on the share
+/// name only published folders, each of which verifies.
+fn assert_only_whole_backups(vm: &str) {
+    let folders = published(vm);
+    let list = lab_vmb(&["list", vm]);
+    let listed = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.status.success(), "vm-backup list: {listed}");
+    assert!(
+        !listed.contains(".partial"),
+        "list shows a partial: {listed}"
+    );
+    let catalog = Command::new("sqlite3")
+        .arg(format!("{LAB}/target/metadata/backup-catalog.db"))
+        .arg(format!("select stamp from backups where vm = '{vm}'"))
+        .output()
+        .expect("sqlite3");
+    for stamp in String::from_utf8_lossy(&catalog.stdout).lines() {
+        assert!(
+            folders.iter().any(|f| f == stamp),
+            "the catalog names {stamp}, which is not a published folder ({folders:?})"
+        );
+    }
+    for stamp in &folders {
+        assert!(
+            listed.contains(stamp.as_str()),
+            "{stamp} not listed: {listed}"
+        );
+        let v = lab_vmb(&["verify", vm, stamp]);
+        assert!(
+            v.status.success(),
+            "{vm} {stamp} does not verify: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
+}
+
+/// A cancel raced against the end of a direct-mode job (as soon as the job log shows the copy
+/// done, the commit, the publish, and the final report: the plugin is about to be freed, or
+/// being freed, while the engine's worker ends). Whatever the race gives, the File Daemon lives
+/// and answers, the job ends A or T within its bound, the guest is thawed, the domain is on its
+/// own image with no block job, no `.partial` is listed or catalogued and every published
+/// folder verifies; the next job ends "Backup OK".
+#[test]
+fn cancel_racing_the_end_of_a_job_leaves_the_fd_the_guest_and_the_target_sound() {
+    let name = "cancel_racing_the_end_of_a_job_leaves_the_fd_the_guest_and_the_target_sound";
+    let Some(lab) = lab(name, true) else {
+        return;
+    };
+    let before = published(&AGENT);
+    let job = format!("vm-{AGENT}");
+    let mut outcomes = Vec::new();
+    for marker in [
+        "vda copied:",
+        "committing the overlays back",
+        "publishing the backup folder",
+        "job report:",
+    ] {
+        let id = lab.queue(&[&job])[0];
+        let seen = wait_log(&lab, id, marker, Duration::from_secs(300));
+        let t = Instant::now();
+        lab.bconsole(&format!("cancel jobid={id} yes\n"));
+        let status = lab.wait_within(id, Duration::from_secs(180));
+        let log = lab.joblog(id);
+        outcomes.push(format!(
+            "{marker:?}: seen {seen}, status {status} {:.1} s after the cancel",
+            t.elapsed().as_secs_f64()
+        ));
+        assert!(
+            matches!(status, 'A' | 'T'),
+            "cancel at {marker:?}: status {status}\n{log}"
+        );
+        assert_fd_answers(&lab);
+        // The Director ends the job once it has told the FD; the job thread then releases.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (!partials(&AGENT).is_empty() || !overlays().is_empty()) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(partials(&AGENT).is_empty(), "partial left at {marker:?}");
+        assert!(overlays().is_empty(), "overlay left: {:?}", overlays());
+        assert_eq!(
+            support::fsfreeze_status(&AGENT).as_deref(),
+            Some("thawed"),
+            "cancel at {marker:?}"
+        );
+        assert_on_base(&AGENT);
+        let jobs = support::virsh_ok(&["blockjob", &AGENT, "vda", "--info"]);
+        assert!(jobs.contains("No current block job"), "{jobs}");
+        assert_only_whole_backups(&AGENT);
+    }
+    eprintln!("cancel races: {outcomes:#?}");
+    let (id, status) = lab.run(&job);
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "{log}");
+    assert!(log.contains("Backup OK"), "{log}");
+    let dir = folder_of(&lab.files(id), &AGENT);
+    assert_only_whole_backups(&AGENT);
+    for stamp in published(&AGENT) {
+        if !before.contains(&stamp) {
+            discard(&vm_dir(&AGENT).join(stamp));
+        }
+    }
+    assert!(!dir.exists());
+}
+
+/// A stream-mode restore with an empty `where` of only part of a backup's files (the disk image
+/// left out, as an operator picking files in bconsole's tree would): the folder the plugin
+/// stages on the target fails its post-check ("… is missing"), so the job fails naming the file,
+/// nothing new is left in the VM's folder (no stamp folder, no `.partial`), and the earlier
+/// direct-mode backup still verifies.
+#[test]
+fn a_stream_restore_of_part_of_a_backup_is_refused_and_leaves_nothing_on_the_target() {
+    let name = "a_stream_restore_of_part_of_a_backup_is_refused_and_leaves_nothing_on_the_target";
+    let Some(lab) = lab(name, true) else {
+        return;
+    };
+    let (did, dstatus) = lab.run(&format!("vm-{NOAGENT}"));
+    assert_eq!(dstatus, 'T', "{}", lab.joblog(did));
+    let earlier = folder_of(&lab.files(did), &NOAGENT);
+    lab.drop_in(
+        "zz-stream-part",
+        &format!(
+            "FileSet {{\n Name = \"stream-part-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} mode=stream config={LAB}/etc/vm-backup.conf\"\n }}\n}}\n\
+             Job {{\n Name = \"vm-stream-part\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"stream-part-set\"\n}}\n"
+        ),
+    );
+    let (sid, sstatus) = lab.run("vm-stream-part");
+    assert_eq!(sstatus, 'T', "{}", lab.joblog(sid));
+    let files = lab.files(sid);
+    let meta = files
+        .iter()
+        .find(|f| f.ends_with("/backup-metadata.json"))
+        .unwrap_or_else(|| panic!("no metadata among {files:?}"));
+    let stamp_dir = meta.trim_end_matches("backup-metadata.json");
+    let disk = format!("{NOAGENT}-vda.qcow2");
+    let before = entries(&vm_dir(&NOAGENT));
+
+    // bconsole's tree: every file of the job but the disk image; an empty `where`.
+    let rid = lab.queued(&format!(
+        "restore jobid={sid} where=\ncd {stamp_dir}\nmark *\nunmark {disk}\ndone\nyes\n"
+    ));
+    let rstatus = lab.wait_within(rid, Duration::from_secs(300));
+    let rlog = lab.joblog(rid);
+    assert!(
+        matches!(rstatus, 'f' | 'E'),
+        "the partial restore was not refused ({rstatus}): {rlog}"
+    );
+    assert!(
+        rlog.contains("failed its checks") && rlog.contains(&format!("{disk} is missing")),
+        "the job log does not name the problem: {rlog}"
+    );
+    assert!(!rlog.contains("as domain"), "{rlog}");
+    assert_eq!(
+        entries(&vm_dir(&NOAGENT)),
+        before,
+        "the refused restore left something in the VM's folder"
+    );
+    assert_only_whole_backups(&NOAGENT);
+    assert_on_base(&NOAGENT);
+    std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-stream-part.conf")).ok();
+    lab.bconsole("reload\n");
+    discard(&earlier);
 }

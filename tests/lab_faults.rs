@@ -178,8 +178,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// What every fault must leave: the guest thawed and writing, on its original images, no
-/// block job, no overlay of ours.
+/// What every fault must leave: the guest thawed and writing, on its original images (live
+/// and persistent), no block job, no overlay of ours.
 fn assert_vm_intact(dom: &str, before: &[(String, String)]) {
     wait_agent(dom, Duration::from_secs(60));
     assert_eq!(
@@ -191,6 +191,17 @@ fn assert_vm_intact(dom: &str, before: &[(String, String)]) {
         &disk_sources(dom),
         before,
         "{dom} is not on its original images"
+    );
+    // The persistent definition too: a pivot libvirt finished while it restarted may leave it
+    // naming the removed overlay (the domain would not start again).
+    let persistent: Vec<(String, String)> = domblklist(dom, true)
+        .into_iter()
+        .filter(|d| d.device == "disk")
+        .map(|d| (d.target, d.source))
+        .collect();
+    assert_eq!(
+        &persistent, before,
+        "the persistent definition of {dom} is not on its original images"
     );
     let job = virsh(&["blockjob", dom, "vda", "--info"]);
     let job_text = text(&job.stdout) + &text(&job.stderr);
@@ -245,6 +256,91 @@ fn finish(child: Child) -> (Output, Value) {
     (out, json)
 }
 
+/// Starts a backup whose commit is throttled to `bandwidth` bytes/s, after a pause of
+/// `pause_ms` before the copy in which the guest dirties its overlay ([`dirty_overlay`]);
+/// returns it once its commit job runs (bound 120 s).
+fn backup_in_a_throttled_commit(env: &Env, d: &str, bandwidth: &str, pause_ms: &str) -> Child {
+    let mut child = env.spawn_backup(
+        d,
+        &[
+            ("VMB_DEBUG_COMMIT_BANDWIDTH_BYTES", bandwidth),
+            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", pause_ms),
+        ],
+    );
+    dirty_overlay(env, d, &mut child);
+    let t = Instant::now();
+    loop {
+        let out = virsh(&["blockjob", d, "vda", "--info"]);
+        if (text(&out.stdout) + &text(&out.stderr))
+            .to_lowercase()
+            .contains("commit")
+        {
+            return child;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "backup ended ({status}) before its commit: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no commit job");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// A backup that must succeed (exit 0); returns its stamp.
+fn good_backup(env: &Env, d: &str) -> String {
+    let (out, json) = env.backup(d, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    json["metadata"]["stamp"].as_str().unwrap().to_string()
+}
+
+/// The lab's agent domain once its agent answers, and the images it runs on.
+fn ready_agent() -> (String, Vec<(String, String)>) {
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    (d, before)
+}
+
+/// After a fault was repaired: the next backup succeeds, leaves no `.partial` folder, and the
+/// guest is intact.
+fn next_backup_is_clean(env: &Env, d: &str, before: &[(String, String)]) {
+    good_backup(env, d);
+    assert!(env.partials(d).is_empty(), "{:?}", env.partials(d));
+    assert_vm_intact(d, before);
+}
+
+/// Starts a backup that pauses `pause_ms` once its `.partial` folder is complete (before its
+/// post-checks) and returns it with that folder, once its metadata is written (bound 120 s).
+fn backup_paused_before_postcheck(env: &Env, d: &str, pause_ms: &str) -> (Child, PathBuf) {
+    let mut child = env.spawn_backup(d, &[("VMB_DEBUG_PAUSE_BEFORE_POSTCHECK_MS", pause_ms)]);
+    let t = Instant::now();
+    let partial = loop {
+        if let Some(p) = env.partials(d).into_iter().next() {
+            break p;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("backup ended ({status}) before its partial folder appeared");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
+        sleep(Duration::from_millis(50));
+    };
+    wait_for_file(
+        &partial.join("backup-metadata.json"),
+        Duration::from_secs(120),
+        &mut child,
+    );
+    (child, partial)
+}
+
 #[test]
 fn agent_hangs_between_ping_and_freeze_then_wakes_up_the_thaw_is_confirmed() {
     if !lab_enabled("agent_hangs_between_ping_and_freeze_then_wakes_up_the_thaw_is_confirmed") {
@@ -252,9 +348,7 @@ fn agent_hangs_between_ping_and_freeze_then_wakes_up_the_thaw_is_confirmed() {
     }
     let _g = serial();
     let env = Env::new(120, 5, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
+    let (d, before) = ready_agent();
     let freezes = |log: &[String]| log.iter().filter(|l| l.starts_with("freeze")).count();
     let freezes_before = freezes(&freeze_log(&d));
     // The engine pings, then pauses 4 s; meanwhile qemu-ga stops for 10 s (longer than the
@@ -298,9 +392,7 @@ fn a_thaw_that_fails_past_its_bound_is_exit_2_and_orphans_thaws_later() {
     }
     let _g = serial();
     let env = Env::new(120, 5, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
+    let (d, before) = ready_agent();
     let hang = THAW_BOUND_SECONDS + 12;
     let child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_AFTER_PING_MS", "4000")]);
     sleep(Duration::from_millis(1500));
@@ -353,9 +445,7 @@ fn a_commit_that_does_not_converge_pauses_the_guest_and_pivots() {
     }
     let _g = serial();
     let env = Env::new(3, 10, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
+    let (d, before) = ready_agent();
     // A commit throttled to 1 KiB/s never converges in 3 s: 16 MiB written into the overlay
     // during the copy (QEMU's first burst copies one 1 MiB buffer at most).
     let mut child = env.spawn_backup(
@@ -393,36 +483,9 @@ fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
     }
     let _g = serial();
     let env = Env::new(600, 10, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
-    let mut child = env.spawn_backup(
-        &d,
-        &[
-            ("VMB_DEBUG_COMMIT_BANDWIDTH_BYTES", "1024"),
-            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "8000"),
-        ],
-    );
-    dirty_overlay(&env, &d, &mut child);
+    let (d, before) = ready_agent();
     // Wait for the throttled commit job, then kill -9.
-    let t = Instant::now();
-    loop {
-        let out = virsh(&["blockjob", &d, "vda", "--info"]);
-        let info = text(&out.stdout) + &text(&out.stderr);
-        if info.to_lowercase().contains("commit") {
-            break;
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "backup ended before its commit: {}{}",
-                text(&out.stdout),
-                text(&out.stderr)
-            );
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "no commit job");
-        sleep(Duration::from_millis(100));
-    }
+    let mut child = backup_in_a_throttled_commit(&env, &d, "1024", "8000");
     child.kill().unwrap();
     let _ = child.wait();
     assert!(env.journal_file(&d).exists());
@@ -464,10 +527,7 @@ fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
     assert!(!env.journal_file(&d).exists());
     assert_vm_intact(&d, &before);
     // The next backup succeeds.
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(out.status.code(), Some(0), "{json:#}");
-    assert!(env.partials(&d).is_empty());
-    assert_vm_intact(&d, &before);
+    next_backup_is_clean(&env, &d, &before);
 }
 
 #[test]
@@ -479,28 +539,11 @@ fn a_copy_corrupted_before_its_post_checks_is_never_published_and_prune_keeps_th
     }
     let _g = serial();
     let env = Env::new(120, 5, 1);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(out.status.code(), Some(0), "{json:#}");
-    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
+    let (d, before) = ready_agent();
+    let good = good_backup(&env, &d);
     // The second backup pauses once its `.partial` folder is complete: flip one byte of its
     // disk image there (what a faulty share would return on the re-read).
-    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_POSTCHECK_MS", "4000")]);
-    let t = Instant::now();
-    let partial = loop {
-        if let Some(p) = env.partials(&d).into_iter().next() {
-            break p;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
-        sleep(Duration::from_millis(50));
-    };
-    wait_for_file(
-        &partial.join("backup-metadata.json"),
-        Duration::from_secs(120),
-        &mut child,
-    );
+    let (child, partial) = backup_paused_before_postcheck(&env, &d, "4000");
     let image = list(&partial)
         .into_iter()
         .find(|p| p.to_string_lossy().ends_with(".qcow2"))
@@ -556,26 +599,9 @@ fn kill9_before_the_publish_leaves_nothing_that_looks_whole() {
     }
     let _g = serial();
     let env = Env::new(120, 5, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(out.status.code(), Some(0), "{json:#}");
-    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
-    let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_POSTCHECK_MS", "10000")]);
-    let t = Instant::now();
-    let partial = loop {
-        if let Some(p) = env.partials(&d).into_iter().next() {
-            break p;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
-        sleep(Duration::from_millis(50));
-    };
-    wait_for_file(
-        &partial.join("backup-metadata.json"),
-        Duration::from_secs(120),
-        &mut child,
-    );
+    let (d, before) = ready_agent();
+    let good = good_backup(&env, &d);
+    let (mut child, partial) = backup_paused_before_postcheck(&env, &d, "10000");
     child.kill().unwrap();
     let _ = child.wait();
     // Only the good backup looks whole; the killed one is a `.partial` folder.
@@ -599,10 +625,7 @@ fn kill9_before_the_publish_leaves_nothing_that_looks_whole() {
         "{listed}"
     );
     // The next backup repairs, removes the partial folder and succeeds.
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(out.status.code(), Some(0), "{json:#}");
-    assert!(env.partials(&d).is_empty());
-    assert_vm_intact(&d, &before);
+    next_backup_is_clean(&env, &d, &before);
     env.verify_ok(&d, &good);
 }
 
@@ -641,9 +664,7 @@ fn the_libvirt_connection_drops_between_snapshot_and_commit_then_reconnects_and_
     }
     let _g = serial();
     let env = Env::new(120, 5, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
+    let (d, before) = ready_agent();
     let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "6000")]);
     let t = Instant::now();
     while env.partials(&d).is_empty() {
@@ -731,17 +752,8 @@ fn share_faults_during_a_backup_fail_it_cleanly_and_keep_the_earlier_backup() {
     let share = Share::faulty(&mnt, &[]);
     let env = Env::with_target(120, 5, 10, Some(mnt.clone()));
     let mnt_text = mnt.to_string_lossy().into_owned();
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{json:#}\n{}",
-        text(&out.stderr)
-    );
-    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
+    let (d, before) = ready_agent();
+    let good = good_backup(&env, &d);
     let backing = share.backing();
     assert!(backing.is_dir(), "{}", backing.display());
     for fault in [
@@ -810,13 +822,7 @@ fn share_faults_during_a_backup_fail_it_cleanly_and_keep_the_earlier_backup() {
         env.verify_ok(&d, &good);
     }
     // Healed, the same share takes the next backup; what the faults left is repaired.
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{json:#}\n{}",
-        text(&out.stderr)
-    );
+    good_backup(&env, &d);
     assert!(env.partials(&d).is_empty(), "{:?}", env.partials(&d));
     env.verify_ok(&d, &good);
     drop(env);
@@ -830,9 +836,7 @@ fn kill9_during_the_snapshot_call_then_orphans_thaws_and_restores_the_images() {
     }
     let _g = serial();
     let env = Env::new(120, 5, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
+    let (d, before) = ready_agent();
     // The engine pings, then pauses 3 s; qemu-ga stops for 8 s meanwhile, so the snapshot
     // call (its quiescing freeze) is in flight when the backup is killed.
     let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_AFTER_PING_MS", "3000")]);
@@ -878,15 +882,9 @@ fn kill9_during_the_snapshot_call_then_orphans_thaws_and_restores_the_images() {
         env.folders(&d)
     );
     assert_vm_intact(&d, &before);
-    let (out, json) = env.backup(&d, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{json:#}\n{}",
-        text(&out.stderr)
-    );
+    let stamp = good_backup(&env, &d);
     assert_vm_intact(&d, &before);
-    env.verify_ok(&d, json["metadata"]["stamp"].as_str().unwrap());
+    env.verify_ok(&d, &stamp);
 }
 
 /// Kills the shared libvirtd with SIGKILL and starts it again (`lab/libvirt-lab.sh daemons`),
@@ -935,9 +933,7 @@ fn libvirtd_killed_and_restarted_between_snapshot_and_commit_the_job_reconnects_
     }
     let _g = serial();
     let env = Env::new(120, 5, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
+    let (d, before) = ready_agent();
     let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "5000")]);
     dirty_overlay(&env, &d, &mut child);
     let away = restart_libvirtd();
@@ -964,33 +960,10 @@ fn libvirtd_killed_and_restarted_during_the_commit_the_job_reconnects_and_pivots
     // A converge bound long enough to outlast the restart; the throttled commit then needs
     // the bounded pause to converge.
     let env = Env::new(25, 10, 3);
-    let d = agent_dom();
-    wait_agent(&d, Duration::from_secs(60));
-    let before = disk_sources(&d);
-    let mut child = env.spawn_backup(
-        &d,
-        &[
-            ("VMB_DEBUG_COMMIT_BANDWIDTH_BYTES", "4096"),
-            // Long enough for the guest's 16 MiB to land in the overlay first (slow TCG).
-            ("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "15000"),
-        ],
-    );
-    dirty_overlay(&env, &d, &mut child);
-    let t = Instant::now();
-    loop {
-        let out = virsh(&["blockjob", &d, "vda", "--info"]);
-        if (text(&out.stdout) + &text(&out.stderr))
-            .to_lowercase()
-            .contains("commit")
-        {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("backup ended ({status}) before its commit");
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "no commit job");
-        sleep(Duration::from_millis(100));
-    }
+    let (d, before) = ready_agent();
+    // A pause before the copy long enough for the guest's 16 MiB to land in the overlay first
+    // (slow TCG).
+    let child = backup_in_a_throttled_commit(&env, &d, "4096", "15000");
     let away = restart_libvirtd();
     eprintln!(
         "MEASURE libvirtd kill -9 + restart during the commit: {:.1} s",

@@ -11,19 +11,12 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-
-fn texts(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
@@ -32,112 +25,13 @@ fn sh(cmd: &str) -> String {
     o
 }
 
-/// A scratch folder with its config, the domains a test defined; removed on drop.
-struct Scratch {
-    dir: PathBuf,
-    domains: Vec<String>,
-}
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = PathBuf::from(format!(
-            "/var/tmp/vmb-{}-{test}-{}",
-            prefix(),
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("target")).unwrap();
-        vm_backup::store::FolderStore::init(dir.join("target"), None).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let conf = format!(
-            "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
-             inventory = \"{d}/vm-list.yaml\"\n",
-            d = dir.display()
-        );
-        fs::write(dir.join("vm-backup.conf"), conf).unwrap();
-        Scratch {
-            dir,
-            domains: Vec::new(),
-        }
-    }
-
-    fn conf(&self) -> String {
-        self.dir.join("vm-backup.conf").display().to_string()
-    }
-
-    fn vmb(&self, args: &[&str]) -> Output {
-        self.vmb_cmd(args).output().unwrap()
-    }
-
-    fn vmb_cmd(&self, args: &[&str]) -> Command {
-        // Right after the command name: `files` ends with its own subcommand.
-        let conf = self.conf();
-        let mut all = args.to_vec();
-        all.splice(1..1, ["--config", conf.as_str()]);
-        let mut c = vm_backup();
-        c.args(&all);
-        c
-    }
-
-    fn vmb_ok(&self, args: &[&str]) -> String {
-        let out = self.vmb(args);
-        let (o, e) = texts(&out);
-        assert!(out.status.success(), "vm-backup {args:?} failed:\n{o}\n{e}");
-        o
-    }
-
-    fn backup(&self, dom: &str, extra: &[&str]) -> String {
-        let mut a = vec!["backup", dom];
-        a.extend(extra);
-        self.vmb_ok(&a);
-        let vm_dir = self.dir.join("target/labhost").join(dom);
-        vm_backup::format::layout::VmDir { path: vm_dir }
-            .latest()
-            .unwrap()
-            .expect("a published backup")
-    }
-
-    /// Whatever of a mount chain is left under this scratch folder: loop devices, mounts,
-    /// qemu-storage-daemon or verify-on-read processes.
-    fn leftovers(&self) -> Vec<String> {
-        let d = self.dir.display().to_string();
-        let mut out = Vec::new();
-        let loops = Command::new("losetup").arg("-a").output().unwrap();
-        for l in String::from_utf8_lossy(&loops.stdout).lines() {
-            if l.contains(&d) {
-                out.push(format!("loop: {l}"));
-            }
-        }
-        for l in fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
-            if l.contains(&d) {
-                out.push(format!("mount: {l}"));
-            }
-        }
-        for p in fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-            if let Ok(c) = fs::read(p.path().join("cmdline")) {
-                let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                if c.contains(&d)
-                    && (c.contains("qemu-storage-daemon") || c.contains("verified-serve"))
-                {
-                    out.push(format!("process: {c}"));
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = self.vmb(&["orphans", "--cleanup"]);
-        for d in &self.domains {
-            let _ = virsh(&["destroy", d]);
-            let _ = virsh(&["undefine", d]);
-        }
-        if self.leftovers().is_empty() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
+/// A backup of `dom` by the real program (`vm-backup backup DOM EXTRA…`); returns its stamp.
+fn backup_stamp(s: &LabTarget, dom: &str, extra: &[&str]) -> String {
+    s.backup_with(dom, extra)
+        .file_name()
+        .expect("a backup folder")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The known tree written on every prepared filesystem.
@@ -296,7 +190,7 @@ fn prepare_disks(dir: &Path) -> Vec<(String, PathBuf, String)> {
 }
 
 /// Defines a shut-off domain with these disks.
-fn define(s: &mut Scratch, name: &str, disks: &[(String, PathBuf, String)]) {
+fn define(s: &mut LabTarget, name: &str, disks: &[(String, PathBuf, String)]) {
     let mut xml = format!(
         "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64'>hvm</type></os><devices>"
@@ -321,11 +215,11 @@ fn prepared_disks_extract_and_mount_with_owner_mode_and_content() {
     if !lab_enabled("prepared_disks_extract_and_mount_with_owner_mode_and_content") {
         return;
     }
-    let mut s = Scratch::new("prep");
+    let mut s = LabTarget::new("prep");
     let disks = prepare_disks(&s.dir);
     let dom = format!("{}-files", prefix());
     define(&mut s, &dom, &disks);
-    let stamp = s.backup(&dom, &["--method", "offline"]);
+    let stamp = backup_stamp(&s, &dom, &["--method", "offline"]);
     let refs = s.dir.join("ref");
     // (disk, path in the backup, reference tree)
     let cases = [
@@ -518,7 +412,7 @@ fn online_backup_of_the_agent_guest_restores_a_deleted_file() {
     if !lab_enabled("online_backup_of_the_agent_guest_restores_a_deleted_file") {
         return;
     }
-    let s = Scratch::new("online");
+    let s = LabTarget::new("online");
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(120));
     let marker = format!("online file {}", std::process::id());
@@ -527,7 +421,7 @@ fn online_backup_of_the_agent_guest_restores_a_deleted_file() {
         &format!("mkdir -p /mnt/data/filtest && echo '{marker}' > /mnt/data/filtest/note.txt && chown 1234:2345 /mnt/data/filtest/note.txt && chmod 0604 /mnt/data/filtest/note.txt && sync"),
     );
     let stat = gexec_ok(&dom, "stat -c '%u %g %a %Y %s' /mnt/data/filtest/note.txt");
-    let stamp = s.backup(&dom, &[]);
+    let stamp = backup_stamp(&s, &dom, &[]);
     gexec_ok(&dom, "rm -rf /mnt/data/filtest && sync");
 
     let t0 = Instant::now();

@@ -14,73 +14,27 @@ use std::time::{Duration, Instant};
 use support::*;
 use vm_backup::format::metadata::{BackupLevel, BackupMetadata};
 
-/// A target and journal that QEMU can traverse; removed on drop.
-struct Scratch {
-    dir: PathBuf,
+/// A scratch target (see `LabTarget`) for the agent domain's chains: our checkpoints of it
+/// are removed on drop, as later lab tests share the domain.
+fn scratch(test: &str) -> LabTarget {
+    let mut s = LabTarget::new(test);
+    s.checkpoints_of = Some(agent_dom());
+    s
 }
 
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = PathBuf::from(format!(
-            "/var/tmp/vmb-{}-{test}-{}",
-            prefix(),
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("target")).unwrap();
-        vm_backup::store::FolderStore::init(dir.join("target"), None).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let conf = format!(
-            "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
-             inventory = \"{d}/vm-list.yaml\"\n",
-            d = dir.display()
-        );
-        fs::write(dir.join("vm-backup.conf"), conf).unwrap();
-        Scratch { dir }
-    }
-
-    fn vmb_cmd(&self, args: &[&str]) -> Command {
-        let conf = self.dir.join("vm-backup.conf").display().to_string();
-        let mut c = vm_backup();
-        c.args(args).args(["--config", &conf]);
-        c
-    }
-
-    fn vmb(&self, args: &[&str]) -> Output {
-        self.vmb_cmd(args).output().unwrap()
-    }
-
-    fn vm_dir(&self, dom: &str) -> PathBuf {
-        self.dir.join("target").join("labhost").join(dom)
-    }
-
+/// A backup at a level, the one thing these tests add to `LabTarget`.
+trait Levels {
     /// A backup at `level` (extra args appended); returns the new folder and its metadata.
-    fn backup(&self, dom: &str, level: &str, extra: &[&str]) -> (PathBuf, BackupMetadata) {
-        let mut args = vec!["backup", dom, "--level", level];
+    fn backup_at(&self, dom: &str, level: &str, extra: &[&str]) -> (PathBuf, BackupMetadata);
+}
+
+impl Levels for LabTarget {
+    fn backup_at(&self, dom: &str, level: &str, extra: &[&str]) -> (PathBuf, BackupMetadata) {
+        let mut args = vec!["--level", level];
         args.extend_from_slice(extra);
-        let out = self.vmb(&args);
-        let (o, e) = texts(&out);
-        assert!(
-            out.status.success(),
-            "{level} backup of {dom} failed:\n{o}\n{e}"
-        );
-        let stamp = vm_backup::format::layout::VmDir {
-            path: self.vm_dir(dom),
-        }
-        .latest()
-        .unwrap()
-        .expect("a published backup");
-        let dir = self.vm_dir(dom).join(stamp);
+        let dir = self.backup_with(dom, &args);
         let md = BackupMetadata::read(&dir).unwrap();
         (dir, md)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // Later lab tests share the domain: leave it without our checkpoints.
-        drop_our_checkpoints(&agent_dom());
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -110,22 +64,6 @@ impl Drop for Undefine {
     }
 }
 
-fn texts(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn our_checkpoints(dom: &str) -> Vec<String> {
-    virsh_ok(&["checkpoint-list", dom, "--name"])
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("vmb-"))
-        .map(str::to_string)
-        .collect()
-}
-
 fn qemu_img(args: &[&str]) -> Output {
     Command::new("qemu-img").args(args).output().unwrap()
 }
@@ -145,20 +83,6 @@ fn the_disk(dom: &str) -> String {
         .expect("vda")
 }
 
-/// A clean start for the tests of one domain: no checkpoint of ours left by another test.
-fn drop_our_checkpoints(dom: &str) {
-    let names = virsh(&["checkpoint-list", dom, "--name"]);
-    if !names.status.success() {
-        return;
-    }
-    for c in our_checkpoints(dom) {
-        if !virsh(&["checkpoint-delete", dom, &c]).status.success() {
-            // A bitmap removed by a test: libvirt only forgets the checkpoint.
-            let _ = virsh(&["checkpoint-delete", dom, &c, "--metadata"]);
-        }
-    }
-}
-
 #[test]
 fn inl_incremental_copies_only_changed_blocks_and_the_chain_is_byte_exact() {
     if !lab_enabled("inl_incremental_copies_only_changed_blocks_and_the_chain_is_byte_exact") {
@@ -167,9 +91,9 @@ fn inl_incremental_copies_only_changed_blocks_and_the_chain_is_byte_exact() {
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(60));
     drop_our_checkpoints(&dom);
-    let s = Scratch::new("incr");
+    let s = scratch("incr");
     let t = Instant::now();
-    let (full_dir, full) = s.backup(&dom, "full", &[]);
+    let (full_dir, full) = s.backup_at(&dom, "full", &[]);
     let full_secs = t.elapsed().as_secs_f64();
     assert_eq!(full.level(), BackupLevel::Full);
     let full_ck = full
@@ -199,7 +123,7 @@ fn inl_incremental_copies_only_changed_blocks_and_the_chain_is_byte_exact() {
             &reference.display().to_string(),
         ]);
         let t = Instant::now();
-        let (d, m) = s.backup(&dom, "incremental", &["--method", "snapshot"]);
+        let (d, m) = s.backup_at(&dom, "incremental", &["--method", "snapshot"]);
         (d, m, t.elapsed().as_secs_f64())
     };
     assert_eq!(inc.level(), BackupLevel::Incremental, "{:?}", inc.chain);
@@ -332,7 +256,7 @@ fn inl_incremental_copies_only_changed_blocks_and_the_chain_is_byte_exact() {
 
     // A differential counts from the full: its parent is the full, not the incremental.
     gexec_ok(&dom, "echo diff >> /mnt/data/inc.txt && sync");
-    let (_diff_dir, diff) = s.backup(&dom, "differential", &[]);
+    let (_diff_dir, diff) = s.backup_at(&dom, "differential", &[]);
     assert_eq!(diff.level(), BackupLevel::Differential, "{:?}", diff.chain);
     assert_eq!(diff.chain.parent.as_deref(), Some(full.stamp.as_str()));
     // The incremental's checkpoint is no longer needed.
@@ -351,12 +275,12 @@ fn inl_missing_checkpoint_falls_back_to_a_full_and_says_why() {
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(60));
     drop_our_checkpoints(&dom);
-    let s = Scratch::new("fallback");
-    let (_, full) = s.backup(&dom, "full", &[]);
+    let s = scratch("fallback");
+    let (_, full) = s.backup_at(&dom, "full", &[]);
     let ck = full.chain.checkpoint.clone().unwrap();
     // Removed by hand (with its bitmap).
     virsh_ok(&["checkpoint-delete", &dom, &ck]);
-    let (dir, md) = s.backup(&dom, "incremental", &[]);
+    let (dir, md) = s.backup_at(&dom, "incremental", &[]);
     assert_eq!(md.level(), BackupLevel::Full);
     assert_eq!(md.chain.level_requested, Some(BackupLevel::Incremental));
     let note = md.chain.level_note.clone().unwrap_or_default();
@@ -364,7 +288,7 @@ fn inl_missing_checkpoint_falls_back_to_a_full_and_says_why() {
     let log = fs::read_to_string(dir.join("backup.log")).unwrap_or_default();
     assert!(log.contains("full backup instead"), "{log}");
     // The new full carries a new checkpoint: the next incremental continues from it.
-    let (_, next) = s.backup(&dom, "incremental", &[]);
+    let (_, next) = s.backup_at(&dom, "incremental", &[]);
     assert_eq!(next.level(), BackupLevel::Incremental, "{:?}", next.chain);
     assert_eq!(next.chain.parent.as_deref(), Some(md.stamp.as_str()));
 }
@@ -377,8 +301,8 @@ fn inl_kill9_mid_incremental_is_repaired_by_the_next_run() {
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(60));
     drop_our_checkpoints(&dom);
-    let s = Scratch::new("kill9");
-    let (_, full) = s.backup(&dom, "full", &[]);
+    let s = scratch("kill9");
+    let (_, full) = s.backup_at(&dom, "full", &[]);
     let full_ck = full.chain.checkpoint.clone().unwrap();
     let mut child = s
         .vmb_cmd(&["backup", &dom, "--level", "incremental"])
@@ -479,15 +403,15 @@ fn inl_chain_survives_a_restart_verifies_lists_test_restores_and_prunes_whole() 
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(60));
     drop_our_checkpoints(&dom);
-    let s = Scratch::new("restart");
-    let (full_dir, full) = s.backup(&dom, "full", &[]);
+    let s = scratch("restart");
+    let (full_dir, full) = s.backup_at(&dom, "full", &[]);
     assert!(full.chain.checkpoint.is_some());
 
     // Shut off: an incremental of an offline VM is a full, and says why (on another target,
     // so the chain above goes on).
     shutdown_wait(&dom);
-    let off = Scratch::new("offline");
-    let (_, offline) = off.backup(&dom, "incremental", &[]);
+    let off = scratch("offline");
+    let (_, offline) = off.backup_at(&dom, "incremental", &[]);
     assert_eq!(offline.level(), BackupLevel::Full);
     assert_eq!(
         offline.chain.level_requested,
@@ -515,7 +439,7 @@ fn inl_chain_survives_a_restart_verifies_lists_test_restores_and_prunes_whole() 
     let (inc_dir, inc) = {
         let _p = Paused::new(&dom);
         reference_of(&image, &ref1);
-        s.backup(&dom, "incremental", &["--method", "snapshot"])
+        s.backup_at(&dom, "incremental", &["--method", "snapshot"])
     };
     assert_eq!(inc.level(), BackupLevel::Incremental, "{:?}", inc.chain);
     assert_eq!(inc.chain.parent.as_deref(), Some(full.stamp.as_str()));
@@ -531,7 +455,7 @@ fn inl_chain_survives_a_restart_verifies_lists_test_restores_and_prunes_whole() 
     let (diff_dir, diff) = {
         let _p = Paused::new(&dom);
         reference_of(&image, &ref2);
-        s.backup(&dom, "differential", &["--method", "snapshot"])
+        s.backup_at(&dom, "differential", &["--method", "snapshot"])
     };
     assert_eq!(diff.level(), BackupLevel::Differential, "{:?}", diff.chain);
     assert_eq!(diff.chain.parent.as_deref(), Some(full.stamp.as_str()));
@@ -652,7 +576,7 @@ fn inl_chain_survives_a_restart_verifies_lists_test_restores_and_prunes_whole() 
     for d in [&full_dir, &inc_dir, &diff_dir] {
         assert!(d.exists(), "{} pruned out of a kept chain", d.display());
     }
-    let (new_dir, new_full) = s.backup(&dom, "full", &[]);
+    let (new_dir, new_full) = s.backup_at(&dom, "full", &[]);
     // (verified, so that "newest verified backup" is not the old incremental)
     assert_eq!(verify(&new_full.stamp).0, Some(0));
     let out = s.vmb(&["prune"]);
@@ -697,8 +621,8 @@ fn inl_a_disk_added_or_a_bitmap_lost_is_copied_in_full_inside_the_incremental() 
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(60));
     drop_our_checkpoints(&dom);
-    let s = Scratch::new("perdisk");
-    let (_, full) = s.backup(&dom, "full", &[]);
+    let s = scratch("perdisk");
+    let (_, full) = s.backup_at(&dom, "full", &[]);
     assert_eq!(full.disks.len(), 1);
 
     // A disk added since the full.
@@ -723,7 +647,7 @@ fn inl_a_disk_added_or_a_bitmap_lost_is_copied_in_full_inside_the_incremental() 
         dom: dom.clone(),
         target: "vdb".into(),
     };
-    let (inc_dir, inc) = s.backup(&dom, "incremental", &[]);
+    let (inc_dir, inc) = s.backup_at(&dom, "incremental", &[]);
     assert_eq!(inc.level(), BackupLevel::Incremental, "{:?}", inc.chain);
     let why = inc.chain.full_disks.get("vdb").cloned().unwrap_or_default();
     assert!(why.contains("was added"), "{:?}", inc.chain);
@@ -764,7 +688,7 @@ fn inl_a_disk_added_or_a_bitmap_lost_is_copied_in_full_inside_the_incremental() 
         let _p = Paused::new(&dom);
         reference_of(&vda, &ref_a);
         reference_of(&vdb_s, &ref_b);
-        s.backup(&dom, "incremental", &["--method", "snapshot"])
+        s.backup_at(&dom, "incremental", &["--method", "snapshot"])
     };
     assert_eq!(inc2.level(), BackupLevel::Incremental, "{:?}", inc2.chain);
     assert_eq!(inc2.chain.parent.as_deref(), Some(inc.stamp.as_str()));

@@ -13,101 +13,42 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
 
-fn texts(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+/// The scratch target of these tests: `LabTarget` (its domains, our checkpoints of
+/// `checkpoints_of` and the folder are cleaned up on drop), plus [`InstantTarget`].
+type Scratch = LabTarget;
 
-/// A scratch folder (initialised target, config) and the domains a test defined; removed on
-/// drop.
-struct Scratch {
-    dir: PathBuf,
-    domains: Vec<String>,
-    /// A shared lab domain whose `vmb-*` checkpoints this test created (removed on drop).
-    checkpoints_of: Option<String>,
-}
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = PathBuf::from(format!(
-            "/var/tmp/vmb-{}-{test}-{}",
-            prefix(),
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("target")).unwrap();
-        vm_backup::store::FolderStore::init(dir.join("target"), None).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let conf = format!(
-            "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
-             inventory = \"{d}/vm-list.yaml\"\n",
-            d = dir.display()
-        );
-        fs::write(dir.join("vm-backup.conf"), conf).unwrap();
-        Scratch {
-            dir,
-            domains: Vec::new(),
-            checkpoints_of: None,
-        }
-    }
-
-    fn vmb_cmd(&self, args: &[&str]) -> Command {
-        let mut c = vm_backup();
-        c.env("VM_BACKUP_CONFIG", self.dir.join("vm-backup.conf"));
-        c.args(args);
-        c
-    }
-
-    fn vmb(&self, args: &[&str]) -> Output {
-        self.vmb_cmd(args).output().unwrap()
-    }
-
-    fn vmb_ok(&self, args: &[&str]) -> String {
-        let out = self.vmb(args);
-        let (o, e) = texts(&out);
-        assert!(out.status.success(), "vm-backup {args:?} failed:\n{o}\n{e}");
-        o
-    }
-
-    /// Backs up `dom`; returns the backup folder.
-    fn backup(&self, dom: &str) -> PathBuf {
-        self.backup_level(dom, "full")
-    }
-
+/// What the instant-restore tests add to `LabTarget`.
+trait InstantTarget {
     /// Backs up `dom` at `level` (`full`: no checkpoint); returns the backup folder.
+    fn backup_level(&self, dom: &str, level: &str) -> PathBuf;
+    /// Every file of the target with owner, mode, size, mtime and SHA-256.
+    fn target_state(&self) -> Vec<String>;
+    /// qemu-storage-daemon processes serving from this scratch folder.
+    fn servers(&self) -> Vec<String>;
+}
+
+impl InstantTarget for LabTarget {
     fn backup_level(&self, dom: &str, level: &str) -> PathBuf {
         if level == "full" {
-            self.vmb_ok(&["backup", dom]);
+            self.backup(dom)
         } else {
-            self.vmb_ok(&["backup", dom, "--level", level]);
+            self.backup_with(dom, &["--level", level])
         }
-        let vm_dir = self.dir.join("target/labhost").join(dom);
-        let stamp = vm_backup::format::layout::VmDir {
-            path: vm_dir.clone(),
-        }
-        .latest()
-        .unwrap()
-        .expect("a published backup");
-        vm_dir.join(stamp)
     }
 
-    /// Every file of the target with owner, mode, size, mtime and SHA-256.
     fn target_state(&self) -> Vec<String> {
         let out = Command::new("sh")
             .arg("-c")
             .arg(format!(
                 "cd {} && find . -exec stat -c '%n %u:%g %a %s %Y' {{}} + | sort && \
                  find . -type f -exec sha256sum {{}} + | sort",
-                self.dir.join("target").display()
+                self.target().display()
             ))
             .output()
             .unwrap();
@@ -118,44 +59,12 @@ impl Scratch {
             .collect()
     }
 
-    /// qemu-storage-daemon processes serving from this scratch folder.
     fn servers(&self) -> Vec<String> {
-        let d = self.dir.display().to_string();
-        let mut out = Vec::new();
-        for p in fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-            if let Ok(c) = fs::read(p.path().join("cmdline")) {
-                let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                if c.contains(&d) && c.contains("qemu-storage-daemon") {
-                    out.push(c);
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = self.vmb(&["orphans", "--cleanup"]);
-        for d in &self.domains {
-            let _ = virsh(&["destroy", d]);
-            let _ = virsh(&["undefine", d]);
-        }
-        // Later lab tests share the agent domain: leave it without our checkpoints.
-        if let Some(dom) = &self.checkpoints_of {
-            let names = virsh(&["checkpoint-list", dom, "--name"]);
-            for c in String::from_utf8_lossy(&names.stdout)
-                .lines()
-                .map(str::trim)
-            {
-                if c.starts_with("vmb-") {
-                    let _ = virsh(&["checkpoint-delete", dom, c]);
-                }
-            }
-        }
-        if self.servers().is_empty() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        self.leftovers()
+            .into_iter()
+            .filter(|l| l.contains("qemu-storage-daemon"))
+            .filter_map(|l| l.strip_prefix("process: ").map(str::to_string))
+            .collect()
     }
 }
 

@@ -6,102 +6,17 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use support::*;
 use vm_backup::format::metadata::BackupMetadata;
 
-/// A scratch area (target, restore folders, journal) that QEMU can traverse, and the domains a
-/// test defined: all removed on drop, also when an assertion fails.
-struct Scratch {
-    dir: PathBuf,
-    domains: Vec<String>,
-}
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = PathBuf::from(format!(
-            "/var/tmp/vmb-{}-{test}-{}",
-            prefix(),
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("target")).unwrap();
-        vm_backup::store::FolderStore::init(dir.join("target"), None).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let conf = format!(
-            "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
-             inventory = \"{d}/vm-list.yaml\"\n[test_restore]\ndir = \"{d}/test-restore\"\n\
-             boot_timeout_seconds = 120\nrun_seconds = 5\n",
-            d = dir.display()
-        );
-        fs::write(dir.join("vm-backup.conf"), conf).unwrap();
-        Scratch {
-            dir,
-            domains: Vec::new(),
-        }
-    }
-
-    fn conf(&self) -> String {
-        self.dir.join("vm-backup.conf").display().to_string()
-    }
-
-    fn target(&self) -> PathBuf {
-        self.dir.join("target")
-    }
-
-    /// Runs `vm-backup ARGS --config <ours>`.
-    fn vmb(&self, args: &[&str]) -> Output {
-        let conf = self.conf();
-        let mut all = args.to_vec();
-        all.extend(["--config", &conf]);
-        vm_backup().args(&all).output().unwrap()
-    }
-
-    /// A real backup of `dom`; returns its folder.
-    fn backup(&self, dom: &str) -> PathBuf {
-        let out = self.vmb(&["backup", dom]);
-        let (o, e) = texts(&out);
-        assert!(out.status.success(), "backup of {dom} failed:\n{o}\n{e}");
-        let vm_dir = self.target().join("labhost").join(dom);
-        let stamp = vm_backup::format::layout::VmDir {
-            path: vm_dir.clone(),
-        }
-        .latest()
-        .unwrap()
-        .expect("a published backup");
-        vm_dir.join(stamp)
-    }
-
-    /// Remembers a domain to destroy and undefine at the end.
-    fn owns(&mut self, dom: &str) {
-        self.domains.push(dom.to_string());
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        for d in &self.domains {
-            let _ = virsh(&["destroy", d]);
-            let _ = virsh(&[
-                "undefine",
-                d,
-                "--nvram",
-                "--checkpoints-metadata",
-                "--snapshots-metadata",
-            ]);
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn texts(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+/// A scratch target whose settings add the test-restore section (its folder, its bounds).
+fn scratch(test: &str) -> LabTarget {
+    LabTarget::with_settings(
+        test,
+        "[test_restore]\ndir = \"{d}/test-restore\"\nboot_timeout_seconds = 120\nrun_seconds = 5\n",
     )
 }
 
@@ -128,7 +43,7 @@ fn restore_as_a_copy_beside_the_running_original() {
     }
     let orig = agent_dom();
     let copy = format!("{orig}-copy");
-    let mut s = Scratch::new("restore");
+    let mut s = scratch("restore");
     s.owns(&copy);
     let _ = virsh(&["destroy", &copy]);
     let _ = virsh(&["undefine", &copy, "--nvram"]);
@@ -219,7 +134,7 @@ fn uefi_restore_brings_back_the_nvram() {
     }
     let orig = uefi_dom();
     let copy = format!("{orig}-copy");
-    let mut s = Scratch::new("uefi");
+    let mut s = scratch("uefi");
     s.owns(&copy);
     let _ = virsh(&["destroy", &copy]);
     let _ = virsh(&["undefine", &copy, "--nvram"]);
@@ -253,7 +168,7 @@ fn test_restore_passes_on_a_good_backup_and_leaves_nothing() {
     if !lab_enabled("test_restore_passes_on_a_good_backup_and_leaves_nothing") {
         return;
     }
-    let s = Scratch::new("trgood");
+    let s = scratch("trgood");
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(60));
     let backup = s.backup(&dom);
@@ -290,7 +205,7 @@ fn test_restore_fails_on_damage_or_no_boot_and_still_cleans_up() {
     if !lab_enabled("test_restore_fails_on_damage_or_no_boot_and_still_cleans_up") {
         return;
     }
-    let s = Scratch::new("trbad");
+    let s = scratch("trbad");
     let dom = agent_dom();
     wait_agent(&dom, Duration::from_secs(60));
     let backup = s.backup(&dom);
@@ -337,7 +252,7 @@ fn appliance_restore_gives_back_its_configs() {
     }
     let orig = noagent_dom();
     let copy = format!("{orig}-copy");
-    let mut s = Scratch::new("asa");
+    let mut s = scratch("asa");
     s.owns(&copy);
     let _ = virsh(&["destroy", &copy]);
     let _ = virsh(&["undefine", &copy, "--nvram"]);
@@ -382,7 +297,7 @@ fn multi_disk_restore_as_a_copy_boots_with_every_disk() {
     }
     let orig = multi_dom();
     let copy = format!("{orig}-copy");
-    let mut s = Scratch::new("multi");
+    let mut s = scratch("multi");
     s.owns(&copy);
     let _ = virsh(&["destroy", &copy]);
     let _ = virsh(&["undefine", &copy, "--nvram"]);
@@ -467,7 +382,7 @@ fn backing_chain_restores_self_contained_and_verify_names_a_bad_layer() {
     let orig = multi_dom();
     let copy = format!("{orig}-chain");
     let copy2 = format!("{orig}-chain2");
-    let mut s = Scratch::new("chain");
+    let mut s = scratch("chain");
     s.owns(&copy);
     s.owns(&copy2);
     for d in [&copy, &copy2] {
@@ -642,7 +557,7 @@ fn backing_chain_restores_in_place_and_keeps_an_identical_base() {
         return;
     }
     let orig = multi_dom();
-    let s = Scratch::new("chainip");
+    let s = scratch("chainip");
     wait_agent(&orig, Duration::from_secs(60));
     let marker = format!("inplace-{}", std::process::id());
     gexec_ok(&orig, &format!("echo {marker} > /mnt/data2/ip.txt; sync"));

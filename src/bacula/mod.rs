@@ -148,7 +148,7 @@ pub enum PluginError {
         /// The staging folder.
         dir: std::path::PathBuf,
         /// The problems found.
-        problems: String,
+        problems: crate::engine::backup::Problems,
     },
     /// The metadata of a backup does not parse.
     #[error("{path}: bad metadata: {source}")]

@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::job::{Content, FileKind, VirtualFile};
 use super::{PluginArgs, PluginError, VirtualPath};
 use crate::config::Settings;
-use crate::engine::backup::{BackupError, BackupSession, ProgressRef};
+use crate::engine::backup::{BackupError, BackupSession, Problem, ProblemKind, ProgressRef};
 use crate::engine::{FileDigests, StreamHasher, STREAM_CHUNK_SIZE};
 use crate::format::layout;
 use crate::format::metadata::{BackupMetadata, DiskRecord};
@@ -202,22 +202,29 @@ pub fn check_staged(
     cancel: &CancelToken,
 ) -> Result<BackupMetadata, PluginError> {
     let dir = staged.path();
-    let refused = |problems: String| PluginError::StagedRefused {
+    let refused = |problems: Vec<Problem>| PluginError::StagedRefused {
         dir: dir.to_owned(),
-        problems,
+        problems: problems.into(),
     };
-    let meta = BackupMetadata::read(dir)
-        .map_err(|e| refused(format!("cannot read {}: {e}", layout::METADATA_FILE)))?;
+    let meta = BackupMetadata::read(dir).map_err(|e| {
+        refused(vec![Problem::general(
+            ProblemKind::Unreadable,
+            format!("cannot read {}: {e}", layout::METADATA_FILE),
+        )])
+    })?;
     if meta.stamp != stamp {
-        return Err(refused(format!(
-            "the metadata is of backup {}, not {stamp}",
-            meta.stamp
-        )));
+        return Err(refused(vec![Problem::general(
+            ProblemKind::Identity,
+            format!("the metadata is of backup {}, not {stamp}", meta.stamp),
+        )]));
     }
     let problems = crate::engine::backup::checks::post_check_folder(dir, &meta, progress, cancel);
     if !problems.is_empty() {
-        tracing::warn!(dir = %dir.display(), "streamed backup refused: {}", problems.join("; "));
-        return Err(refused(problems.join("; ")));
+        tracing::warn!(dir = %dir.display(), "streamed backup refused: {problems}");
+        return Err(PluginError::StagedRefused {
+            dir: dir.to_owned(),
+            problems,
+        });
     }
     Ok(meta)
 }
@@ -313,6 +320,14 @@ mod tests {
         let err = check_staged(&bad, STAMP, &NoProgress, &cancel).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
         assert!(err.to_string().contains("web.xml"), "{err}");
+        match &err {
+            PluginError::StagedRefused { problems, .. } => {
+                let p = problems.iter().next().expect("a problem");
+                assert_eq!(p.file.as_deref(), Some("web.xml"));
+                assert_eq!(p.kind, ProblemKind::ChecksumMismatch);
+            }
+            other => panic!("not refused: {other}"),
+        }
         drop(bad);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

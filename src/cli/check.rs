@@ -69,7 +69,8 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         match checks::run_post_checks(&request, &progress, &cancel) {
             Ok((dir, problems)) => {
                 if args.common.json {
-                    let v = serde_json::json!({"vm": args.vm, "ok": problems.is_empty(), "backup_dir": dir, "problems": problems});
+                    // `problems`: the lines as printed; `faults`: file, kind and detail of each.
+                    let v = serde_json::json!({"vm": args.vm, "ok": problems.is_empty(), "backup_dir": dir, "problems": problems.lines(), "faults": problems});
                     println!("{v:#}");
                 } else if problems.is_empty() {
                     println!("post-checks of {:?} passed ({})", args.vm, dir.display());

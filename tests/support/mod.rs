@@ -506,6 +506,197 @@ pub fn remove_bitmap_live(dom: &str, image: &str, name: &str) {
     virsh_ok(&["qemu-monitor-command", dom, &cmd.to_string()]);
 }
 
+/// Standard output and standard error of a finished command, as text.
+pub fn texts(out: &Output) -> (String, String) {
+    (text(&out.stdout), text(&out.stderr))
+}
+
+/// The `vmb-*` checkpoints (ours) of a domain.
+pub fn our_checkpoints(dom: &str) -> Vec<String> {
+    let names = virsh(&["checkpoint-list", dom, "--name"]);
+    text(&names.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("vmb-"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Deletes our checkpoints (`vmb-*`) of a shared lab domain, so that the next test starts
+/// without them (a checkpoint whose bitmap a test removed is only forgotten by libvirt).
+pub fn drop_our_checkpoints(dom: &str) {
+    for c in our_checkpoints(dom) {
+        if !virsh(&["checkpoint-delete", dom, &c]).status.success() {
+            let _ = virsh(&["checkpoint-delete", dom, &c, "--metadata"]);
+        }
+    }
+}
+
+/// An initialised backup target for one test, with its own configuration (host `labhost`,
+/// journal and inventory beside it) in `/var/tmp/vmb-<prefix>-<test>-<pid>/` (mode 0755, so
+/// QEMU can reach restored disks there); `vm-backup` runs with that configuration
+/// (`VM_BACKUP_CONFIG`). Dropped, also when an assertion failed: `orphans --cleanup`, the
+/// domains the test defined destroyed and undefined, our checkpoints removed from the shared
+/// domains named in `checkpoints_of`, then the folder, unless a mount, loop device or
+/// image server still uses it (removing it then would hang or fail).
+pub struct LabTarget {
+    /// The scratch folder: `target/`, `journal/`, `vm-backup.conf`, anything the test adds.
+    pub dir: PathBuf,
+    /// Domains the test defined (destroyed and undefined on drop).
+    pub domains: Vec<String>,
+    /// A shared lab domain whose `vmb-*` checkpoints the test creates (removed on drop).
+    pub checkpoints_of: Option<String>,
+}
+
+impl LabTarget {
+    /// A fresh scratch folder for `test` with an initialised target and the usual settings.
+    pub fn new(test: &str) -> LabTarget {
+        LabTarget::with_settings(test, "")
+    }
+
+    /// Like [`LabTarget::new`], with `extra` (TOML lines, e.g. a `[test_restore]` section,
+    /// where `{d}` stands for the scratch folder) appended to the configuration.
+    pub fn with_settings(test: &str, extra: &str) -> LabTarget {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = PathBuf::from(format!(
+            "/var/tmp/vmb-{}-{test}-{}",
+            prefix(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("target")).expect("create the scratch target");
+        vm_backup::store::FolderStore::init(dir.join("target"), None).expect("init the target");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the scratch folder");
+        let d = dir.display().to_string();
+        let conf = format!(
+            "target = \"{d}/target\"\nhostname = \"labhost\"\njournal_dir = \"{d}/journal\"\n\
+             inventory = \"{d}/vm-list.yaml\"\n{}",
+            extra.replace("{d}", &d)
+        );
+        std::fs::write(dir.join("vm-backup.conf"), conf).expect("write vm-backup.conf");
+        LabTarget {
+            dir,
+            domains: Vec::new(),
+            checkpoints_of: None,
+        }
+    }
+
+    /// The configuration file.
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("vm-backup.conf")
+    }
+
+    /// The backup target.
+    pub fn target(&self) -> PathBuf {
+        self.dir.join("target")
+    }
+
+    /// The folder of a VM's backups on the target.
+    pub fn vm_dir(&self, dom: &str) -> PathBuf {
+        self.target().join("labhost").join(dom)
+    }
+
+    /// A `vm-backup ARGS` command with this configuration.
+    pub fn vmb_cmd(&self, args: &[&str]) -> Command {
+        let mut c = vm_backup();
+        c.env("VM_BACKUP_CONFIG", self.conf()).args(args);
+        c
+    }
+
+    /// Runs `vm-backup ARGS`, whatever its exit status.
+    pub fn vmb(&self, args: &[&str]) -> Output {
+        self.vmb_cmd(args).output().expect("run vm-backup")
+    }
+
+    /// Runs `vm-backup ARGS`; panics with its output unless it succeeds; returns stdout.
+    pub fn vmb_ok(&self, args: &[&str]) -> String {
+        let out = self.vmb(args);
+        let (o, e) = texts(&out);
+        assert!(out.status.success(), "vm-backup {args:?} failed:\n{o}\n{e}");
+        o
+    }
+
+    /// The newest published backup folder of `dom`.
+    pub fn latest(&self, dom: &str) -> PathBuf {
+        let vm_dir = self.vm_dir(dom);
+        let stamp = vm_backup::format::layout::VmDir {
+            path: vm_dir.clone(),
+        }
+        .latest()
+        .expect("read the VM folder")
+        .expect("a published backup");
+        vm_dir.join(stamp)
+    }
+
+    /// A real `vm-backup backup DOM` that must succeed; returns the new backup folder.
+    pub fn backup(&self, dom: &str) -> PathBuf {
+        self.backup_with(dom, &[])
+    }
+
+    /// `vm-backup backup DOM EXTRA…` that must succeed; returns the new backup folder.
+    pub fn backup_with(&self, dom: &str, extra: &[&str]) -> PathBuf {
+        let mut args = vec!["backup", dom];
+        args.extend_from_slice(extra);
+        self.vmb_ok(&args);
+        self.latest(dom)
+    }
+
+    /// Remembers a domain to destroy and undefine at the end.
+    pub fn owns(&mut self, dom: &str) {
+        self.domains.push(dom.to_string());
+    }
+
+    /// What still uses the scratch folder: loop devices, mounts, `qemu-storage-daemon` or
+    /// verify-on-read processes serving from it.
+    pub fn leftovers(&self) -> Vec<String> {
+        let d = self.dir.display().to_string();
+        let mut out = Vec::new();
+        if let Ok(loops) = Command::new("losetup").arg("-a").output() {
+            for l in text(&loops.stdout).lines().filter(|l| l.contains(&d)) {
+                out.push(format!("loop: {l}"));
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for l in mounts.lines().filter(|l| l.contains(&d)) {
+            out.push(format!("mount: {l}"));
+        }
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if let Ok(c) = std::fs::read(p.path().join("cmdline")) {
+                let c = text(&c).replace('\0', " ");
+                if c.contains(&d)
+                    && (c.contains("qemu-storage-daemon") || c.contains("verified-serve"))
+                {
+                    out.push(format!("process: {c}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for LabTarget {
+    fn drop(&mut self) {
+        let _ = self.vmb(&["orphans", "--cleanup"]);
+        for d in &self.domains {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&[
+                "undefine",
+                d,
+                "--nvram",
+                "--checkpoints-metadata",
+                "--snapshots-metadata",
+            ]);
+        }
+        if let Some(dom) = &self.checkpoints_of {
+            drop_our_checkpoints(dom);
+        }
+        if self.leftovers().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::SeqCheck;

@@ -14,6 +14,7 @@ use crate::progress::{CancelToken, Progress};
 
 use super::chain::ChainError;
 use super::journal::JournalError;
+use super::problem::{Problem, ProblemKind, Problems};
 use super::{BackupError, BackupRequest, SessionDisk, OVERLAY_MARKER};
 
 /// Why the pre-checks refuse a backup (nothing was touched: exit 1), or a check could not run.
@@ -692,8 +693,8 @@ pub fn post_check_folder(
     md: &BackupMetadata,
     progress: &dyn Progress,
     cancel: &CancelToken,
-) -> Vec<String> {
-    let mut problems = Vec::new();
+) -> Problems {
+    let mut problems = Problems::default();
     // Read what the share holds, not what this host's page cache remembers writing.
     let cached = std::iter::once(layout::CHECKSUMS_FILE)
         .chain(md.files.iter().map(String::as_str))
@@ -704,7 +705,7 @@ pub fn post_check_folder(
         let path = dir.join(name);
         if let Err(e) = drop_cached_pages(&path) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                problems.push(format!("{name}: cannot flush it to the share: {e}"));
+                problems.push(Problem::file(name, ProblemKind::Unflushed, e.to_string()));
             }
         }
     }
@@ -713,7 +714,7 @@ pub fn post_check_folder(
     let sums = match fs::read_to_string(&sums_path) {
         Ok(s) => s,
         Err(e) => {
-            problems.push(format!("{}: {e}", sums_path.display()));
+            problems.push(Problem::io(sums_path.display().to_string(), &e));
             String::new()
         }
     };
@@ -723,7 +724,11 @@ pub fn post_check_folder(
             Some((sum, name)) => {
                 listed.insert(name.to_string(), sum.to_string());
             }
-            None => problems.push(format!("malformed line in checksums.sha256: {line:?}")),
+            None => problems.push(Problem::file(
+                layout::CHECKSUMS_FILE,
+                ProblemKind::MalformedLine,
+                format!("{line:?}"),
+            )),
         }
     }
     // Every image file: the disks and the images of their backing chains.
@@ -754,31 +759,33 @@ pub fn post_check_folder(
         }
         match crate::engine::verify::sha256_file(&dir.join(name)) {
             Ok(actual) if &actual == sum => {}
-            Ok(actual) => problems.push(format!(
-                "{name}: SHA-256 {actual} does not match checksums.sha256 ({sum})"
+            Ok(actual) => problems.push(Problem::file(
+                name,
+                ProblemKind::ChecksumMismatch,
+                format!("SHA-256 {actual} does not match checksums.sha256 ({sum})"),
             )),
-            Err(e) => problems.push(format!("{name}: {e}")),
+            Err(e) => problems.push(Problem::file(name, ProblemKind::Unreadable, e.to_string())),
         }
     }
     for f in &md.files {
         if !dir.join(f).is_file() {
-            problems.push(format!("{f} is missing"));
+            problems.push(Problem::file(f, ProblemKind::Missing, ""));
         }
         // A line cut away at a line boundary leaves a well-formed but shorter list: every
         // file the metadata names must be in it, or `sha256sum -c` would skip that file.
         if !listed.contains_key(f) {
-            problems.push(format!("{f}: not listed in checksums.sha256"));
+            problems.push(Problem::file(f, ProblemKind::NotListed, ""));
         }
     }
     // Each backing chain as a whole, opened inside the folder only.
     for d in md.disks.iter().filter(|d| !d.backing_chain.is_empty()) {
         let c = crate::engine::verify::chain_check(dir, d);
         if !c.ok {
-            problems.push(format!("{}: backing chain: {}", c.file, c.detail));
+            problems.push(Problem::file(c.file, ProblemKind::BackingChain, c.detail));
         }
     }
     // Disk images, in parallel.
-    let disk_problems: Vec<Vec<String>> = std::thread::scope(|s| {
+    let disk_problems: Vec<Vec<Problem>> = std::thread::scope(|s| {
         let handles: Vec<_> = images
             .iter()
             .map(|d| {
@@ -788,39 +795,50 @@ pub fn post_check_folder(
                     let path = dir.join(d.file);
                     match fs::metadata(&path) {
                         Ok(m) if m.len() == d.file_size => {}
-                        Ok(m) => p.push(format!(
-                            "{}: size {} differs from the recorded {}",
+                        Ok(m) => p.push(Problem::file(
                             d.file,
-                            m.len(),
-                            d.file_size
+                            ProblemKind::SizeMismatch,
+                            format!("size {} differs from the recorded {}", m.len(), d.file_size),
                         )),
                         Err(e) => {
-                            p.push(format!("{}: {e}", d.file));
+                            p.push(Problem::io(d.file, &e));
                             return p;
                         }
                     }
                     if listed.as_deref() != Some(d.sha256) {
-                        p.push(format!(
-                            "{}: checksums.sha256 does not list the recorded SHA-256",
-                            d.file
+                        p.push(Problem::file(
+                            d.file,
+                            ProblemKind::ChecksumMismatch,
+                            "checksums.sha256 does not list the recorded SHA-256",
                         ));
                     }
                     match crate::copier::verify_file(&path, d.manifest, progress, cancel) {
                         Ok(r) if r.ok => {}
-                        Ok(r) => p.push(format!(
-                            "{}: {} chunk(s) differ from the manifest{}",
+                        Ok(r) => p.push(Problem::file(
                             d.file,
-                            r.bad_chunks.len(),
-                            r.first_bad
-                                .as_ref()
-                                .map(|b| format!(" (first at offset {})", b.offset))
-                                .unwrap_or_default()
+                            ProblemKind::ChunkMismatch,
+                            format!(
+                                "{} chunk(s) differ from the manifest{}",
+                                r.bad_chunks.len(),
+                                r.first_bad
+                                    .as_ref()
+                                    .map(|b| format!(" (first at offset {})", b.offset))
+                                    .unwrap_or_default()
+                            ),
                         )),
-                        Err(e) => p.push(format!("{}: verification failed: {e}", d.file)),
+                        Err(e) => p.push(Problem::file(
+                            d.file,
+                            ProblemKind::VerifyFailed,
+                            e.to_string(),
+                        )),
                     }
                     if d.format == "qcow2" {
                         if let Err(e) = crate::hv::qemu_img::check(&path) {
-                            p.push(format!("{}: {e}", d.file));
+                            p.push(Problem::file(
+                                d.file,
+                                ProblemKind::ImageCheck,
+                                e.to_string(),
+                            ));
                         }
                     }
                     p
@@ -830,8 +848,12 @@ pub fn post_check_folder(
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec!["a verification thread panicked".into()])
+                h.join().unwrap_or_else(|_| {
+                    vec![Problem::general(
+                        ProblemKind::CheckFailed,
+                        "a verification thread panicked",
+                    )]
+                })
             })
             .collect()
     });
@@ -840,19 +862,22 @@ pub fn post_check_folder(
 }
 
 /// Whether the metadata `md` names the domain `name` with UUID `uuid` (unknown: not compared).
-fn identity_problems(name: &str, uuid: Option<&str>, md: &BackupMetadata) -> Vec<String> {
-    let mut problems = Vec::new();
+fn identity_problems(name: &str, uuid: Option<&str>, md: &BackupMetadata) -> Problems {
+    let mut problems = Problems::default();
     if md.vm_name != name {
-        problems.push(format!(
-            "the backup is of VM {:?}, not of {name:?}",
-            md.vm_name
+        problems.push(Problem::general(
+            ProblemKind::Identity,
+            format!("the backup is of VM {:?}, not of {name:?}", md.vm_name),
         ));
     }
     if let Some(uuid) = uuid {
         if !md.vm_uuid.is_empty() && !md.vm_uuid.eq_ignore_ascii_case(uuid) {
-            problems.push(format!(
-                "the backup is of the domain with UUID {}, {name:?} has UUID {uuid}",
-                md.vm_uuid
+            problems.push(Problem::general(
+                ProblemKind::Identity,
+                format!(
+                    "the backup is of the domain with UUID {}, {name:?} has UUID {uuid}",
+                    md.vm_uuid
+                ),
             ));
         }
     }
@@ -871,34 +896,45 @@ struct ImageFile<'a> {
 /// Checks the backup is of this domain (the VM name and UUID the metadata records), and that
 /// the domain runs on the images the backup recorded (`md.disks[].source`), with no overlay of
 /// ours and no block job. Returns the problems found.
-pub fn post_check_domain(dom: &Dom, md: &BackupMetadata) -> Vec<String> {
+pub fn post_check_domain(dom: &Dom, md: &BackupMetadata) -> Problems {
     let mut problems = identity_problems(dom.name(), dom.uuid().ok().as_deref(), md);
+    let cannot = |e: LibvirtError| {
+        Problems(vec![Problem::general(
+            ProblemKind::CheckFailed,
+            e.to_string(),
+        )])
+    };
     let state = match dom.state() {
         Ok(s) => s,
-        Err(e) => return vec![e.to_string()],
+        Err(e) => return cannot(e),
     };
     let parsed = match dom.parsed(!state.is_live()) {
         Ok(p) => p,
-        Err(e) => return vec![e.to_string()],
+        Err(e) => return cannot(e),
     };
     for d in &md.disks {
         let cur = parsed.disks.iter().find(|x| x.target == d.target);
         match cur.and_then(|c| c.source.as_ref()) {
             Some(src) if src == Path::new(&d.source) => {}
-            Some(src) => problems.push(format!(
-                "disk {} runs on {}, not on its original image {}",
-                d.target,
-                src.display(),
-                d.source
+            Some(src) => problems.push(Problem::general(
+                ProblemKind::Domain,
+                format!(
+                    "disk {} runs on {}, not on its original image {}",
+                    d.target,
+                    src.display(),
+                    d.source
+                ),
             )),
-            None => problems.push(format!("disk {} is gone from the domain", d.target)),
+            None => problems.push(Problem::general(
+                ProblemKind::Domain,
+                format!("disk {} is gone from the domain", d.target),
+            )),
         }
         if state.is_live() {
             if let Ok(Some(job)) = dom.block_job(&d.target) {
-                problems.push(format!(
-                    "disk {} has a {} block job",
-                    d.target,
-                    job.kind_name()
+                problems.push(Problem::general(
+                    ProblemKind::Domain,
+                    format!("disk {} has a {} block job", d.target, job.kind_name()),
                 ));
             }
         }
@@ -912,7 +948,7 @@ pub fn run_post_checks(
     request: &BackupRequest,
     progress: &dyn Progress,
     cancel: &CancelToken,
-) -> Result<(PathBuf, Vec<String>), BackupError> {
+) -> Result<(PathBuf, Problems), BackupError> {
     let vm = request.vm.as_str();
     let settings = &request.settings;
     let vm_dir = layout::VmDir::new(&settings.target, &settings.host(), vm)
@@ -935,7 +971,7 @@ pub fn run_post_checks(
     let hv = Hypervisor::connect(&settings.libvirt_uri).map_err(|e| BackupError::pre(vm, e))?;
     match hv.domain(vm) {
         Ok(dom) => problems.extend(post_check_domain(&dom, &md)),
-        Err(e) => problems.push(e.to_string()),
+        Err(e) => problems.push(Problem::general(ProblemKind::CheckFailed, e.to_string())),
     }
     Ok((dir, problems))
 }
@@ -986,7 +1022,9 @@ mod tests {
         let other = identity_problems("web 01", Some(uuid), &md);
         assert_eq!(other.len(), 1, "{other:?}");
         let recreated = identity_problems("web", Some("7c9e6679-7425-40de-944b-e07fc1f90ae7"), &md);
-        assert!(recreated[0].contains("UUID"), "{recreated:?}");
+        let first = recreated.iter().next().expect("a problem");
+        assert_eq!(first.kind, ProblemKind::Identity);
+        assert!(first.to_string().contains("UUID"), "{recreated:?}");
     }
 
     #[test]
@@ -1015,8 +1053,9 @@ mod tests {
         fs::write(&sums, "").unwrap();
         let cut = post_check_folder(dir.path(), &md, &crate::progress::NoProgress, &cancel);
         assert!(
-            cut.iter()
-                .any(|p| p.contains("web.xml") && p.contains("not listed")),
+            cut.iter().any(|p| p.file.as_deref() == Some("web.xml")
+                && p.kind == ProblemKind::NotListed
+                && p.to_string() == "web.xml: not listed in checksums.sha256"),
             "{cut:?}"
         );
     }

@@ -89,8 +89,8 @@ pub enum Cause {
     Thaw(#[from] super::thaw::ThawError),
     /// The copy failed its post-checks (re-read from the share before publishing): nothing
     /// was published.
-    #[error("the copy failed its post-checks and was not published (the `.partial` folder is removed): {}", .0.join("; "))]
-    PostCheck(Vec<String>),
+    #[error("the copy failed its post-checks and was not published (the `.partial` folder is removed): {0}")]
+    PostCheck(super::Problems),
     /// The backup target refused a write, a rename or a delete.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
