@@ -530,6 +530,77 @@ fn kill9_during_the_commit_then_orphans_converges_and_pivots() {
     next_backup_is_clean(&env, &d, &before);
 }
 
+/// What a libvirtd restarted during the commit was once seen to leave (docs/faults.md): the
+/// pivot done, the domain running on its base, but its persistent definition still naming the
+/// overlay, so the VM would not start after its next shutdown. The state is built by hand
+/// here (kill -9 in the commit, pivot with virsh, the inactive XML pointed at the overlay);
+/// `orphans --cleanup` must point the definition back before it deletes the overlay.
+#[test]
+fn a_persistent_definition_left_on_the_overlay_after_the_pivot_is_pointed_back_by_orphans() {
+    if !lab_enabled(
+        "a_persistent_definition_left_on_the_overlay_after_the_pivot_is_pointed_back_by_orphans",
+    ) {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new(600, 10, 3);
+    let (d, before) = ready_agent();
+    let mut child = backup_in_a_throttled_commit(&env, &d, "1024", "8000");
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(env.journal_file(&d).exists());
+    let base = before
+        .iter()
+        .find(|(t, _)| t == "vda")
+        .map(|(_, s)| s.clone())
+        .expect("no vda");
+    let overlay = disk_sources(&d)
+        .into_iter()
+        .find(|(t, _)| t == "vda")
+        .map(|(_, s)| s)
+        .expect("no vda");
+    assert_ne!(overlay, base, "the killed backup left vda on its base");
+    // Finish the commit by hand: lift the throttle, pivot once ready (bound 120 s).
+    virsh_ok(&["blockjob", &d, "vda", "--bandwidth", "0"]);
+    let t = Instant::now();
+    while !virsh(&["blockjob", &d, "vda", "--pivot"]).status.success() {
+        assert!(t.elapsed() < Duration::from_secs(120), "the commit never got ready");
+        sleep(Duration::from_millis(200));
+    }
+    assert_eq!(disk_sources(&d), before, "not on the base after the pivot");
+    let inactive = virsh_ok(&["dumpxml", "--inactive", "--security-info", &d]);
+    let broken = inactive.replace(&format!("file='{base}'"), &format!("file='{overlay}'"));
+    assert_ne!(broken, inactive, "the base is not in the inactive XML");
+    let xml_file = env.journal.join("broken-definition.xml");
+    fs::write(&xml_file, broken).unwrap();
+    virsh_ok(&["define", &xml_file.to_string_lossy()]);
+    assert!(
+        domblklist(&d, true)
+            .iter()
+            .any(|b| b.target == "vda" && b.source == overlay),
+        "the persistent definition does not name the overlay"
+    );
+    let out = env
+        .cmd(&["orphans", "--cleanup", "--json"])
+        .output()
+        .unwrap();
+    let report = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "orphans: {report}{}",
+        text(&out.stderr)
+    );
+    assert!(
+        report.contains("persistent definition named the overlay"),
+        "{report}\n{}",
+        text(&out.stderr)
+    );
+    assert!(!env.journal_file(&d).exists());
+    assert!(!Path::new(&overlay).exists(), "the overlay was not deleted");
+    assert_vm_intact(&d, &before);
+    next_backup_is_clean(&env, &d, &before);
+}
+
 #[test]
 fn a_copy_corrupted_before_its_post_checks_is_never_published_and_prune_keeps_the_good_one() {
     if !lab_enabled(

@@ -469,6 +469,13 @@ impl Dom {
             .any(|d| d.target == target && d.mirror_ready))
     }
 
+    /// Whether the domain has a persistent definition (a transient one has none to repair).
+    pub fn is_persistent(&self) -> Result<bool, LibvirtError> {
+        self.dom
+            .is_persistent()
+            .map_err(|e| self.err("reading whether the domain is persistent", e))
+    }
+
     /// Whether QEMU runs for this domain (running, paused, shutting down, PM-suspended).
     pub fn is_active(&self) -> Result<bool, LibvirtError> {
         self.dom

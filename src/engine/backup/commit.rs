@@ -405,3 +405,46 @@ pub(crate) fn commit_offline(
     }
     Ok(())
 }
+
+/// Points the persistent definition of a live domain back at `base` when it still names our
+/// `overlay` for `target`, and says whether it had to. libvirt rewrites both definitions at the
+/// pivot, but a libvirtd restarted during the commit was once seen to leave the inactive XML on
+/// the (then deleted) overlay: the VM would not start after its next shutdown. Only a disk on
+/// exactly our overlay is touched, so an administrator's own edit is never undone.
+pub(crate) fn persistent_on_base(
+    hv: &Hypervisor,
+    dom: &Dom,
+    target: &str,
+    overlay: &Path,
+    base: &Path,
+    base_format: &str,
+) -> Result<bool, CommitError> {
+    if !dom.state()?.is_live() || !dom.is_persistent()? {
+        return Ok(false);
+    }
+    let on_overlay = dom
+        .parsed(true)?
+        .disks
+        .iter()
+        .any(|d| d.target == target && d.source.as_deref() == Some(overlay));
+    if !on_overlay {
+        return Ok(false);
+    }
+    let inactive = dom.xml(true)?;
+    let fixed = xml::point_disk_at(&inactive, target, &base.to_string_lossy(), base_format)
+        .map_err(|e| CommitError::Xml(Box::new(e)))?;
+    hv.define(dom.name(), &fixed)?;
+    let after = dom.parsed(true)?;
+    if !after
+        .disks
+        .iter()
+        .any(|d| d.target == target && d.source.as_deref() == Some(base))
+    {
+        return Err(CommitError::NotOnBase {
+            target: target.to_string(),
+            base: base.to_path_buf(),
+            when: "the redefinition of the persistent XML",
+        });
+    }
+    Ok(true)
+}

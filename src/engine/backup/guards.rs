@@ -176,6 +176,30 @@ impl Overlays {
                     }
                 }
             }
+            if live {
+                match commit::persistent_on_base(
+                    &run.hv,
+                    &run.dom,
+                    &o.target,
+                    &o.overlay,
+                    &o.base,
+                    &o.base_format,
+                ) {
+                    Ok(true) => run.log(
+                        Level::Warning,
+                        &format!(
+                            "{}: the persistent definition still named the overlay after the pivot: pointed back at {}",
+                            o.target,
+                            o.base.display()
+                        ),
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        problems.push(e);
+                        continue;
+                    }
+                }
+            }
             if let Err(e) = fs::remove_file(&o.overlay) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     problems.push(CommitError::DeleteOverlay {

@@ -197,6 +197,15 @@ pub(crate) fn repair_record(
                     ));
                 }
             }
+            if commit::persistent_on_base(hv, dom, &o.target, &o.overlay, &o.base, &o.base_format)?
+            {
+                actions.push(format!(
+                    "{}: the persistent definition named the overlay {}: pointed back at {}",
+                    o.target,
+                    o.overlay.display(),
+                    o.base.display()
+                ));
+            }
             if o.overlay.exists() {
                 if commit::on_source(dom, &o.target, &o.overlay)? {
                     return Err(OrphanError::StillOnOverlay {
