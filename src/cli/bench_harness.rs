@@ -361,7 +361,12 @@ pub fn compute_ratios(measurements: &[Measurement]) -> Vec<Ratio> {
             find("dense", Method::CopyBoth),
             Some(bound),
         );
-        push("dense", "v/read", find("dense", Method::Verify), Some(limits[0]));
+        push(
+            "dense",
+            "v/read",
+            find("dense", Method::Verify),
+            Some(limits[0]),
+        );
     }
     ratios
 }
@@ -973,7 +978,10 @@ fn measure_restore(
             Some(m) if m.digests == backup.manifest.digests => Ok(()),
             _ => Err(BenchError::Tool {
                 tool: "restore".into(),
-                detail: format!("the copy of {} differs from its manifest", backup.path.display()),
+                detail: format!(
+                    "the copy of {} differs from its manifest",
+                    backup.path.display()
+                ),
             }),
         }
     });
@@ -1131,8 +1139,7 @@ pub fn run(
                     ),
                 );
                 let dst = out.join(format!("{}.out", image.name));
-                let (t, io) =
-                    measure_on_image(method, image, &backups[i], &dst, policy, cancel)?;
+                let (t, io) = measure_on_image(method, image, &backups[i], &dst, policy, cancel)?;
                 if method == Method::CopyBoth {
                     copy_io_path = io;
                 }
