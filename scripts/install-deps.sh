@@ -15,6 +15,8 @@ packages=(
   fdisk xfsprogs lvm2 acl attr
   # tests: share simulation, ssh appliance, misc tools
   fuse3 openssh-server openssh-client sqlite3 time python3 curl iproute2 util-linux
+  # benches (benches/*.sh): arithmetic, profiles
+  bc linux-perf
   # Bacula lab
   bacula-director bacula-director-sqlite3 bacula-sd bacula-fd bacula-console
   # packages (scripts/package.sh, scripts/test-package.sh): shlibdeps, rpm -qlp, man, the

@@ -53,6 +53,9 @@ fn quick_bench_reports_every_measurement_as_json() {
             "copy-chunks",
             "cp-sha256sum",
             "qemu-img",
+            "verify",
+            "sha256sum-copy",
+            "restore",
         ] {
             expected.push((image.into(), method.into()));
         }
@@ -91,8 +94,12 @@ fn quick_bench_reports_every_measurement_as_json() {
     for image in ["dense", "sparse", "qcow2"] {
         assert!(ratios.contains(&(image.into(), "a/c".into())), "{ratios:?}");
         assert!(ratios.contains(&(image.into(), "a/d".into())), "{ratios:?}");
+        for name in ["v/v2", "r/d", "r/a"] {
+            assert!(ratios.contains(&(image.into(), name.into())), "{ratios:?}");
+        }
     }
     assert!(ratios.contains(&("dense".into(), "a/min(read,write,hash)".into())));
+    assert!(ratios.contains(&("dense".into(), "v/read".into())));
 
     assert!(
         report["peak_rss_kib"].as_u64().unwrap() > 0,

@@ -10,7 +10,12 @@
 //! - (c) `cp --sparse=always` then `sha256sum` (the reference site's method),
 //! - (d) `qemu-img convert -m 16 -W -O raw` (no hash),
 //! - the limits of the machine: a read-only pass, a write-only pass of the same size, and
-//!   SHA-256 of one stream in memory.
+//!   SHA-256 of one stream in memory,
+//! - on a backup copy of each image (made once, before the rounds, by the copier): (v) the
+//!   verify data path (`verify_file` against the copy's manifest, what `vm-backup verify` runs
+//!   per disk) beside (v2) `sha256sum` of the copy, and (r) the restore data path (what
+//!   `vm-backup restore` runs per disk: verify, then copy with chunk hashes compared with the
+//!   manifest) beside (d) `qemu-img convert` and (a) the backup copy.
 //!
 //! Caches are dropped before each run when possible (root), otherwise reads use O_DIRECT, and
 //! the report says which. Every method ends with its output on disk (`sync FILE` after the
@@ -147,16 +152,25 @@ pub enum Method {
     WriteOnly,
     /// Limit: SHA-256 of one stream in memory.
     Sha256Memory,
+    /// (v) the verify data path on the backup copy.
+    Verify,
+    /// (v2) `sha256sum` of the backup copy.
+    Sha256sumCopy,
+    /// (r) the restore data path from the backup copy.
+    Restore,
 }
 
 impl Method {
     /// The methods run on every image.
-    pub const ON_IMAGES: [Method; 5] = [
+    pub const ON_IMAGES: [Method; 8] = [
         Method::CopyBoth,
         Method::CopyThreads,
         Method::CopyChunks,
         Method::CpSha256sum,
         Method::QemuImg,
+        Method::Verify,
+        Method::Sha256sumCopy,
+        Method::Restore,
     ];
     /// The limits, measured on the dense image's size.
     pub const LIMITS: [Method; 3] = [Method::ReadOnly, Method::WriteOnly, Method::Sha256Memory];
@@ -172,6 +186,9 @@ impl Method {
             Method::ReadOnly => "read only",
             Method::WriteOnly => "write only",
             Method::Sha256Memory => "SHA-256, 1 stream, memory",
+            Method::Verify => "(v) verify the backup copy",
+            Method::Sha256sumCopy => "(v2) sha256sum of the backup copy",
+            Method::Restore => "(r) restore it (verify + copy)",
         }
     }
 }
@@ -316,28 +333,40 @@ pub fn compute_ratios(measurements: &[Measurement]) -> Vec<Ratio> {
         }
     }
     let mut ratios = Vec::new();
-    for image in images {
-        let Some(a) = find(image, Method::CopyBoth) else {
-            continue;
-        };
-        for (name, other) in [("a/c", Method::CpSha256sum), ("a/d", Method::QemuImg)] {
-            if let Some(b) = find(image, other) {
-                ratios.push(Ratio {
-                    image: image.to_owned(),
-                    name: name.to_owned(),
-                    value: a / b,
-                });
-            }
+    let mut push = |image: &str, name: &str, a: Option<f64>, b: Option<f64>| {
+        if let (Some(a), Some(b)) = (a, b) {
+            ratios.push(Ratio {
+                image: image.to_owned(),
+                name: name.to_owned(),
+                value: a / b,
+            });
         }
+    };
+    for image in images {
+        let a = find(image, Method::CopyBoth);
+        push(image, "a/c", a, find(image, Method::CpSha256sum));
+        push(image, "a/d", a, find(image, Method::QemuImg));
+        let v = find(image, Method::Verify);
+        push(image, "v/v2", v, find(image, Method::Sha256sumCopy));
+        let r = find(image, Method::Restore);
+        push(image, "r/d", r, find(image, Method::QemuImg));
+        push(image, "r/a", r, a);
     }
     let limits: Option<Vec<f64>> = Method::LIMITS.iter().map(|&m| find("dense", m)).collect();
-    if let (Some(a), Some(limits)) = (find("dense", Method::CopyBoth), limits) {
-        let bound = limits.into_iter().fold(f64::INFINITY, f64::min);
-        ratios.push(Ratio {
-            image: "dense".to_owned(),
-            name: "a/min(read,write,hash)".to_owned(),
-            value: a / bound,
-        });
+    if let Some(limits) = limits {
+        let bound = limits.iter().copied().fold(f64::INFINITY, f64::min);
+        push(
+            "dense",
+            "a/min(read,write,hash)",
+            find("dense", Method::CopyBoth),
+            Some(bound),
+        );
+        push(
+            "dense",
+            "v/read",
+            find("dense", Method::Verify),
+            Some(limits[0]),
+        );
     }
     ratios
 }
@@ -454,7 +483,7 @@ impl BenchReport {
                 image, m.label, m.gib_per_sec, m.median_seconds
             ));
         }
-        out.push_str("\nratios (throughput of (a) over the other):\n");
+        out.push_str("\nratios (throughput of the first over the second):\n");
         for r in &self.ratios {
             out.push_str(&format!(
                 "  {:<8} {:<24} {:>6.2}x\n",
@@ -871,16 +900,109 @@ fn measure_peak_rss(exe: &Path, src: &Path, dst: &Path) -> Result<Option<u64>, B
     Ok(parse_max_rss_kib(&String::from_utf8_lossy(&output.stderr)))
 }
 
+/// A copy of an image as a backup holds it: the file and its chunk manifest.
+struct BackupCopy {
+    path: PathBuf,
+    manifest: copier::ChunkManifest,
+}
+
+/// Makes the backup copy of `image` in `dir` (the copier, both hashes; not timed).
+fn make_backup_copy(
+    image: &Image,
+    dir: &Path,
+    cancel: &CancelToken,
+) -> Result<BackupCopy, BenchError> {
+    let path = dir.join(format!("{}.backup", image.name));
+    let report = copier::copy_file(
+        &image.path,
+        &path,
+        &CopyOptions::default(),
+        &NoProgress,
+        cancel,
+    )?;
+    let manifest = report.manifest.ok_or_else(|| {
+        BenchError::BadSettings(format!("the copy of {} has no manifest", image.name))
+    })?;
+    Ok(BackupCopy { path, manifest })
+}
+
+/// Whether a verify report found the file intact.
+fn verified(report: &copier::VerifyFileReport, path: &Path) -> Result<(), BenchError> {
+    if report.ok {
+        Ok(())
+    } else {
+        Err(BenchError::Tool {
+            tool: "verify_file".into(),
+            detail: format!("{} does not match its manifest", path.display()),
+        })
+    }
+}
+
+/// (v): `copier::verify_file` of the backup copy against its manifest, as `vm-backup verify`
+/// runs it on every disk.
+fn measure_verify(
+    backup: &BackupCopy,
+    policy: CachePolicy,
+    cancel: &CancelToken,
+) -> Result<f64, BenchError> {
+    timed(policy, || {
+        let report = copier::verify_file(&backup.path, &backup.manifest, &NoProgress, cancel)?;
+        verified(&report, &backup.path)
+    })
+}
+
+/// (v2): `sha256sum FILE`.
+fn measure_sha256sum(path: &Path, policy: CachePolicy) -> Result<f64, BenchError> {
+    timed(policy, || run_tool(Command::new("sha256sum").arg(path)))
+}
+
+/// (r): the data path of `vm-backup restore` for one disk (`engine::restore`): verify the
+/// backup's image against its manifest, then copy it with chunk hashes, comparing them with the
+/// manifest. The libvirt part of a restore (define the domain) is not in it.
+fn measure_restore(
+    backup: &BackupCopy,
+    dst: &Path,
+    policy: CachePolicy,
+    cancel: &CancelToken,
+) -> Result<f64, BenchError> {
+    let seconds = timed(policy, || {
+        let report = copier::verify_file(&backup.path, &backup.manifest, &NoProgress, cancel)?;
+        verified(&report, &backup.path)?;
+        let options = CopyOptions {
+            hash: HashMode::Chunks,
+            chunk_size: backup.manifest.chunk_size,
+            ..CopyOptions::default()
+        };
+        let report = copier::copy_file(&backup.path, dst, &options, &NoProgress, cancel)?;
+        match report.manifest {
+            Some(m) if m.digests == backup.manifest.digests => Ok(()),
+            _ => Err(BenchError::Tool {
+                tool: "restore".into(),
+                detail: format!(
+                    "the copy of {} differs from its manifest",
+                    backup.path.display()
+                ),
+            }),
+        }
+    });
+    remove(dst);
+    seconds
+}
+
 /// Runs one of [`Method::ON_IMAGES`] on `image`, writing to `dst` (removed afterwards); also
 /// returns the I/O engine for the copier's methods.
 fn measure_on_image(
     method: Method,
     image: &Image,
+    backup: &BackupCopy,
     dst: &Path,
     policy: CachePolicy,
     cancel: &CancelToken,
 ) -> Result<(f64, Option<IoPath>), BenchError> {
     match method {
+        Method::Verify => Ok((measure_verify(backup, policy, cancel)?, None)),
+        Method::Sha256sumCopy => Ok((measure_sha256sum(&backup.path, policy)?, None)),
+        Method::Restore => Ok((measure_restore(backup, dst, policy, cancel)?, None)),
         Method::CopyBoth | Method::CopyThreads | Method::CopyChunks => {
             let options = copy_options(method, policy);
             let (t, io) = measure_copy(&image.path, dst, &options, policy, cancel)?;
@@ -982,6 +1104,17 @@ pub fn run(
     std::fs::create_dir_all(&out).map_err(io_err(format!("cannot create {}", out.display())))?;
 
     let dense = &images[0];
+    let backups_dir = work.path.join("backups");
+    std::fs::create_dir_all(&backups_dir)
+        .map_err(io_err(format!("cannot create {}", backups_dir.display())))?;
+    let mut backups = Vec::with_capacity(images.len());
+    for image in &images {
+        progress.message(
+            Level::Info,
+            &format!("backup copy of {} for (v) and (r)", image.name),
+        );
+        backups.push(make_backup_copy(image, &backups_dir, cancel)?);
+    }
     let mut seconds: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); Method::ON_IMAGES.len()]; 3];
     let mut limit_seconds: Vec<Vec<f64>> = vec![Vec::new(); Method::LIMITS.len()];
     let mut copy_io_path = None;
@@ -1006,7 +1139,7 @@ pub fn run(
                     ),
                 );
                 let dst = out.join(format!("{}.out", image.name));
-                let (t, io) = measure_on_image(method, image, &dst, policy, cancel)?;
+                let (t, io) = measure_on_image(method, image, &backups[i], &dst, policy, cancel)?;
                 if method == Method::CopyBoth {
                     copy_io_path = io;
                 }
@@ -1080,6 +1213,10 @@ pub fn run(
         Vec::new()
     };
     let _ = std::fs::remove_dir(&out);
+    for backup in &backups {
+        remove(&backup.path);
+    }
+    let _ = std::fs::remove_dir(&backups_dir);
 
     Ok(BenchReport {
         dir: work.path.clone(),
@@ -1145,6 +1282,31 @@ mod tests {
         assert!((get("sparse", "a/c").unwrap() - 4.0).abs() < 1e-9);
         assert_eq!(get("sparse", "a/d"), None, "no (d) measured on sparse");
         assert!((get("dense", "a/min(read,write,hash)").unwrap() - 0.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn verify_and_restore_ratios() {
+        let ms = vec![
+            m("dense", Method::CopyBoth, 2.0),
+            m("dense", Method::QemuImg, 4.0),
+            m("dense", Method::Verify, 2.7),
+            m("dense", Method::Sha256sumCopy, 0.9),
+            m("dense", Method::Restore, 1.0),
+            m("dense", Method::ReadOnly, 3.0),
+            m("dense", Method::WriteOnly, 2.5),
+            m("dense", Method::Sha256Memory, 4.0),
+        ];
+        let ratios = compute_ratios(&ms);
+        let get = |name: &str| {
+            ratios
+                .iter()
+                .find(|r| r.image == "dense" && r.name == name)
+                .map(|r| r.value)
+        };
+        assert!((get("v/v2").unwrap() - 3.0).abs() < 1e-9);
+        assert!((get("v/read").unwrap() - 0.9).abs() < 1e-9);
+        assert!((get("r/d").unwrap() - 0.25).abs() < 1e-9);
+        assert!((get("r/a").unwrap() - 0.5).abs() < 1e-9);
     }
 
     #[test]
