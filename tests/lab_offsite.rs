@@ -474,7 +474,10 @@ fn flipped_byte_is_named_by_verify_and_refused_by_restore() {
     let left: Vec<_> = fs::read_dir(&disks)
         .map(|r| r.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(left.is_empty(), "the staging folder is removed: {left:?}");
+    assert!(
+        left.is_empty(),
+        "nothing is left in the disk folder: {left:?}"
+    );
 }
 
 #[test]
@@ -633,7 +636,107 @@ fn restore_from_offsite_boots() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        left.iter().all(|n| !n.starts_with(".vm-backup-offsite-")),
-        "{left:?}"
+        left.iter().all(|n| !n.starts_with('.')),
+        "no staging folder or temporary file is left: {left:?}"
+    );
+    let disk = format!("{name}-vda.qcow2");
+    assert!(left.contains(&disk), "{disk} in {left:?}");
+}
+
+#[test]
+fn damaged_chunk_leaves_no_disk_file_behind() {
+    let Some(f) = fixture("damaged_chunk_leaves_no_disk_file_behind") else {
+        return;
+    };
+    pushed_main(f);
+    let store = f.store("main");
+    let stamp = f.backups[1].0.clone();
+    let m = store.get_manifest("labhost", &f.vm(), &stamp).unwrap();
+    // The LAST stored chunk of the disk image: when the restore reaches it, every chunk
+    // before it has already been written into the image's temporary file.
+    let (index, chunk) = m.files[0]
+        .chunks
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, c)| c.clone().map(|c| (i, c)))
+        .expect("a stored chunk");
+    assert!(index > 8, "the image has chunks before the damaged one");
+    let object =
+        f.s3.data
+            .join("main/chunks")
+            .join(&chunk.id[..2])
+            .join(&chunk.id);
+    let original = fs::read(&object).unwrap();
+    struct PutBack(PathBuf, Vec<u8>);
+    impl Drop for PutBack {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.0, &self.1);
+        }
+    }
+    let _put_back = PutBack(object.clone(), original.clone());
+    let mut bad = original.clone();
+    let at = bad.len() - 20; // inside the ciphertext: the GCM tag fails
+    bad[at] ^= 0x40;
+    fs::write(&object, &bad).unwrap();
+
+    let disks = f.dir.join("restore-damaged");
+    let _ = fs::remove_dir_all(&disks);
+    fs::create_dir_all(&disks).unwrap();
+    fs::set_permissions(&disks, fs::Permissions::from_mode(0o755)).unwrap();
+    let restored = format!("{}-offsite-dmg", f.vm());
+    let mut child = vm_backup()
+        .args([
+            "offsite",
+            "restore",
+            &f.vm(),
+            &stamp,
+            "--prefix",
+            "main",
+            "--as",
+            &restored,
+            "--disk-dir",
+            disks.to_str().unwrap(),
+            "--config",
+            &f.conf(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Watch the disk folder while it runs: the image is written there directly, under a
+    // temporary name, and not staged anywhere else first.
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the restore did not end in 300 s"
+        );
+        for e in fs::read_dir(&disks).unwrap().flatten() {
+            seen.insert(e.file_name().to_string_lossy().into_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "restore must refuse:\n{o}\n{e}");
+    let want = format!("{} chunk {index} (object {})", m.files[0].name, chunk.id);
+    assert!(e.contains(&want), "restore names the chunk {want}:\n{e}");
+    let tmp = format!(".{restored}-vda.qcow2.vmb-restore");
+    assert!(
+        seen.contains(&tmp),
+        "the image was streamed into {tmp} beside its destination: saw {seen:?}"
+    );
+    let left: Vec<_> = fs::read_dir(&disks)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "no disk file is left behind: {left:?}");
+    assert_ne!(
+        virsh(&["dominfo", &restored]).status.code(),
+        Some(0),
+        "no domain defined"
     );
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use vm_backup::config::{Retention, Settings};
 use vm_backup::engine::offsite::{self, PushOptions, Selection};
 use vm_backup::engine::restore::StampChoice;
-use vm_backup::store::offsite::{key, s3, OffsiteStore, S3Client, S3Config};
+use vm_backup::store::offsite::{key, s3, OffsiteError, OffsiteStore, S3Client, S3Config};
 use vm_backup::store::FolderStore;
 
 use super::common::{self, LineProgress};
@@ -65,6 +65,10 @@ enum Action {
         /// The hypervisor folder (default: this host).
         #[arg(long, value_name = "HOST")]
         host: Option<String>,
+        /// Lock what is uploaded with S3 Object Lock (COMPLIANCE) for N days (default:
+        /// `[offsite] object_lock_days`); refused, exit 1, if the bucket cannot lock.
+        #[arg(long, value_name = "N")]
+        object_lock_days: Option<u32>,
     },
     /// List the backups off-site.
     List {
@@ -100,9 +104,6 @@ enum Action {
         /// Put the disks here (else where they were).
         #[arg(long, value_name = "DIR")]
         disk_dir: Option<PathBuf>,
-        /// Where chunks are assembled first (default: the disk folder, else the journal folder).
-        #[arg(long, value_name = "DIR")]
-        staging_dir: Option<PathBuf>,
         /// Start the domain once defined.
         #[arg(long)]
         start: bool,
@@ -190,6 +191,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             all,
             latest,
             host,
+            object_lock_days,
         } => {
             let settings = s.settings()?;
             let primary = FolderStore::open(&settings.target)?;
@@ -202,11 +204,23 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             let options = PushOptions {
                 workers: s.workers(&settings),
                 latest_only: latest,
+                object_lock_days: object_lock_days.or(settings.offsite.object_lock_days),
             };
             let progress = LineProgress::new(s.progress);
-            let report = offsite::push(
+            let report = match offsite::push(
                 &primary, &host, &selection, &store, &options, &progress, &cancel,
-            )?;
+            ) {
+                Ok(r) => r,
+                // A bucket that cannot lock: refused before anything was uploaded (exit 1,
+                // like a failed pre-check).
+                Err(e @ offsite::OffsiteRunError::Store(OffsiteError::NoObjectLock { .. })) => {
+                    let e = vm_backup::Error::from(e);
+                    eprintln!("vm-backup: error: {e}");
+                    eprintln!("  hint ({}): {}", e.kind(), e.guidance());
+                    return Ok(1);
+                }
+                Err(e) => return Err(e.into()),
+            };
             if s.json {
                 print_json(&report)?;
             } else {
@@ -335,24 +349,20 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             stamp,
             new_name,
             disk_dir,
-            staging_dir,
             start,
             host,
         } => {
             let settings = s.settings()?;
             let store = s.open(&settings, false)?;
-            let staging_dir = staging_dir
-                .or_else(|| disk_dir.clone())
-                .unwrap_or_else(|| settings.journal_dir.join("offsite-restore"));
             let request = offsite::OffsiteRestoreRequest {
                 host: host.unwrap_or_else(|| settings.host()),
                 vm,
                 stamp,
                 new_name,
                 disk_dir,
-                staging_dir,
                 start,
                 libvirt_uri: settings.libvirt_uri.clone(),
+                workers: s.workers(&settings),
             };
             let progress = LineProgress::new(s.progress);
             let outcome = offsite::restore(&store, &request, &progress, &cancel)?;
