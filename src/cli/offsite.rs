@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use vm_backup::config::{Retention, Settings};
 use vm_backup::engine::offsite::{self, PushOptions, Selection};
 use vm_backup::engine::restore::StampChoice;
-use vm_backup::store::offsite::{key, s3, OffsiteError, OffsiteStore, S3Client, S3Config};
+use vm_backup::store::offsite::{
+    key, s3, LockSupport, OffsiteError, OffsiteStore, S3Client, S3Config,
+};
 use vm_backup::store::FolderStore;
 
 use super::common::{self, LineProgress};
@@ -150,6 +152,14 @@ impl StoreArgs {
 
     /// Connects and opens the repository (creating its marker when `create`).
     fn open(&self, settings: &Settings, create: bool) -> Result<OffsiteStore, vm_backup::Error> {
+        let client = self.client(settings)?;
+        let (key_file, pass) = self.key.resolve(settings)?;
+        let master = key::load(&key_file, pass.as_deref())?;
+        Ok(OffsiteStore::open(client, &master, create)?)
+    }
+
+    /// The S3 client of the bucket and prefix (nothing sent yet).
+    fn client(&self, settings: &Settings) -> Result<S3Client, vm_backup::Error> {
         let o = &settings.offsite;
         let need = |v: Option<String>, what: &str| {
             v.ok_or_else(|| {
@@ -167,11 +177,17 @@ impl StoreArgs {
         }
         cfg.credentials_file = o.credentials_file.clone();
         let creds = s3::credentials(&cfg, Some(&settings.target))?;
-        let client = S3Client::new(&cfg, creds)?;
-        let (key_file, pass) = self.key.resolve(settings)?;
-        let master = key::load(&key_file, pass.as_deref())?;
-        Ok(OffsiteStore::open(client, &master, create)?)
+        Ok(S3Client::new(&cfg, creds)?)
     }
+}
+
+/// A bucket that cannot lock objects while Object Lock was asked for: refused before
+/// anything was uploaded, exit 1 (like a failed pre-check).
+fn refuse_no_lock(e: OffsiteError) -> Result<i32, vm_backup::Error> {
+    let e = vm_backup::Error::from(e);
+    eprintln!("vm-backup: error: {e}");
+    eprintln!("  hint ({}): {}", e.kind(), e.guidance());
+    Ok(1)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), vm_backup::Error> {
@@ -195,6 +211,17 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         } => {
             let settings = s.settings()?;
             let primary = FolderStore::open(&settings.target)?;
+            let object_lock_days = object_lock_days.or(settings.offsite.object_lock_days);
+            if object_lock_days.is_some() {
+                // Before anything, even the repository marker, is uploaded.
+                let client = s.client(&settings)?;
+                if let LockSupport::Unavailable(detail) = client.object_lock_support()? {
+                    return refuse_no_lock(OffsiteError::NoObjectLock {
+                        location: client.location(),
+                        detail,
+                    });
+                }
+            }
             let store = s.open(&settings, true)?;
             let host = host.unwrap_or_else(|| settings.host());
             let selection = match (all, vm) {
@@ -204,7 +231,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             let options = PushOptions {
                 workers: s.workers(&settings),
                 latest_only: latest,
-                object_lock_days: object_lock_days.or(settings.offsite.object_lock_days),
+                object_lock_days,
             };
             let progress = LineProgress::new(s.progress);
             let report = match offsite::push(
@@ -213,11 +240,8 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
                 Ok(r) => r,
                 // A bucket that cannot lock: refused before anything was uploaded (exit 1,
                 // like a failed pre-check).
-                Err(e @ offsite::OffsiteRunError::Store(OffsiteError::NoObjectLock { .. })) => {
-                    let e = vm_backup::Error::from(e);
-                    eprintln!("vm-backup: error: {e}");
-                    eprintln!("  hint ({}): {}", e.kind(), e.guidance());
-                    return Ok(1);
+                Err(offsite::OffsiteRunError::Store(e @ OffsiteError::NoObjectLock { .. })) => {
+                    return refuse_no_lock(e)
                 }
                 Err(e) => return Err(e.into()),
             };
