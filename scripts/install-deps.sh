@@ -24,6 +24,13 @@ packages=(
   dpkg-dev rpm man-db chromium
 )
 
+# benches/offsite.sh only (VMB_BENCH_DEPS=1): the baseline `zstd | openssl enc | aws s3 cp`.
+# awscli is heavy (about 95 MB installed, with python3-botocore and python3-awscrt), so the
+# test command does not install it.
+if [ -n "${VMB_BENCH_DEPS:-}" ]; then
+  packages+=(awscli zstd openssl)
+fi
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -39,7 +39,10 @@ echo "== off-site lab tests (s3s-fs on 127.0.0.1 + the agent guest with a filled
 echo "== Bacula lab tests (real bacula-dir/sd/fd + bconsole, the vm-backup plugin, TCG guests; prefix bac)"
 (
   export VMB_LAB_PREFIX=bac   # the prefix lab/bacula-lab.sh and tests/lab_bacula.rs use
-  trap 'lab/bacula-lab.sh stop || true; lab/libvirt-lab.sh down bac' EXIT
+  trap 'lab/bacula-lab.sh stop || true; lab/s3-lab.sh stop || true; lab/libvirt-lab.sh down bac' EXIT
+  # The off-site Admin job test pushes to the S3 lab (started again: the block above stopped it).
+  lab/s3-lab.sh start
+  eval "$(lab/s3-lab.sh env)"
   # The 600 MiB fill lets the cancel and kill -9 tests act while the copy runs.
   lab/libvirt-lab.sh up bac --only agent,noagent --data-size 1G --fill 600M
   VMB_LAB_BACULA=1 VMB_LAB_LIBVIRT=1 cargo test --no-fail-fast --test lab_bacula -- --test-threads=1

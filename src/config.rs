@@ -22,6 +22,7 @@
 //! prefix = "site1"
 //! key_file = "/etc/vm-backup/offsite.key"
 //! credentials_file = "/etc/vm-backup/s3-credentials"   # or AWS_ACCESS_KEY_ID/…
+//! object_lock_days = 70           # optional: S3 Object Lock (COMPLIANCE) on what push uploads
 //! [offsite.retention]
 //! keep_weekly = 8
 //! keep_monthly = 12
@@ -202,6 +203,9 @@ pub struct Offsite {
     pub credentials_file: Option<PathBuf>,
     /// Upload and download threads (default 4).
     pub workers: Option<usize>,
+    /// Put what `offsite push` uploads under S3 Object Lock (COMPLIANCE) for this many days;
+    /// the bucket must have Object Lock enabled (docs/offsite.md).
+    pub object_lock_days: Option<u32>,
     /// The off-site retention (`offsite prune`), independent of the primary's.
     pub retention: Retention,
 }

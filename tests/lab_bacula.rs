@@ -1371,3 +1371,121 @@ fn a_stream_restore_of_part_of_a_backup_is_refused_and_leaves_nothing_on_the_tar
     lab.bconsole("reload\n");
     discard(&earlier);
 }
+
+/// Issue 14: the off-site push as the Admin job `bacula-config --offsite` prints, run from
+/// bconsole after a backup job; the backup is then listed off-site and verifies. Needs the S3
+/// lab too (`lab/s3-lab.sh start; eval "$(lab/s3-lab.sh env)"`). Self-contained: its own
+/// configuration file, key, credentials file and bucket prefix; the drop-in is removed after.
+#[test]
+fn offsite_admin_job_pushes_the_backup_which_then_verifies() {
+    let test = "offsite_admin_job_pushes_the_backup_which_then_verifies";
+    let Some(s3) = support::s3_lab(test) else {
+        return;
+    };
+    let Some(lab) = lab(test, false) else {
+        return;
+    };
+    if !support::lab_enabled(test) {
+        return;
+    }
+    let state = support::virsh_ok(&["domstate", &AGENT]);
+    assert!(state.contains("running"), "{AGENT} must run: {state}");
+    let (id, status) = lab.run(&format!("vm-{AGENT}"));
+    assert_eq!(status, 'T', "backup job log: {}", lab.joblog(id));
+    let dir = folder_of(&lab.files(id), &AGENT);
+    let stamp = dir.file_name().unwrap().to_string_lossy().into_owned();
+
+    // The off-site settings the File Daemon's command reads: the lab's configuration plus an
+    // [offsite] section; credentials in a file (the daemon has no AWS_* variables).
+    let etc = Path::new(LAB).join("etc");
+    let conf = etc.join("vm-backup-offsite.conf");
+    let key = etc.join("offsite.key");
+    let creds = etc.join("s3-credentials");
+    let prefix = format!("bacula-{}", std::process::id());
+    let _ = std::fs::remove_file(&key);
+    std::fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
+            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap()
+        ),
+    )
+    .unwrap();
+    let base = std::fs::read_to_string(etc.join("vm-backup.conf")).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "{base}\n[offsite]\nendpoint = \"{}\"\nbucket = \"{}\"\nprefix = \"{prefix}\"\n\
+             key_file = \"{}\"\ncredentials_file = \"{}\"\n",
+            s3.endpoint,
+            s3.bucket,
+            key.display(),
+            creds.display()
+        ),
+    )
+    .unwrap();
+    let vmb = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vm-backup"))
+            .args(args)
+            .arg("--config")
+            .arg(&conf)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .output()
+            .expect("run vm-backup")
+    };
+    let out = vmb(&["key", "create"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // What `bacula-config --offsite` prints for the lab's inventory and client: its Admin job,
+    // with the lab's binary and configuration instead of /usr/bin and /etc.
+    let out = Command::new(env!("CARGO_BIN_EXE_vm-backup"))
+        .args(["bacula-config", "--offsite", "--inventory"])
+        .arg(etc.join("vm-list.yaml"))
+        .args(["--client", "vmb-fd=127.0.0.1"])
+        .output()
+        .expect("run bacula-config");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{printed}");
+    let start = printed
+        .find("# The off-site copy")
+        .unwrap_or_else(|| panic!("no off-site job in: {printed}"));
+    let job = printed[start..].replace(
+        "/usr/bin/vm-backup offsite push --all",
+        &format!(
+            "{} offsite push --all --config {}",
+            env!("CARGO_BIN_EXE_vm-backup"),
+            conf.display()
+        ),
+    );
+    assert!(job.contains("Type = Admin"), "{job}");
+    lab.drop_in("offsite", &job);
+    struct DropIn;
+    impl Drop for DropIn {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(format!("{LAB}/etc/dir.d/offsite.conf"));
+        }
+    }
+    let _drop_in = DropIn;
+
+    let (id, status) = lab.run("vm-backup-offsite-push");
+    let log = lab.joblog(id);
+    assert_eq!(status, 'T', "admin job log: {log}");
+    let name = format!("{}/{AGENT}/{stamp}", vm_backup::format::layout::this_host());
+    assert!(
+        log.contains(&format!("{name}: pushed")),
+        "the push's output is in the job log: {log}"
+    );
+    let out = vmb(&["offsite", "list"]);
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && listed.contains(&name), "{out:?}");
+    let out = vmb(&["offsite", "verify", &AGENT, &stamp]);
+    let verified = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && verified.contains("checked: ok"),
+        "{out:?}"
+    );
+    lab.bconsole("reload\n");
+    discard(&dir);
+}

@@ -474,7 +474,10 @@ fn flipped_byte_is_named_by_verify_and_refused_by_restore() {
     let left: Vec<_> = fs::read_dir(&disks)
         .map(|r| r.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(left.is_empty(), "the staging folder is removed: {left:?}");
+    assert!(
+        left.is_empty(),
+        "nothing is left in the disk folder: {left:?}"
+    );
 }
 
 #[test]
@@ -633,7 +636,310 @@ fn restore_from_offsite_boots() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        left.iter().all(|n| !n.starts_with(".vm-backup-offsite-")),
-        "{left:?}"
+        left.iter().all(|n| !n.starts_with('.')),
+        "no staging folder or temporary file is left: {left:?}"
     );
+    let disk = format!("{name}-vda.qcow2");
+    assert!(left.contains(&disk), "{disk} in {left:?}");
+}
+
+#[test]
+fn damaged_chunk_leaves_no_disk_file_behind() {
+    let Some(f) = fixture("damaged_chunk_leaves_no_disk_file_behind") else {
+        return;
+    };
+    pushed_main(f);
+    let store = f.store("main");
+    let stamp = f.backups[1].0.clone();
+    let m = store.get_manifest("labhost", &f.vm(), &stamp).unwrap();
+    // The LAST stored chunk of the disk image: when the restore reaches it, every chunk
+    // before it has already been written into the image's temporary file.
+    let (index, chunk) = m.files[0]
+        .chunks
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, c)| c.clone().map(|c| (i, c)))
+        .expect("a stored chunk");
+    assert!(index > 8, "the image has chunks before the damaged one");
+    let object =
+        f.s3.data
+            .join("main/chunks")
+            .join(&chunk.id[..2])
+            .join(&chunk.id);
+    let original = fs::read(&object).unwrap();
+    struct PutBack(PathBuf, Vec<u8>);
+    impl Drop for PutBack {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.0, &self.1);
+        }
+    }
+    let _put_back = PutBack(object.clone(), original.clone());
+    let mut bad = original.clone();
+    let at = bad.len() - 20; // inside the ciphertext: the GCM tag fails
+    bad[at] ^= 0x40;
+    fs::write(&object, &bad).unwrap();
+
+    let disks = f.dir.join("restore-damaged");
+    let _ = fs::remove_dir_all(&disks);
+    fs::create_dir_all(&disks).unwrap();
+    fs::set_permissions(&disks, fs::Permissions::from_mode(0o755)).unwrap();
+    let restored = format!("{}-offsite-dmg", f.vm());
+    let mut child = vm_backup()
+        .args([
+            "offsite",
+            "restore",
+            &f.vm(),
+            &stamp,
+            "--prefix",
+            "main",
+            "--as",
+            &restored,
+            "--disk-dir",
+            disks.to_str().unwrap(),
+            "--config",
+            &f.conf(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Watch the disk folder while it runs: the image is written there directly, under a
+    // temporary name, and not staged anywhere else first.
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the restore did not end in 300 s"
+        );
+        for e in fs::read_dir(&disks).unwrap().flatten() {
+            seen.insert(e.file_name().to_string_lossy().into_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "restore must refuse:\n{o}\n{e}");
+    let want = format!("{} chunk {index} (object {})", m.files[0].name, chunk.id);
+    assert!(e.contains(&want), "restore names the chunk {want}:\n{e}");
+    let tmp = format!(".{restored}-vda.qcow2.vmb-restore");
+    assert!(
+        seen.contains(&tmp),
+        "the image was streamed into {tmp} beside its destination: saw {seen:?}"
+    );
+    let left: Vec<_> = fs::read_dir(&disks)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "no disk file is left behind: {left:?}");
+    assert_ne!(
+        virsh(&["dominfo", &restored]).status.code(),
+        Some(0),
+        "no domain defined"
+    );
+}
+
+/// The committed compat fixture (one small backup of `fixture-vm` on host `fixturehost`),
+/// copied to an initialised target under `parent`, with a configuration for the S3 lab.
+/// Needs only the S3 lab, no guest. Returns the configuration file.
+fn fixture_target(parent: &Path, s3: &S3Lab) -> String {
+    fn copy_tree(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap().flatten() {
+            let dst = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_tree(&e.path(), &dst);
+            } else {
+                fs::copy(e.path(), &dst).unwrap();
+            }
+        }
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/backup-v0.1.0");
+    let target = parent.join("target");
+    copy_tree(&fixture.join("fixturehost"), &target.join("fixturehost"));
+    vm_backup::store::FolderStore::init(&target, None).unwrap();
+    let conf = parent.join("vm-backup.conf");
+    fs::write(
+        &conf,
+        format!(
+            "target = \"{d}/target\"\nhostname = \"fixturehost\"\njournal_dir = \"{d}/journal\"\n\
+             [offsite]\nendpoint = \"{e}\"\nbucket = \"{b}\"\nkey_file = \"{d}/offsite.key\"\n",
+            d = parent.display(),
+            e = s3.endpoint,
+            b = s3.bucket
+        ),
+    )
+    .unwrap();
+    conf.display().to_string()
+}
+
+#[test]
+fn passphrase_protected_key_opens_only_with_its_passphrase() {
+    let test = "passphrase_protected_key_opens_only_with_its_passphrase";
+    let Some(s3) = s3_lab(test) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = fixture_target(tmp.path(), &s3);
+    let prefix = format!("pass-{}", std::process::id());
+    let run = |args: &[&str], pass: Option<&str>| {
+        let mut c = vm_backup();
+        c.args(args).args(["--config", &conf]);
+        c.env_remove("VM_BACKUP_PASSPHRASE");
+        if let Some(p) = pass {
+            c.env("VM_BACKUP_PASSPHRASE", p);
+        }
+        c.output().unwrap()
+    };
+    let secret = "correct horse battery staple";
+    // The passphrase comes from the environment (or a file): never from the command line.
+    let out = run(&["key", "create"], Some(secret));
+    assert!(out.status.success(), "{:?}", texts(&out));
+    let key_text = fs::read_to_string(tmp.path().join("offsite.key")).unwrap();
+    assert!(
+        key_text.contains("argon2id"),
+        "the key is wrapped: {key_text}"
+    );
+    assert!(!key_text.contains(secret));
+
+    let out = run(
+        &["offsite", "push", "fixture-vm", "--prefix", &prefix],
+        Some(secret),
+    );
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "push:\n{o}\n{e}");
+    assert!(
+        o.contains("fixturehost/fixture-vm/2026-11-29-123424: pushed"),
+        "{o}"
+    );
+
+    // The right passphrase, from a file this time.
+    let pass_file = tmp.path().join("pass");
+    fs::write(&pass_file, format!("{secret}\n")).unwrap();
+    let out = run(
+        &[
+            "offsite",
+            "verify",
+            "--prefix",
+            &prefix,
+            "--passphrase-file",
+            pass_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    let (o, e) = texts(&out);
+    assert!(
+        out.status.success(),
+        "verify with the passphrase:\n{o}\n{e}"
+    );
+    assert!(o.contains("checked: ok"), "{o}");
+
+    // A wrong passphrase: a clear error, exit 2 (any error), for verify and restore alike.
+    for action in [
+        vec!["offsite", "verify", "--prefix", &prefix],
+        vec![
+            "offsite",
+            "restore",
+            "fixture-vm",
+            "latest",
+            "--prefix",
+            &prefix,
+            "--as",
+            "never-defined",
+        ],
+    ] {
+        let out = run(&action, Some("wrong horse"));
+        let (o, e) = texts(&out);
+        assert_eq!(out.status.code(), Some(2), "{action:?}:\n{o}\n{e}");
+        assert!(
+            e.contains("the passphrase does not open the key file"),
+            "{action:?}: {e}"
+        );
+        assert!(!e.contains("wrong horse") && !e.contains(secret));
+    }
+    // No passphrase at all: says how to give one.
+    let out = run(&["offsite", "list", "--prefix", &prefix], None);
+    let (_, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(e.contains("VM_BACKUP_PASSPHRASE"), "{e}");
+}
+
+#[test]
+fn object_lock_on_a_server_without_it_is_refused_before_any_upload() {
+    let test = "object_lock_on_a_server_without_it_is_refused_before_any_upload";
+    let Some(s3) = s3_lab(test) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = fixture_target(tmp.path(), &s3);
+    let out = vm_backup()
+        .args(["key", "create", "--config", &conf])
+        .env_remove("VM_BACKUP_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", texts(&out));
+    let prefix = format!("lock-{}", std::process::id());
+    let t = Instant::now();
+    let out = vm_backup()
+        .args([
+            "offsite",
+            "push",
+            "fixture-vm",
+            "--prefix",
+            &prefix,
+            "--object-lock-days",
+            "7",
+            "--config",
+            &conf,
+        ])
+        .output()
+        .unwrap();
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "refused, exit 1:\n{o}\n{e}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(
+        e.contains("S3 Object Lock asked for") && e.contains("nothing was uploaded"),
+        "{e}"
+    );
+    // Nothing at all under the prefix: not even the repository marker or a lock object.
+    assert!(
+        !s3.data.join(&prefix).exists(),
+        "{:?}",
+        fs::read_dir(s3.data.join(&prefix)).map(|r| r.count())
+    );
+    // The same from the configuration file.
+    fs::write(
+        &conf,
+        fs::read_to_string(&conf).unwrap() + "object_lock_days = 7\n",
+    )
+    .unwrap();
+    let out = vm_backup()
+        .args([
+            "offsite",
+            "push",
+            "fixture-vm",
+            "--prefix",
+            &prefix,
+            "--config",
+            &conf,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{:?}", texts(&out));
+    assert!(!s3.data.join(&prefix).exists());
+    // Without it, the same push goes through (the refusal was the lock, nothing else).
+    let text = fs::read_to_string(&conf).unwrap();
+    fs::write(&conf, text.replace("object_lock_days = 7\n", "")).unwrap();
+    let out = vm_backup()
+        .args([
+            "offsite",
+            "push",
+            "fixture-vm",
+            "--prefix",
+            &prefix,
+            "--config",
+            &conf,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", texts(&out));
+    assert!(s3.data.join(&prefix).join("backups").exists());
 }

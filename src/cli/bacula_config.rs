@@ -89,6 +89,11 @@ fn offsite_admin_job(inventory: &Inventory, clients: &[ClientSpec]) -> String {
         r#"
 # The off-site copy (docs/offsite.md): after the VM jobs, push what is new to S3.
 # Type = Admin saves no data; the FileSet is only required by the syntax.
+# An Admin job never contacts a File Daemon: its RunScript runs on the DIRECTOR's host
+# (RunsOnClient = yes would be skipped silently). That host needs the backup share mounted and
+# the [offsite] settings; otherwise reach the hypervisor with ssh in Command, or push per VM
+# from each VM Job (RunScript {{ RunsWhen = After; RunsOnClient = yes; Command =
+# "/usr/bin/vm-backup offsite push <vm> --latest" }}, docs/bacula.md).
 Job {{
   Name = "vm-backup-offsite-push"
   JobDefs = "VmBackup"
@@ -98,7 +103,7 @@ Job {{
   Priority = {after}
   RunScript {{
     RunsWhen = Before
-    RunsOnClient = yes
+    RunsOnClient = no
     FailJobOnError = yes
     Command = "/usr/bin/vm-backup offsite push --all"
   }}

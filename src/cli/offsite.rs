@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use vm_backup::config::{Retention, Settings};
 use vm_backup::engine::offsite::{self, PushOptions, Selection};
 use vm_backup::engine::restore::StampChoice;
-use vm_backup::store::offsite::{key, s3, OffsiteStore, S3Client, S3Config};
+use vm_backup::store::offsite::{
+    key, s3, LockSupport, OffsiteError, OffsiteStore, S3Client, S3Config,
+};
 use vm_backup::store::FolderStore;
 
 use super::common::{self, LineProgress};
@@ -65,6 +67,10 @@ enum Action {
         /// The hypervisor folder (default: this host).
         #[arg(long, value_name = "HOST")]
         host: Option<String>,
+        /// Lock what is uploaded with S3 Object Lock (COMPLIANCE) for N days (default:
+        /// `[offsite] object_lock_days`); refused, exit 1, if the bucket cannot lock.
+        #[arg(long, value_name = "N")]
+        object_lock_days: Option<u32>,
     },
     /// List the backups off-site.
     List {
@@ -100,9 +106,6 @@ enum Action {
         /// Put the disks here (else where they were).
         #[arg(long, value_name = "DIR")]
         disk_dir: Option<PathBuf>,
-        /// Where chunks are assembled first (default: the disk folder, else the journal folder).
-        #[arg(long, value_name = "DIR")]
-        staging_dir: Option<PathBuf>,
         /// Start the domain once defined.
         #[arg(long)]
         start: bool,
@@ -149,6 +152,14 @@ impl StoreArgs {
 
     /// Connects and opens the repository (creating its marker when `create`).
     fn open(&self, settings: &Settings, create: bool) -> Result<OffsiteStore, vm_backup::Error> {
+        let client = self.client(settings)?;
+        let (key_file, pass) = self.key.resolve(settings)?;
+        let master = key::load(&key_file, pass.as_deref())?;
+        Ok(OffsiteStore::open(client, &master, create)?)
+    }
+
+    /// The S3 client of the bucket and prefix (nothing sent yet).
+    fn client(&self, settings: &Settings) -> Result<S3Client, vm_backup::Error> {
         let o = &settings.offsite;
         let need = |v: Option<String>, what: &str| {
             v.ok_or_else(|| {
@@ -166,11 +177,17 @@ impl StoreArgs {
         }
         cfg.credentials_file = o.credentials_file.clone();
         let creds = s3::credentials(&cfg, Some(&settings.target))?;
-        let client = S3Client::new(&cfg, creds)?;
-        let (key_file, pass) = self.key.resolve(settings)?;
-        let master = key::load(&key_file, pass.as_deref())?;
-        Ok(OffsiteStore::open(client, &master, create)?)
+        Ok(S3Client::new(&cfg, creds)?)
     }
+}
+
+/// A bucket that cannot lock objects while Object Lock was asked for: refused before
+/// anything was uploaded, exit 1 (like a failed pre-check).
+fn refuse_no_lock(e: OffsiteError) -> Result<i32, vm_backup::Error> {
+    let e = vm_backup::Error::from(e);
+    eprintln!("vm-backup: error: {e}");
+    eprintln!("  hint ({}): {}", e.kind(), e.guidance());
+    Ok(1)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), vm_backup::Error> {
@@ -190,9 +207,21 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             all,
             latest,
             host,
+            object_lock_days,
         } => {
             let settings = s.settings()?;
             let primary = FolderStore::open(&settings.target)?;
+            let object_lock_days = object_lock_days.or(settings.offsite.object_lock_days);
+            if object_lock_days.is_some() {
+                // Before anything, even the repository marker, is uploaded.
+                let client = s.client(&settings)?;
+                if let LockSupport::Unavailable(detail) = client.object_lock_support()? {
+                    return refuse_no_lock(OffsiteError::NoObjectLock {
+                        location: client.location(),
+                        detail,
+                    });
+                }
+            }
             let store = s.open(&settings, true)?;
             let host = host.unwrap_or_else(|| settings.host());
             let selection = match (all, vm) {
@@ -202,11 +231,20 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             let options = PushOptions {
                 workers: s.workers(&settings),
                 latest_only: latest,
+                object_lock_days,
             };
             let progress = LineProgress::new(s.progress);
-            let report = offsite::push(
+            let report = match offsite::push(
                 &primary, &host, &selection, &store, &options, &progress, &cancel,
-            )?;
+            ) {
+                Ok(r) => r,
+                // A bucket that cannot lock: refused before anything was uploaded (exit 1,
+                // like a failed pre-check).
+                Err(offsite::OffsiteRunError::Store(e @ OffsiteError::NoObjectLock { .. })) => {
+                    return refuse_no_lock(e)
+                }
+                Err(e) => return Err(e.into()),
+            };
             if s.json {
                 print_json(&report)?;
             } else {
@@ -335,24 +373,20 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
             stamp,
             new_name,
             disk_dir,
-            staging_dir,
             start,
             host,
         } => {
             let settings = s.settings()?;
             let store = s.open(&settings, false)?;
-            let staging_dir = staging_dir
-                .or_else(|| disk_dir.clone())
-                .unwrap_or_else(|| settings.journal_dir.join("offsite-restore"));
             let request = offsite::OffsiteRestoreRequest {
                 host: host.unwrap_or_else(|| settings.host()),
                 vm,
                 stamp,
                 new_name,
                 disk_dir,
-                staging_dir,
                 start,
                 libvirt_uri: settings.libvirt_uri.clone(),
+                workers: s.workers(&settings),
             };
             let progress = LineProgress::new(s.progress);
             let outcome = offsite::restore(&store, &request, &progress, &cancel)?;

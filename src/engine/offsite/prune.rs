@@ -6,6 +6,10 @@
 //! lock ([`crate::store::offsite::lock`]): while a push runs it is skipped (reported, not an
 //! error), and no push starts while it runs, so it never deletes a chunk that a push found
 //! present and is about to reference.
+//!
+//! On a bucket with S3 Object Lock, a manifest or chunk whose retention has not expired is
+//! skipped (reported), not deleted: a delete there would only hide the locked version
+//! behind a delete marker. A skipped manifest keeps its chunks referenced.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,7 +19,7 @@ use super::{backup_name, OffsiteRunError};
 use crate::config::Retention;
 use crate::engine::prune::{plan, BackupState, Candidate, Decision};
 use crate::progress::{Level, Progress};
-use crate::store::offsite::{lock, OffsiteError, OffsiteStore};
+use crate::store::offsite::{lock, LockSupport, OffsiteError, OffsiteStore};
 
 /// Settings of an off-site prune.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +43,11 @@ pub struct PruneReport {
     pub chunks_referenced: u64,
     /// Chunks deleted by the collection.
     pub chunks_deleted: u64,
+    /// Backups the retention would remove, kept because Object Lock still retains them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retained: Vec<String>,
+    /// Unreferenced chunks kept because Object Lock still retains them.
+    pub chunks_retained: u64,
     /// Why the collection did not run, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gc_skipped: Option<String>,
@@ -51,6 +60,19 @@ pub fn prune(
     progress: &dyn Progress,
 ) -> Result<PruneReport, OffsiteRunError> {
     let mut report = PruneReport::default();
+    // Only a bucket with Object Lock needs the retention of each object asked (HEAD).
+    let locked = matches!(
+        store.client().object_lock_support(),
+        Ok(LockSupport::Enabled)
+    );
+    let now = chrono::Utc::now();
+    let retained = |key: &str| -> Result<bool, OffsiteError> {
+        Ok(locked
+            && store
+                .client()
+                .retained_until(key)?
+                .is_some_and(|until| until > now))
+    };
     let mut groups: BTreeMap<(String, String), Vec<Candidate>> = BTreeMap::new();
     for (host, vm, stamp) in store.backups()? {
         let m = store.get_manifest(&host, &vm, &stamp);
@@ -72,6 +94,14 @@ pub fn prune(
                 continue;
             }
             let name = backup_name(&host, &vm, &d.stamp);
+            if retained(&OffsiteStore::manifest_key(&host, &vm, &d.stamp))? {
+                progress.message(
+                    Level::Info,
+                    &format!("{name} kept: still under Object Lock retention"),
+                );
+                report.retained.push(name);
+                continue;
+            }
             if !options.dry_run {
                 store.delete_manifest(&host, &vm, &d.stamp)?;
                 progress.message(
@@ -112,6 +142,10 @@ pub fn prune(
     report.chunks_referenced = referenced.len() as u64;
     for id in store.chunk_ids()? {
         if !referenced.contains(&id) {
+            if retained(&OffsiteStore::chunk_key(&id))? {
+                report.chunks_retained += 1;
+                continue;
+            }
             store.delete_chunk(&id)?;
             report.chunks_deleted += 1;
         }

@@ -25,7 +25,10 @@ use crate::format::layout::{self, VmDir};
 use crate::format::metadata::BackupMetadata;
 use crate::progress::{CancelToken, Level, Progress, Transfer};
 use crate::store::offsite::manifest::{OffsiteChunk, MANIFEST_VERSION};
-use crate::store::offsite::{lock, ChunkId, OffsiteFile, OffsiteManifest, OffsiteStore};
+use crate::store::offsite::{
+    lock, ChunkId, LockSupport, ObjectLock, OffsiteError, OffsiteFile, OffsiteManifest,
+    OffsiteStore,
+};
 use crate::store::{FolderStore, LockMode};
 
 /// The chunk size of files that have no chunk manifest (XML, NVRAM, configs).
@@ -47,6 +50,10 @@ pub struct PushOptions {
     pub workers: usize,
     /// Push only the newest backup of each VM (with its parents, for an incremental).
     pub latest_only: bool,
+    /// Put every uploaded object under S3 Object Lock (COMPLIANCE) for this many days, and
+    /// extend the retention of the chunks already there that a pushed backup references.
+    /// The bucket's support is checked before anything is uploaded.
+    pub object_lock_days: Option<u32>,
 }
 
 impl Default for PushOptions {
@@ -54,6 +61,7 @@ impl Default for PushOptions {
         Self {
             workers: 4,
             latest_only: false,
+            object_lock_days: None,
         }
     }
 }
@@ -112,6 +120,20 @@ pub fn push(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<PushReport, OffsiteRunError> {
+    // Object Lock: refused before anything (even the push's lock object) is uploaded.
+    let retention = match options.object_lock_days {
+        None => None,
+        Some(days) => match store.client().object_lock_support()? {
+            LockSupport::Enabled => Some(ObjectLock::days_from_now(days.max(1))),
+            LockSupport::Unavailable(detail) => {
+                return Err(OffsiteError::NoObjectLock {
+                    location: store.location(),
+                    detail,
+                }
+                .into())
+            }
+        },
+    };
     let _lock = lock::acquire(store.client(), "push")?;
     let vm_dirs: Vec<(String, VmDir)> = match selection {
         Selection::All => layout::vm_dirs(primary.root(), host)?,
@@ -170,7 +192,17 @@ pub fn push(
             }
             progress.message(Level::Info, &format!("pushing {name}"));
             let pushed = push_backup(
-                &dir, &host_c, &vm_c, &stamp, &meta, store, &present, options, progress, cancel,
+                &dir,
+                &host_c,
+                &vm_c,
+                &stamp,
+                &meta,
+                store,
+                &present,
+                options,
+                retention.as_ref(),
+                progress,
+                cancel,
             )?;
             progress.message(
                 Level::Info,
@@ -320,6 +352,7 @@ fn push_backup(
     store: &OffsiteStore,
     present: &Mutex<HashSet<ChunkId>>,
     options: &PushOptions,
+    retention: Option<&ObjectLock>,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<PushedBackup, OffsiteRunError> {
@@ -368,7 +401,7 @@ fn push_backup(
                     if abort_ref.load(Ordering::Relaxed) {
                         continue;
                     }
-                    let r = work(job, store, present, name, sources_ref);
+                    let r = work(job, store, present, name, sources_ref, retention);
                     if r.is_err() {
                         abort_ref.store(true, Ordering::Relaxed);
                     }
@@ -447,7 +480,7 @@ fn push_backup(
         files,
     };
     // The commit point: only now is the backup listed off-site.
-    store.put_manifest(&manifest)?;
+    store.put_manifest_locked(&manifest, retention)?;
     out.seconds = started.elapsed().as_secs_f64();
     Ok(out)
 }
@@ -542,6 +575,7 @@ fn work(
     present: &Mutex<HashSet<ChunkId>>,
     backup: &str,
     sources: &[Source],
+    retention: Option<&ObjectLock>,
 ) -> Result<Done, OffsiteRunError> {
     let sha = sha256_hex(&job.data);
     if let Some(expected) = &job.expected {
@@ -571,8 +605,12 @@ fn work(
     // upload fails the whole push (no manifest is written), so the claim cannot mislead one.
     let is_new = present.lock().map(|mut p| p.insert(id)).unwrap_or(true);
     let uploaded = if is_new {
-        Some(store.put_chunk(&id, &job.data)?)
+        Some(store.put_chunk_locked(&id, &job.data, retention)?)
     } else {
+        // Deduplicated: it must stay locked as long as this backup's manifest.
+        if let Some(r) = retention {
+            store.extend_chunk_retention(&id, r)?;
+        }
         None
     };
     Ok(Done {

@@ -30,11 +30,80 @@ pub struct Applied {
     pub started: bool,
 }
 
+/// Where a restore reads the backup's files from. The plan names them by their path in the
+/// backup folder (`PlannedDisk::from`, …); a source turns that into bytes in a temporary file
+/// that [`apply`] renames into place once every file is written and checked.
+pub trait BackupSource {
+    /// Writes the image `from` into `tmp` (created by the source, mode 0600), checking every
+    /// chunk against `manifest` (unless `force`); `dest` names the final file in errors.
+    /// Returns the image's logical size.
+    #[allow(clippy::too_many_arguments)]
+    fn image(
+        &self,
+        from: &Path,
+        tmp: &Path,
+        dest: &Path,
+        manifest: &crate::copier::ChunkManifest,
+        force: bool,
+        progress: &dyn Progress,
+        cancel: &CancelToken,
+    ) -> Result<u64, RestoreError>;
+    /// Copies the small file `from` (the NVRAM) to `to` (created with mode 0600).
+    fn file(&self, from: &Path, to: &Path) -> Result<(), RestoreError>;
+    /// Copies the folder `from` (appliance configurations) to `to`.
+    fn tree(&self, from: &Path, to: &Path) -> Result<(), RestoreError>;
+}
+
+/// The backup folder on the target, read with the copier.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FolderSource;
+
+impl BackupSource for FolderSource {
+    fn image(
+        &self,
+        from: &Path,
+        tmp: &Path,
+        dest: &Path,
+        manifest: &crate::copier::ChunkManifest,
+        force: bool,
+        progress: &dyn Progress,
+        cancel: &CancelToken,
+    ) -> Result<u64, RestoreError> {
+        copy_image(from, tmp, dest, manifest, force, progress, cancel)
+    }
+
+    fn file(&self, from: &Path, to: &Path) -> Result<(), RestoreError> {
+        copy_nofollow(from, to)
+            .map(|_| ())
+            .map_err(|source| RestoreError::Io {
+                context: "cannot copy the NVRAM to",
+                path: to.to_path_buf(),
+                source,
+            })
+    }
+
+    fn tree(&self, from: &Path, to: &Path) -> Result<(), RestoreError> {
+        copy_tree(from, to)
+    }
+}
+
 /// Carries out `plan`: `xml_text` is the backup's domain XML, rewritten with the plan's edits.
 pub fn apply(
     plan: &RestorePlan,
     xml_text: &str,
     hv: &Hypervisor,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Result<Applied, RestoreError> {
+    apply_from(plan, xml_text, hv, &FolderSource, progress, cancel)
+}
+
+/// [`apply`], reading the backup's files from `source`.
+pub fn apply_from(
+    plan: &RestorePlan,
+    xml_text: &str,
+    hv: &Hypervisor,
+    source: &dyn BackupSource,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<Applied, RestoreError> {
@@ -58,7 +127,7 @@ pub fn apply(
             Level::Info,
             &format!("copying {} to {}", disk.record.file, disk.dest.display()),
         );
-        let bytes = copy_image(
+        let bytes = source.image(
             &disk.from,
             &tmp,
             &disk.dest,
@@ -67,6 +136,7 @@ pub fn apply(
             progress,
             cancel,
         )?;
+        hand_to_qemu(&tmp)?;
         drop_our_bitmaps(&tmp, &disk.record.format, progress);
         staged.push((tmp, disk.dest.clone()));
         for layer in &disk.layers {
@@ -87,7 +157,7 @@ pub fn apply(
                 Level::Info,
                 &format!("copying {} to {}", layer.record.file, layer.dest.display()),
             );
-            copy_image(
+            source.image(
                 &layer.from,
                 &tmp,
                 &layer.dest,
@@ -96,6 +166,7 @@ pub fn apply(
                 progress,
                 cancel,
             )?;
+            hand_to_qemu(&tmp)?;
             drop_our_bitmaps(&tmp, &layer.record.format, progress);
             staged.push((tmp, layer.dest.clone()));
         }
@@ -123,17 +194,13 @@ pub fn apply(
         let tmp = staging_path(&nvram.to);
         ensure_dir(&nvram.to, &mut created)?;
         created.files.push(tmp.clone());
-        copy_nofollow(&nvram.from, &tmp).map_err(|source| RestoreError::Io {
-            context: "cannot copy the NVRAM to",
-            path: tmp.clone(),
-            source,
-        })?;
+        source.file(&nvram.from, &tmp)?;
         staged.push((tmp, nvram.to.clone()));
     }
     if let Some(configs) = &plan.configs {
         let tmp = staging_path(&configs.to);
         created.dirs.push(tmp.clone());
-        copy_tree(&configs.from, &tmp)?;
+        source.tree(&configs.from, &tmp)?;
         staged.push((tmp, configs.to.clone()));
     }
     if cancel.is_cancelled() {
@@ -265,7 +332,6 @@ fn copy_image(
         });
     }
     let report = copier::copy_file(src, tmp, &options, progress, cancel)?;
-    hand_to_qemu(tmp)?;
     if comparable {
         if let Some(m) = &report.manifest {
             if let Some(chunk) = m

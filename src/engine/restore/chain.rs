@@ -37,9 +37,8 @@ pub fn parent_dirs(dir: &Path, meta: &BackupMetadata) -> Result<Vec<PathBuf>, Re
 
 /// `meta` with every disk's parent images appended as backing layers (see the module).
 pub fn expand(dir: &Path, meta: &BackupMetadata) -> Result<BackupMetadata, RestoreError> {
-    let mut out = meta.clone();
     if meta.chain.parent.is_none() {
-        return Ok(out);
+        return Ok(meta.clone());
     }
     let parents = parent_dirs(dir, meta)?;
     let parents: Vec<BackupMetadata> = parents
@@ -51,12 +50,25 @@ pub fn expand(dir: &Path, meta: &BackupMetadata) -> Result<BackupMetadata, Resto
             })
         })
         .collect::<Result<_, _>>()?;
+    expand_with(meta, &parents)
+}
+
+/// [`expand`] with the parents' metadata given (newest first, up to the full), for a backup
+/// that is not in a folder (the off-site restore reads them from its manifests).
+pub fn expand_with(
+    meta: &BackupMetadata,
+    parents: &[BackupMetadata],
+) -> Result<BackupMetadata, RestoreError> {
+    let mut out = meta.clone();
+    if meta.chain.parent.is_none() {
+        return Ok(out);
+    }
     for disk in &mut out.disks {
         if !meta.chain.disk_has_parent(&disk.target) {
             continue; // copied in full inside this incremental: its chain starts here
         }
         let mut depth = disk.backing_chain.len();
-        for pmd in &parents {
+        for pmd in parents {
             let stamp = pmd.stamp.clone();
             let Some(pd) = pmd.disks.iter().find(|d| d.target == disk.target) else {
                 return Err(RestoreError::NotFound(format!(

@@ -341,6 +341,15 @@ pub enum RestoreError {
         /// What stopped it.
         detail: String,
     },
+    /// A [`apply::BackupSource`] other than the backup folder (the off-site store) failed:
+    /// its own error, with its own kind (the caller may downcast it back).
+    #[error("{error}")]
+    Source {
+        /// What kind of failure it is.
+        kind: crate::error::ErrorKind,
+        /// The source's error.
+        error: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 /// Finds the backup folder of a request.
@@ -543,8 +552,9 @@ pub fn restore(
 }
 
 /// The host as it is: files on this machine, domains in libvirt.
-struct LiveHost<'a> {
-    hv: &'a Hypervisor,
+pub struct LiveHost<'a> {
+    /// The libvirt connection asked about domains.
+    pub hv: &'a Hypervisor,
 }
 
 impl plan::HostView for LiveHost<'_> {
@@ -645,6 +655,7 @@ impl RestoreError {
             RestoreError::QemuImg(e) => e.kind(),
             RestoreError::Interrupted(_) => ErrorKind::Busy,
             RestoreError::Unfinished { .. } => ErrorKind::Libvirt,
+            RestoreError::Source { kind, .. } => *kind,
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::error::ErrorKind;
 pub use chunk_id::ChunkId;
 pub use key::{KeyFile, MasterKey};
 pub use manifest::{OffsiteFile, OffsiteManifest};
-pub use s3::{S3Client, S3Config};
+pub use s3::{LockSupport, ObjectLock, S3Client, S3Config};
 
 /// The name of the repository marker under the prefix.
 pub const MARKER_OBJECT: &str = "vm-backup-offsite.json";
@@ -157,6 +157,14 @@ pub enum OffsiteError {
     /// The repository marker is missing or of another format.
     #[error("{0}")]
     NotARepository(String),
+    /// Object Lock was asked for, and the bucket does not have it.
+    #[error("S3 Object Lock asked for (object_lock_days / --object-lock-days), but {location} cannot lock objects: {detail}; nothing was uploaded")]
+    NoObjectLock {
+        /// The store.
+        location: String,
+        /// What the server answered.
+        detail: String,
+    },
 }
 
 impl OffsiteError {
@@ -179,6 +187,7 @@ impl OffsiteError {
             OffsiteError::Busy(_) => ErrorKind::Busy,
             OffsiteError::Codec { .. } => ErrorKind::Internal,
             OffsiteError::NotARepository(_) => ErrorKind::TargetMissing,
+            OffsiteError::NoObjectLock { .. } => ErrorKind::Config,
         }
     }
 }
@@ -306,9 +315,29 @@ impl OffsiteStore {
 
     /// Compresses, encrypts and uploads a chunk under its id; returns the stored size.
     pub fn put_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<u64, OffsiteError> {
+        self.put_chunk_locked(id, plain, None)
+    }
+
+    /// [`OffsiteStore::put_chunk`] under an Object Lock retention when given.
+    pub fn put_chunk_locked(
+        &self,
+        id: &ChunkId,
+        plain: &[u8],
+        lock: Option<&ObjectLock>,
+    ) -> Result<u64, OffsiteError> {
         let bytes = codec::encode_chunk(&self.keys, id, plain);
-        self.client.put(&Self::chunk_key(id), &bytes)?;
+        self.client.put_locked(&Self::chunk_key(id), &bytes, lock)?;
         Ok(bytes.len() as u64)
+    }
+
+    /// Extends the Object Lock retention of a chunk already in the store (a new backup
+    /// references it: it must stay as long as the new backup's manifest).
+    pub fn extend_chunk_retention(
+        &self,
+        id: &ChunkId,
+        lock: &ObjectLock,
+    ) -> Result<(), OffsiteError> {
+        self.client.extend_retention(&Self::chunk_key(id), lock)
     }
 
     /// Downloads, decrypts and decompresses a chunk, and checks it is the chunk `id` names.
@@ -339,6 +368,15 @@ impl OffsiteStore {
 
     /// Seals and uploads a backup's manifest (the commit point of a push).
     pub fn put_manifest(&self, m: &OffsiteManifest) -> Result<(), OffsiteError> {
+        self.put_manifest_locked(m, None)
+    }
+
+    /// [`OffsiteStore::put_manifest`] under an Object Lock retention when given.
+    pub fn put_manifest_locked(
+        &self,
+        m: &OffsiteManifest,
+        lock: Option<&ObjectLock>,
+    ) -> Result<(), OffsiteError> {
         let key = Self::manifest_key(&m.host, &m.vm, &m.stamp);
         let json = serde_json::to_vec(m).map_err(|source| OffsiteError::Json {
             action: "encode",
@@ -350,7 +388,7 @@ impl OffsiteStore {
             source,
         })?;
         let sealed = codec::seal(&self.keys, &key, &packed);
-        self.client.put(&key, &sealed)
+        self.client.put_locked(&key, &sealed, lock)
     }
 
     /// Downloads and opens a backup's manifest.

@@ -13,7 +13,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusty_s3::actions::ListObjectsV2;
+use rusty_s3::actions::{ListObjectsV2, PutObject};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
 use super::OffsiteError;
@@ -70,6 +70,70 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Credentials(..)")
     }
+}
+
+/// S3 Object Lock retention for what a push uploads: COMPLIANCE mode until a date.
+///
+/// COMPLIANCE, not GOVERNANCE: the case it answers is the credentials themselves leaking
+/// (ransomware on the backup host). A GOVERNANCE retention can be lifted by any principal
+/// holding `s3:BypassGovernanceRetention`, typically the same administrator key; a
+/// COMPLIANCE retention cannot be shortened or removed by anyone, the account's root
+/// included, until it expires. The price: nothing locked can be deleted early, so keep
+/// `object_lock_days` about the off-site retention span, not years.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// Objects cannot be deleted or overwritten before this instant.
+    pub retain_until: chrono::DateTime<chrono::Utc>,
+}
+
+impl ObjectLock {
+    /// A retention of `days` days from now.
+    pub fn days_from_now(days: u32) -> Self {
+        Self {
+            retain_until: chrono::Utc::now() + chrono::Duration::days(i64::from(days)),
+        }
+    }
+
+    /// `x-amz-object-lock-retain-until-date`: ISO 8601, UTC, whole seconds.
+    pub fn until_text(&self) -> String {
+        self.retain_until.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    }
+
+    /// The headers a PUT of `body` under this retention carries, all of them signed:
+    /// the mode, the date and `Content-MD5` (S3 requires an integrity header on any upload
+    /// with a retention).
+    pub fn headers(&self, body: &[u8]) -> Vec<(&'static str, String)> {
+        vec![
+            ("content-md5", content_md5(body)),
+            ("x-amz-object-lock-mode", "COMPLIANCE".into()),
+            ("x-amz-object-lock-retain-until-date", self.until_text()),
+        ]
+    }
+
+    /// The body of a PutObjectRetention request (`PUT <key>?retention`).
+    pub fn retention_xml(&self) -> String {
+        format!(
+            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>COMPLIANCE</Mode>\
+             <RetainUntilDate>{}</RetainUntilDate></Retention>",
+            self.until_text()
+        )
+    }
+}
+
+/// Base64 of the MD5 of `body` (the `Content-MD5` header).
+fn content_md5(body: &[u8]) -> String {
+    use base64::Engine;
+    use md5::Digest;
+    base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(body))
+}
+
+/// Whether a bucket has S3 Object Lock enabled (GetObjectLockConfiguration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockSupport {
+    /// `ObjectLockEnabled` is `Enabled`.
+    Enabled,
+    /// Not enabled on this bucket, or not implemented by the server: what it answered.
+    Unavailable(String),
 }
 
 /// A listed object.
@@ -314,16 +378,129 @@ impl S3Client {
 
     /// Uploads `bytes` as `key` (relative to the prefix).
     pub fn put(&self, key: &str, bytes: &[u8]) -> Result<(), OffsiteError> {
-        let full = self.full(key);
-        let url = self
-            .bucket
-            .put_object(Some(&self.credentials.0), &full)
-            .sign(SIGN_FOR);
-        match self.request("upload", &full, &|| {
-            self.agent.request_url("PUT", &url).send_bytes(bytes)
+        self.put_locked(key, bytes, None)
+    }
+
+    /// A signed PUT of `full` (the whole key), with `headers` signed into it (the same are
+    /// sent), and `query` (a subresource such as `retention`).
+    fn signed_put(
+        &self,
+        full: &str,
+        query: Option<&str>,
+        headers: &[(&'static str, String)],
+    ) -> url::Url {
+        let mut action = PutObject::new(&self.bucket, Some(&self.credentials.0), full);
+        if let Some(q) = query {
+            action.query_mut().insert(q.to_string(), String::new());
+        }
+        for (k, v) in headers {
+            action.headers_mut().insert(*k, v.clone());
+        }
+        action.sign(SIGN_FOR)
+    }
+
+    fn send_put(
+        &self,
+        action: &'static str,
+        full: &str,
+        url: &url::Url,
+        headers: &[(&'static str, String)],
+        bytes: &[u8],
+    ) -> Result<(), OffsiteError> {
+        match self.request(action, full, &|| {
+            let mut req = self.agent.request_url("PUT", url);
+            for (k, v) in headers {
+                req = req.set(k, v);
+            }
+            req.send_bytes(bytes)
         })? {
             Some(_) => Ok(()),
             None => Err(OffsiteError::NoBucket(self.bucket.name().to_string())),
+        }
+    }
+
+    /// Uploads `bytes` as `key`, under `lock`'s retention when given.
+    pub fn put_locked(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        lock: Option<&ObjectLock>,
+    ) -> Result<(), OffsiteError> {
+        let full = self.full(key);
+        let headers = lock.map(|l| l.headers(bytes)).unwrap_or_default();
+        let url = self.signed_put(&full, None, &headers);
+        self.send_put("upload", &full, &url, &headers, bytes)
+    }
+
+    /// Extends the retention of the existing object `key` to `lock` (PutObjectRetention). A
+    /// COMPLIANCE retention can only be lengthened: a later date than the current one.
+    pub fn extend_retention(&self, key: &str, lock: &ObjectLock) -> Result<(), OffsiteError> {
+        let full = self.full(key);
+        let body = lock.retention_xml();
+        let headers = vec![("content-md5", content_md5(body.as_bytes()))];
+        let url = self.signed_put(&full, Some("retention"), &headers);
+        self.send_put(
+            "extend the retention of",
+            &full,
+            &url,
+            &headers,
+            body.as_bytes(),
+        )
+    }
+
+    /// The Object Lock retention date of `key` (HEAD), `None` when it has none or is gone.
+    pub fn retained_until(
+        &self,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, OffsiteError> {
+        let full = self.full(key);
+        let url = self
+            .bucket
+            .head_object(Some(&self.credentials.0), &full)
+            .sign(SIGN_FOR);
+        let Some(resp) = self.request("look up", &full, &|| {
+            self.agent.request_url("HEAD", &url).call()
+        })?
+        else {
+            return Ok(None);
+        };
+        Ok(resp
+            .header("x-amz-object-lock-retain-until-date")
+            .and_then(|d| chrono::DateTime::parse_from_rfc3339(d.trim()).ok())
+            .map(|d| d.with_timezone(&chrono::Utc)))
+    }
+
+    /// Asks the server whether the bucket has Object Lock enabled
+    /// (GetObjectLockConfiguration, `GET /<bucket>/?object-lock`). A server that does not
+    /// implement it, or a bucket created without it, is [`LockSupport::Unavailable`]; a
+    /// server down or refusing the credentials is an error.
+    pub fn object_lock_support(&self) -> Result<LockSupport, OffsiteError> {
+        // rusty-s3 has no action for it: a GetObject of the empty key is `GET /<bucket>/`,
+        // the bucket's own URL, to which the `object-lock` subresource is added and signed.
+        let mut action = self.bucket.get_object(Some(&self.credentials.0), "");
+        action.query_mut().insert("object-lock", "");
+        let url = action.sign(SIGN_FOR);
+        let name = self.bucket.name().to_string();
+        match self.request("read the Object Lock configuration of", &name, &|| {
+            self.agent.request_url("GET", &url).call()
+        }) {
+            Ok(Some(resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                if text.contains("<ObjectLockEnabled>Enabled</ObjectLockEnabled>") {
+                    Ok(LockSupport::Enabled)
+                } else {
+                    Ok(LockSupport::Unavailable(
+                        "the bucket's Object Lock configuration is not enabled".into(),
+                    ))
+                }
+            }
+            Ok(None) => Ok(LockSupport::Unavailable(
+                "the bucket has no Object Lock configuration (HTTP 404)".into(),
+            )),
+            Err(OffsiteError::Unreachable { detail, .. }) if detail.starts_with("HTTP ") => Ok(
+                LockSupport::Unavailable(format!("the server answered {detail}")),
+            ),
+            Err(e) => Err(e),
         }
     }
 
@@ -504,6 +681,79 @@ fn xml_code(body: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client() -> S3Client {
+        let cfg = S3Config::new("http://127.0.0.1:9", "b", "p");
+        S3Client::new(&cfg, Credentials::new("AKID", "SECRET")).unwrap()
+    }
+
+    fn query(url: &url::Url, name: &str) -> Option<String> {
+        url.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+
+    #[test]
+    fn object_lock_headers_are_signed() {
+        let c = client();
+        let lock = ObjectLock {
+            retain_until: chrono::DateTime::parse_from_rfc3339("2026-12-29T10:11:12Z")
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+        };
+        let headers = lock.headers(b"hello");
+        assert_eq!(
+            headers,
+            vec![
+                ("content-md5", "XUFAKrxLKna5cZ2REBfFkg==".to_string()),
+                ("x-amz-object-lock-mode", "COMPLIANCE".to_string()),
+                (
+                    "x-amz-object-lock-retain-until-date",
+                    "2026-12-29T10:11:12Z".to_string()
+                ),
+            ]
+        );
+        let url = c.signed_put("p/chunks/ab/abcd", None, &headers);
+        assert_eq!(url.path(), "/b/p/chunks/ab/abcd");
+        let signed = query(&url, "X-Amz-SignedHeaders").unwrap();
+        assert_eq!(
+            signed,
+            "content-md5;host;x-amz-object-lock-mode;x-amz-object-lock-retain-until-date"
+        );
+        // The signature covers the values: another date signs differently.
+        let plain = c.signed_put("p/chunks/ab/abcd", None, &[]);
+        assert_eq!(query(&plain, "X-Amz-SignedHeaders").unwrap(), "host");
+        let later = ObjectLock {
+            retain_until: lock.retain_until + chrono::Duration::days(1),
+        };
+        let url2 = c.signed_put("p/chunks/ab/abcd", None, &later.headers(b"hello"));
+        assert_ne!(
+            query(&url, "X-Amz-Signature"),
+            query(&url2, "X-Amz-Signature")
+        );
+    }
+
+    #[test]
+    fn retention_extension_is_a_signed_subresource() {
+        let c = client();
+        let lock = ObjectLock::days_from_now(30);
+        let body = lock.retention_xml();
+        assert!(body.contains("<Mode>COMPLIANCE</Mode>"));
+        assert!(body.contains(&format!(
+            "<RetainUntilDate>{}</RetainUntilDate>",
+            lock.until_text()
+        )));
+        let url = c.signed_put(
+            "p/chunks/ab/abcd",
+            Some("retention"),
+            &[("content-md5", content_md5(body.as_bytes()))],
+        );
+        assert_eq!(query(&url, "retention").as_deref(), Some(""));
+        assert_eq!(
+            query(&url, "X-Amz-SignedHeaders").as_deref(),
+            Some("content-md5;host")
+        );
+    }
 
     #[test]
     fn listing_without_etag_parses() {
