@@ -9,6 +9,9 @@
 //! backing file and still holds the backup's files; the backup's files (content, owner, mode,
 //! times) are unchanged. A restore killed with `kill -9` during the copy leaves
 //! the domain running on its overlays, `orphans` reports it and `orphans --cleanup` finishes.
+//! Every read goes through the verify-on-read layer: a byte flipped in the parent of an
+//! incremental fails the restore naming the file and the chunk, and leaves no disk, domain,
+//! mount, server or journal, and the backup unchanged.
 
 mod support;
 
@@ -267,8 +270,13 @@ fn instant_restore_runs_at_once_and_ends_on_standalone_local_disks() {
         &name,
         "echo after-copy > /mnt/data/instant-after.txt && sync",
     );
-    // No overlay, no server, no journal left.
+    // No overlay, no server, no mount, no journal left.
     assert!(s.servers().is_empty(), "{:?}", s.servers());
+    assert!(
+        mounts_under(&s.dir).is_empty(),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
     let left: Vec<_> = fs::read_dir(&restored)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -372,6 +380,12 @@ fn an_instant_restore_killed_during_the_copy_keeps_running_and_orphans_finishes_
         vec![("vda".to_string(), overlay.display().to_string())]
     );
     assert!(agent_ping(&name));
+    // The verify-on-read folder outlives the killed command (the journal names it).
+    assert!(
+        mounts_under(&s.dir).iter().any(|m| m.ends_with("/layers")),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
     let report = s.vmb(&["orphans"]);
     let (o, e) = texts(&report);
     assert_eq!(report.status.code(), Some(3), "{o}\n{e}");
@@ -382,6 +396,11 @@ fn an_instant_restore_killed_during_the_copy_keeps_running_and_orphans_finishes_
     assert!(o.contains("pivoted"), "{o}");
     assert!(!journal.exists());
     assert!(s.servers().is_empty(), "{:?}", s.servers());
+    assert!(
+        mounts_under(&s.dir).is_empty(),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
     assert!(!overlay.exists());
     no_orphan_of(&s, &name);
     gexec_ok(
@@ -569,4 +588,56 @@ fn an_instant_restore_from_a_damaged_chain_fails_naming_the_chunk_and_leaves_not
     let (o, e) = texts(&report);
     assert!(!o.contains("[mount]"), "{o}\n{e}");
     flip_byte(&parent_img, at);
+}
+
+#[test]
+fn files_read_an_incremental_through_its_chain() {
+    if !lab_enabled("files_read_an_incremental_through_its_chain") {
+        return;
+    }
+    let mut s = Scratch::new("fincr");
+    let src = agent_dom();
+    s.checkpoints_of = Some(src.clone());
+    s.vmb_ok(&["backup", &src, "--level", "full"]);
+    gexec_ok(
+        &src,
+        "echo in-the-increment > /mnt/data/files-incr.txt && sync",
+    );
+    let bdir = s.backup_level(&src, "incremental");
+    let meta = vm_backup::format::metadata::BackupMetadata::read(&bdir).unwrap();
+    let parent = meta.chain.parent.clone().expect("an incremental");
+    assert!(
+        meta.chain.disk_has_parent("vda"),
+        "vda copied in full: {:?}",
+        meta.chain
+    );
+    let stamp = bdir.file_name().unwrap().to_string_lossy().into_owned();
+    // A file of the increment, and one only the parent (the full) holds.
+    let out = s.vmb_ok(&["files", &src, &stamp, "cat", "/files-incr.txt"]);
+    assert_eq!(out.trim(), "in-the-increment");
+    let seed = s.vmb_ok(&["files", &src, &stamp, "cat", "/seed.txt"]);
+    let full_img = bdir
+        .parent()
+        .unwrap()
+        .join(&parent)
+        .join(format!("{src}-vda.qcow2"));
+    let from_full = ext4_cat(&full_img, "/seed.txt").expect("seed in the full");
+    assert_eq!(seed.as_bytes(), &from_full[..]);
+    // 1 MiB of random data written before the full: its blocks are only in the parent.
+    let random = s
+        .vmb_cmd(&["files", &src, &stamp, "cat", "/random.bin"])
+        .output()
+        .unwrap();
+    assert!(random.status.success(), "{:?}", texts(&random));
+    let from_full = ext4_cat(&full_img, "/random.bin").expect("random.bin in the full");
+    assert!(
+        random.stdout == from_full,
+        "random.bin differs from the full's"
+    );
+    assert!(
+        mounts_under(&s.dir).is_empty(),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
+    gexec_ok(&src, "rm -f /mnt/data/files-incr.txt && sync");
 }

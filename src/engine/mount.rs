@@ -274,6 +274,8 @@ fn locate(req: &MountRequest) -> Result<(PathBuf, String, BackupMetadata, DiskRe
     let (dir, stamp) = restore::locate(&req.backup)?;
     let meta = BackupMetadata::read(&dir)
         .map_err(|e| MountError::io(format!("cannot read the metadata of {}", dir.display()), e))?;
+    // An incremental's images hold the changed blocks: its parents' images go below them.
+    let meta = restore::chain::expand(&dir, &meta)?;
     let disk = match &req.disk {
         None => meta.disks.first().cloned(),
         Some(t) => meta.disks.iter().find(|d| &d.target == t).cloned(),
@@ -566,9 +568,22 @@ fn build_chain(
 }
 
 fn served(backup_dir: &Path, file: &str, manifest: &crate::copier::ChunkManifest) -> ServedFile {
+    // A parent's image (`../<stamp>/<file>`, an incremental's chain) shares its file name with
+    // the image above it: it is served as `<stamp>-<file>`, and named without the `..`.
+    let (name, path) = match file.strip_prefix("../").and_then(|r| r.split_once('/')) {
+        Some((stamp, f)) => (
+            format!("{stamp}-{f}"),
+            backup_dir
+                .parent()
+                .unwrap_or(backup_dir)
+                .join(stamp)
+                .join(f),
+        ),
+        None => (file.to_string(), backup_dir.join(file)),
+    };
     ServedFile {
-        name: file.to_string(),
-        path: backup_dir.join(file),
+        name,
+        path,
         chunk_size: manifest.chunk_size,
         file_size: manifest.file_size,
         digests: manifest.digests.clone(),

@@ -913,8 +913,16 @@ pub fn describe(rec: &InstantRecord) -> String {
     } else {
         "not running"
     };
+    let verified = match &rec.verifier {
+        Some(_) if export::is_mounted(&rec.layers_dir()) => format!(
+            ", verify-on-read folder {} mounted",
+            rec.layers_dir().display()
+        ),
+        Some(_) => ", verify-on-read folder not mounted".to_string(),
+        None => ", unverified".to_string(),
+    };
     format!(
-        "instant restore of {} from {} (backup server {server}); disks: {}",
+        "instant restore of {} from {} (backup server {server}{verified}); disks: {}",
         rec.domain,
         rec.backup_dir.display(),
         rec.disks
