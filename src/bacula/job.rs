@@ -635,6 +635,9 @@ impl Job {
         {
             return Ok(());
         }
+        if body.starts_with('\0') {
+            return Err(PluginError::RestoreOptionsLost(body.len()));
+        }
         let opts = options::RestoreOptions::parse(body)?;
         if opts.extracts_files() {
             self.say(
@@ -1416,6 +1419,24 @@ mod tests {
         assert!(names[0].starts_with("/@vm-backup/web01/"), "{names:?}");
         assert!(names[1].ends_with("/backup-metadata.json"), "{names:?}");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn only_the_filled_restore_options_are_kept_and_a_lost_object_is_named() {
+        let mut job = Job::new(Box::new(Recorder::default()), CancelToken::new());
+        // The item table saved at backup (type 27) and other objects are ignored.
+        job.restore_object("RestoreOptions", 27, &options::serialized())
+            .unwrap();
+        job.restore_object("other", 28, "files=/x").unwrap();
+        assert_eq!(job.restore_options, None);
+        job.restore_object("RestoreOptions", 28, "# c\nfiles=\"/a,/b\"\n\n")
+            .unwrap();
+        let o = job.restore_options.clone().unwrap();
+        assert_eq!(o.files, vec!["/a", "/b"]);
+        assert!(matches!(
+            job.restore_object("RestoreOptions", 28, "\0estoreOptions\0obId=2"),
+            Err(PluginError::RestoreOptionsLost(21))
+        ));
     }
 
     #[test]

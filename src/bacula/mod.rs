@@ -197,6 +197,11 @@ pub enum PluginError {
     /// A line of the filled restore options that is not one of the plugin's options.
     #[error("plugin restore options: {0:?} is not files=… or disk=…")]
     BadRestoreOption(String),
+    /// The Director sent the filled restore options without their text: Bacula 9.6 with a
+    /// SQLite catalog cannot decode a stored object of 3k+1 bytes (`base64_to_bin` finds its
+    /// buffer one byte short) and sends the bytes of an earlier message instead.
+    #[error("the Director sent the plugin restore options ({0} bytes) without their text (Bacula 9.6 with a SQLite catalog loses objects of 3k+1 bytes): add a comma at the end of files= (e.g. files=/etc/hostname,) and run the restore again")]
+    RestoreOptionsLost(usize),
     /// A file restore (restore option `files=`) needs `where` to name a folder.
     #[error("plugin restore option files= needs where= set to a folder on the File Daemon's host (the guest files go there)")]
     FileRestoreNeedsWhere,
@@ -465,6 +470,7 @@ impl PluginError {
             PluginError::Canceled => ErrorKind::Cancelled,
             PluginError::BadRestoreOption(_) => ErrorKind::InvalidInput,
             PluginError::FileRestoreNeedsWhere => ErrorKind::InvalidInput,
+            PluginError::RestoreOptionsLost(_) => ErrorKind::InvalidInput,
             PluginError::FileRestore { source, .. } => source.kind(),
             PluginError::Protocol { .. } => ErrorKind::Internal,
             PluginError::Io { source, .. } => ErrorKind::from_io(source),
