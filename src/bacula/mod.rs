@@ -200,7 +200,7 @@ pub enum PluginError {
     /// The Director sent the filled restore options without their text: Bacula 9.6 with a
     /// SQLite catalog cannot decode a stored object of 3k+1 bytes (`base64_to_bin` finds its
     /// buffer one byte short) and sends the bytes of an earlier message instead.
-    #[error("the Director sent the plugin restore options ({0} bytes) without their text (Bacula 9.6 with a SQLite catalog loses objects of 3k+1 bytes): add a comma at the end of files= (e.g. files=/etc/hostname,) and run the restore again")]
+    #[error("the Director sent the plugin restore options ({0} bytes) without their text (Bacula 9.6 with a SQLite catalog loses objects of 3k+1 bytes): add a comma at the end of files= (files=/etc/hostname, is read as files=/etc/hostname), which changes the length by one, and run the restore again")]
     RestoreOptionsLost(usize),
     /// A file restore (restore option `files=`) needs `where` to name a folder.
     #[error("plugin restore option files= needs where= set to a folder on the File Daemon's host (the guest files go there)")]
