@@ -671,7 +671,7 @@ pub unsafe extern "C" fn vmb_job_restore_object(
         };
         Ok(inner
             .job
-            .restore_object(&name, object_type, &String::from_utf8_lossy(body))?)
+            .restore_object(name, object_type, &String::from_utf8_lossy(body))?)
     })
 }
 
