@@ -1263,3 +1263,51 @@ fn plugin_restore_option_files_extracts_one_guest_file_into_where() {
     let _ = std::fs::remove_dir_all(&missing);
     discard(&dir);
 }
+
+#[test]
+fn plugin_restore_option_files_in_stream_mode_extracts_from_the_staged_disk() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(lab) = lab(
+        "plugin_restore_option_files_in_stream_mode_extracts_from_the_staged_disk",
+        true,
+    ) else {
+        return;
+    };
+    lab.drop_in(
+        "zz-stream-files",
+        &format!(
+            "FileSet {{\n Name = \"stream-files-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} mode=stream config={LAB}/etc/vm-backup.conf\"\n }}\n}}\n\
+             Job {{\n Name = \"vm-stream-files\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"stream-files-set\"\n}}\n"
+        ),
+    );
+    let (id, status) = lab.run("vm-stream-files");
+    assert_eq!(status, 'T', "{}", lab.joblog(id));
+    // The data disk's lost+found (ext4 on /mnt/data in the guest). Not seq.log: the noagent
+    // guest is backed up without a freeze while its writer appends, and the read-only files
+    // layer does not replay the journal, so that inode reads as EBADMSG (crash-consistent).
+    let where_ = PathBuf::from(format!("{LAB}/restore/stream-files-{id}"));
+    let _ = std::fs::remove_dir_all(&where_);
+    let (_, rstatus, log) = restore_guest_files(&lab, id, &where_, "/lost+found");
+    assert_eq!(rstatus, 'T', "{log}");
+    assert!(
+        log.contains("vm-backup: extracted /lost+found to "),
+        "{log}"
+    );
+    let md = std::fs::metadata(where_.join("lost+found")).expect("extracted folder");
+    assert!(md.is_dir(), "{log}");
+    assert_eq!(format!("{:o}", md.mode() & 0o7777), "700", "{log}");
+    // The staged disk image is gone: only the file and the (empty) VM folder remain.
+    assert_eq!(
+        entries(&where_),
+        vec![NOAGENT.to_string(), "lost+found".to_string()],
+        "{log}"
+    );
+    assert_eq!(
+        entries(&where_.join(&*NOAGENT)),
+        Vec::<String>::new(),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&where_);
+    std::fs::remove_file(format!("{LAB}/etc/dir.d/zz-stream-files.conf")).ok();
+    lab.bconsole("reload\n");
+}
