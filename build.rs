@@ -64,4 +64,8 @@ fn main() {
         let _ = std::fs::rename(&tmp, &copy);
     }
     println!("cargo:rustc-env=VMB_FD_PLUGIN={}", plugin.display());
+    println!(
+        "cargo:rustc-env=VMB_BUILD_PROGRAM={}",
+        profile_dir.join("vm-backup").display()
+    );
 }

@@ -79,6 +79,7 @@ struct vmb_api {
     __typeof__(&vmb_job_restore_command) job_restore_command;
     __typeof__(&vmb_job_create_file) job_create_file;
     __typeof__(&vmb_job_end_restore_file) job_end_restore_file;
+    __typeof__(&vmb_job_restore_object) job_restore_object;
 };
 
 /* Written once in loadPlugin (on the File Daemon's main thread), read-only afterwards. */
@@ -210,6 +211,7 @@ static int resolve(void *h) {
     SYM(job_restore_command, vmb_job_restore_command);
     SYM(job_create_file, vmb_job_create_file);
     SYM(job_end_restore_file, vmb_job_end_restore_file);
+    SYM(job_restore_object, vmb_job_restore_object);
 #undef SYM
     return 1;
 }
@@ -347,6 +349,17 @@ static bRC handlePluginEvent(bpContext *ctx, bEvent *event, void *value) {
         return check(ctx, api.job_restore_command(in->job, cmd, where ? where : "", replace, &err),
                      &err);
     }
+    case bEventRestoreObject: {
+        /* Before the streams; NULL after the last object. The engine keeps its own filled
+         * restore options and ignores every other object. */
+        struct restore_object_pkt *rop = (struct restore_object_pkt *)value;
+        if (!rop || !in->job) return bRC_OK;
+        if (!packet_ok(ctx, rop->pkt_size, sizeof *rop, "restore_object_pkt")) return bRC_Error;
+        if (!rop->object_name || rop->object_len < 0) return bRC_OK;
+        return check(ctx, api.job_restore_object(in->job, rop->object_name, rop->object_type,
+                                                 rop->object, (size_t)rop->object_len, &err),
+                     &err);
+    }
     default:
         return bRC_OK;
     }
@@ -371,6 +384,16 @@ static bRC startBackupFile(bpContext *ctx, struct save_pkt *sp) {
     sp->statp.st_blksize = 65536;
     sp->statp.st_blocks = (blkcnt_t)((f.size + 511) / 512);
     sp->statp.st_mtime = sp->statp.st_atime = sp->statp.st_ctime = (time_t)f.mtime;
+    if (f.kind == VMB_FILE_KIND_RESTORE_OPTIONS) {
+        /* A restore object: the File Daemon catalogs it with the job (no data, no stat). */
+        sp->type = BFD_FT_PLUGIN_CONFIG;
+        sp->object_name = (char *)f.path;
+        sp->object = (char *)f.object;
+        sp->object_len = (int32_t)f.object_len;
+        sp->index = 1;
+        sp->no_read = true;
+        return bRC_OK;
+    }
     if (f.kind == VMB_FILE_KIND_DIRECTORY) {
         sp->type = BFD_FT_DIREND;
         sp->link = (char *)f.path; /* folders are cataloged by their link (with trailing '/') */

@@ -233,6 +233,23 @@ struct xacl_pkt {
     int32_t pkt_end;
 };
 
+/** bEventRestoreObject: one restore object of the job being restored (64 bytes); the event's
+ * value is NULL after the last one. */
+struct restore_object_pkt {
+    int32_t pkt_size;
+    char *object_name;
+    char *object;
+    char *plugin_name;
+    int32_t object_type; /* BFD_FT_* */
+    int32_t object_len;
+    int32_t object_full_len;
+    int32_t object_index;
+    int32_t object_compression;
+    int32_t stream;
+    uint32_t JobId;
+    int32_t pkt_end;
+};
+
 /** checkStream (unused by this plugin; the entry point may be NULL). */
 struct stream_pkt {
     int32_t pkt_size;
@@ -317,6 +334,7 @@ _Static_assert(sizeof(bFuncs) == 144, "bFuncs is 144 bytes");
 _Static_assert(sizeof(pInfo) == 56, "pInfo is 56 bytes");
 _Static_assert(sizeof(pFuncs) == 128, "pFuncs is 128 bytes");
 _Static_assert(sizeof(struct save_pkt) == 240, "save_pkt is 240 bytes");
+_Static_assert(sizeof(struct restore_object_pkt) == 64, "restore_object_pkt is 64 bytes");
 _Static_assert(offsetof(struct save_pkt, statp) == 24, "save_pkt.statp at 24");
 _Static_assert(offsetof(struct save_pkt, type) == 168, "save_pkt.type at 168");
 _Static_assert(offsetof(struct save_pkt, flags) == 176, "save_pkt.flags at 176");

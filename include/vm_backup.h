@@ -71,12 +71,15 @@ typedef enum VmbCreate {
     VMB_CREATE_SKIP = 2,
 } VmbCreate;
 
-// A regular file or a folder.
+// A regular file, a folder, or the plugin's restore options.
 typedef enum VmbFileKind {
     // Regular file (FT_REG).
     VMB_FILE_KIND_REGULAR = 0,
     // Folder (FT_DIREND); no data.
     VMB_FILE_KIND_DIRECTORY = 1,
+    // The restore options restore object (FT_PLUGIN_CONFIG): `path` is the object's name,
+    // `object`/`object_len` its body; no data.
+    VMB_FILE_KIND_RESTORE_OPTIONS = 2,
 } VmbFileKind;
 
 // Severity of a job-log line; the shim maps it onto Bacula's M_INFO, M_WARNING, M_ERROR, M_FATAL.
@@ -273,8 +276,12 @@ typedef struct VmbFileInfo {
     uint64_t size;
     // Modification time, Unix seconds.
     int64_t mtime;
-    // True when no data is to be read (folders, estimates).
+    // True when no data is to be read (folders, estimates, restore options).
     bool no_read;
+    // The restore object's body (restore options only, else NULL); valid as `path`.
+    const char *object;
+    // Its length in bytes.
+    size_t object_len;
 } VmbFileInfo;
 
 #ifdef __cplusplus
@@ -519,6 +526,19 @@ enum vmb_status vmb_job_create_file(struct VmbJob *job,
 // # Safety
 // `job` from [`vmb_job_new`].
 enum vmb_status vmb_job_end_restore_file(struct VmbJob *job, char **error);
+
+// bEventRestoreObject: one restore object of the job being restored (`name`, Bacula's
+// `FT_*` type, `len` bytes of `data`). The plugin's filled restore options are kept for the
+// restore; other objects are ignored.
+//
+// # Safety
+// `job` from [`vmb_job_new`]; `name` a C string; `data` valid for `len` bytes (or NULL with 0).
+enum vmb_status vmb_job_restore_object(struct VmbJob *job,
+                                       const char *name,
+                                       int32_t object_type,
+                                       const char *data,
+                                       size_t len,
+                                       char **error);
 
 #ifdef __cplusplus
 }  // extern "C"

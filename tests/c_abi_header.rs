@@ -129,7 +129,7 @@ fn every_job_function_returns_a_status_and_takes_error_last() {
             "{declaration}"
         );
     }
-    assert_eq!(seen, 16, "the 16 job functions are declared");
+    assert_eq!(seen, 17, "the 17 job functions are declared");
 }
 
 #[test]

@@ -564,7 +564,10 @@ fn a_persistent_definition_left_on_the_overlay_after_the_pivot_is_pointed_back_b
     virsh_ok(&["blockjob", &d, "vda", "--bandwidth", "0"]);
     let t = Instant::now();
     while !virsh(&["blockjob", &d, "vda", "--pivot"]).status.success() {
-        assert!(t.elapsed() < Duration::from_secs(120), "the commit never got ready");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the commit never got ready"
+        );
         sleep(Duration::from_millis(200));
     }
     assert_eq!(disk_sources(&d), before, "not on the base after the pivot");

@@ -9,6 +9,9 @@
 //! backing file and still holds the backup's files; the backup's files (content, owner, mode,
 //! times) are unchanged. A restore killed with `kill -9` during the copy leaves
 //! the domain running on its overlays, `orphans` reports it and `orphans --cleanup` finishes.
+//! Every read goes through the verify-on-read layer: a byte flipped in the parent of an
+//! incremental fails the restore naming the file and the chunk, and leaves no disk, domain,
+//! mount, server or journal, and the backup unchanged.
 
 mod support;
 
@@ -176,8 +179,13 @@ fn instant_restore_runs_at_once_and_ends_on_standalone_local_disks() {
         &name,
         "echo after-copy > /mnt/data/instant-after.txt && sync",
     );
-    // No overlay, no server, no journal left.
+    // No overlay, no server, no mount, no journal left.
     assert!(s.servers().is_empty(), "{:?}", s.servers());
+    assert!(
+        mounts_under(&s.dir).is_empty(),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
     let left: Vec<_> = fs::read_dir(&restored)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -281,6 +289,12 @@ fn an_instant_restore_killed_during_the_copy_keeps_running_and_orphans_finishes_
         vec![("vda".to_string(), overlay.display().to_string())]
     );
     assert!(agent_ping(&name));
+    // The verify-on-read folder outlives the killed command (the journal names it).
+    assert!(
+        mounts_under(&s.dir).iter().any(|m| m.ends_with("/layers")),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
     let report = s.vmb(&["orphans"]);
     let (o, e) = texts(&report);
     assert_eq!(report.status.code(), Some(3), "{o}\n{e}");
@@ -291,6 +305,11 @@ fn an_instant_restore_killed_during_the_copy_keeps_running_and_orphans_finishes_
     assert!(o.contains("pivoted"), "{o}");
     assert!(!journal.exists());
     assert!(s.servers().is_empty(), "{:?}", s.servers());
+    assert!(
+        mounts_under(&s.dir).is_empty(),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
     assert!(!overlay.exists());
     no_orphan_of(&s, &name);
     gexec_ok(
@@ -308,4 +327,226 @@ fn an_instant_restore_killed_during_the_copy_keeps_running_and_orphans_finishes_
         ],
     );
     assert_eq!(s.target_state(), before, "the backup changed");
+}
+
+/// Mount points under `dir` (nothing may stay mounted after a restore, whatever its end).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&d))
+        .collect()
+}
+
+/// Processes whose command line mentions `dir` (the NBD server, the verify-on-read server).
+fn processes_under(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for p in fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        if p.file_name().to_string_lossy() == me {
+            continue;
+        }
+        if let Ok(c) = fs::read(p.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(&d) && !c.contains("cargo") {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Flips one byte of `file` at `at`.
+fn flip_byte(file: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, at).unwrap();
+}
+
+/// The host offset, in the image `depth` levels below `top`, of the middle of the largest
+/// data extent the guest sees from that image (`qemu-img map` of the chain).
+fn data_offset_at_depth(top: &Path, depth: u64) -> u64 {
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "-U"])
+        .arg(top)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", texts(&out));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let best = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == depth && e["data"] == true && e["offset"].is_u64())
+        .max_by_key(|e| e["length"].as_u64().unwrap())
+        .unwrap_or_else(|| panic!("no data extent at depth {depth}: {map}"));
+    best["offset"].as_u64().unwrap() + best["length"].as_u64().unwrap() / 2
+}
+
+#[test]
+fn an_instant_restore_from_a_damaged_chain_fails_naming_the_chunk_and_leaves_nothing() {
+    if !lab_enabled(
+        "an_instant_restore_from_a_damaged_chain_fails_naming_the_chunk_and_leaves_nothing",
+    ) {
+        return;
+    }
+    let mut s = Scratch::new("dmg");
+    let src = agent_dom();
+    // An incremental on a full; the byte is flipped in the full (the parent): every image of
+    // the chain is read through the verify-on-read layer.
+    s.checkpoints_of = Some(src.clone());
+    // Data past the first chunk (the qcow2 header's), so that the damage is met by the guest
+    // or the block copy, after the domain started.
+    gexec_ok(
+        &src,
+        "dd if=/dev/urandom of=/mnt/data/instant-big.bin bs=1M count=12 2>/dev/null && sync",
+    );
+    s.vmb_ok(&["backup", &src, "--level", "full"]);
+    gexec_ok(&src, "rm -f /mnt/data/instant-big.bin && sync");
+    let vm_dir = s.dir.join("target/labhost").join(&src);
+    let full_dir = vm_dir.join(
+        vm_backup::format::layout::VmDir {
+            path: vm_dir.clone(),
+        }
+        .latest()
+        .unwrap()
+        .expect("the full backup"),
+    );
+    let full_meta = vm_backup::format::metadata::BackupMetadata::read(&full_dir).unwrap();
+    assert!(full_meta.chain.parent.is_none(), "{full_meta:?}");
+    gexec_ok(
+        &src,
+        "echo damaged-chain > /mnt/data/instant-dmg.txt && sync",
+    );
+    let bdir = s.backup_level(&src, "incremental");
+    assert_ne!(full_dir, bdir);
+    let full = vm_backup::format::metadata::BackupMetadata::read(&full_dir).unwrap();
+    let parent_img = full_dir.join(&full.disks[0].file);
+    let top = bdir.join(format!("{src}-vda.qcow2"));
+    let at = data_offset_at_depth(&top, 1);
+    let chunk = at / full.disks[0].manifest.chunk_size;
+    assert!(chunk > 0, "the damage would be in the header's chunk");
+    flip_byte(&parent_img, at);
+    let before = s.target_state();
+
+    let name = format!("{}-instd", prefix());
+    s.domains.push(name.clone());
+    let restored = s.dir.join("restored");
+    let dest = restored.join(format!("{name}-vda.qcow2"));
+    let out = s.vmb(&[
+        "restore",
+        &src,
+        "latest",
+        "--instant",
+        "--as",
+        &name,
+        "--disk-dir",
+        &restored.display().to_string(),
+    ]);
+    let (o, e) = texts(&out);
+    eprintln!("restore from the damaged chain:\n{o}\n{e}");
+    // The command fails, naming the file and the chunk.
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    assert!(e.contains("is damaged"), "{e}");
+    assert!(
+        e.contains(&format!("{}: chunk {chunk} ", parent_img.display())),
+        "chunk {chunk} of {} not named:\n{e}",
+        parent_img.display()
+    );
+    // Never a local disk made from the damaged data, no domain, nothing mounted or running.
+    assert!(!dest.exists(), "{} exists", dest.display());
+    assert!(
+        !virsh(&["domstate", &name]).status.success(),
+        "domain {name} is still defined"
+    );
+    let left: Vec<_> = fs::read_dir(&restored)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                // The console log the domain wrote while it ran may stay.
+                .filter(|p| p.extension().is_none_or(|x| x != "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", restored.display());
+    assert!(
+        mounts_under(&s.dir).is_empty(),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
+    assert!(
+        processes_under(&s.dir).is_empty(),
+        "{:?}",
+        processes_under(&s.dir)
+    );
+    assert!(!s.dir.join(format!("journal/journal/{name}.json")).exists());
+    // The backup is unchanged byte for byte (the flipped byte included), nothing is left.
+    assert_eq!(s.target_state(), before, "the backup changed");
+    no_orphan_of(&s, &name);
+    let report = s.vmb(&["orphans"]);
+    let (o, e) = texts(&report);
+    assert!(!o.contains("[mount]"), "{o}\n{e}");
+    flip_byte(&parent_img, at);
+}
+
+#[test]
+fn files_read_an_incremental_through_its_chain() {
+    if !lab_enabled("files_read_an_incremental_through_its_chain") {
+        return;
+    }
+    let mut s = Scratch::new("fincr");
+    let src = agent_dom();
+    s.checkpoints_of = Some(src.clone());
+    s.vmb_ok(&["backup", &src, "--level", "full"]);
+    gexec_ok(
+        &src,
+        "echo in-the-increment > /mnt/data/files-incr.txt && sync",
+    );
+    let bdir = s.backup_level(&src, "incremental");
+    let meta = vm_backup::format::metadata::BackupMetadata::read(&bdir).unwrap();
+    let parent = meta.chain.parent.clone().expect("an incremental");
+    assert!(
+        meta.chain.disk_has_parent("vda"),
+        "vda copied in full: {:?}",
+        meta.chain
+    );
+    let stamp = bdir.file_name().unwrap().to_string_lossy().into_owned();
+    // A file of the increment, and one only the parent (the full) holds.
+    let out = s.vmb_ok(&["files", &src, &stamp, "cat", "/files-incr.txt"]);
+    assert_eq!(out.trim(), "in-the-increment");
+    let seed = s.vmb_ok(&["files", &src, &stamp, "cat", "/seed.txt"]);
+    let full_img = bdir
+        .parent()
+        .unwrap()
+        .join(&parent)
+        .join(format!("{src}-vda.qcow2"));
+    let from_full = ext4_cat(&full_img, "/seed.txt").expect("seed in the full");
+    assert_eq!(seed.as_bytes(), &from_full[..]);
+    // 1 MiB of random data written before the full: its blocks are only in the parent.
+    let random = s
+        .vmb_cmd(&["files", &src, &stamp, "cat", "/random.bin"])
+        .output()
+        .unwrap();
+    assert!(random.status.success(), "{:?}", texts(&random));
+    let from_full = ext4_cat(&full_img, "/random.bin").expect("random.bin in the full");
+    assert!(
+        random.stdout == from_full,
+        "random.bin differs from the full's"
+    );
+    assert!(
+        mounts_under(&s.dir).is_empty(),
+        "{:?}",
+        mounts_under(&s.dir)
+    );
+    gexec_ok(&src, "rm -f /mnt/data/files-incr.txt && sync");
 }

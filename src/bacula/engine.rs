@@ -208,3 +208,65 @@ pub fn finish_restore(
         }),
     }
 }
+
+/// The `vm-backup` program the verify-on-read layer runs as `vm-backup verified-serve`:
+/// `$VMB_PROGRAM`, else `/usr/bin/vm-backup`, else the one built beside this library (the
+/// cargo target folder, as the shim's default library path).
+fn helper_program() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMB_PROGRAM").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let installed = PathBuf::from("/usr/bin/vm-backup");
+    if installed.exists() {
+        return installed;
+    }
+    PathBuf::from(env!("VMB_BUILD_PROGRAM"))
+}
+
+/// Extracts each guest path of the restore options from `vm`'s backup `stamp` (or the folder
+/// `backup_dir`) into `dest` with owner, mode and times, through the engine's `files extract`
+/// (every byte checked against the chunk manifest). Stops at the first path that fails,
+/// naming it.
+#[allow(clippy::too_many_arguments)]
+pub fn extract_guest_files(
+    settings: &Settings,
+    host: &str,
+    vm: &str,
+    stamp: &str,
+    backup_dir: Option<PathBuf>,
+    opts: &super::options::RestoreOptions,
+    dest: &std::path::Path,
+    cancel: &CancelToken,
+) -> Result<Vec<(String, crate::engine::files::ExtractReport)>, PluginError> {
+    use crate::engine::files::Browse;
+    use crate::engine::mount::MountRequest;
+    let mut req = MountRequest::new(
+        &settings.target,
+        host,
+        vm,
+        StampChoice::Stamp(stamp.to_string()),
+        &settings.journal_dir,
+        helper_program(),
+    );
+    req.backup.backup_dir = backup_dir;
+    req.disk = opts.disk.clone();
+    let first = opts.files.first().cloned().unwrap_or_default();
+    let browse = Browse::open(&req).map_err(|e| PluginError::FileRestore {
+        path: first,
+        source: Box::new(e),
+    })?;
+    let mut reports = Vec::new();
+    for path in &opts.files {
+        if cancel.is_cancelled() {
+            return Err(PluginError::Canceled);
+        }
+        let r = browse
+            .extract(path, dest)
+            .map_err(|e| PluginError::FileRestore {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+        reports.push((path.clone(), r));
+    }
+    Ok(reports)
+}

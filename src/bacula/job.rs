@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::engine::{self, DirectBackup};
+use super::options::{self, RestoreOptions};
 use super::stream::{self, StreamSession};
 use super::{Mode, PluginArgs, PluginError, VirtualPath};
 use crate::engine::{FileDigests, StreamHasher};
@@ -85,6 +86,9 @@ pub enum FileKind {
     Regular = 0,
     /// A folder (no data).
     Directory = 1,
+    /// The plugin's restore options (a restore object, no data): the path is the object's
+    /// name, the content its body.
+    RestoreOptions = 2,
 }
 
 /// Where a virtual file's bytes come from.
@@ -154,6 +158,8 @@ pub struct Job {
     info: JobInfo,
     args: Option<PluginArgs>,
     state: State,
+    /// The restore options the operator filled in (bEventRestoreObject), if any.
+    restore_options: Option<RestoreOptions>,
 }
 
 enum State {
@@ -180,6 +186,8 @@ struct BackupState {
     messages: Option<Receiver<Event>>,
     /// Direct mode: the engine's run on its worker thread.
     live: Option<Live>,
+    /// The restore options object is still to be sent after the last file (backups only).
+    options_pending: bool,
 }
 
 /// A direct backup running on a worker thread while the File Daemon reads the live log.
@@ -246,6 +254,7 @@ impl Job {
             },
             args: None,
             state: State::Idle,
+            restore_options: None,
         }
     }
 
@@ -369,6 +378,7 @@ impl Job {
                     finished: true,
                     hashes: Vec::new(),
                     messages: None,
+                    options_pending: true,
                     live: Some(Live {
                         args,
                         rx,
@@ -397,6 +407,7 @@ impl Job {
                     hashes: Vec::new(),
                     messages: Some(rx),
                     live: None,
+                    options_pending: true,
                 }
             }
         };
@@ -520,6 +531,7 @@ impl Job {
             hashes: Vec::new(),
             messages: None,
             live: None,
+            options_pending: false,
         }));
         Ok(())
     }
@@ -586,8 +598,62 @@ impl Job {
     }
 
     /// endBackupFile: whether more files follow. In stream mode, after the last disk, the
-    /// session is finished (snapshot committed) before the metadata files are sent.
+    /// session is finished (snapshot committed) before the metadata files are sent. After the
+    /// last file of a backup comes the restore options object
+    /// ([`super::options::serialized`]).
     pub fn end_file(&mut self) -> Result<bool, PluginError> {
+        let more = self.end_file_inner()?;
+        if !more {
+            if let State::Backup(state) = &mut self.state {
+                if state.options_pending {
+                    state.options_pending = false;
+                    let body = options::serialized().into_bytes();
+                    state.files.push(VirtualFile {
+                        path: options::RESTORE_OPTIONS_NAME.to_string(),
+                        kind: FileKind::RestoreOptions,
+                        size: body.len() as u64,
+                        mode: 0o600,
+                        mtime: chrono::Utc::now().timestamp(),
+                        content: Content::Bytes(body),
+                    });
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(more)
+    }
+
+    /// Event RestoreObject: keeps the plugin's filled restore options; ignores other objects
+    /// (the unfilled item table, other plugins' objects).
+    pub fn restore_object(
+        &mut self,
+        name: &str,
+        object_type: i32,
+        body: &str,
+    ) -> Result<(), PluginError> {
+        if name != options::RESTORE_OPTIONS_NAME || object_type != options::FT_PLUGIN_CONFIG_FILLED
+        {
+            return Ok(());
+        }
+        if body.starts_with('\0') {
+            return Err(PluginError::RestoreOptionsLost(body.len()));
+        }
+        let opts = options::RestoreOptions::parse(body)?;
+        if opts.extracts_files() {
+            self.say(
+                MessageLevel::Info,
+                &format!(
+                    "vm-backup: plugin restore options: extract guest path(s) {} from disk {} instead of restoring the VM",
+                    opts.files.join(", "),
+                    opts.disk.as_deref().unwrap_or("(the first)")
+                ),
+            );
+        }
+        self.restore_options = Some(opts);
+        Ok(())
+    }
+
+    fn end_file_inner(&mut self) -> Result<bool, PluginError> {
         let State::Backup(state) = &mut self.state else {
             return Ok(false);
         };
@@ -997,6 +1063,56 @@ impl Job {
             .ok_or(PluginError::Protocol("restore without plugin string"))?;
         let where_ = state.where_.clone();
         let force = state.replace == 'a';
+        if let Some(opts) = self.restore_options.clone().filter(|o| o.extracts_files()) {
+            let dest = super::where_dir(&where_)
+                .ok_or(PluginError::FileRestoreNeedsWhere)?
+                .to_path_buf();
+            let settings = super::settings_for(&args)?;
+            match args.mode {
+                Mode::Direct => {
+                    let data = state
+                        .received
+                        .get(&vp.to_path())
+                        .cloned()
+                        .unwrap_or_default();
+                    let meta: BackupMetadata = serde_json::from_slice(&data).map_err(|source| {
+                        PluginError::BadMetadata {
+                            path: vp.to_path(),
+                            source,
+                        }
+                    })?;
+                    self.extract_files(
+                        &settings,
+                        &meta.host,
+                        &meta.vm_name,
+                        &meta.stamp,
+                        None,
+                        &opts,
+                        &dest,
+                    )?;
+                }
+                Mode::Stream => {
+                    let key = (vp.vm.clone(), vp.stamp.clone());
+                    // Dropped at the end of this block: the staged copy is removed.
+                    let staged = state
+                        .staging
+                        .remove(&key)
+                        .ok_or(PluginError::Protocol("nothing staged"))?;
+                    let dir = staged.path().to_path_buf();
+                    self.extract_files(
+                        &settings,
+                        &settings.host(),
+                        &vp.vm,
+                        &vp.stamp,
+                        Some(dir),
+                        &opts,
+                        &dest,
+                    )?;
+                    drop(staged);
+                }
+            }
+            return Ok(());
+        }
         match args.mode {
             Mode::Direct => {
                 let data = state
@@ -1037,6 +1153,57 @@ impl Job {
                     stream::restore_staged(&settings, staged, &where_, force, progress, &cancel)
                 })?;
                 self.say(MessageLevel::Info, &format!("vm-backup: {done}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Job {
+    /// Extracts the restore options' guest paths from a backup (on the target, or the staged
+    /// folder `backup_dir`) into `dest`, each logged; a missing path fails the job naming it.
+    #[allow(clippy::too_many_arguments)]
+    fn extract_files(
+        &self,
+        settings: &crate::config::Settings,
+        host: &str,
+        vm: &str,
+        stamp: &str,
+        backup_dir: Option<PathBuf>,
+        opts: &options::RestoreOptions,
+        dest: &std::path::Path,
+    ) -> Result<(), PluginError> {
+        self.say(
+            MessageLevel::Info,
+            &format!(
+                "vm-backup: extracting {} guest path(s) of {vm} backup {stamp} into {} (the VM is not restored)",
+                opts.files.len(),
+                dest.display()
+            ),
+        );
+        fs::create_dir_all(dest)
+            .map_err(|e| PluginError::io(format!("create {}", dest.display()), e))?;
+        let cancel = self.cancel.clone();
+        let reports = self.pump(|_progress| {
+            engine::extract_guest_files(settings, host, vm, stamp, backup_dir, opts, dest, &cancel)
+        })?;
+        for (path, r) in reports {
+            self.say(
+                MessageLevel::Info,
+                &format!(
+                    "vm-backup: extracted {path} to {}: {} file(s), {} folder(s), {} symlink(s), {} bytes",
+                    r.dest.display(),
+                    r.files,
+                    r.dirs,
+                    r.symlinks,
+                    r.bytes
+                ),
+            );
+            for skipped in &r.skipped {
+                self.say(
+                    MessageLevel::Warning,
+                    &format!("vm-backup: {path}: skipped {skipped}"),
+                );
             }
         }
         Ok(())
@@ -1252,6 +1419,24 @@ mod tests {
         assert!(names[0].starts_with("/@vm-backup/web01/"), "{names:?}");
         assert!(names[1].ends_with("/backup-metadata.json"), "{names:?}");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn only_the_filled_restore_options_are_kept_and_a_lost_object_is_named() {
+        let mut job = Job::new(Box::new(Recorder::default()), CancelToken::new());
+        // The item table saved at backup (type 27) and other objects are ignored.
+        job.restore_object("RestoreOptions", 27, &options::serialized())
+            .unwrap();
+        job.restore_object("other", 28, "files=/x").unwrap();
+        assert_eq!(job.restore_options, None);
+        job.restore_object("RestoreOptions", 28, "# c\nfiles=\"/a,/b\"\n\n")
+            .unwrap();
+        let o = job.restore_options.clone().unwrap();
+        assert_eq!(o.files, vec!["/a", "/b"]);
+        assert!(matches!(
+            job.restore_object("RestoreOptions", 28, "\0estoreOptions\0obId=2"),
+            Err(PluginError::RestoreOptionsLost(21))
+        ));
     }
 
     #[test]

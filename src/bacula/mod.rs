@@ -22,6 +22,7 @@ use crate::format::metadata::Method;
 pub mod director_config;
 mod engine;
 mod job;
+pub mod options;
 mod stream;
 
 pub use job::{
@@ -193,6 +194,26 @@ pub enum PluginError {
     /// The job was canceled.
     #[error("canceled")]
     Canceled,
+    /// A line of the filled restore options that is not one of the plugin's options.
+    #[error("plugin restore options: {0:?} is not files=… or disk=…")]
+    BadRestoreOption(String),
+    /// The Director sent the filled restore options without their text: Bacula 9.6 with a
+    /// SQLite catalog cannot decode a stored object of 3k+1 bytes (`base64_to_bin` finds its
+    /// buffer one byte short) and sends the bytes of an earlier message instead.
+    #[error("the Director sent the plugin restore options ({0} bytes) without their text (Bacula 9.6 with a SQLite catalog loses objects of 3k+1 bytes): add a comma at the end of files= (files=/etc/hostname, is read as files=/etc/hostname), which changes the length by one, and run the restore again")]
+    RestoreOptionsLost(usize),
+    /// A file restore (restore option `files=`) needs `where` to name a folder.
+    #[error("plugin restore option files= needs where= set to a folder on the File Daemon's host (the guest files go there)")]
+    FileRestoreNeedsWhere,
+    /// A guest path of restore option `files=` could not be extracted.
+    #[error("cannot restore guest path {path}: {source}")]
+    FileRestore {
+        /// The guest path as given.
+        path: String,
+        /// Why.
+        #[source]
+        source: Box<crate::engine::mount::MountError>,
+    },
     /// An event arrived out of order, or a state that cannot happen did.
     #[error("{0}")]
     Protocol(&'static str),
@@ -447,6 +468,10 @@ impl PluginError {
             PluginError::AlreadyExists(_) => ErrorKind::Busy,
             PluginError::WorkerPanicked => ErrorKind::Internal,
             PluginError::Canceled => ErrorKind::Cancelled,
+            PluginError::BadRestoreOption(_) => ErrorKind::InvalidInput,
+            PluginError::FileRestoreNeedsWhere => ErrorKind::InvalidInput,
+            PluginError::RestoreOptionsLost(_) => ErrorKind::InvalidInput,
+            PluginError::FileRestore { source, .. } => source.kind(),
             PluginError::Protocol { .. } => ErrorKind::Internal,
             PluginError::Io { source, .. } => ErrorKind::from_io(source),
         }

@@ -11,6 +11,7 @@ pub mod offsite;
 pub mod prune;
 pub mod restore;
 mod sink;
+pub mod verifier;
 pub mod verify;
 
 /// The copier's hashing, for a driver that reads a disk's bytes itself instead of having the

@@ -15,9 +15,7 @@
 //! The state lives in `<journal_dir>/mounts/<id>.json` and the pieces in
 //! `<journal_dir>/mounts/<id>/`. Nothing is ever opened for writing in the backup folder.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -32,7 +30,7 @@ use crate::store::verified_read::{self, Damage, ServeSpec, ServedFile, VerifiedR
 pub const MOUNTS_SUBDIR: &str = "mounts";
 
 /// What the hidden server command is called (`vm-backup verified-serve SPEC`).
-pub const SERVE_COMMAND: &str = "verified-serve";
+pub const SERVE_COMMAND: &str = crate::engine::verifier::SERVE_COMMAND;
 
 /// Errors of mount, umount and the file operations.
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +274,8 @@ fn locate(req: &MountRequest) -> Result<(PathBuf, String, BackupMetadata, DiskRe
     let (dir, stamp) = restore::locate(&req.backup)?;
     let meta = BackupMetadata::read(&dir)
         .map_err(|e| MountError::io(format!("cannot read the metadata of {}", dir.display()), e))?;
+    // An incremental's images hold the changed blocks: its parents' images go below them.
+    let meta = restore::chain::expand(&dir, &meta)?;
     let disk = match &req.disk {
         None => meta.disks.first().cloned(),
         Some(t) => meta.disks.iter().find(|d| &d.target == t).cloned(),
@@ -568,9 +568,22 @@ fn build_chain(
 }
 
 fn served(backup_dir: &Path, file: &str, manifest: &crate::copier::ChunkManifest) -> ServedFile {
+    // A parent's image (`../<stamp>/<file>`, an incremental's chain) shares its file name with
+    // the image above it: it is served as `<stamp>-<file>`, and named without the `..`.
+    let (name, path) = match file.strip_prefix("../").and_then(|r| r.split_once('/')) {
+        Some((stamp, f)) => (
+            format!("{stamp}-{f}"),
+            backup_dir
+                .parent()
+                .unwrap_or(backup_dir)
+                .join(stamp)
+                .join(f),
+        ),
+        None => (file.to_string(), backup_dir.join(file)),
+    };
     ServedFile {
-        name: file.to_string(),
-        path: backup_dir.join(file),
+        name,
+        path,
         chunk_size: manifest.chunk_size,
         file_size: manifest.file_size,
         digests: manifest.digests.clone(),
@@ -583,42 +596,13 @@ fn start_server(
     state: &MountState,
     spec: &ServeSpec,
 ) -> Result<(), MountError> {
-    let spec_file = state.workdir.join("spec.json");
-    let text = serde_json::to_vec(spec)
-        .map_err(|e| MountError::io("cannot encode the server spec", e.into()))?;
-    std::fs::write(&spec_file, text)
-        .map_err(|e| MountError::io(format!("cannot write {}", spec_file.display()), e))?;
-    let log_path = state.workdir.join("verifier.log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| MountError::io(format!("cannot create {}", log_path.display()), e))?;
-    let mut child = {
-        use std::os::unix::process::CommandExt;
-        Command::new(&req.helper)
-            .arg(SERVE_COMMAND)
-            .arg(&spec_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| MountError::io(format!("cannot start {}", req.helper.display()), e))?
-    };
-    let pid_file = state.workdir.join("verifier.pid");
-    std::fs::write(&pid_file, child.id().to_string())
-        .map_err(|e| MountError::io(format!("cannot write {}", pid_file.display()), e))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = BufReader::new(out).read_line(&mut line);
-    }
-    if line.trim() != "ready" {
-        let _ = child.kill();
-        let _ = child.wait();
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        return Err(MountError::Server(log.trim().to_string()));
-    }
-    // The server outlives this command; it is reaped by init when it ends.
-    drop(child);
-    Ok(())
+    use crate::engine::verifier::{self, VerifierError};
+    verifier::start(&req.helper, &state.workdir, spec)
+        .map(drop)
+        .map_err(|e| match e {
+            VerifierError::Io { context, source } => MountError::Io { context, source },
+            VerifierError::Start(log) => MountError::Server(log),
+        })
 }
 
 /// What `umount` and `orphans --cleanup` did.

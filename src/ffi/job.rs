@@ -78,7 +78,7 @@ pub enum VmbCommand {
     VMB_COMMAND_ESTIMATE = 2,
 }
 
-/// A regular file or a folder.
+/// A regular file, a folder, or the plugin's restore options.
 /// cbindgen:rename-all=None
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +87,9 @@ pub enum VmbFileKind {
     VMB_FILE_KIND_REGULAR = 0,
     /// Folder (FT_DIREND); no data.
     VMB_FILE_KIND_DIRECTORY = 1,
+    /// The restore options restore object (FT_PLUGIN_CONFIG): `path` is the object's name,
+    /// `object`/`object_len` its body; no data.
+    VMB_FILE_KIND_RESTORE_OPTIONS = 2,
 }
 
 /// The next file to save, filled by [`vmb_job_next_file`].
@@ -103,8 +106,12 @@ pub struct VmbFileInfo {
     pub size: u64,
     /// Modification time, Unix seconds.
     pub mtime: i64,
-    /// True when no data is to be read (folders, estimates).
+    /// True when no data is to be read (folders, estimates, restore options).
     pub no_read: bool,
+    /// The restore object's body (restore options only, else NULL); valid as `path`.
+    pub object: *const c_char,
+    /// Its length in bytes.
+    pub object_len: usize,
 }
 
 /// What to do with a file being restored.
@@ -130,6 +137,8 @@ struct Inner {
     job: Job,
     /// Storage for the path handed out by `vmb_job_next_file`.
     path: CString,
+    /// Storage for the restore object body handed out by `vmb_job_next_file`.
+    object: CString,
 }
 
 /// Sends job-log lines to the C callback.
@@ -238,6 +247,7 @@ pub unsafe extern "C" fn vmb_job_new(
             inner: Mutex::new(Inner {
                 job: Job::new(Box::new(CallbackSink(callbacks)), cancel.clone()),
                 path: CString::default(),
+                object: CString::default(),
             }),
             cancel,
         }));
@@ -421,18 +431,37 @@ pub unsafe extern "C" fn vmb_job_next_file(
             kind: match file.kind {
                 FileKind::Regular => VmbFileKind::VMB_FILE_KIND_REGULAR,
                 FileKind::Directory => VmbFileKind::VMB_FILE_KIND_DIRECTORY,
+                FileKind::RestoreOptions => VmbFileKind::VMB_FILE_KIND_RESTORE_OPTIONS,
             },
             mode: file.mode,
             size: file.size,
             mtime: file.mtime,
             no_read: matches!(file.content, crate::bacula::Content::Listing)
-                || file.kind == FileKind::Directory,
+                || file.kind != FileKind::Regular,
+            object: std::ptr::null(),
+            object_len: 0,
+        };
+        let object = match (&file.kind, &file.content) {
+            (FileKind::RestoreOptions, crate::bacula::Content::Bytes(b)) => Some(
+                CString::new(b.clone())
+                    .map_err(|_| PluginError::Protocol("restore options with a NUL byte"))?,
+            ),
+            _ => None,
         };
         let path = CString::new(file.path.clone())
             .map_err(|_| PluginError::BadVirtualPath(file.path.clone()))?;
         inner.path = path;
+        let (object, object_len) = match object {
+            Some(o) => {
+                inner.object = o;
+                (inner.object.as_ptr(), inner.object.as_bytes().len())
+            }
+            None => (std::ptr::null(), 0),
+        };
         *out = VmbFileInfo {
             path: inner.path.as_ptr(),
+            object,
+            object_len,
             ..info
         };
         *found = true;
@@ -613,6 +642,36 @@ pub unsafe extern "C" fn vmb_job_end_restore_file(
 ) -> vmb_status {
     job_call("vmb_job_end_restore_file", job, error, |inner| {
         Ok(inner.job.end_restore_file()?)
+    })
+}
+
+/// bEventRestoreObject: one restore object of the job being restored (`name`, Bacula's
+/// `FT_*` type, `len` bytes of `data`). The plugin's filled restore options are kept for the
+/// restore; other objects are ignored.
+///
+/// # Safety
+/// `job` from [`vmb_job_new`]; `name` a C string; `data` valid for `len` bytes (or NULL with 0).
+#[no_mangle]
+pub unsafe extern "C" fn vmb_job_restore_object(
+    job: *mut VmbJob,
+    name: *const c_char,
+    object_type: i32,
+    data: *const c_char,
+    len: usize,
+    error: *mut *mut c_char,
+) -> vmb_status {
+    job_call("vmb_job_restore_object", job, error, |inner| {
+        // SAFETY: a C string per the contract (NULL is refused by str_arg).
+        let name = unsafe { str_arg(name, "name") }?;
+        let body = if data.is_null() || len == 0 {
+            &[][..]
+        } else {
+            // SAFETY: valid for `len` bytes per the contract.
+            unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }
+        };
+        Ok(inner
+            .job
+            .restore_object(name, object_type, &String::from_utf8_lossy(body))?)
     })
 }
 

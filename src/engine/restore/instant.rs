@@ -1,12 +1,17 @@
 //! Instant restore (`vm-backup restore <vm> <stamp> --instant`): the VM runs at once from the
 //! backup, and its disks move to local storage while it runs.
 //!
-//! 1. `qemu-storage-daemon` (root, daemonized) opens each disk's image in the backup folder and
-//!    its chain (incrementals: the parents' images) **read-only** (`read-only=on`,
-//!    `locking=off`, the chain given explicitly so the headers' recorded names are never
-//!    followed), and exports the guest-visible disks over NBD on a unix socket in a work
-//!    folder beside the restored disks. QEMU (not root) reaches the backup only through that
-//!    socket, so libvirt never labels (chowns) a file of the backup.
+//! 1. The verify-on-read server ([`crate::engine::verifier`], a process of its own) serves
+//!    each disk's image and its chain (incrementals: the parents' images) in a FUSE folder
+//!    `<work>/layers/` (root only), every chunk checked against its manifest on its first
+//!    read; `qemu-storage-daemon` (root, daemonized) opens those files **read-only**
+//!    (`read-only=on`, `locking=off`, the chain given explicitly so the headers' recorded
+//!    names are never followed), and exports the guest-visible disks over NBD on a unix
+//!    socket in the work folder beside the restored disks. QEMU (not root) reaches the backup
+//!    only through that socket, so libvirt never labels (chowns) a file of the backup, and
+//!    every byte the guest or the block copy reads has been checked: a damaged chunk is an
+//!    I/O error to the guest, fails the block copy, and is named (file and chunk) in the
+//!    command's error.
 //! 2. For each disk, a local qcow2 overlay (`<dest>.vmb-instant.qcow2`) whose backing file is
 //!    the NBD export; the domain (renamed, new UUID and MACs with `--as`, as the folder
 //!    restore plans it) is defined on the overlays and started.
@@ -17,11 +22,15 @@
 //!    name the destinations; then the server stops and the overlays are removed.
 //!
 //! The state is journaled under the restored domain's name (`<journal_dir>/journal/<name>.json`,
-//! [`InstantRecord`]) before each step, under that name's lock. A failure before the domain
-//! runs removes everything it created; a failure after leaves the domain running on its
-//! overlays (block jobs aborted: never on a half-copied disk) with the server up and the
-//! journal kept; `vm-backup orphans` reports it and `orphans --cleanup` finishes it
-//! ([`repair`]: copy and pivot when running, `qemu-img convert` of the overlay when shut off).
+//! [`InstantRecord`], which names the work folder holding the FUSE mount and both servers'
+//! pid files) before each step, under that name's lock. A failure before the domain runs
+//! removes everything it created; a failure after leaves the domain running on its overlays
+//! (block jobs aborted: never on a half-copied disk) with the servers up and the journal
+//! kept; `vm-backup orphans` reports it and `orphans --cleanup` finishes it ([`repair`]: copy
+//! and pivot when running, `qemu-img convert` of the overlay when shut off). A damaged chunk
+//! met at any point (the guest's reads, the copy, the repair) abandons the restore: the
+//! domain is stopped and undefined, the partial copies, overlays, mount and servers removed,
+//! the journal cleared: a damaged backup never becomes a local disk.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -33,10 +42,12 @@ use serde::{Deserialize, Serialize};
 use super::apply::{copy_nofollow, create_disk_dir, hand_to_qemu};
 use super::{chain, plan, LiveHost, RestoreError, RestoreRequest, RestoredDisk};
 use crate::engine::backup::journal::Journal;
-use crate::engine::verify::{self, VerifyOptions, VerifyReport};
+use crate::engine::verifier;
+use crate::format::metadata::BackupMetadata;
 use crate::hv::export::{self, Layer};
 use crate::hv::{qemu_img, xml, xml_edit, Dom, Hypervisor, LibvirtError};
 use crate::progress::{CancelToken, Level, Progress, Transfer};
+use crate::store::verified_read::{self, Damage, ServeSpec, ServedFile};
 
 /// The suffix of an instant restore's overlay, beside its destination image.
 pub const OVERLAY_SUFFIX: &str = ".vmb-instant.qcow2";
@@ -48,6 +59,14 @@ pub const DEFAULT_COPY_BOUND: Duration = Duration::from_secs(24 * 3600);
 /// copies are started (a test hook: a test kills the command during the copy).
 pub const DEBUG_STALL_ENV: &str = "VMB_TEST_INSTANT_STALL_SECS";
 
+/// The environment variable that, set to `1`, serves the backup to QEMU **without** the
+/// verify-on-read layer (a benchmark hook: `benches/lab-instant.sh` measures the layer's cost
+/// on the block copy against it). A warning says so; never set it in production.
+pub const UNVERIFIED_BENCH_ENV: &str = "VMB_BENCH_INSTANT_UNVERIFIED";
+
+/// The sub-folder of the work folder where the verify-on-read FUSE folder is mounted.
+const LAYERS_DIR: &str = "layers";
+
 /// An instant restore to run.
 #[derive(Debug, Clone)]
 pub struct InstantRequest {
@@ -57,6 +76,9 @@ pub struct InstantRequest {
     pub journal_dir: PathBuf,
     /// How long the block copies may take to be ready.
     pub copy_bound: Duration,
+    /// The program run as `PROGRAM verified-serve SPEC` (the `vm-backup` binary): the
+    /// verify-on-read server every read of the backup goes through.
+    pub helper: PathBuf,
 }
 
 /// One disk of an instant restore, as journaled.
@@ -93,6 +115,11 @@ pub struct InstantRecord {
     /// The NVRAM file this restore wrote, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvram: Option<PathBuf>,
+    /// The program serving the backup through the verify-on-read layer (its FUSE folder is
+    /// `<workdir>/layers`); `None` only in the benchmark hook [`UNVERIFIED_BENCH_ENV`] and in
+    /// journals written before the layer (their servers read the backup directly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifier: Option<PathBuf>,
 }
 
 impl InstantRecord {
@@ -107,17 +134,119 @@ impl InstantRecord {
             .filter(|p| export::process_matches(*p, &self.workdir.to_string_lossy()))
     }
 
-    /// Starts the NBD server of the backup (read-only), unless it runs already.
+    /// The verify-on-read FUSE folder.
+    fn layers_dir(&self) -> PathBuf {
+        self.workdir.join(LAYERS_DIR)
+    }
+
+    /// The damaged chunks the verify-on-read server met so far.
+    pub fn damage(&self) -> Vec<Damage> {
+        verified_read::read_damage(&self.workdir.join(verified_read::DAMAGE_FILE))
+    }
+
+    /// Whether every server this restore needs runs.
+    fn servers_alive(&self) -> bool {
+        self.server_pid().is_some()
+            && (self.verifier.is_none() || verifier::running(&self.workdir).is_some())
+    }
+
+    /// The name of layer `i` of disk `target` in the FUSE folder (parents of an incremental
+    /// share their file names, so the folder names them by disk and depth).
+    fn served_name(target: &str, i: usize, format: &str) -> String {
+        format!("{target}-{i}.{format}")
+    }
+
+    /// What the verify-on-read server serves: each disk's layers with their chunk manifests,
+    /// read from the backup's metadata (the chain of an incremental expanded).
+    fn serve_spec(&self) -> Result<ServeSpec, RestoreError> {
+        let meta =
+            BackupMetadata::read(&self.backup_dir).map_err(|source| RestoreError::Unreadable {
+                path: self.backup_dir.join(crate::format::layout::METADATA_FILE),
+                source,
+            })?;
+        let meta = chain::expand(&self.backup_dir, &meta)?;
+        let mut files = Vec::new();
+        for d in &self.disks {
+            let Some(disk) = meta.disks.iter().find(|x| x.target == d.target) else {
+                return Err(RestoreError::NotFound(format!(
+                    "disk {} is not in {}",
+                    d.target,
+                    self.backup_dir.display()
+                )));
+            };
+            let mut recorded = vec![(self.backup_dir.join(&disk.file), &disk.manifest)];
+            recorded.extend(
+                disk.backing_chain
+                    .iter()
+                    .map(|b| (self.backup_dir.join(&b.file), &b.manifest)),
+            );
+            let paths: Vec<PathBuf> = recorded.iter().map(|(p, _)| p.clone()).collect();
+            let layers: Vec<PathBuf> = d.layers.iter().map(|l| l.path.clone()).collect();
+            if paths != layers {
+                return Err(RestoreError::Chain {
+                    path: d.overlay.clone(),
+                    expected: layers,
+                    found: paths,
+                });
+            }
+            for (i, (layer, (_, m))) in d.layers.iter().zip(recorded).enumerate() {
+                files.push(ServedFile {
+                    name: Self::served_name(&d.target, i, &layer.format),
+                    path: lexically_normal(&layer.path),
+                    chunk_size: m.chunk_size,
+                    file_size: m.file_size,
+                    digests: m.digests.clone(),
+                });
+            }
+        }
+        Ok(ServeSpec {
+            mountpoint: self.layers_dir(),
+            damage_report: self.workdir.join(verified_read::DAMAGE_FILE),
+            files,
+        })
+    }
+
+    /// Starts the servers of the backup (the verify-on-read folder, then the NBD server
+    /// reading its files), unless they run already; a half left by a crash is taken down
+    /// first.
     fn serve(&self) -> Result<(), RestoreError> {
-        if self.server_pid().is_some() {
+        if self.servers_alive() {
             return Ok(());
         }
+        self.stop_servers()?;
         let _ = fs::remove_file(self.socket());
-        let disks: Vec<(String, Vec<Layer>)> = self
-            .disks
-            .iter()
-            .map(|d| (d.target.clone(), d.layers.clone()))
-            .collect();
+        let disks: Vec<(String, Vec<Layer>)> = match &self.verifier {
+            Some(helper) => {
+                let spec = self.serve_spec()?;
+                let dir = self.layers_dir();
+                fs::create_dir_all(&dir).map_err(|source| RestoreError::Io {
+                    context: "cannot create",
+                    path: dir.clone(),
+                    source,
+                })?;
+                verifier::start(helper, &self.workdir, &spec)?;
+                self.disks
+                    .iter()
+                    .map(|d| {
+                        let layers = d
+                            .layers
+                            .iter()
+                            .enumerate()
+                            .map(|(i, l)| Layer {
+                                path: dir.join(Self::served_name(&d.target, i, &l.format)),
+                                format: l.format.clone(),
+                            })
+                            .collect();
+                        (d.target.clone(), layers)
+                    })
+                    .collect()
+            }
+            None => self
+                .disks
+                .iter()
+                .map(|d| (d.target.clone(), d.layers.clone()))
+                .collect(),
+        };
         export::start_qsd_nbd(&disks, &self.socket(), &self.pidfile())?;
         // QEMU runs as its own user: the socket is handed to it (connect needs write access).
         if let Some((uid, gid)) = crate::hv::qemu_user() {
@@ -132,20 +261,84 @@ impl InstantRecord {
         Ok(())
     }
 
-    /// Stops the server and removes the overlays and the work folder.
-    fn take_down(&self) -> Vec<String> {
+    /// Stops the NBD server, then unmounts the verify-on-read folder and stops its server.
+    fn stop_servers(&self) -> Result<Vec<String>, RestoreError> {
         let mut done = Vec::new();
         if let Some(pid) = self.server_pid() {
             export::stop_process(pid, &self.workdir.to_string_lossy(), Duration::from_secs(5));
             done.push(format!("backup server (pid {pid}) stopped"));
         }
+        done.extend(verifier::stop(&self.workdir, &self.layers_dir())?);
+        Ok(done)
+    }
+
+    /// Stops the servers and removes the overlays and the work folder (only once nothing is
+    /// mounted under it).
+    fn take_down(&self) -> Result<Vec<String>, RestoreError> {
+        let mut done = self.stop_servers()?;
         for d in &self.disks {
             if fs::remove_file(&d.overlay).is_ok() {
                 done.push(format!("overlay {} removed", d.overlay.display()));
             }
         }
+        if let Some(m) = verifier::mounts_under(&self.workdir).into_iter().next() {
+            return Err(RestoreError::StillMounted(m));
+        }
         let _ = fs::remove_dir_all(&self.workdir);
-        done
+        Ok(done)
+    }
+
+    /// Abandons a restore from a damaged backup: block jobs aborted, the domain stopped and
+    /// undefined, its NVRAM, partial copies and overlays removed, the servers taken down.
+    fn abandon(&self, hv: &Hypervisor) -> Result<Vec<String>, RestoreError> {
+        let mut done = Vec::new();
+        if let Some(dom) = hv.find_domain(&self.domain)?.filter(|_| self.defined) {
+            for d in &self.disks {
+                let _ = dom.abort_job(&d.target);
+            }
+            if dom.is_active()? {
+                dom.destroy()?;
+                done.push(format!("domain {} stopped", self.domain));
+            }
+            dom.undefine(crate::hv::Nvram::Keep)?;
+            done.push(format!("domain {} undefined", self.domain));
+        }
+        if let Some(n) = &self.nvram {
+            let _ = fs::remove_file(n);
+        }
+        for d in &self.disks {
+            if fs::remove_file(&d.dest).is_ok() {
+                done.push(format!("partial copy {} removed", d.dest.display()));
+            }
+        }
+        done.extend(self.take_down()?);
+        Ok(done)
+    }
+}
+
+/// `path` with its `..` folded (a parent's image is named `<backup>/../<stamp>/<file>`; the
+/// target has no symlinks, so the folded name is the same file, and reads better in errors).
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir if out.file_name().is_some() => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The error of a restore abandoned because the backup is damaged, with what was undone.
+fn damaged(rec: &InstantRecord, damage: Vec<Damage>, undone: String) -> RestoreError {
+    RestoreError::DamagedChunks {
+        dir: rec.backup_dir.clone(),
+        damage,
+        undone,
     }
 }
 
@@ -166,8 +359,9 @@ pub struct InstantOutcome {
     pub started_after_seconds: f64,
     /// Seconds the block copies took (start to the last pivot).
     pub copy_seconds: f64,
-    /// The verification of the backup made while the domain ran.
-    pub verify: VerifyReport,
+    /// Whether every read of the backup went through the verify-on-read layer (always, but
+    /// for the benchmark hook [`UNVERIFIED_BENCH_ENV`]).
+    pub verified: bool,
 }
 
 /// Removes what a failed run created before its domain ran (server, overlays, work folder,
@@ -187,7 +381,9 @@ impl Undo<'_> {
         }
         self.armed = false;
         if let Some(rec) = &self.record {
-            rec.take_down();
+            if let Err(e) = rec.take_down() {
+                tracing::error!("taking down the instant restore's servers: {e}");
+            }
             if let Some(n) = &rec.nvram {
                 let _ = fs::remove_file(n);
             }
@@ -219,7 +415,6 @@ pub fn restore_instant(
         )?),
     };
     let mut backup = super::read_backup(req)?;
-    let parents = chain::parent_dirs(&backup.dir, &backup.meta)?;
     backup.meta = chain::expand(&backup.dir, &backup.meta)?;
     let name = plan::domain_name(req, &backup.domain)?;
 
@@ -273,7 +468,18 @@ pub fn restore_instant(
         disks: Vec::new(),
         defined: false,
         nvram: plan.nvram.as_ref().map(|f| f.to.clone()),
+        verifier: Some(request.helper.clone()),
     };
+    if std::env::var(UNVERIFIED_BENCH_ENV).is_ok_and(|v| v == "1") {
+        record.verifier = None;
+        progress.message(
+            Level::Warning,
+            &format!(
+                "{UNVERIFIED_BENCH_ENV}=1: the backup is served WITHOUT the verify-on-read \
+                 layer (benchmark hook)"
+            ),
+        );
+    }
     for d in &plan.disks {
         let mut layers = vec![Layer {
             path: d.from.clone(),
@@ -382,10 +588,21 @@ pub fn restore_instant(
     let (dom, uuid) = match started {
         Ok(v) => v,
         Err(e) => {
+            // Whatever failed (the server reading a header, the domain's start), a damaged
+            // chunk behind it is what the operator must be told.
+            let damage = record.damage();
             undo.run();
-            return Err(e);
+            if damage.is_empty() {
+                return Err(e);
+            }
+            return Err(damaged(
+                &record,
+                damage,
+                "nothing was restored: everything this run created is removed".into(),
+            ));
         }
     };
+    let created_dirs = std::mem::take(&mut undo.dirs);
     undo.armed = false;
     let started_after = t0.elapsed().as_secs_f64();
     progress.message(
@@ -397,46 +614,68 @@ pub fn restore_instant(
     );
     journal.update(|r| r.phase = "instant-running".into())?;
 
-    // From here on a failure leaves the domain running on its overlays, journaled.
+    // From here on a failure leaves the domain running on its overlays, journaled; but a
+    // damaged chunk met by the guest or the copy abandons the restore.
     let keep = |e: RestoreError| RestoreError::Unfinished {
         domain: plan.name.clone(),
         detail: e.to_string(),
     };
-    // The backup is verified (every chunk against its manifest, the chain included) while the
-    // domain already runs; a damaged backup is never made the domain's standalone disk.
-    let mut report =
-        verify::verify_backup(&backup.dir, &VerifyOptions::default(), progress, cancel)
-            .map_err(|e| keep(e.into()))?;
-    for p in &parents {
-        let r = verify::verify_backup(p, &VerifyOptions::default(), progress, cancel)
-            .map_err(|e| keep(e.into()))?;
-        if !r.ok {
-            report = r;
-            break;
-        }
-    }
-    if !report.ok && !req.force {
-        return Err(keep(RestoreError::Damaged {
-            dir: backup.dir.clone(),
-            detail: report.summary(),
-        }));
-    }
     journal
         .update(|r| r.phase = "instant-copying".into())
         .map_err(|e| keep(e.into()))?;
     let tc = Instant::now();
-    copy_and_pivot(&dom, &record, request.copy_bound, progress, cancel).map_err(keep)?;
+    let copied = copy_and_pivot(&dom, &record, request.copy_bound, progress, cancel)
+        .and_then(|()| settle_definition(&hv, &dom, &record));
+    if let Err(e) = copied {
+        let damage = record.damage();
+        if damage.is_empty() {
+            return Err(keep(e));
+        }
+        for d in &damage {
+            progress.message(Level::Error, &format!("damaged backup chunk: {d}"));
+        }
+        let undone = match record.abandon(&hv) {
+            Ok(done) => {
+                for d in created_dirs.iter().rev() {
+                    let _ = fs::remove_dir(d);
+                }
+                journal.clear()?;
+                format!(
+                    "the restore is abandoned, nothing was restored ({})",
+                    done.join("; ")
+                )
+            }
+            Err(a) => format!(
+                "the restore could not be abandoned ({a}): `vm-backup orphans --cleanup` \
+                 finishes it"
+            ),
+        };
+        return Err(damaged(&record, damage, undone));
+    }
     let copy_seconds = tc.elapsed().as_secs_f64();
-    settle_definition(&hv, &dom, &record).map_err(keep)?;
-    for line in record.take_down() {
+    let damage = record.damage();
+    for line in record.take_down().map_err(keep)? {
         progress.message(Level::Info, &line);
     }
     journal.clear()?;
+    for d in &damage {
+        // Met by the guest only, in a region it then overwrote: the local disk never needed
+        // it, but the guest saw an I/O error there.
+        progress.message(
+            Level::Warning,
+            &format!("the guest met a damaged backup chunk (not on the local disk): {d}"),
+        );
+    }
     progress.message(
         Level::Info,
         &format!(
-            "domain {} now runs on local, standalone disks ({copy_seconds:.1} s of copy)",
-            plan.name
+            "domain {} now runs on local, standalone disks ({copy_seconds:.1} s of copy{})",
+            plan.name,
+            if record.verifier.is_some() {
+                ", every chunk read checked against the manifest"
+            } else {
+                ", UNVERIFIED"
+            }
         ),
     );
     Ok(InstantOutcome {
@@ -456,7 +695,7 @@ pub fn restore_instant(
             .collect(),
         started_after_seconds: started_after,
         copy_seconds,
-        verify: report,
+        verified: record.verifier.is_some(),
     })
 }
 
@@ -470,6 +709,15 @@ fn copy_and_pivot(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Result<(), RestoreError> {
+    let check_damage = || {
+        let damage = rec.damage();
+        if damage.is_empty() {
+            Ok(())
+        } else {
+            Err(damaged(rec, damage, String::new()))
+        }
+    };
+    check_damage()?;
     let mut pending: Vec<&InstantDisk> = Vec::new();
     for d in &rec.disks {
         if on_source(dom, &d.target, &d.dest)? {
@@ -520,6 +768,10 @@ fn copy_and_pivot(
         if cancel.is_cancelled() {
             abort_rest(&pending);
             return Err(RestoreError::Cancelled);
+        }
+        if let Err(e) = check_damage() {
+            abort_rest(&pending);
+            return Err(e);
         }
         let mut still = Vec::new();
         for d in pending {
@@ -661,8 +913,16 @@ pub fn describe(rec: &InstantRecord) -> String {
     } else {
         "not running"
     };
+    let verified = match &rec.verifier {
+        Some(_) if export::is_mounted(&rec.layers_dir()) => format!(
+            ", verify-on-read folder {} mounted",
+            rec.layers_dir().display()
+        ),
+        Some(_) => ", verify-on-read folder not mounted".to_string(),
+        None => ", unverified".to_string(),
+    };
     format!(
-        "instant restore of {} from {} (backup server {server}); disks: {}",
+        "instant restore of {} from {} (backup server {server}{verified}); disks: {}",
         rec.domain,
         rec.backup_dir.display(),
         rec.disks
@@ -688,6 +948,37 @@ pub fn repair(
     copy_bound: Duration,
     progress: &dyn Progress,
 ) -> Result<Vec<String>, RestoreError> {
+    match finish(hv, rec, copy_bound, progress) {
+        Ok(actions) => Ok(actions),
+        Err(e) => {
+            let damage = rec.damage();
+            if damage.is_empty() {
+                return Err(e);
+            }
+            // A damaged backup never becomes the domain's disk: the restore is abandoned.
+            let mut actions = vec![format!(
+                "the backup is damaged ({}): the instant restore of {} is abandoned, nothing \
+                 was restored",
+                damage
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                rec.domain
+            )];
+            actions.extend(rec.abandon(hv)?);
+            Ok(actions)
+        }
+    }
+}
+
+/// [`repair`] on an undamaged backup.
+fn finish(
+    hv: &Hypervisor,
+    rec: &InstantRecord,
+    copy_bound: Duration,
+    progress: &dyn Progress,
+) -> Result<Vec<String>, RestoreError> {
     let mut actions = Vec::new();
     let dom = hv.find_domain(&rec.domain)?;
     let Some(dom) = dom.filter(|_| rec.defined) else {
@@ -697,7 +988,7 @@ pub fn repair(
         if let Some(n) = &rec.nvram {
             let _ = fs::remove_file(n);
         }
-        actions.extend(rec.take_down());
+        actions.extend(rec.take_down()?);
         actions.push(format!(
             "domain {} was never defined: its files removed",
             rec.domain
@@ -751,7 +1042,7 @@ pub fn repair(
             });
         }
     }
-    actions.extend(rec.take_down());
+    actions.extend(rec.take_down()?);
     Ok(actions)
 }
 
@@ -778,6 +1069,7 @@ mod tests {
             }],
             defined: false,
             nvram: None,
+            verifier: Some("/usr/bin/vm-backup".into()),
         };
         let text = serde_json::to_string(&rec).unwrap();
         let back: InstantRecord = serde_json::from_str(&text).unwrap();
@@ -789,6 +1081,17 @@ mod tests {
         assert!(describe(&rec).contains("vda overlay /r/web-now-vda.qcow2.vmb-instant.qcow2"));
         // No server runs for a folder that does not exist.
         assert!(rec.server_pid().is_none());
+    }
+
+    #[test]
+    fn a_parents_image_is_named_without_dot_dot() {
+        assert_eq!(
+            lexically_normal(Path::new(
+                "/t/h/vm/2026-01-02-000000/../2026-01-01-000000/vm-vda.qcow2"
+            )),
+            PathBuf::from("/t/h/vm/2026-01-01-000000/vm-vda.qcow2")
+        );
+        assert_eq!(lexically_normal(Path::new("/a/./b")), PathBuf::from("/a/b"));
     }
 
     #[test]

@@ -329,6 +329,28 @@ pub enum RestoreError {
     /// An interrupted instant restore of this name must be repaired first.
     #[error("{0}")]
     Interrupted(String),
+    /// A read of the backup met chunks that differ from their manifest (verify-on-read): the
+    /// instant restore was abandoned, never copied from damaged data.
+    #[error(
+        "backup {} is damaged: {}{}",
+        dir.display(),
+        damage.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        if undone.is_empty() { String::new() } else { format!("; {undone}") }
+    )]
+    DamagedChunks {
+        /// The backup folder.
+        dir: PathBuf,
+        /// The damaged chunks, file and chunk named.
+        damage: Vec<crate::store::verified_read::Damage>,
+        /// What was undone (empty when the caller decides).
+        undone: String,
+    },
+    /// The verify-on-read server of the backup could not be started.
+    #[error(transparent)]
+    Verifier(#[from] crate::engine::verifier::VerifierError),
+    /// A folder is still mounted where it should be gone.
+    #[error("{} is still mounted: not removed", .0.display())]
+    StillMounted(PathBuf),
     /// An instant restore stopped after its domain started: the domain keeps running on
     /// its overlays (never on a half-copied disk) and the journal keeps the state.
     #[error(
@@ -656,6 +678,9 @@ impl RestoreError {
             RestoreError::Interrupted(_) => ErrorKind::Busy,
             RestoreError::Unfinished { .. } => ErrorKind::Libvirt,
             RestoreError::Source { kind, .. } => *kind,
+            RestoreError::DamagedChunks { .. } => ErrorKind::Corrupt,
+            RestoreError::Verifier(e) => e.kind(),
+            RestoreError::StillMounted(_) => ErrorKind::Busy,
         }
     }
 }
