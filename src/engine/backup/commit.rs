@@ -392,15 +392,33 @@ pub(crate) fn commit_offline(
     if overlay.exists() {
         crate::hv::qemu_img::commit(overlay)?;
     }
+    redefine_on_base(hv, dom, target, base, base_format, "redefinition")
+}
+
+/// Rewrites the persistent definition with `target` on `base` (format `base_format`, no
+/// `<backingStore>`) and confirms it: `when` names the step in the error.
+fn redefine_on_base(
+    hv: &Hypervisor,
+    dom: &Dom,
+    target: &str,
+    base: &Path,
+    base_format: &str,
+    when: &'static str,
+) -> Result<(), CommitError> {
     let inactive = dom.xml(true)?;
     let fixed = xml::point_disk_at(&inactive, target, &base.to_string_lossy(), base_format)
         .map_err(|e| CommitError::Xml(Box::new(e)))?;
     hv.define(dom.name(), &fixed)?;
-    if !on_source(dom, target, base)? {
+    let on_base = dom
+        .parsed(true)?
+        .disks
+        .iter()
+        .any(|d| d.target == target && d.source.as_deref() == Some(base));
+    if !on_base {
         return Err(CommitError::NotOnBase {
             target: target.to_string(),
             base: base.to_path_buf(),
-            when: "redefinition",
+            when,
         });
     }
     Ok(())
@@ -430,21 +448,13 @@ pub(crate) fn persistent_on_base(
     if !on_overlay {
         return Ok(false);
     }
-    let inactive = dom.xml(true)?;
-    let fixed = xml::point_disk_at(&inactive, target, &base.to_string_lossy(), base_format)
-        .map_err(|e| CommitError::Xml(Box::new(e)))?;
-    hv.define(dom.name(), &fixed)?;
-    let after = dom.parsed(true)?;
-    if !after
-        .disks
-        .iter()
-        .any(|d| d.target == target && d.source.as_deref() == Some(base))
-    {
-        return Err(CommitError::NotOnBase {
-            target: target.to_string(),
-            base: base.to_path_buf(),
-            when: "the redefinition of the persistent XML",
-        });
-    }
+    redefine_on_base(
+        hv,
+        dom,
+        target,
+        base,
+        base_format,
+        "the redefinition of the persistent XML",
+    )?;
     Ok(true)
 }
