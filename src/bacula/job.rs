@@ -236,6 +236,21 @@ struct RestoreState {
     received: HashMap<String, Vec<u8>>,
 }
 
+impl RestoreState {
+    /// Direct mode: the backup metadata the restore received at `vp`, decoded.
+    fn received_metadata(&self, vp: &VirtualPath) -> Result<BackupMetadata, PluginError> {
+        let data = self
+            .received
+            .get(&vp.to_path())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        serde_json::from_slice(data).map_err(|source| PluginError::BadMetadata {
+            path: vp.to_path(),
+            source,
+        })
+    }
+}
+
 enum Incoming {
     Memory(VirtualPath, Vec<u8>),
     File(VirtualPath, fs::File, PathBuf),
@@ -1070,17 +1085,7 @@ impl Job {
             let settings = super::settings_for(&args)?;
             match args.mode {
                 Mode::Direct => {
-                    let data = state
-                        .received
-                        .get(&vp.to_path())
-                        .cloned()
-                        .unwrap_or_default();
-                    let meta: BackupMetadata = serde_json::from_slice(&data).map_err(|source| {
-                        PluginError::BadMetadata {
-                            path: vp.to_path(),
-                            source,
-                        }
-                    })?;
+                    let meta = state.received_metadata(&vp)?;
                     self.extract_files(
                         &settings,
                         &meta.host,
@@ -1115,16 +1120,7 @@ impl Job {
         }
         match args.mode {
             Mode::Direct => {
-                let data = state
-                    .received
-                    .get(&vp.to_path())
-                    .cloned()
-                    .unwrap_or_default();
-                let meta: BackupMetadata =
-                    serde_json::from_slice(&data).map_err(|source| PluginError::BadMetadata {
-                        path: vp.to_path(),
-                        source,
-                    })?;
+                let meta = state.received_metadata(&vp)?;
                 let settings = super::settings_for(&args)?;
                 let cancel = self.cancel.clone();
                 self.say(
