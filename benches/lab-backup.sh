@@ -6,7 +6,10 @@
 #       --disk-only --atomic --no-metadata --quiesce), cp --sparse=always of the base, sha256sum,
 #       virsh blockcommit --active --pivot --wait, rm overlay
 #   (c) virtnbdbackup -l copy (Debian package; NBD pull backup)
-# Every method's output is flushed (sync -f) inside its timing, as vm-backup syncs its files.
+# Every method's output is flushed (sync -f) inside its timing, as vm-backup syncs its files; the
+# page cache is dropped before every method (the base is read from the disk), and the write limit
+# of the target's filesystem is measured every round, for the issue's bound
+# (allocated ÷ write limit) + 0.5 s.
 # SPDX-License-Identifier: AGPL-3.0-or-later
 #
 # Usage: benches/lab-backup.sh [--rounds N] [--fill SIZE] [--prefix P] [--methods a,b,c] [--reuse] [--keep]
@@ -122,14 +125,28 @@ run_c() {
   frozen=nan
 }
 
+# The write limit of the target's filesystem in the same rounds: 512 MiB of random data from
+# memory, written and fsynced (what a backup's copy must at least pay), in MiB/s.
+wsrc=/dev/shm/vmb-bench-write.bin
+head -c 512M /dev/urandom > "$wsrc"
+write_limit() {
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  local t s; t=$(now)
+  dd if="$wsrc" of="$out/w.bin" bs=1M conv=fsync status=none
+  s=$(sub "$t" "$(now)"); rm -f "$out/w.bin"
+  awk -v s="$s" 'BEGIN{printf "%.1f", 512/s}'
+}
+
 declare -A times frozens
+writes=""
 order=(a b c)
 for r in $(seq 1 "$rounds"); do
   line="round $r:"
   for m in "${order[@]}"; do
     [[ ",$methods," == *",$m,"* ]] || continue
     [ "$m" = a ] && [ -z "$have_a" ] && continue
-    sync
+    # Every method reads the base from the disk, not from this host's page cache.
+    sync; echo 3 > /proc/sys/vm/drop_caches
     frozen=nan
     t=$(now)
     "run_$m"
@@ -142,7 +159,8 @@ for r in $(seq 1 "$rounds"); do
     awk '$3 == "vda" {print $4}' <<<"$blk" | grep -qx "$base" \
       || { echo "bench: $dom not on $base after ($m):" >&2; echo "$blk" >&2; exit 1; }
   done
-  echo "$line"
+  w=$(write_limit); writes+="$w "
+  echo "$line  write limit ${w} MiB/s"
   order=("${order[@]:1}" "${order[0]}")
 done
 
@@ -166,5 +184,12 @@ done
 [ -n "${M[a]:-}" ] && [ -n "${M[b]:-}" ] && echo "ratio (a)/(b) = $(ratio "${M[a]}" "${M[b]}")"
 [ -n "${M[a]:-}" ] && [ -n "${M[c]:-}" ] && echo "ratio (a)/(c) = $(ratio "${M[a]}" "${M[c]}")"
 [ -n "${M[b]:-}" ] && [ -n "${M[c]:-}" ] && echo "ratio (c)/(b) = $(ratio "${M[c]}" "${M[b]}")"
+wl=$( { tr ' ' '\n' <<<"$writes" | grep . || true; } | median)
+rm -f "$wsrc"
+if [ -n "${M[a]:-}" ]; then
+  # The issue's bound: (allocated bytes / write limit) + 0.5 s; (a) should stay within 1.3 x of it.
+  floor=$(awk -v b="$alloc" -v w="$wl" 'BEGIN{printf "%.3f", b/1048576/w + 0.5}')
+  echo "write limit $wl MiB/s: (allocated / write limit) + 0.5 s = $floor s; (a) / that = $(ratio "${M[a]}" "$floor")"
+fi
 echo "(b)'s frozen window is the whole snapshot-create-as --quiesce command (an upper bound)."
 echo "guest writer after all rounds: $($lab seq-check "$dom" | tail -n 1)"
