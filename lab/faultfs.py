@@ -7,14 +7,16 @@ Usage: faultfs.py BACKING_DIR MOUNTPOINT CONTROL_FILE   (runs in the foreground;
 Every operation on MOUNTPOINT is passed to BACKING_DIR. CONTROL_FILE holds JSON:
     {"fail_after": BYTES or null, "errno": "EIO" | "ENOSPC" | "EROFS" | "EDQUOT", "fail_fsync": bool,
      "fail_ops": {"rename": REGEX, "mkdir": REGEX, "unlink": REGEX, "rmdir": REGEX, "create": REGEX},
-     "write_delay_ms": MS}
+     "write_delay_ms": MS, "corrupt_after": BYTES or null}
 Once BYTES bytes have been written through the mount (counted from the moment the control
 file last changed), every further write fails with that errno (the write that crosses the
 limit is cut short); with "fail_fsync", fsync fails too. "fail_ops" fails a namespace operation
 with that errno when its (source) path, as seen in the mount ("/host/vm/stamp.partial"), matches
 the regular expression (re.search): e.g. {"rename": "\\.partial$"} fails the publish of a
 backup and nothing else. "write_delay_ms" sleeps before each write (a slow share, so that a test
-can act while a copy is under way). The control file is re-read when it is replaced, so
+can act while a copy is under way). "corrupt_after" makes every write past BYTES (counted like
+"fail_after") succeed but store its bytes inverted: a share that acknowledges what it does not
+hold, which only reading the data back from the share can catch. The control file is re-read when it is replaced, so
 `lab/share.sh fault DIR ...` changes the behaviour of a live mount.
 
 Written with python3-fuse (Debian package, libfuse 2 API), single-threaded for simplicity.
@@ -44,6 +46,7 @@ class Faults:
         self.fail_fsync = False
         self.fail_ops = {}
         self.write_delay = 0.0
+        self.corrupt_after = None
         self.written = 0
 
     def refresh(self):
@@ -66,6 +69,7 @@ class Faults:
         self.fail_fsync = bool(conf.get("fail_fsync"))
         self.fail_ops = {op: re.compile(rx) for op, rx in (conf.get("fail_ops") or {}).items()}
         self.write_delay = (conf.get("write_delay_ms") or 0) / 1000.0
+        self.corrupt_after = conf.get("corrupt_after")
         self.written = 0
         log(f"policy: {conf}")
 
@@ -129,7 +133,11 @@ def make_fs(backing, faults):
             if n == 0:
                 log(f"write {self.path} @{offset}: failing with {errno.errorcode[faults.errno]}")
                 return -faults.errno
-            done = os.pwrite(self.fd, buf[:n], offset)
+            data = buf[:n]
+            if faults.corrupt_after is not None and faults.written + n > faults.corrupt_after:
+                log(f"write {self.path} @{offset}: storing {n} bytes inverted")
+                data = bytes(b ^ 0xFF for b in data)
+            done = os.pwrite(self.fd, data, offset)
             faults.written += done
             return done
 

@@ -10,12 +10,14 @@
 #                               that fails writes with ERRNO once BYTES bytes have been written in all
 #                               (default: never fails until told with `fault`)
 #   fault DIR [--fail-after BYTES] [--errno ERRNO] [--fail-fsync] [--fail-op OP=REGEX]...
-#             [--write-delay-ms MS] | fault DIR --off
+#             [--write-delay-ms MS] [--corrupt-after BYTES] | fault DIR --off
 #                               change the fault of a mounted faulty share at run time
 #                               (BYTES counts from the moment of the change); --fail-op fails the
 #                               namespace operation OP (rename, mkdir, unlink, rmdir, create) on
 #                               paths matching REGEX (e.g. rename='\.partial$': the publish);
-#                               --write-delay-ms slows every write (a slow share)
+#                               --write-delay-ms slows every write (a slow share);
+#                               --corrupt-after: writes past BYTES succeed but are stored
+#                               inverted (a share that silently loses data)
 #   vanish DIR                  the share disappears: lazy unmount and kill of the FUSE server
 #                               (open files get ENOTCONN); its content is kept for `remount`
 #   remount DIR                 mounts a vanished faulty share again, healthy, with its content
@@ -36,7 +38,7 @@ key_of() { realpath -m "$1" | sed 's|^/||; s|/|_|g'; }
 is_mounted() { mountpoint -q "$1" 2>/dev/null; }
 
 fault_args() { # prints the control file content for the fault options
-  local after=null errno=EIO fsync=false off=0 delay=0 ops=()
+  local after=null errno=EIO fsync=false off=0 delay=0 corrupt=null ops=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --fail-after) after=$2; shift 2 ;;
@@ -44,6 +46,7 @@ fault_args() { # prints the control file content for the fault options
       --fail-fsync) fsync=true; shift ;;
       --fail-op) ops+=("$2"); shift 2 ;;
       --write-delay-ms) delay=$2; shift 2 ;;
+      --corrupt-after) corrupt=$2; shift 2 ;;
       --off) off=1; shift ;;
       *) die "unknown option $1" ;;
     esac
@@ -51,14 +54,15 @@ fault_args() { # prints the control file content for the fault options
   case "$errno" in EIO|ENOSPC|EROFS|EDQUOT|ENOTCONN) ;; *) die "unsupported errno $errno" ;; esac
   [[ "$after" =~ ^(null|[0-9]+)$ ]] || die "--fail-after takes a byte count"
   [[ "$delay" =~ ^[0-9]+$ ]] || die "--write-delay-ms takes milliseconds"
+  [[ "$corrupt" =~ ^(null|[0-9]+)$ ]] || die "--corrupt-after takes a byte count"
   if [ "$off" = 1 ]; then
     echo '{"fail_after": null, "errno": "EIO", "fail_fsync": false}'
     return
   fi
   # JSON built by python (the regular expressions need escaping).
-  /usr/bin/python3 - "$after" "$errno" "$fsync" "$delay" "${ops[@]}" <<'PY'
+  /usr/bin/python3 - "$after" "$errno" "$fsync" "$delay" "$corrupt" "${ops[@]}" <<'PY'
 import json, re, sys
-after, errno, fsync, delay, *ops = sys.argv[1:]
+after, errno, fsync, delay, corrupt, *ops = sys.argv[1:]
 fail_ops = {}
 for op in ops:
     name, sep, rx = op.partition("=")
@@ -68,7 +72,8 @@ for op in ops:
     fail_ops[name] = rx
 print(json.dumps({"fail_after": None if after == "null" else int(after), "errno": errno,
                   "fail_fsync": fsync == "true", "fail_ops": fail_ops,
-                  "write_delay_ms": int(delay)}))
+                  "write_delay_ms": int(delay),
+                  "corrupt_after": None if corrupt == "null" else int(corrupt)}))
 PY
 }
 

@@ -359,3 +359,50 @@ fn o_direct_refused_falls_back_with_a_note() {
     left.retain(|n| n.contains("vmb-tmp"));
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
+
+/// With O_DIRECT writes, `read_back` reads every written block back from the destination and
+/// counts it; holes are not written, so not read back. Without O_DIRECT writes it stays off and
+/// a note says why (a buffered read-back would be answered by the page cache).
+#[test]
+fn read_back_proves_every_written_byte_or_says_why_not() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("rb");
+    sparse_file(
+        &src,
+        5 * MIB + 333,
+        &[(0, 1_500_001), (3 * MIB, 2 * MIB as usize + 333)],
+    );
+    for io in engines() {
+        let mut opts = options(io);
+        opts.direct_write = true;
+        opts.read_back = true;
+        let dst = tmp.path().join(format!("rb-{io:?}"));
+        let r = copy(&src, &dst, &opts);
+        assert_same_bytes(&src, &dst);
+        if r.settings.direct_write {
+            assert!(r.settings.read_back, "{io:?}: {r:?}");
+            assert!(r.bytes_written > 0);
+            assert_eq!(
+                r.bytes_read_back, r.bytes_written,
+                "{io:?}: every block read back"
+            );
+        } else {
+            assert_eq!(r.bytes_read_back, 0);
+            assert!(!r.notes.is_empty(), "{io:?}: a note says why: {r:?}");
+        }
+        let mut buffered = options(io);
+        buffered.read_back = true;
+        let r = copy(
+            &src,
+            &tmp.path().join(format!("rb-buffered-{io:?}")),
+            &buffered,
+        );
+        assert!(!r.settings.read_back, "{io:?}");
+        assert_eq!(r.bytes_read_back, 0, "{io:?}");
+        assert!(
+            r.notes.iter().any(|n| n.contains("no read-back")),
+            "{io:?}: {:?}",
+            r.notes
+        );
+    }
+}

@@ -42,6 +42,10 @@ pub struct Args {
     /// Leave allocated all-zero blocks as holes in the destination.
     #[arg(long)]
     zero_as_holes: bool,
+    /// Read every written block back from the destination (O_DIRECT) and compare it with what
+    /// was written (needs --direct-write; off with a note otherwise).
+    #[arg(long)]
+    read_back: bool,
     /// Write the chunk manifest as JSON to this file.
     #[arg(long, value_name = "FILE")]
     manifest: Option<PathBuf>,
@@ -141,6 +145,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         direct_read: args.direct_read,
         direct_write: args.direct_write,
         zero_as_holes: args.zero_as_holes,
+        read_back: args.read_back,
     };
     if args.manifest.is_some() && matches!(options.hash, HashMode::File | HashMode::None) {
         return Err(vm_backup::Error::Other(

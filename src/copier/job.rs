@@ -48,6 +48,19 @@ pub(crate) struct Job<'a> {
     pub register_buffers: bool,
     /// The header rewrite to apply to the first block, when asked.
     pub rewrite: Option<&'a Rewrite>,
+    /// The destination opened again with O_DIRECT, and the buffers to read into, when every
+    /// written block is to be read back and compared (`CopyOptions::read_back`).
+    pub read_back: Option<ReadBack<'a>>,
+}
+
+/// What reading written blocks back needs: an O_DIRECT reader of the destination and one
+/// aligned buffer per block in flight.
+#[derive(Clone, Copy)]
+pub(crate) struct ReadBack<'a> {
+    /// The destination, open read-only with O_DIRECT.
+    pub file: &'a File,
+    /// As many buffers as the copy's own pool.
+    pub pool: &'a Pool,
 }
 
 /// What an engine did.
@@ -61,6 +74,8 @@ pub(crate) struct IoStats {
     pub holes_skipped: u64,
     /// Allocated zero bytes not written.
     pub zero_bytes_skipped: u64,
+    /// Written bytes read back from the destination and found equal.
+    pub bytes_read_back: u64,
 }
 
 /// Signature shared by both engines.
@@ -243,6 +258,15 @@ fn fill(
         .map_err(|e| CopyError::write(&dst, 0, e))?;
 
     let pool = Pool::new(settings.queue_depth, settings.buffer_size);
+    let back_reader = if settings.read_back {
+        open_read_back(dst_file, &dst, settings.direct_write, &mut notes)
+    } else {
+        None
+    };
+    settings.read_back = back_reader.is_some();
+    let back_pool = back_reader
+        .as_ref()
+        .map(|_| Pool::new(settings.queue_depth, settings.buffer_size));
     let job = Job {
         src: &source.file,
         src_path: src,
@@ -257,6 +281,10 @@ fn fill(
         io_threads: threads::io_threads(settings.queue_depth),
         register_buffers: true,
         rewrite,
+        read_back: back_reader
+            .as_ref()
+            .zip(back_pool.as_ref())
+            .map(|(file, pool)| ReadBack { file, pool }),
     };
     let hash = HashSettings {
         mode: settings.hash,
@@ -335,6 +363,43 @@ fn reopen_for_reading(dst: &File, path: &Path) -> Option<File> {
                 "cannot open {} again for reading ({e}); the whole-file hasher keeps its blocks",
                 path.display()
             );
+            None
+        }
+    }
+}
+
+/// The destination opened again read-only with O_DIRECT (through `/proc/self/fd`), for
+/// reading written blocks back from the share rather than from this host's page cache. `None`,
+/// with a note, when the destination is not written with O_DIRECT (a buffered read-back would
+/// prove nothing) or refuses an O_DIRECT reader: the caller then re-reads the file after the
+/// copy, as without the option.
+fn open_read_back(
+    dst: &File,
+    path: &Path,
+    direct_write: bool,
+    notes: &mut Vec<String>,
+) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !direct_write {
+        notes.push(format!(
+            "{}: no read-back during the copy (the destination is written through the page \
+             cache, which would answer it)",
+            path.display()
+        ));
+        return None;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", dst.as_raw_fd()))
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            notes.push(format!(
+                "{}: no read-back during the copy (O_DIRECT reader refused: {e})",
+                path.display()
+            ));
             None
         }
     }
@@ -472,5 +537,6 @@ fn build_report(
         notes,
         zero_bytes_skipped: stats.zero_bytes_skipped,
         header_rewrite: None,
+        bytes_read_back: stats.bytes_read_back,
     }
 }

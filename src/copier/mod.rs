@@ -115,6 +115,13 @@ pub struct CopyOptions {
     pub direct_write: bool,
     /// Write allocated all-zero chunks as holes.
     pub zero_as_holes: bool,
+    /// Read every written block back from the destination with O_DIRECT once its write has
+    /// completed, and compare it with the bytes that were hashed: proof of what the share holds,
+    /// taken during the copy instead of in a second pass after it. Needs `direct_write` (a
+    /// buffered read-back would be answered by this host's page cache and prove nothing): without
+    /// it, or where the destination refuses an O_DIRECT reader, it is off and a note says so.
+    #[serde(default)]
+    pub read_back: bool,
 }
 
 impl Default for CopyOptions {
@@ -129,6 +136,7 @@ impl Default for CopyOptions {
             direct_read: false,
             direct_write: false,
             zero_as_holes: false,
+            read_back: false,
         }
     }
 }
@@ -187,6 +195,10 @@ pub struct CopyReport {
     /// ([`copy_into_renaming_backing`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header_rewrite: Option<HeaderRewrite>,
+    /// Bytes read back from the destination with O_DIRECT and found equal to what was written
+    /// (`read_back`); equal to `bytes_written` when every written block was proven.
+    #[serde(default)]
+    pub bytes_read_back: u64,
 }
 
 /// Which side of a copy an error concerns.
@@ -287,6 +299,19 @@ pub enum CopyError {
         path: PathBuf,
         /// Byte offset of the failed operation.
         offset: u64,
+    },
+    /// A block read back from the destination (O_DIRECT, after its write completed) differs
+    /// from the bytes written: the share does not hold what it acknowledged.
+    #[error(
+        "read-back of destination {path} at offset {offset} differs from the {len} bytes written"
+    )]
+    ReadBackMismatch {
+        /// The destination path.
+        path: PathBuf,
+        /// Byte offset of the block.
+        offset: u64,
+        /// Length of the block.
+        len: usize,
     },
     /// The copy was cancelled; nothing was left behind.
     #[error("copy of {path} cancelled at offset {offset}")]
@@ -574,6 +599,7 @@ impl CopyError {
             CopyError::DestinationWrite { .. } => ErrorKind::TargetFailing,
             CopyError::NoSpace { .. } => ErrorKind::TargetFull,
             CopyError::Io { .. } => ErrorKind::Io,
+            CopyError::ReadBackMismatch { .. } => ErrorKind::TargetFailing,
             CopyError::Cancelled { .. } => ErrorKind::Cancelled,
             CopyError::UringUnavailable { .. } => ErrorKind::Internal,
             CopyError::Uring { .. } => ErrorKind::Io,

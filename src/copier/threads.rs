@@ -40,6 +40,7 @@ struct Shared {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     zero_skipped: AtomicU64,
+    bytes_read_back: AtomicU64,
 }
 
 impl Shared {
@@ -71,6 +72,7 @@ pub(crate) fn run(
         bytes_read: AtomicU64::new(0),
         bytes_written: AtomicU64::new(0),
         zero_skipped: AtomicU64::new(0),
+        bytes_read_back: AtomicU64::new(0),
     };
     let mut holes = 0u64;
     let (task_tx, task_rx) = crossbeam_channel::bounded::<Task>(job.pool.count());
@@ -142,13 +144,19 @@ pub(crate) fn run(
         bytes_written: shared.bytes_written.into_inner(),
         holes_skipped: holes,
         zero_bytes_skipped: shared.zero_skipped.into_inner(),
+        bytes_read_back: shared.bytes_read_back.into_inner(),
     })
 }
 
 /// A free buffer, or `None` once the copy failed or was cancelled.
 fn wait_for_buffer(job: &Job<'_>, shared: &Shared) -> Option<Buffer> {
+    wait_for(job.pool, job, shared)
+}
+
+/// A free buffer of `pool`, or `None` once the copy failed or was cancelled.
+fn wait_for(pool: &super::buffer::Pool, job: &Job<'_>, shared: &Shared) -> Option<Buffer> {
     loop {
-        if let Some(b) = job.pool.get_timeout(POLL) {
+        if let Some(b) = pool.get_timeout(POLL) {
             return Some(b);
         }
         if shared.failed() || job.cancel.is_cancelled() {
@@ -214,7 +222,49 @@ fn copy_block(
     shared
         .bytes_written
         .fetch_add(task.len as u64, Ordering::Relaxed);
+    if read_back_block(job, &filled, shared)? {
+        shared
+            .bytes_read_back
+            .fetch_add(task.len as u64, Ordering::Relaxed);
+    }
     Ok(())
+}
+
+/// Reads a written block back from the destination (O_DIRECT) and compares it with what was
+/// written, when asked. Returns whether it was read back.
+fn read_back_block(job: &Job<'_>, filled: &Filled, shared: &Shared) -> Result<bool, CopyError> {
+    let Some(rb) = job.read_back else {
+        return Ok(false);
+    };
+    let Some(mut back) = wait_for(rb.pool, job, shared) else {
+        return Ok(false);
+    };
+    let want = filled.len().next_multiple_of(ALIGN);
+    let mem = back.as_mut_slice();
+    let mut got = 0usize;
+    let result = loop {
+        if got >= filled.len() {
+            break Ok(());
+        }
+        let at = filled.offset() + got as u64;
+        match rb.file.read_at(&mut mem[got..want], at) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(CopyError::write(job.dst_path, at, e)),
+        }
+    };
+    let same = got >= filled.len() && mem[..filled.len()] == *filled.data();
+    rb.pool.put(back);
+    result?;
+    if !same {
+        return Err(CopyError::ReadBackMismatch {
+            path: job.dst_path.to_owned(),
+            offset: filled.offset(),
+            len: filled.len(),
+        });
+    }
+    Ok(true)
 }
 
 fn write_block(job: &Job<'_>, filled: &Filled) -> Result<(), CopyError> {

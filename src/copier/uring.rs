@@ -92,6 +92,12 @@ enum Slot {
         filled: Arc<Filled>,
         done: usize,
     },
+    /// The block was written; it is being read back from the destination into `back`.
+    ReadingBack {
+        filled: Arc<Filled>,
+        back: Buffer,
+        got: usize,
+    },
 }
 
 struct Engine<'j, 'a> {
@@ -424,10 +430,89 @@ impl Engine<'_, '_> {
                 }
                 if done >= total {
                     self.stats.bytes_written += filled.len() as u64;
+                    if self.failure.is_none() {
+                        return self.start_read_back(idx, filled);
+                    }
+                }
+                Ok(())
+            }
+            Slot::ReadingBack { filled, back, got } => {
+                let at = filled.offset() + got as u64;
+                let Some(rb) = self.job.read_back else {
+                    return Ok(());
+                };
+                if res == -libc::EINTR || res == -libc::EAGAIN {
+                    self.slots[idx] = Slot::ReadingBack { filled, back, got };
+                    return self.push_read_back(idx);
+                }
+                if res < 0 {
+                    rb.pool.put(back);
+                    let e = std::io::Error::from_raw_os_error(-res);
+                    self.fail(CopyError::write(self.job.dst_path, at, e));
+                    return Ok(());
+                }
+                let got = got + res as usize;
+                if res > 0 && got < filled.len() && self.failure.is_none() {
+                    self.slots[idx] = Slot::ReadingBack { filled, back, got };
+                    return self.push_read_back(idx);
+                }
+                let same = got >= filled.len() && back.as_slice()[..filled.len()] == *filled.data();
+                rb.pool.put(back);
+                if same {
+                    self.stats.bytes_read_back += filled.len() as u64;
+                } else if self.failure.is_none() {
+                    self.fail(CopyError::ReadBackMismatch {
+                        path: self.job.dst_path.to_owned(),
+                        offset: filled.offset(),
+                        len: filled.len(),
+                    });
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Once a block's write completed: reads it back from the destination (O_DIRECT), when
+    /// asked; the block's buffer stays held until the comparison.
+    fn start_read_back(&mut self, idx: usize, filled: Arc<Filled>) -> Result<(), CopyError> {
+        let Some(rb) = self.job.read_back else {
+            return Ok(());
+        };
+        // One read-back buffer per slot: one is free whenever a slot finishes its write.
+        let back = loop {
+            if let Some(b) = rb.pool.get_timeout(POLL) {
+                break b;
+            }
+            if self.job.cancel.is_cancelled() {
+                return Ok(());
+            }
+        };
+        self.slots[idx] = Slot::ReadingBack {
+            filled,
+            back,
+            got: 0,
+        };
+        self.push_read_back(idx)
+    }
+
+    /// Submits (the rest of) the read-back of slot `idx` (plain READ: the read-back buffers
+    /// are not registered with the ring).
+    fn push_read_back(&mut self, idx: usize) -> Result<(), CopyError> {
+        let Some(rb) = self.job.read_back else {
+            return Ok(());
+        };
+        let fd = types::Fd(rb.file.as_raw_fd());
+        let Slot::ReadingBack { filled, back, got } = &mut self.slots[idx] else {
+            return Ok(());
+        };
+        // O_DIRECT: the whole padded block, from an aligned offset (`got` stays aligned: a
+        // short O_DIRECT read ends on a block boundary or at the end of the file).
+        let want = filled.len().next_multiple_of(ALIGN);
+        let region = &mut back.as_mut_slice()[*got..want];
+        let (ptr, n) = (region.as_mut_ptr(), region.len() as u32);
+        let at = filled.offset() + *got as u64;
+        let sqe = opcode::Read::new(fd, ptr, n).offset(at).build();
+        self.push(sqe.user_data(idx as u64))
     }
 
     /// A whole block was read: hand it to the hashers and start its write.
