@@ -1,6 +1,7 @@
 //! Pre-checks (before the VM is touched: failure means exit 1) and post-checks (of a
 //! published backup and of the domain: failure means exit 3), also behind `vm-backup check`.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -694,6 +695,21 @@ pub fn post_check_folder(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Problems {
+    post_check_folder_after_copy(dir, md, &BTreeSet::new(), progress, cancel)
+}
+
+/// [`post_check_folder`] right after this process copied the images: the image files named in
+/// `read_back` were already read back from the share block by block during their copy
+/// (O_DIRECT, after each write completed, compared with the bytes hashed into the manifest;
+/// see `CopyOptions::read_back`) and are not re-hashed; every other check runs on them, and
+/// every other image is re-read as usual.
+pub fn post_check_folder_after_copy(
+    dir: &Path,
+    md: &BackupMetadata,
+    read_back: &BTreeSet<String>,
+    progress: &dyn Progress,
+    cancel: &CancelToken,
+) -> Problems {
     let mut problems = Problems::default();
     // Read what the share holds, not what this host's page cache remembers writing.
     let cached = std::iter::once(layout::CHECKSUMS_FILE)
@@ -812,9 +828,15 @@ pub fn post_check_folder(
                             "checksums.sha256 does not list the recorded SHA-256",
                         ));
                     }
-                    match crate::copier::verify_file(&path, d.manifest, progress, cancel) {
-                        Ok(r) if r.ok => {}
-                        Ok(r) => p.push(Problem::file(
+                    let verified = if read_back.contains(d.file) {
+                        Ok(None) // proven block by block during the copy
+                    } else {
+                        crate::copier::verify_file(&path, d.manifest, progress, cancel).map(Some)
+                    };
+                    match verified {
+                        Ok(None) => {}
+                        Ok(Some(r)) if r.ok => {}
+                        Ok(Some(r)) => p.push(Problem::file(
                             d.file,
                             ProblemKind::ChunkMismatch,
                             format!(
