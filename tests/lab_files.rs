@@ -7,6 +7,12 @@
 //! several 4 MiB chunks): ext4 on the whole disk, xfs on the whole disk (qcow2), and a GPT disk
 //! with ext4 on partition 1 and an LVM volume group (its own name, read with `--devices` only,
 //! never activated: this kernel has no device-mapper) holding an ext4 logical volume.
+//!
+//! Crash-consistent images: a `--method snapshot` backup of the agent guest taken right after
+//! it fsynced a new file (the file only in the ext4 journal), an XFS image copied live (the
+//! file only in the log), and an ext4 whose journal cannot be replayed (the read-only fallback
+//! with its warning). Journals are replayed into a throwaway overlay; the backup folder stays
+//! byte-identical.
 
 mod support;
 
@@ -590,6 +596,48 @@ fn a_journal_that_cannot_be_replayed_falls_back_to_the_read_only_mount_with_a_wa
     );
     assert_eq!(fs::read_to_string(mnt.join("kept.txt")).unwrap(), "kept\n");
     s.vmb_ok(&["umount", &m]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    assert_eq!(tree_digests(&folder), before);
+}
+
+#[test]
+fn an_xfs_copied_live_reads_with_its_log_recovered_into_the_overlay() {
+    if !lab_enabled("an_xfs_copied_live_reads_with_its_log_recovered_into_the_overlay") {
+        return;
+    }
+    let mut s = LabTarget::new("xfslog");
+    // A crash-consistent copy made on the host: the image copied while mounted, right after a
+    // new file was fsynced (in the log; XFS writes the metadata in place later).
+    let (d, live, img) = (
+        s.dir.display().to_string(),
+        s.dir.join("live.raw"),
+        s.dir.join("vdb.raw"),
+    );
+    let (l, i) = (live.display(), img.display());
+    sh(&format!(
+        "mkdir {d}/m && truncate -s 320M {l} && mkfs.xfs -q -f {l} && mount -o loop {l} {d}/m \
+         && mkdir {d}/m/xd && echo 'xfs log file' | dd of={d}/m/xd/note.txt conv=fsync status=none \
+         && cp --sparse=always {l} {i} && umount {d}/m && rm {l}"
+    ));
+    // Reproduced: without recovery the new folder is not there.
+    let seen = sh(&format!(
+        "L=$(losetup -f --show -r {i}) && mount -o ro,norecovery,nouuid $L {d}/m && ls {d}/m; \
+         umount {d}/m; losetup -d $L"
+    ));
+    assert!(
+        !seen.contains("xd"),
+        "the log was written in place already: {seen}"
+    );
+    let dom = format!("{}-xfslog", prefix());
+    define(&mut s, &dom, &[("vdb".into(), img.clone(), "raw".into())]);
+    let folder = s.backup_with(&dom, &["--method", "offline"]);
+    let stamp = folder.file_name().unwrap().to_string_lossy().into_owned();
+    let before = tree_digests(&folder);
+    let out = s.vmb(&["files", &dom, &stamp, "cat", "/xd/note.txt"]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert_eq!(o, "xfs log file\n");
+    assert!(!e.contains("warning"), "{e}");
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
     assert_eq!(tree_digests(&folder), before);
 }
