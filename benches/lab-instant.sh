@@ -20,7 +20,9 @@ cd "$(dirname "$0")/.."
 prefix=${1:-bi} rounds=${2:-3} fill=${3:-200M}
 vmb=${VMB:-$PWD/target/debug/vm-backup}
 export LIBVIRT_DEFAULT_URI=${LIBVIRT_DEFAULT_URI:-qemu:///system}
-[ -x "$vmb" ] || cargo build --bin vm-backup
+# The (u) runs need the hook, which only a `bench-unverified` build honours (a production
+# binary ignores VMB_BENCH_INSTANT_UNVERIFIED); a binary given in VMB must have been built so.
+[ -n "${VMB:-}" ] || cargo build --features bench-unverified --bin vm-backup
 work=/var/tmp/vmb-bench-instant-$prefix
 src=$prefix-agent
 
@@ -76,6 +78,10 @@ instant() { # MODE (i|u): prints "agent started copy total"
   wait_agent "$dom"; local agent; agent=$(since "$t0")
   wait "$pid"; local total; total=$(python3 -c "print(round($(cat "$out/end")-$t0,2))")
   [ "$(cat "$out/rc")" = 0 ] || { cat "$out/err.log" >&2; return 1; }
+  if [ "$mode" = u ] && ! grep -q "WITHOUT the verify-on-read" "$out/err.log"; then
+    echo "lab-instant: $vmb did not serve unverified (build it with --features bench-unverified)" >&2
+    cat "$out/err.log" >&2; return 1
+  fi
   python3 - "$out/out.json" "$agent" "$total" <<'PY'
 import json, sys
 o = json.load(open(sys.argv[1]))

@@ -1616,9 +1616,8 @@ fn plugin_restore_option_files_in_stream_mode_extracts_from_the_staged_disk() {
     );
     let (id, status) = lab.run("vm-stream-files");
     assert_eq!(status, 'T', "{}", lab.joblog(id));
-    // The data disk's lost+found (ext4 on /mnt/data in the guest). Not seq.log: the noagent
-    // guest is backed up without a freeze while its writer appends, and the read-only files
-    // layer does not replay the journal, so that inode reads as EBADMSG (crash-consistent).
+    // The data disk's lost+found (ext4 on /mnt/data in the guest): a folder that stays the
+    // same, unlike seq.log, which the noagent guest's writer appends to during the backup.
     let where_ = PathBuf::from(format!("{LAB}/restore/stream-files-{id}"));
     let _ = std::fs::remove_dir_all(&where_);
     let (_, rstatus, log) = restore_guest_files(&lab, id, &where_, "/lost+found");

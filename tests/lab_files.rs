@@ -7,6 +7,12 @@
 //! several 4 MiB chunks): ext4 on the whole disk, xfs on the whole disk (qcow2), and a GPT disk
 //! with ext4 on partition 1 and an LVM volume group (its own name, read with `--devices` only,
 //! never activated: this kernel has no device-mapper) holding an ext4 logical volume.
+//!
+//! Crash-consistent images: a `--method snapshot` backup of the agent guest taken right after
+//! it fsynced a new file (the file only in the ext4 journal), an XFS image copied live (the
+//! file only in the log), and an ext4 whose journal cannot be replayed (the read-only fallback
+//! with its warning). Journals are replayed into a throwaway overlay; the backup folder stays
+//! byte-identical.
 
 mod support;
 
@@ -460,4 +466,178 @@ fn online_backup_of_the_agent_guest_restores_a_deleted_file() {
     );
     s.vmb_ok(&["umount", &m]);
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
+
+#[test]
+fn crash_consistent_backup_replays_the_ext4_journal_for_files_and_mount() {
+    if !lab_enabled("crash_consistent_backup_replays_the_ext4_journal_for_files_and_mount") {
+        return;
+    }
+    let s = LabTarget::new("crash");
+    let dom = agent_dom();
+    wait_agent(&dom, Duration::from_secs(120));
+    let marker = format!("crash-consistent file {}", std::process::id());
+    let (folder, name) =
+        s.backup_with_unreplayed_journal(&dom, &format!("crash{}-", std::process::id()), &marker);
+    let stamp = folder.file_name().unwrap().to_string_lossy().into_owned();
+    gexec_ok(&dom, &format!("rm -rf /mnt/data/{name}"));
+    let before = tree_digests(&folder);
+    let file = format!("/{name}/note.txt");
+
+    // `files`: list and get, through the journal replayed into the overlay.
+    let out = s.vmb(&["files", &dom, &stamp, "ls", &format!("/{name}")]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(o.contains("note.txt"), "{o}");
+    assert!(!e.contains("warning"), "{e}");
+    let dest = s.dir.join("out");
+    fs::create_dir(&dest).unwrap();
+    s.vmb_ok(&[
+        "files",
+        &dom,
+        &stamp,
+        "extract",
+        &file,
+        &dest.display().to_string(),
+    ]);
+    assert_eq!(
+        fs::read_to_string(dest.join("note.txt")).unwrap(),
+        format!("{marker}\n")
+    );
+    assert_eq!(
+        s.vmb_ok(&["files", &dom, &stamp, "cat", &file]),
+        format!("{marker}\n")
+    );
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+
+    // `mount`: the same, and the overlay holds only what the replay wrote.
+    let mnt = s.dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mnt.display().to_string();
+    let state: serde_json::Value =
+        serde_json::from_str(&s.vmb_ok(&["mount", "--json", &dom, &stamp, &m])).unwrap();
+    assert_eq!(state["volumes"][0]["replayed"], true, "{state}");
+    assert_eq!(state["warnings"], serde_json::json!([]), "{state}");
+    let overlay = PathBuf::from(state["overlay"].as_str().expect("an overlay"));
+    assert!(
+        overlay.starts_with(s.dir.join("journal")),
+        "{}",
+        overlay.display()
+    );
+    let used = fs::metadata(&overlay).unwrap().blocks() * 512;
+    eprintln!("overlay after the replay: {} KiB allocated", used / 1024);
+    assert!(used < 16 << 20, "the overlay holds {used} bytes");
+    assert_eq!(
+        fs::read_to_string(mnt.join(&name).join("note.txt")).unwrap(),
+        format!("{marker}\n")
+    );
+    s.vmb_ok(&["umount", &m]);
+    assert!(!overlay.exists(), "{} left", overlay.display());
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    let states: Vec<_> = fs::read_dir(s.dir.join("journal/mounts"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(states.is_empty(), "{states:?}");
+
+    // Nothing was written in the backup folder.
+    assert_eq!(tree_digests(&folder), before);
+    s.vmb_ok(&["verify", &dom, &stamp]);
+    assert!(ext4_cat(&folder.join(format!("{dom}-vda.qcow2")), &file).is_none());
+}
+
+#[test]
+fn a_journal_that_cannot_be_replayed_falls_back_to_the_read_only_mount_with_a_warning() {
+    if !lab_enabled(
+        "a_journal_that_cannot_be_replayed_falls_back_to_the_read_only_mount_with_a_warning",
+    ) {
+        return;
+    }
+    let mut s = LabTarget::new("nojournal");
+    // ext4 marked as needing recovery, its journal superblock zeroed: the kernel refuses the
+    // replay ("no valid journal superblock"), a `noload` mount reads the filesystem.
+    let img = s.dir.join("vdb.raw");
+    let (d, i) = (s.dir.display(), img.display());
+    sh(&format!(
+        "mkdir {d}/m && truncate -s 32M {i} && mkfs.ext4 -q -F -b 4096 {i} && mount -o loop {i} {d}/m \
+         && echo kept > {d}/m/kept.txt && umount {d}/m"
+    ));
+    let block = sh(&format!("debugfs -R 'bmap <8> 0' {i} 2>/dev/null"));
+    sh(&format!(
+        "dd if=/dev/zero of={i} bs=4096 seek={} count=1 conv=notrunc status=none && \
+         debugfs -w -R 'feature needs_recovery' {i}",
+        block.trim()
+    ));
+    let dom = format!("{}-nojournal", prefix());
+    define(&mut s, &dom, &[("vdb".into(), img.clone(), "raw".into())]);
+    let folder = s.backup_with(&dom, &["--method", "offline"]);
+    let stamp = folder.file_name().unwrap().to_string_lossy().into_owned();
+    let before = tree_digests(&folder);
+
+    let out = s.vmb(&["files", &dom, &stamp, "cat", "/kept.txt"]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert_eq!(o, "kept\n");
+    assert!(e.contains("could not be replayed"), "{e}");
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+
+    let mnt = s.dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mnt.display().to_string();
+    let state: serde_json::Value =
+        serde_json::from_str(&s.vmb_ok(&["mount", "--json", &dom, &stamp, &m])).unwrap();
+    assert_eq!(state["volumes"][0]["replayed"], false, "{state}");
+    assert_eq!(state["overlay"], serde_json::Value::Null, "{state}");
+    assert!(
+        state["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be replayed"),
+        "{state}"
+    );
+    assert_eq!(fs::read_to_string(mnt.join("kept.txt")).unwrap(), "kept\n");
+    s.vmb_ok(&["umount", &m]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    assert_eq!(tree_digests(&folder), before);
+}
+
+#[test]
+fn an_xfs_copied_live_reads_with_its_log_recovered_into_the_overlay() {
+    if !lab_enabled("an_xfs_copied_live_reads_with_its_log_recovered_into_the_overlay") {
+        return;
+    }
+    let mut s = LabTarget::new("xfslog");
+    // A crash-consistent copy made on the host: the image copied while mounted, right after a
+    // new file was fsynced (in the log; XFS writes the metadata in place later).
+    let (d, live, img) = (
+        s.dir.display().to_string(),
+        s.dir.join("live.raw"),
+        s.dir.join("vdb.raw"),
+    );
+    let (l, i) = (live.display(), img.display());
+    sh(&format!(
+        "mkdir {d}/m && truncate -s 320M {l} && mkfs.xfs -q -f {l} && mount -o loop {l} {d}/m \
+         && mkdir {d}/m/xd && echo 'xfs log file' | dd of={d}/m/xd/note.txt conv=fsync status=none \
+         && cp --sparse=always {l} {i} && umount {d}/m && rm {l}"
+    ));
+    // Reproduced: without recovery the new folder is not there.
+    let seen = sh(&format!(
+        "L=$(losetup -f --show -r {i}) && mount -o ro,norecovery,nouuid $L {d}/m && ls {d}/m; \
+         umount {d}/m; losetup -d $L"
+    ));
+    assert!(
+        !seen.contains("xd"),
+        "the log was written in place already: {seen}"
+    );
+    let dom = format!("{}-xfslog", prefix());
+    define(&mut s, &dom, &[("vdb".into(), img.clone(), "raw".into())]);
+    let folder = s.backup_with(&dom, &["--method", "offline"]);
+    let stamp = folder.file_name().unwrap().to_string_lossy().into_owned();
+    let before = tree_digests(&folder);
+    let out = s.vmb(&["files", &dom, &stamp, "cat", "/xd/note.txt"]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert_eq!(o, "xfs log file\n");
+    assert!(!e.contains("warning"), "{e}");
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    assert_eq!(tree_digests(&folder), before);
 }

@@ -223,10 +223,17 @@ fn helper_program() -> PathBuf {
     PathBuf::from(env!("VMB_BUILD_PROGRAM"))
 }
 
+/// What [`extract_guest_files`] returns: the files layer's warnings, and a report per path.
+pub type GuestFilesReport = (
+    Vec<String>,
+    Vec<(String, crate::engine::files::ExtractReport)>,
+);
+
 /// Extracts each guest path of the restore options from `vm`'s backup `stamp` (or the folder
 /// `backup_dir`) into `dest` with owner, mode and times, through the engine's `files extract`
 /// (every byte checked against the chunk manifest). Stops at the first path that fails,
-/// naming it.
+/// naming it. Returns the warnings of the files layer (a journal not replayed) and a report
+/// per path.
 #[allow(clippy::too_many_arguments)]
 pub fn extract_guest_files(
     settings: &Settings,
@@ -237,7 +244,7 @@ pub fn extract_guest_files(
     opts: &super::options::RestoreOptions,
     dest: &std::path::Path,
     cancel: &CancelToken,
-) -> Result<Vec<(String, crate::engine::files::ExtractReport)>, PluginError> {
+) -> Result<GuestFilesReport, PluginError> {
     use crate::engine::files::Browse;
     use crate::engine::mount::MountRequest;
     let mut req = MountRequest::new(
@@ -268,5 +275,5 @@ pub fn extract_guest_files(
             })?;
         reports.push((path.clone(), r));
     }
-    Ok(reports)
+    Ok((browse.state().warnings.clone(), reports))
 }

@@ -1180,9 +1180,12 @@ impl Job {
         fs::create_dir_all(dest)
             .map_err(|e| PluginError::io(format!("create {}", dest.display()), e))?;
         let cancel = self.cancel.clone();
-        let reports = self.pump(|_progress| {
+        let (warnings, reports) = self.pump(|_progress| {
             engine::extract_guest_files(settings, host, vm, stamp, backup_dir, opts, dest, &cancel)
         })?;
+        for w in &warnings {
+            self.say(MessageLevel::Warning, &format!("vm-backup: {w}"));
+        }
         for (path, r) in reports {
             self.say(
                 MessageLevel::Info,

@@ -76,6 +76,10 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let req = args.backup.request()?;
     let json = args.backup.common.json;
     let browse = Browse::open(&req)?;
+    // On standard error: standard output may be a file's bytes (`cat`).
+    for w in &browse.state().warnings {
+        eprintln!("warning: {w}");
+    }
     match args.action {
         Action::Ls { path } => {
             let entries = browse.ls(&path)?;

@@ -85,6 +85,9 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     for (name, why) in &state.skipped {
         println!("  not mounted: {name}: {why}");
     }
+    for w in &state.warnings {
+        println!("  warning: {w}");
+    }
     println!("unmount with: vm-backup umount {}", state.dir.display());
     Ok(0)
 }

@@ -7,13 +7,21 @@
 //!    serves the disk's backup files in `<work>/layers/`, checking each chunk against the
 //!    manifest on its first read;
 //! 2. `qemu-storage-daemon` opens those files read-only (the qcow2 chain given explicitly) and
-//!    exports the guest-visible disk as the FUSE file `<work>/disk.raw`;
-//! 3. a read-only loop device with partition scan, plus one loop slice per linear LVM volume;
-//! 4. the filesystems, mounted read-only without journal replay, under `DIR/<volume>` (or
-//!    `DIR` itself when the disk holds one filesystem).
+//!    exports the guest-visible disk as the FUSE file `<work>/disk.raw`, through a throwaway
+//!    writable qcow2 overlay `<work>/overlay.qcow2` whose backing node is that read-only chain;
+//! 3. a writable loop device with partition scan, plus one loop slice per linear LVM volume;
+//! 4. the filesystems, mounted read-only the normal way under `DIR/<volume>` (or `DIR` itself
+//!    when the disk holds one filesystem): the kernel replays an ext3/4 journal or an XFS log
+//!    into the overlay, so a crash-consistent backup (a live filesystem, its last metadata
+//!    still in the journal) reads as the guest would see it after a reboot.
+//!
+//! When a mount with replay fails, the whole chain is taken down and built again read-only
+//! (no overlay, a read-only loop device, `noload` / `norecovery`), and the state carries a
+//! warning: recently written files may then be missing or unreadable.
 //!
 //! The state lives in `<journal_dir>/mounts/<id>.json` and the pieces in
-//! `<journal_dir>/mounts/<id>/`. Nothing is ever opened for writing in the backup folder.
+//! `<journal_dir>/mounts/<id>/`. Nothing is ever opened for writing in the backup folder: the
+//! overlay holds what a replay writes (a few MiB at most), and goes with the chain.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -154,6 +162,10 @@ pub struct Volume {
     pub fstype: String,
     /// Where it is mounted.
     pub path: PathBuf,
+    /// Whether it was mounted on the overlay, its journal replayed as the kernel mounted it
+    /// (false: left unreplayed).
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 /// The recorded state of one mount chain.
@@ -190,6 +202,13 @@ pub struct MountState {
     pub volumes: Vec<Volume>,
     /// What was found but not mounted, and why.
     pub skipped: Vec<(String, String)>,
+    /// The throwaway overlay journal replays write into, recorded before it is created (none
+    /// when the chain is read-only).
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
+    /// What the operator should know (a journal that could not be replayed).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl MountState {
@@ -198,6 +217,9 @@ impl MountState {
     }
     fn export_file(&self) -> PathBuf {
         self.workdir.join("disk.raw")
+    }
+    fn overlay_file(&self) -> PathBuf {
+        self.workdir.join("overlay.qcow2")
     }
     fn state_file(&self) -> PathBuf {
         self.workdir.with_extension("json")
@@ -356,28 +378,52 @@ pub(crate) fn build(
 ) -> Result<MountState, MountError> {
     let (backup_dir, stamp, _meta, disk) = locate(req)?;
     let workdir = mounts_folder(&req.journal_dir).join(id);
-    std::fs::create_dir_all(&workdir)
-        .map_err(|e| MountError::io(format!("cannot create {}", workdir.display()), e))?;
     let me = std::process::id();
-    let mut state = MountState {
-        kind,
-        owner_pid: me,
-        owner_start: proc_start(me).unwrap_or(0),
-        complete: false,
-        vm: req.backup.vm.clone(),
-        stamp,
-        disk: disk.target.clone(),
-        backup_dir: backup_dir.clone(),
-        dir: dir.to_path_buf(),
-        workdir,
-        loops: Vec::new(),
-        created_dirs: Vec::new(),
-        mountpoints: Vec::new(),
-        volumes: Vec::new(),
-        skipped: Vec::new(),
+    let fresh = |warnings: Vec<String>| -> Result<MountState, MountError> {
+        for d in [&workdir, &dir.to_path_buf()] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| MountError::io(format!("cannot create {}", d.display()), e))?;
+        }
+        let state = MountState {
+            kind,
+            owner_pid: me,
+            owner_start: proc_start(me).unwrap_or(0),
+            complete: false,
+            vm: req.backup.vm.clone(),
+            stamp: stamp.clone(),
+            disk: disk.target.clone(),
+            backup_dir: backup_dir.clone(),
+            dir: dir.to_path_buf(),
+            workdir: workdir.clone(),
+            loops: Vec::new(),
+            created_dirs: Vec::new(),
+            mountpoints: Vec::new(),
+            volumes: Vec::new(),
+            skipped: Vec::new(),
+            overlay: None,
+            warnings,
+        };
+        state.save()?;
+        Ok(state)
     };
-    state.save()?;
-    match build_chain(req, &mut state, &disk) {
+    let mut state = fresh(Vec::new())?;
+    // The overlay needs the disk's size; metadata without it gets today's read-only chain.
+    let replay = disk.virtual_size > 0;
+    let mut replay_failed = None;
+    let mut result = build_chain(req, &mut state, &disk, replay, &mut replay_failed);
+    if let (Err(e), Some(what)) = (&result, replay_failed) {
+        let warning = format!(
+            "the journal of {what} could not be replayed ({e}): mounted without replay, \
+             files written shortly before the backup may be missing or unreadable"
+        );
+        tracing::warn!("{warning}");
+        // Start again from nothing with a read-only chain: what the failed replay wrote in
+        // the overlay goes with it.
+        teardown(&state, true)?;
+        state = fresh(vec![warning])?;
+        result = build_chain(req, &mut state, &disk, false, &mut None);
+    }
+    match result {
         Ok(()) => {
             state.complete = true;
             state.save()?;
@@ -403,10 +449,14 @@ pub(crate) fn build(
     }
 }
 
+/// Builds the chain; with `replay`, through the overlay, the journals replayed as the
+/// filesystems mount. A mount that fails with `replay` names its volume in `replay_failed`.
 fn build_chain(
     req: &MountRequest,
     state: &mut MountState,
     disk: &DiskRecord,
+    replay: bool,
+    replay_failed: &mut Option<String>,
 ) -> Result<(), MountError> {
     // 1. The verify-on-read server.
     let mut files = vec![served(&state.backup_dir, &disk.file, &disk.manifest)];
@@ -438,10 +488,21 @@ fn build_chain(
             format,
         })
         .collect();
-    export::start_qsd(&layers, &export_file, &state.workdir.join("qsd.pid"))?;
+    let overlay = replay.then(|| state.overlay_file());
+    if let Some(ov) = &overlay {
+        state.overlay = Some(ov.clone());
+        state.save()?;
+        export::create_overlay(ov, disk.virtual_size)?;
+    }
+    export::start_qsd(
+        &layers,
+        overlay.as_deref(),
+        &export_file,
+        &state.workdir.join("qsd.pid"),
+    )?;
 
-    // 3. Block devices and what is on them.
-    let main = export::attach_loop(&export_file)?;
+    // 3. Block devices and what is on them (writable over the overlay only).
+    let main = export::attach_loop(&export_file, replay)?;
     state.loops.push(main.clone());
     state.save()?;
     // Test hook: hold here so a test can kill the command with the chain half built.
@@ -487,7 +548,7 @@ fn build_chain(
         let (lvs, skipped) = export::logical_volumes(&pvs)?;
         state.skipped.extend(skipped);
         for lv in lvs {
-            let slice = export::attach_slice(&lv.pv, lv.offset, lv.size)?;
+            let slice = export::attach_slice(&lv.pv, lv.offset, lv.size, replay)?;
             state.loops.push(slice.clone());
             state.save()?;
             let name = format!("{}-{}", lv.vg, lv.lv);
@@ -540,10 +601,17 @@ fn build_chain(
         };
         state.mountpoints.push(path.clone());
         state.save()?;
-        export::mount_ro(&dev, &fstype, &path).map_err(|e| {
+        export::mount_ro(&dev, &fstype, &path, replay).map_err(|e| {
             // A damaged chunk under the superblock shows as a mount failure: name it.
             let damage = state.damage();
             if damage.is_empty() {
+                if replay {
+                    *replay_failed = Some(if name.is_empty() {
+                        format!("the {fstype} filesystem")
+                    } else {
+                        format!("{name} ({fstype})")
+                    });
+                }
                 MountError::Export(e)
             } else {
                 MountError::Damaged {
@@ -561,6 +629,7 @@ fn build_chain(
             device: dev,
             fstype,
             path,
+            replayed: replay,
         });
         state.save()?;
     }
@@ -684,6 +753,12 @@ pub fn teardown(state: &MountState, force: bool) -> Result<Teardown, MountError>
             done.actions
                 .push(format!("verify-on-read server {pid} stopped"));
         }
+    }
+    if let Some(ov) = state.overlay.as_ref().filter(|ov| ov.exists()) {
+        std::fs::remove_file(ov)
+            .map_err(|e| MountError::io(format!("cannot remove {}", ov.display()), e))?;
+        done.actions
+            .push(format!("overlay {} removed", ov.display()));
     }
     if export::mounts()
         .iter()
@@ -815,6 +890,8 @@ mod tests {
             mountpoints: vec![],
             volumes: vec![],
             skipped: vec![],
+            overlay: None,
+            warnings: vec![],
         };
         assert!(st.owner_alive());
         st.owner_start += 1;
@@ -844,13 +921,21 @@ mod tests {
             mountpoints: vec![],
             volumes: vec![],
             skipped: vec![],
+            overlay: Some(work.join("overlay.qcow2")),
+            warnings: vec![],
         };
         st.save().unwrap();
+        std::fs::write(work.join("overlay.qcow2"), b"replayed").unwrap();
         let found = orphans(dir.path(), false);
         assert_eq!(found.len(), 1);
         assert!(found[0].detail.contains("interrupted `files` run"));
         let cleaned = orphans(dir.path(), true);
-        assert!(matches!(cleaned[0].repair, Some(MountRepair::Done(_))));
+        match &cleaned[0].repair {
+            Some(MountRepair::Done(steps)) => {
+                assert!(steps.iter().any(|s| s.contains("overlay")), "{steps:?}")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(!work.exists());
         assert!(list_states(dir.path()).is_empty());
     }

@@ -1,8 +1,10 @@
-//! Exposing a disk image of a backup as a read-only block device on this host, without the
-//! `nbd` kernel module: `qemu-storage-daemon` opens the image (and its backing layers) read-only
-//! and exports the guest-visible disk as a FUSE file; a read-only loop device (`losetup -r -P`)
-//! turns that file into a block device with its partitions; the guest's filesystems are then
-//! mounted read-only with their journals left unreplayed (`noload` / `norecovery`).
+//! Exposing a disk image of a backup as a block device on this host, without the `nbd` kernel
+//! module: `qemu-storage-daemon` opens the image (and its backing layers) read-only and exports
+//! the guest-visible disk as a FUSE file, either as it is (read-only) or under a throwaway
+//! qcow2 overlay outside the backup (writable: what a journal replay writes lands there); a
+//! loop device (`losetup -P`, read-only for the plain export) turns that file into a block
+//! device with its partitions; the guest's filesystems are then mounted read-only, their
+//! journals replayed into the overlay, or left unreplayed (`noload` / `norecovery`) without one.
 //!
 //! LVM: this kernel has no device-mapper, so logical volumes cannot be activated. Their layout
 //! is read from the LVM metadata (`lvs`/`pvs --devices`, read-only, nothing activated, no host
@@ -86,15 +88,39 @@ pub struct Layer {
     pub format: String,
 }
 
-/// The `qemu-storage-daemon` arguments exporting `layers` (top first) read-only as a FUSE file
-/// at `export`. The chain is given explicitly (`backing` of each qcow2 node), so the headers'
-/// backing names are never followed.
-pub fn qsd_args(layers: &[Layer], export: &Path, pidfile: &Path) -> Vec<String> {
+/// The `qemu-storage-daemon` arguments exporting `layers` (top first) as a FUSE file at
+/// `export`. The chain is given explicitly (`backing` of each qcow2 node), so the headers'
+/// backing names are never followed, and opened read-only. Without `overlay` the export is
+/// read-only; with it, the export is the qcow2 `overlay` (made by [`create_overlay`], its
+/// backing node given explicitly as the chain's top), writable: writes land in the overlay only.
+pub fn qsd_args(
+    layers: &[Layer],
+    overlay: Option<&Path>,
+    export: &Path,
+    pidfile: &Path,
+) -> Vec<String> {
     let mut args = chain_nodes("", layers);
+    let node = match overlay {
+        None => "n0",
+        Some(ov) => {
+            args.push("--blockdev".to_string());
+            args.push(
+                json!({"driver": "file", "node-name": "of",
+                       "filename": ov.to_string_lossy()})
+                .to_string(),
+            );
+            args.push("--blockdev".to_string());
+            args.push(
+                json!({"driver": "qcow2", "node-name": "ov", "file": "of", "backing": "n0"})
+                    .to_string(),
+            );
+            "ov"
+        }
+    };
     args.push("--export".to_string());
     args.push(
-        json!({"type": "fuse", "id": "e", "node-name": "n0",
-               "mountpoint": export.to_string_lossy(), "writable": false})
+        json!({"type": "fuse", "id": "e", "node-name": node,
+               "mountpoint": export.to_string_lossy(), "writable": overlay.is_some()})
         .to_string(),
     );
     args.push("--daemonize".to_string());
@@ -177,10 +203,23 @@ pub fn start_qsd_nbd(
     })
 }
 
-/// Starts `qemu-storage-daemon` (daemonized: it returns once the export is in place) and returns
-/// its pid. `export` must be an existing regular file.
-pub fn start_qsd(layers: &[Layer], export: &Path, pidfile: &Path) -> Result<u32, ExportError> {
-    let args = qsd_args(layers, export, pidfile);
+/// Creates the throwaway qcow2 overlay `path` of `virtual_size` bytes, with no backing file
+/// named in its header ([`qsd_args`] gives the backing node explicitly).
+pub fn create_overlay(path: &Path, virtual_size: u64) -> Result<(), ExportError> {
+    let (p, size) = (path.to_string_lossy(), virtual_size.to_string());
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &p, &size])?;
+    Ok(())
+}
+
+/// Starts `qemu-storage-daemon` with [`qsd_args`] (daemonized: it returns once the export is in
+/// place) and returns its pid. `export` must be an existing regular file.
+pub fn start_qsd(
+    layers: &[Layer],
+    overlay: Option<&Path>,
+    export: &Path,
+    pidfile: &Path,
+) -> Result<u32, ExportError> {
+    let args = qsd_args(layers, overlay, export, pidfile);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     run("qemu-storage-daemon", &refs)?;
     read_pid(pidfile).ok_or_else(|| ExportError::Failed {
@@ -194,23 +233,33 @@ pub fn read_pid(pidfile: &Path) -> Option<u32> {
     std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
 }
 
-/// Attaches `file` to a new read-only loop device, partitions scanned; returns `/dev/loopN`.
-pub fn attach_loop(file: &Path) -> Result<String, ExportError> {
+/// Attaches `file` to a new loop device, partitions scanned, read-only unless `writable`;
+/// returns `/dev/loopN`.
+pub fn attach_loop(file: &Path, writable: bool) -> Result<String, ExportError> {
     let f = file.to_string_lossy();
-    Ok(run("losetup", &["-f", "--show", "-r", "-P", &f])?
-        .trim()
-        .to_string())
+    let mut args = vec!["-f", "--show", "-P"];
+    if !writable {
+        args.push("-r");
+    }
+    args.push(&f);
+    Ok(run("losetup", &args)?.trim().to_string())
 }
 
-/// Attaches a slice of `device` (bytes `offset .. offset+size`) to a new read-only loop device.
-pub fn attach_slice(device: &str, offset: u64, size: u64) -> Result<String, ExportError> {
+/// Attaches a slice of `device` (bytes `offset .. offset+size`) to a new loop device, read-only
+/// unless `writable`.
+pub fn attach_slice(
+    device: &str,
+    offset: u64,
+    size: u64,
+    writable: bool,
+) -> Result<String, ExportError> {
     let (o, s) = (offset.to_string(), size.to_string());
-    Ok(run(
-        "losetup",
-        &["-f", "--show", "-r", "-o", &o, "--sizelimit", &s, device],
-    )?
-    .trim()
-    .to_string())
+    let mut args = vec!["-f", "--show", "-o", &o, "--sizelimit", &s];
+    if !writable {
+        args.push("-r");
+    }
+    args.push(device);
+    Ok(run("losetup", &args)?.trim().to_string())
 }
 
 /// Detaches a loop device (an already detached one is not an error).
@@ -398,12 +447,15 @@ pub fn logical_volumes(pvs: &[String]) -> Result<(Vec<LogicalVolume>, Unmappable
     Ok((ok, skipped))
 }
 
-/// The read-only mount options for a filesystem type: journals are not replayed (the device is
-/// read-only), XFS UUIDs may equal a mounted filesystem's.
-pub fn mount_options(fstype: &str) -> &'static str {
-    match fstype {
-        "ext3" | "ext4" => "ro,noload,nodev,nosuid,noexec",
-        "xfs" => "ro,norecovery,nouuid,nodev,nosuid,noexec",
+/// The read-only mount options for a filesystem type. With `replay` (a writable device under a
+/// throwaway overlay) the kernel replays an ext3/4 journal or an XFS log into the device as it
+/// mounts; without it the journal is left unreplayed (`noload` / `norecovery`: the device is
+/// read-only). XFS UUIDs may equal a mounted filesystem's.
+pub fn mount_options(fstype: &str, replay: bool) -> &'static str {
+    match (fstype, replay) {
+        ("ext3" | "ext4", false) => "ro,noload,nodev,nosuid,noexec",
+        ("xfs", false) => "ro,norecovery,nouuid,nodev,nosuid,noexec",
+        ("xfs", true) => "ro,nouuid,nodev,nosuid,noexec",
         _ => "ro,nodev,nosuid,noexec",
     }
 }
@@ -416,12 +468,12 @@ pub fn mountable(fstype: &str) -> bool {
     )
 }
 
-/// Mounts `dev` read-only at `dir`.
-pub fn mount_ro(dev: &str, fstype: &str, dir: &Path) -> Result<(), ExportError> {
+/// Mounts `dev` read-only at `dir`, its journal replayed when `replay` ([`mount_options`]).
+pub fn mount_ro(dev: &str, fstype: &str, dir: &Path, replay: bool) -> Result<(), ExportError> {
     let d = dir.to_string_lossy();
     run(
         "mount",
-        &["-t", fstype, "-o", mount_options(fstype), dev, &d],
+        &["-t", fstype, "-o", mount_options(fstype, replay), dev, &d],
     )?;
     Ok(())
 }
@@ -543,7 +595,12 @@ mod tests {
                 format: "raw".into(),
             },
         ];
-        let args = qsd_args(&layers, Path::new("/w/disk.raw"), Path::new("/w/qsd.pid"));
+        let args = qsd_args(
+            &layers,
+            None,
+            Path::new("/w/disk.raw"),
+            Path::new("/w/qsd.pid"),
+        );
         let text = args.join(" ");
         assert_eq!(text.matches("\"read-only\":true").count(), 4);
         assert!(text.contains("\"backing\":\"n1\""));
@@ -555,15 +612,48 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_is_the_only_writable_node_and_the_export() {
+        let layers = [Layer {
+            path: "/b/vm-vda.qcow2".into(),
+            format: "qcow2".into(),
+        }];
+        let args = qsd_args(
+            &layers,
+            Some(Path::new("/j/mounts/m/overlay.qcow2")),
+            Path::new("/w/disk.raw"),
+            Path::new("/w/qsd.pid"),
+        );
+        let text = args.join(" ");
+        // The backup's nodes stay read-only; the overlay stands on the chain's top.
+        assert_eq!(text.matches("\"read-only\":true").count(), 2);
+        assert!(text.contains("\"filename\":\"/j/mounts/m/overlay.qcow2\""));
+        assert!(text.contains("\"backing\":\"n0\""));
+        let i = args.iter().position(|a| a == "--export").unwrap();
+        let export: serde_json::Value = serde_json::from_str(&args[i + 1]).unwrap();
+        assert_eq!(export["node-name"], "ov");
+        assert_eq!(export["writable"], true);
+        let n0 = text.find("\"node-name\":\"n0\"").unwrap();
+        let ov = text.find("\"node-name\":\"ov\"").unwrap();
+        assert!(n0 < ov);
+    }
+
+    #[test]
     fn mountinfo_escapes_decode() {
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape("/plain"), "/plain");
     }
 
     #[test]
-    fn journals_are_never_replayed() {
-        assert!(mount_options("ext4").contains("noload"));
-        assert!(mount_options("xfs").contains("norecovery"));
-        assert!(mount_options("vfat").starts_with("ro"));
+    fn journals_are_replayed_only_on_request() {
+        assert!(mount_options("ext4", false).contains("noload"));
+        assert!(mount_options("xfs", false).contains("norecovery"));
+        assert!(!mount_options("ext4", true).contains("noload"));
+        assert!(!mount_options("xfs", true).contains("norecovery"));
+        assert!(mount_options("xfs", true).contains("nouuid"));
+        for fs in ["ext4", "xfs", "vfat"] {
+            for replay in [false, true] {
+                assert!(mount_options(fs, replay).starts_with("ro,"));
+            }
+        }
     }
 }

@@ -368,6 +368,29 @@ pub fn ext4_cat(image: &Path, path: &str) -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
+/// The SHA-256 of every file under `dir` (path relative to `dir` → hex digest), to show that
+/// a folder is byte-identical before and after something read it.
+pub fn tree_digests(dir: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read a folder").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let mut f = std::fs::File::open(&p).expect("open a file");
+                let mut h = Sha256::new();
+                std::io::copy(&mut f, &mut h).expect("read a file");
+                let rel = p.strip_prefix(dir).expect("under the folder").to_path_buf();
+                out.insert(rel, hex::encode(h.finalize()));
+            }
+        }
+    }
+    out
+}
+
 /// Freezes the guest's filesystems (`virsh domfsfreeze`); thaws them when dropped, so a failing
 /// assertion never leaves a lab guest frozen.
 pub struct Frozen(pub String);
@@ -640,6 +663,40 @@ impl LabTarget {
         args.extend_from_slice(extra);
         self.vmb_ok(&args);
         self.latest(dom)
+    }
+
+    /// A crash-consistent backup (`--method snapshot`, no freeze) of the agent guest `dom`,
+    /// taken right after the guest wrote `content` to `/mnt/data/<dir>/note.txt` (a new folder)
+    /// and fsynced it: ext4 commits the change to its journal, and the guest kernel writes the
+    /// metadata in place only ~30 s later, so the backup holds it in the journal only. Checked
+    /// offline (`debugfs`, which never replays): the file must be missing from the image, else
+    /// the attempt is repeated with a new folder (at most 3). Returns the backup folder and the
+    /// folder's name used.
+    pub fn backup_with_unreplayed_journal(
+        &self,
+        dom: &str,
+        dir: &str,
+        content: &str,
+    ) -> (PathBuf, String) {
+        for attempt in 1..=3 {
+            let name = format!("{dir}{attempt}");
+            gexec_ok(
+                dom,
+                &format!(
+                    "mkdir /mnt/data/{name} && echo '{content}' | dd of=/mnt/data/{name}/note.txt conv=fsync 2>/dev/null"
+                ),
+            );
+            let folder = self.backup_with(dom, &["--method", "snapshot"]);
+            let image = folder.join(format!("{dom}-vda.qcow2"));
+            if ext4_cat(&image, &format!("/{name}/note.txt")).is_none() {
+                return (folder, name);
+            }
+            eprintln!(
+                "attempt {attempt}: /{name}/note.txt already in place in {}",
+                folder.display()
+            );
+        }
+        panic!("no backup of {dom} left the new file in the ext4 journal only (3 attempts)");
     }
 
     /// Remembers a domain to destroy and undefine at the end.

@@ -61,7 +61,8 @@ pub const DEBUG_STALL_ENV: &str = "VMB_TEST_INSTANT_STALL_SECS";
 
 /// The environment variable that, set to `1`, serves the backup to QEMU **without** the
 /// verify-on-read layer (a benchmark hook: `benches/lab-instant.sh` measures the layer's cost
-/// on the block copy against it). A warning says so; never set it in production.
+/// on the block copy against it). Honoured only by a binary built with the cargo feature
+/// `bench-unverified` (off by default), with a warning; any other binary ignores it and says so.
 pub const UNVERIFIED_BENCH_ENV: &str = "VMB_BENCH_INSTANT_UNVERIFIED";
 
 /// The sub-folder of the work folder where the verify-on-read FUSE folder is mounted.
@@ -471,14 +472,26 @@ pub fn restore_instant(
         verifier: Some(request.helper.clone()),
     };
     if std::env::var(UNVERIFIED_BENCH_ENV).is_ok_and(|v| v == "1") {
-        record.verifier = None;
-        progress.message(
-            Level::Warning,
-            &format!(
-                "{UNVERIFIED_BENCH_ENV}=1: the backup is served WITHOUT the verify-on-read \
-                 layer (benchmark hook)"
-            ),
-        );
+        // A production binary cannot skip verification: the hook exists only in a build with
+        // the `bench-unverified` feature.
+        if cfg!(feature = "bench-unverified") {
+            record.verifier = None;
+            progress.message(
+                Level::Warning,
+                &format!(
+                    "{UNVERIFIED_BENCH_ENV}=1: the backup is served WITHOUT the verify-on-read \
+                     layer (benchmark hook)"
+                ),
+            );
+        } else {
+            progress.message(
+                Level::Warning,
+                &format!(
+                    "{UNVERIFIED_BENCH_ENV}=1 ignored: this binary was built without the \
+                     `bench-unverified` feature; every read is verified"
+                ),
+            );
+        }
     }
     for d in &plan.disks {
         let mut layers = vec![Layer {
