@@ -1118,3 +1118,97 @@ fn a_backup_started_under_umask_022_writes_private_files() {
     eprintln!("RESULT umask 022: {} files and folders checked", seen.len());
     assert!(open.is_empty(), "readable by others: {open:#?}");
 }
+
+/// Bytes allocated on the host by the lab images of the `multi` domain (what a backup copies).
+fn multi_allocated() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    [
+        "multi-vda.qcow2",
+        "multi-vdb.qcow2",
+        "multi-vdb-base.qcow2",
+        "multi-vdc.raw",
+    ]
+    .iter()
+    .map(|f| {
+        fs::metadata(lab_dir().join(f))
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    })
+    .sum()
+}
+
+#[test]
+fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
+    if !lab_enabled("the_share_fills_while_two_disks_copy_the_backup_fails_cleanly") {
+        return;
+    }
+    let _g = serial();
+    let d = multi_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    // A real filesystem that holds one backup and a half: the second backup fills it while
+    // its disks are copied two at a time.
+    let one = multi_allocated();
+    let size = format!("{}M", (one + one / 2) / (1 << 20) + 24);
+    let tmp = tempfile::Builder::new()
+        .prefix("vmb-faults-full")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mnt = tmp.path().join("share");
+    let share = Share::full(&mnt, &size, false);
+    let env = Env::with_target(120, 5, 10, Some(mnt.clone()));
+    let backup = |env: &Env| {
+        let out = env
+            .cmd(&[
+                "backup",
+                &d,
+                "--json",
+                "--method",
+                "quiesce",
+                "--disk-parallel",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        let json = Env::json(&out);
+        (out, json)
+    };
+    let (out, json) = backup(&env);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
+    // The next one cannot fit.
+    let (out, json) = backup(&env);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let err = json["error"].as_str().unwrap_or_default();
+    eprintln!("RESULT full share, {size} for {one} bytes a backup: exit 2: {err}");
+    assert_eq!(json["failed_phase"], "copy", "{json:#}");
+    assert!(
+        err.to_lowercase().contains("no space"),
+        "not the full-share error: {err}"
+    );
+    assert!(
+        !err.to_lowercase().contains("cancel"),
+        "the cancellation of the other disk was reported instead of the real error: {err}"
+    );
+    assert!(env.partials(&d).is_empty(), "{:?}", env.partials(&d));
+    assert_vm_intact(&d, &before);
+    let whole: Vec<String> = env
+        .folders(&d)
+        .into_iter()
+        .filter(|f| !f.ends_with(".partial") && !f.starts_with('.'))
+        .collect();
+    assert_eq!(whole, vec![good.clone()]);
+    env.verify_ok(&d, &good);
+    drop(env);
+    drop(share);
+}
