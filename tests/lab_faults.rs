@@ -1146,10 +1146,11 @@ fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
     let d = multi_dom();
     wait_agent(&d, Duration::from_secs(60));
     let before = disk_sources(&d);
-    // A real filesystem that holds one backup and a half: the second backup fills it while
-    // its disks are copied two at a time.
+    // A real filesystem with room for two backups (the pre-check wants the allocated size
+    // and a margin free): the first backup fits; while the second one's disks are copied
+    // two at a time, something else fills the share.
     let one = multi_allocated();
-    let size = format!("{}M", (one + one / 2) / (1 << 20) + 24);
+    let size = format!("{}M", 2 * one / (1 << 20) + 160);
     let tmp = tempfile::Builder::new()
         .prefix("vmb-faults-full")
         .tempdir_in("/var/tmp")
@@ -1157,23 +1158,17 @@ fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
     let mnt = tmp.path().join("share");
     let share = Share::full(&mnt, &size, false);
     let env = Env::with_target(120, 5, 10, Some(mnt.clone()));
-    let backup = |env: &Env| {
-        let out = env
-            .cmd(&[
-                "backup",
-                &d,
-                "--json",
-                "--method",
-                "quiesce",
-                "--disk-parallel",
-                "2",
-            ])
-            .output()
-            .unwrap();
-        let json = Env::json(&out);
-        (out, json)
-    };
-    let (out, json) = backup(&env);
+    let args = [
+        "backup",
+        &d,
+        "--json",
+        "--method",
+        "quiesce",
+        "--disk-parallel",
+        "2",
+    ];
+    let out = env.cmd(&args).output().unwrap();
+    let json = Env::json(&out);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -1181,8 +1176,28 @@ fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
         text(&out.stderr)
     );
     let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
-    // The next one cannot fit.
-    let (out, json) = backup(&env);
+    let mut child = env
+        .cmd(&args)
+        .env("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "3000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while env.partials(&d).is_empty() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("backup ended ({status}) before its partial folder appeared");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
+        sleep(Duration::from_millis(50));
+    }
+    // Leave 48 MiB free: far less than one disk.
+    let avail = cmd_stdout("df", &["--output=avail", "-B1", &mnt.to_string_lossy()]);
+    let avail: u64 = avail.lines().nth(1).unwrap().trim().parse().unwrap();
+    let filler = mnt.join("filler.bin");
+    let fill = (avail.saturating_sub(48 << 20)).to_string();
+    cmd_stdout("fallocate", &["-l", &fill, &filler.to_string_lossy()]);
+    let (out, json) = finish(child);
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -1190,7 +1205,9 @@ fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
         text(&out.stderr)
     );
     let err = json["error"].as_str().unwrap_or_default();
-    eprintln!("RESULT full share, {size} for {one} bytes a backup: exit 2: {err}");
+    eprintln!(
+        "RESULT share filled during the copy ({size} share, {one} bytes a backup): exit 2: {err}"
+    );
     assert_eq!(json["failed_phase"], "copy", "{json:#}");
     assert!(
         err.to_lowercase().contains("no space"),
@@ -1209,6 +1226,18 @@ fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
         .collect();
     assert_eq!(whole, vec![good.clone()]);
     env.verify_ok(&d, &good);
+    fs::remove_file(&filler).unwrap();
     drop(env);
     drop(share);
+}
+
+/// Runs a program, panics unless it succeeds; returns its stdout.
+fn cmd_stdout(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
 }
