@@ -1191,11 +1191,11 @@ fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
         assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
         sleep(Duration::from_millis(50));
     }
-    // Leave 48 MiB free: far less than one disk.
+    // Leave a quarter of a backup free (at most 48 MiB): less than the disks need.
     let avail = cmd_stdout("df", &["--output=avail", "-B1", &mnt.to_string_lossy()]);
     let avail: u64 = avail.lines().nth(1).unwrap().trim().parse().unwrap();
     let filler = mnt.join("filler.bin");
-    let fill = (avail.saturating_sub(48 << 20)).to_string();
+    let fill = avail.saturating_sub((one / 4).min(48 << 20)).to_string();
     cmd_stdout("fallocate", &["-l", &fill, &filler.to_string_lossy()]);
     let (out, json) = finish(child);
     assert_eq!(

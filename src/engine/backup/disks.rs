@@ -113,11 +113,20 @@ fn workers(setting: usize, disks: usize) -> usize {
 
 /// The options of each copy when `parallel` run at once: both hashes, and the queue depth
 /// split between them (at least one buffer each) so the buffers in flight stay those of one
-/// copy.
+/// copy. The chunk hashers are split the same way when the copier would pick their number
+/// (one per core): the copies share the cores instead of each starting a worker per core.
 fn shared_options(base: &CopyOptions, parallel: usize) -> CopyOptions {
+    let parallel = parallel.max(1);
+    let hash_workers = if base.hash_workers == 0 && parallel > 1 {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        (cores / parallel).max(1)
+    } else {
+        base.hash_workers
+    };
     CopyOptions {
         hash: HashMode::Both,
-        queue_depth: (base.queue_depth / parallel.max(1)).max(1),
+        queue_depth: (base.queue_depth / parallel).max(1),
+        hash_workers,
         ..base.clone()
     }
 }
@@ -504,6 +513,14 @@ mod tests {
         let one = shared_options(&base, 1);
         assert_eq!((one.queue_depth, one.hash), (16, HashMode::Both));
         assert_eq!(shared_options(&base, 2).queue_depth, 8);
+        // The copier picks the hashers of one copy; two copies share the cores.
+        assert_eq!(one.hash_workers, 0);
+        assert!(shared_options(&base, 2).hash_workers >= 1);
+        let chosen = CopyOptions {
+            hash_workers: 3,
+            ..base.clone()
+        };
+        assert_eq!(shared_options(&chosen, 2).hash_workers, 3);
         assert_eq!(shared_options(&base, 3).queue_depth, 5);
         let tiny = CopyOptions {
             queue_depth: 1,
