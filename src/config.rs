@@ -497,6 +497,25 @@ mod tests {
     }
 
     #[test]
+    fn disk_parallel_defaults_to_two_and_is_bounded() {
+        let s = Settings::parse("", Path::new("x.conf")).unwrap();
+        assert_eq!(s.copy.disk_parallel, DEFAULT_DISK_PARALLEL);
+        let s = Settings::parse("[copy]\ndisk_parallel = 3\n", Path::new("x.conf")).unwrap();
+        assert_eq!(s.copy.disk_parallel, 3);
+        for bad in ["0", "17"] {
+            let e = Settings::parse(
+                &format!("[copy]\ndisk_parallel = {bad}\n"),
+                Path::new("x.conf"),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { key, .. } if key == "copy.disk_parallel"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_names_file_line_and_key() {
         let text = "target = \"/srv/b\"\n[timeouts]\nagent_secs = 3\n";
         let err = Settings::parse(text, Path::new("/etc/vm-backup/vm-backup.conf")).unwrap_err();

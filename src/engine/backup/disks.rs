@@ -195,6 +195,11 @@ impl CopyGroup<'_> {
                     s.spawn(|| {
                         let mut first = true;
                         loop {
+                            // After a failure (or the driver's cancel) no new disk starts;
+                            // the first wave always meets at the barrier.
+                            if !first && self.cancel.is_cancelled() {
+                                break;
+                            }
                             let i = next.fetch_add(1, Ordering::SeqCst);
                             let Some(d) = disks.get(i) else {
                                 if first {
@@ -242,7 +247,14 @@ impl CopyGroup<'_> {
             .into_iter()
             .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| self.fail(Cause::Internal("a disk was not copied")))
+            .ok_or_else(|| {
+                // Disks left untouched because the group was cancelled between two disks.
+                if self.cancel.is_cancelled() {
+                    self.fail(Cause::Cancelled)
+                } else {
+                    self.fail(Cause::Internal("a disk was not copied"))
+                }
+            })
     }
 
     /// The error to report from the workers' errors (in the order they happened): the first
@@ -602,5 +614,149 @@ mod tests {
         );
         assert!(group.first_real(Vec::new()).is_none());
         assert_eq!(log.text().lines().count(), 2, "{}", log.text());
+    }
+
+    /// Records the copy events, in the order they were told (from any thread).
+    #[derive(Default)]
+    struct Events(Mutex<Vec<String>>);
+
+    impl BackupObserver for Events {
+        fn on_event(&self, event: &BackupEvent<'_>) {
+            let line = match event {
+                BackupEvent::DiskCopyStarted { label, .. } => format!("start {label}"),
+                BackupEvent::DiskCopied { label, .. } => format!("end {label}"),
+                _ => return,
+            };
+            self.0.lock().unwrap().push(line);
+        }
+    }
+
+    fn raw_disk(dir: &Path, target: &str, mib: usize) -> SessionDisk {
+        let source = dir.join(format!("{target}.raw"));
+        if mib > 0 {
+            let block: Vec<u8> = (0..1 << 20)
+                .map(|i: u32| (i * 7 + mib as u32) as u8)
+                .collect();
+            let data: Vec<u8> = std::iter::repeat_n(&block, mib)
+                .flatten()
+                .copied()
+                .collect();
+            std::fs::write(&source, data).unwrap();
+        }
+        SessionDisk {
+            target: target.into(),
+            source,
+            format: "raw".into(),
+            virtual_size: (mib as u64) << 20,
+            allocated_size: (mib as u64) << 20,
+            file_name: format!("vm-{target}.raw"),
+            backing_file: None,
+            backing_chain: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn real_copies_two_at_a_time_overlap_and_come_back_in_plan_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks: Vec<SessionDisk> = [("vda", 6), ("vdb", 1), ("vdc", 3)]
+            .iter()
+            .map(|(t, m)| raw_disk(dir.path(), t, *m))
+            .collect();
+        let partial =
+            PartialBackup::create(dir.path().join("s.partial"), dir.path().join("s")).unwrap();
+        let (log, events, cancel, driver) = (
+            RunLog::new(),
+            Events::default(),
+            CancelToken::new(),
+            CancelToken::new(),
+        );
+        let sink = crate::progress::NoProgress;
+        let all = AllDisks::new(&sink, planned_bytes(&disks));
+        let group = CopyGroup {
+            vm: "vm",
+            log: &log,
+            progress: &all,
+            observer: &events,
+            partial: &partial,
+            options: shared_options(&CopyOptions::default(), 2),
+            cancel: &cancel,
+        };
+        let records = group.concurrently(&disks, 2, &driver).unwrap();
+        let targets: Vec<&str> = records.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, ["vda", "vdb", "vdc"]);
+        for (r, d) in records.iter().zip(&disks) {
+            let bytes = std::fs::read(&d.source).unwrap();
+            assert_eq!(
+                r.sha256,
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+            );
+            assert_eq!(std::fs::read(partial.path().join(&r.file)).unwrap(), bytes);
+        }
+        let seen = events.0.lock().unwrap().clone();
+        // The first wave both started before either ended.
+        assert_eq!(seen[..2], ["start vda", "start vdb"], "{seen:?}");
+        assert_eq!(seen.len(), 6, "{seen:?}");
+    }
+
+    #[test]
+    fn the_first_failing_disk_cancels_the_others_and_its_error_goes_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // vdb's image does not exist: its copy fails at once, vda's (large) is cancelled.
+        let disks = vec![
+            raw_disk(dir.path(), "vda", 48),
+            raw_disk(dir.path(), "vdb", 0),
+            raw_disk(dir.path(), "vdc", 1),
+        ];
+        let partial =
+            PartialBackup::create(dir.path().join("s.partial"), dir.path().join("s")).unwrap();
+        let (log, events, cancel, driver) = (
+            RunLog::new(),
+            Events::default(),
+            CancelToken::new(),
+            CancelToken::new(),
+        );
+        let progress = crate::progress::NoProgress;
+        let group = CopyGroup {
+            vm: "vm",
+            log: &log,
+            progress: &progress,
+            observer: &events,
+            partial: &partial,
+            options: shared_options(&CopyOptions::default(), 2),
+            cancel: &cancel,
+        };
+        let e = group.concurrently(&disks, 2, &driver).unwrap_err();
+        assert_ne!(e.kind(), ErrorKind::Cancelled, "{e}");
+        assert!(e.to_string().contains("vdb"), "{e}");
+        assert!(cancel.is_cancelled());
+        assert!(!driver.is_cancelled(), "the driver's token is left alone");
+        // vdc never started: no disk begins after the failure.
+        let seen = events.0.lock().unwrap().clone();
+        assert!(!seen.contains(&"start vdc".to_string()), "{seen:?}");
+    }
+
+    #[test]
+    fn the_drivers_cancel_reaches_every_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = vec![
+            raw_disk(dir.path(), "vda", 32),
+            raw_disk(dir.path(), "vdb", 32),
+        ];
+        let partial =
+            PartialBackup::create(dir.path().join("s.partial"), dir.path().join("s")).unwrap();
+        let (log, cancel, driver) = (RunLog::new(), CancelToken::new(), CancelToken::new());
+        let progress = crate::progress::NoProgress;
+        let group = CopyGroup {
+            vm: "vm",
+            log: &log,
+            progress: &progress,
+            observer: &super::super::NoObserver,
+            partial: &partial,
+            options: shared_options(&CopyOptions::default(), 2),
+            cancel: &cancel,
+        };
+        driver.cancel();
+        let e = group.concurrently(&disks, 2, &driver).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
     }
 }
