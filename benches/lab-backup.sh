@@ -12,9 +12,17 @@
 # (allocated ÷ write limit) + 0.5 s.
 # SPDX-License-Identifier: AGPL-3.0-or-later
 #
+# With --guest multi --disk-parallel 1,2: the lab's three-disk guest (vda qcow2, vdb qcow2 on a
+# backing file, vdc raw; SIZE of random data in each), (a) once per concurrency, interleaved:
+# the disks copied one after the other (a1) and two at a time (a2), with the peak RSS of each.
+#
 # Usage: benches/lab-backup.sh [--rounds N] [--fill SIZE] [--prefix P] [--methods a,b,c] [--reuse] [--keep]
+#                              [--guest agent|multi] [--disk-parallel N[,N...]]
 #   --rounds N     rounds (default 3); the order of the methods rotates every round
-#   --fill SIZE    random data on the guest's data disk (default 1000M; disk is SIZE+200M)
+#   --fill SIZE    random data on the guest's data disk (default 1000M; disk is SIZE+200M); multi:
+#                  on each of its three disks
+#   --guest G      agent (default; one data disk) or multi (three disks; only (a) runs)
+#   --disk-parallel LIST  run (a) once per value (methods a1, a2, ...): `--disk-parallel N`
 #   --prefix P     lab prefix (default vmbbench): domain P-agent, disks in /var/lib/vm-backup-lab/P
 #   --methods      subset to run (default a,b,c; (a) is skipped when vm-backup cannot back up yet)
 #   --reuse        keep an existing P-agent domain instead of recreating it
@@ -26,7 +34,7 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 export LIBVIRT_DEFAULT_URI=qemu:///system
 
-rounds=3 fill=1000M prefix=vmbbench methods=a,b,c reuse="" keep="" vmb=""
+rounds=3 fill=1000M prefix=vmbbench methods=a,b,c reuse="" keep="" vmb="" guest=agent parallel=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -36,12 +44,16 @@ while [ $# -gt 0 ]; do
     --reuse) reuse=1; shift ;;
     --keep) keep=1; shift ;;
     --bin) vmb=$(realpath "$2"); shift 2 ;;
+    --guest) guest=$2; shift 2 ;;
+    --disk-parallel) parallel=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "bench: must run as root" >&2; exit 1; }
+case "$guest" in agent|multi) ;; *) echo "unknown guest $guest" >&2; exit 2 ;; esac
+[ "$guest" = agent ] || methods=a   # (b) and (c) know the one-disk guest only
 lab=$repo/lab/libvirt-lab.sh
-dom=$prefix-agent
+dom=$prefix-$guest
 labdir=$($lab dir "$prefix")
 out=/var/lib/vm-backup-lab/bench-target/$prefix
 now() { date +%s.%N; }
@@ -67,13 +79,24 @@ if [ -n "$reuse" ] && [ "$(virsh domstate "$dom" 2>/dev/null)" = running ]; then
   echo "bench: reusing $dom"
 else
   size_mb=$(( $(numfmt --from=iec "$fill") / 1048576 + 200 ))
-  $lab up "$prefix" --only agent --data-size "${size_mb}M" --fill "$fill"
+  $lab up "$prefix" --only "$guest" --data-size "${size_mb}M" --fill "$fill"
 fi
 $lab wait-agent "$dom" 60 >/dev/null
 base=$labdir/agent-vda.qcow2
 mkdir -p "$out"
-alloc=$(qemu-img info -U --output=json "$base" | jq '.["actual-size"]')
-echo "bench: $dom, data disk $base: $(numfmt --to=iec "$alloc") allocated"
+if [ "$guest" = agent ]; then
+  alloc=$(qemu-img info -U --output=json "$base" | jq '.["actual-size"]')
+  echo "bench: $dom, data disk $base: $(numfmt --to=iec "$alloc") allocated"
+else
+  alloc=0
+  for f in multi-vda.qcow2 multi-vdb.qcow2 multi-vdb-base.qcow2 multi-vdc.raw; do
+    alloc=$(( alloc + $(stat -c '%b * %B' "$labdir/$f") ))
+  done
+  echo "bench: $dom, three disks (vdb on a backing file): $(numfmt --to=iec "$alloc") allocated"
+fi
+# The disks the guest runs on: the same after every method.
+disks_of() { virsh domblklist "$dom" --details | awk '$2 == "disk" {print $3, $4}'; }
+disks_before=$(disks_of)
 
 have_a=""
 if [[ ",$methods," == *",a,"* ]]; then
@@ -94,14 +117,18 @@ if [[ ",$methods," == *",a,"* ]]; then
   rm -rf "$out/probe" "$out/probe.log"
 fi
 
+# run_a [N]: vm-backup backup, with --disk-parallel N when given; peak RSS into $rss (KiB).
 run_a() {
   local d=$out/a; rm -rf "$d"; mkdir -p "$d"
   "$vmb" init --target "$d" > /dev/null
   local rc=0
-  "$vmb" backup "$dom" --target "$d" > "$out/a.log" 2>&1 || rc=$?
+  /usr/bin/time -f %M -o "$out/a.rss" "$vmb" backup "$dom" --target "$d" ${1:+--disk-parallel "$1"} \
+    > "$out/a.log" 2>&1 || rc=$?
+  rss=$(tail -n 1 "$out/a.rss")
   # 0 = success, 3 = completed with a post-check warning (still a whole backup).
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then cat "$out/a.log" >&2; return 1; fi
   frozen=$(find "$d" -name backup-metadata.json -exec jq -r '.frozen_ms // "nan" | if type == "number" then round else . end' {} + | head -n 1)
+  copy=$(find "$d" -name backup-metadata.json -exec jq -r '.phases.copy // "nan"' {} + | head -n 1)
 }
 
 run_b() {
@@ -137,27 +164,35 @@ write_limit() {
   awk -v s="$s" 'BEGIN{printf "%.1f", 512/s}'
 }
 
-declare -A times frozens
+declare -A times frozens rsss copies
 writes=""
 order=(a b c)
+if [ -n "$parallel" ]; then
+  order=()
+  for n in ${parallel//,/ }; do order+=("a$n"); done
+  [ "$guest" = agent ] && order+=(b c)
+fi
+methods_order=("${order[@]}")
 for r in $(seq 1 "$rounds"); do
   line="round $r:"
   for m in "${order[@]}"; do
-    [[ ",$methods," == *",$m,"* ]] || continue
-    [ "$m" = a ] && [ -z "$have_a" ] && continue
+    [[ ",$methods," == *",${m:0:1},"* ]] || continue
+    [ "${m:0:1}" = a ] && [ -z "$have_a" ] && continue
     # Every method reads the base from the disk, not from this host's page cache.
     sync; echo 3 > /proc/sys/vm/drop_caches
-    frozen=nan
+    frozen=nan rss=nan copy=nan
     t=$(now)
-    "run_$m"
+    if [ "${m:0:1}" = a ]; then run_a "${m:1}"; else "run_$m"; fi
     s=$(sub "$t" "$(now)")
     times[$m]+="$s "
     frozens[$m]+="$frozen "
-    line+=" ($m) ${s}s"
-    # The guest must be back on its base image after every method.
-    blk=$(virsh domblklist "$dom" --details 2>&1) || true
-    awk '$3 == "vda" {print $4}' <<<"$blk" | grep -qx "$base" \
-      || { echo "bench: $dom not on $base after ($m):" >&2; echo "$blk" >&2; exit 1; }
+    rsss[$m]+="$rss "
+    copies[$m]+="$copy "
+    line+=" ($m) ${s}s"; [ "$copy" = nan ] || line+=" [copy ${copy}s]"
+    # The guest must be back on its base images after every method.
+    now_disks=$(disks_of)
+    [ "$now_disks" = "$disks_before" ] \
+      || { echo "bench: $dom not on its images after ($m):" >&2; echo "$now_disks" >&2; exit 1; }
   done
   w=$(write_limit); writes+="$w "
   echo "$line  write limit ${w} MiB/s"
@@ -168,19 +203,34 @@ med() { { tr ' ' '\n' <<<"${times[$1]:-}" | grep . || true; } | median; }
 echo
 echo "== medians over $rounds rounds ($(numfmt --to=iec "$alloc") allocated, $(nproc) cores, TCG guest)"
 declare -A M
-for m in a b c; do
+for m in "${methods_order[@]}"; do
   [ -n "${times[$m]:-}" ] || continue
   M[$m]=$(med "$m")
   fz=$( { tr ' ' '\n' <<<"${frozens[$m]}" | grep -v '^nan$' | grep . || true; } | median)
   mbs=$(awk -v b="$alloc" -v s="${M[$m]}" 'BEGIN{printf "%.0f", b/1048576/s}')
+  cp_med=$( { tr ' ' '\n' <<<"${copies[$m]}" | grep -v '^nan$' | grep . || true; } | median)
+  peak=$( { tr ' ' '\n' <<<"${rsss[$m]}" | grep -v '^nan$' | grep . || true; } | sort -g | tail -n 1)
   case $m in
     a) label="vm-backup backup" ;;
+    a*) label="vm-backup backup --disk-parallel ${m:1}" ;;
     b) label="reference (snapshot+cp+sha256sum+blockcommit)" ;;
     c) label="virtnbdbackup -l copy" ;;
   esac
-  printf '(%s) %-48s median %8.3f s  %5s MiB/s  frozen window %s\n' "$m" "$label" "${M[$m]}" "$mbs" \
-    "$( [ "$fz" = nan ] && echo n/a || echo "$fz ms" )"
+  printf '(%s) %-48s median %8.3f s  %5s MiB/s  frozen window %s%s\n' "$m" "$label" "${M[$m]}" "$mbs" \
+    "$( [ "$fz" = nan ] && echo n/a || echo "$fz ms" )" "${peak:+  peak RSS $peak KiB}"
+  [ "$cp_med" = nan ] || printf '    copy phase (metadata phases.copy) median %.3f s  %s MiB/s\n' "$cp_med" \
+    "$(awk -v b="$alloc" -v s="$cp_med" 'BEGIN{printf "%.0f", b/1048576/s}')"
 done
+if [ -n "$parallel" ]; then
+  first=${methods_order[0]}
+  for m in "${methods_order[@]:1}"; do
+    [[ $m == a* ]] && [ -n "${M[$m]:-}" ] && [ -n "${M[$first]:-}" ] \
+      && echo "ratio ($first)/($m) = $(ratio "${M[$first]}" "${M[$m]}") whole backup, $(ratio \
+        "$( { tr ' ' '\n' <<<"${copies[$first]}" | grep -v '^nan$' | grep . || true; } | median)" \
+        "$( { tr ' ' '\n' <<<"${copies[$m]}" | grep -v '^nan$' | grep . || true; } | median)") copy phase  (> 1: ($m) is faster)"
+  done
+  M[a]=${M[$first]:-}
+fi
 [ -n "${M[a]:-}" ] && [ -n "${M[b]:-}" ] && echo "ratio (a)/(b) = $(ratio "${M[a]}" "${M[b]}")"
 [ -n "${M[a]:-}" ] && [ -n "${M[c]:-}" ] && echo "ratio (a)/(c) = $(ratio "${M[a]}" "${M[c]}")"
 [ -n "${M[b]:-}" ] && [ -n "${M[c]:-}" ] && echo "ratio (c)/(b) = $(ratio "${M[c]}" "${M[b]}")"

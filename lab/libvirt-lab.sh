@@ -11,6 +11,7 @@
 #                               (re)create and start PREFIX-{agent,noagent,uefi,multi}; PREFIX: $VMB_LAB_PREFIX or vmb.
 #                               --data-size: size of the agent domain's data disk (default 256M);
 #                               --fill: put a file of SIZE random bytes (/fill.bin) on that disk (bench);
+#                               multi: each of its three disks is --data-size with a fill.bin of SIZE;
 #                               --only: create only these kinds (agent,noagent,uefi,multi)
 #   down [PREFIX] | down --all [--daemons] | down --daemons
 #                               destroy + undefine PREFIX's domains (and any other "PREFIX-*" domain),
@@ -329,14 +330,17 @@ create_disks() {
     uefi)
       qemu-img create -q -f qcow2 "$dir/uefi-vda.qcow2" 64M ;;
     multi)
-      make_ext4 "$dir/multi-vda.raw" 128M labdata "seed of $p-multi vda"
+      # With --fill: every disk is --data-size and holds SIZE random bytes (vdb's in its backing file).
+      local msize=128M dsize=64M
+      if [ -n "$fill" ]; then msize=$data_size dsize=$data_size; fi
+      make_ext4 "$dir/multi-vda.raw" "$msize" labdata "seed of $p-multi vda" "$fill"
       qemu-img convert -f raw -O qcow2 "$dir/multi-vda.raw" "$dir/multi-vda.qcow2"
       rm -f "$dir/multi-vda.raw"
-      make_ext4 "$dir/multi-vdb-base.raw" 64M labdata2 "seed of $p-multi vdb (in the backing file)"
+      make_ext4 "$dir/multi-vdb-base.raw" "$dsize" labdata2 "seed of $p-multi vdb (in the backing file)" "$fill"
       qemu-img convert -f raw -O qcow2 "$dir/multi-vdb-base.raw" "$dir/multi-vdb-base.qcow2"
       rm -f "$dir/multi-vdb-base.raw"
       qemu-img create -q -f qcow2 -b "$dir/multi-vdb-base.qcow2" -F qcow2 "$dir/multi-vdb.qcow2"
-      make_ext4 "$dir/multi-vdc.raw" 64M labdata3 "seed of $p-multi vdc (raw)"
+      make_ext4 "$dir/multi-vdc.raw" "$dsize" labdata3 "seed of $p-multi vdc (raw)" "$fill"
       local iso; iso=$(mktemp -d "$LAB_ROOT/.iso.XXXXXX")
       echo "vm-backup lab cdrom of $p-multi" > "$iso/README.TXT"
       genisoimage -quiet -V LABCD -o "$dir/multi-cdrom.iso" "$iso"

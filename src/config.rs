@@ -13,6 +13,8 @@
 //! commit_seconds = 600             # blockcommit convergence
 //! commit_pause_max_seconds = 5     # then the guest paused at most this long to converge
 //! shutdown_seconds = 300           # clean shutdown for offline --shutdown
+//! [copy]
+//! disk_parallel = 2                # disks of one VM copied at once (1: one after the other)
 //! [slack]
 //! alerts_webhook = "https://hooks.slack.com/services/…"
 //! reports_webhook = "https://hooks.slack.com/services/…"
@@ -180,6 +182,32 @@ pub struct Settings {
     pub test_restore: TestRestore,
     /// The off-site copy (`vm-backup offsite`, docs/offsite.md).
     pub offsite: Offsite,
+    /// How a backup copies its disks (`[copy]`).
+    pub copy: CopySettings,
+}
+
+/// How a backup copies the disks of a VM (`[copy]`; `--disk-parallel` and the plugin's
+/// `disk_parallel=` override it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CopySettings {
+    /// Disks of one VM copied at once, sharing one queue of buffers (1: one after the
+    /// other; default [`DEFAULT_DISK_PARALLEL`]).
+    pub disk_parallel: usize,
+}
+
+/// Most disks copied at once (the queue of buffers is split between them).
+pub const MAX_DISK_PARALLEL: usize = 16;
+
+/// Default of `[copy] disk_parallel` (docs/performance.md §4b).
+pub const DEFAULT_DISK_PARALLEL: usize = 2;
+
+impl Default for CopySettings {
+    fn default() -> Self {
+        Self {
+            disk_parallel: DEFAULT_DISK_PARALLEL,
+        }
+    }
 }
 
 /// The off-site copy on S3-compatible storage (`[offsite]`; flags override each key).
@@ -248,6 +276,7 @@ impl Default for Settings {
             metrics_file: None,
             test_restore: TestRestore::default(),
             offsite: Offsite::default(),
+            copy: CopySettings::default(),
         }
     }
 }
@@ -286,6 +315,13 @@ impl Settings {
                 path: path.to_path_buf(),
                 key: "target".into(),
                 message: "must be an absolute path".into(),
+            });
+        }
+        if !(1..=MAX_DISK_PARALLEL).contains(&settings.copy.disk_parallel) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "copy.disk_parallel".into(),
+                message: format!("must be 1 to {MAX_DISK_PARALLEL}"),
             });
         }
         Ok(settings)
@@ -458,6 +494,25 @@ mod tests {
         let s = Settings::parse("", Path::new("x.conf")).unwrap();
         assert_eq!(s.target, PathBuf::from("/mnt/backup"));
         assert_eq!(s.timeouts.agent_seconds, 10);
+    }
+
+    #[test]
+    fn disk_parallel_defaults_to_two_and_is_bounded() {
+        let s = Settings::parse("", Path::new("x.conf")).unwrap();
+        assert_eq!(s.copy.disk_parallel, DEFAULT_DISK_PARALLEL);
+        let s = Settings::parse("[copy]\ndisk_parallel = 3\n", Path::new("x.conf")).unwrap();
+        assert_eq!(s.copy.disk_parallel, 3);
+        for bad in ["0", "17"] {
+            let e = Settings::parse(
+                &format!("[copy]\ndisk_parallel = {bad}\n"),
+                Path::new("x.conf"),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { key, .. } if key == "copy.disk_parallel"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -1255,3 +1255,73 @@ fn orphans_skips_the_overlays_of_a_vm_whose_lock_is_held() {
     drop(guard);
     assert_on_original_images(&d, &before);
 }
+
+#[test]
+fn multi_disks_are_copied_two_at_a_time_and_listed_in_plan_order() {
+    if !lab_enabled("multi_disks_are_copied_two_at_a_time_and_listed_in_plan_order") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = multi_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    let t = Instant::now();
+    let (out, json) = env.backup(&d, &["--method", "quiesce", "--disk-parallel", "2"]);
+    let secs = t.elapsed().as_secs_f64();
+    let json = json.unwrap_or_else(|| panic!("no JSON: {}", text(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let dir = check_outcome(&json, &d, "quiesce");
+    eprintln!("MEASURE backup of {d} with --disk-parallel 2: {secs:.2} s");
+    assert_on_original_images(&d, &before);
+    assert!(env.partials(&d).is_empty());
+    // The metadata lists the disks in the plan's order, whatever order they finished in.
+    let targets: Vec<&str> = json["metadata"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["vda", "vdb", "vdc"]);
+    // The run log: two at once, and a disk's copy began before another's ended.
+    let log = fs::read_to_string(dir.join("backup.log")).unwrap();
+    assert!(
+        log.contains("copying 3 disks, 2 at once"),
+        "no concurrency line in the log:\n{log}"
+    );
+    let overlap = overlapping_copies(&log);
+    assert!(overlap.is_some(), "no overlapping copies:\n{log}");
+    eprintln!("RESULT copies overlapped: {overlap:?}");
+    let events = copy_events(&log);
+    for disk in ["vda", "vdb", "vdc"] {
+        assert!(
+            events.contains(&(disk.to_string(), true)),
+            "{disk}: {events:?}"
+        );
+        assert!(
+            events.contains(&(disk.to_string(), false)),
+            "{disk}: {events:?}"
+        );
+    }
+    // Every disk (and vdb's backing image) verifies against its manifest and checksum.
+    let stamp = json["metadata"]["stamp"].as_str().unwrap();
+    let v = env.cmd(&["verify", &d, stamp]).output().unwrap();
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "verify: {}{}",
+        text(&v.stdout),
+        text(&v.stderr)
+    );
+    sha256sum_c(&dir);
+    qemu_img_check(&dir.join(format!("{d}-vdb.qcow2")));
+    assert!(dir.join(format!("{d}-vdb.backing-1.qcow2")).is_file());
+    // With 1, the disks go one after the other: no overlap.
+    let (out, json) = env.backup(&d, &["--method", "quiesce", "--disk-parallel", "1"]);
+    let json = json.unwrap_or_else(|| panic!("no JSON: {}", text(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let dir = check_outcome(&json, &d, "quiesce");
+    let log = fs::read_to_string(dir.join("backup.log")).unwrap();
+    assert_eq!(overlapping_copies(&log), None, "{log}");
+    assert_on_original_images(&d, &before);
+}

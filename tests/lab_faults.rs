@@ -1118,3 +1118,126 @@ fn a_backup_started_under_umask_022_writes_private_files() {
     eprintln!("RESULT umask 022: {} files and folders checked", seen.len());
     assert!(open.is_empty(), "readable by others: {open:#?}");
 }
+
+/// Bytes allocated on the host by the lab images of the `multi` domain (what a backup copies).
+fn multi_allocated() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    [
+        "multi-vda.qcow2",
+        "multi-vdb.qcow2",
+        "multi-vdb-base.qcow2",
+        "multi-vdc.raw",
+    ]
+    .iter()
+    .map(|f| {
+        fs::metadata(lab_dir().join(f))
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    })
+    .sum()
+}
+
+#[test]
+fn the_share_fills_while_two_disks_copy_the_backup_fails_cleanly() {
+    if !lab_enabled("the_share_fills_while_two_disks_copy_the_backup_fails_cleanly") {
+        return;
+    }
+    let _g = serial();
+    let d = multi_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    // A real filesystem with room for two backups (the pre-check wants the allocated size
+    // and a margin free): the first backup fits; while the second one's disks are copied
+    // two at a time, something else fills the share.
+    let one = multi_allocated();
+    let size = format!("{}M", 2 * one / (1 << 20) + 160);
+    let tmp = tempfile::Builder::new()
+        .prefix("vmb-faults-full")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mnt = tmp.path().join("share");
+    let share = Share::full(&mnt, &size, false);
+    let env = Env::with_target(120, 5, 10, Some(mnt.clone()));
+    let args = [
+        "backup",
+        &d,
+        "--json",
+        "--method",
+        "quiesce",
+        "--disk-parallel",
+        "2",
+    ];
+    let out = env.cmd(&args).output().unwrap();
+    let json = Env::json(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let good = json["metadata"]["stamp"].as_str().unwrap().to_string();
+    let mut child = env
+        .cmd(&args)
+        .env("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "3000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while env.partials(&d).is_empty() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("backup ended ({status}) before its partial folder appeared");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no partial folder");
+        sleep(Duration::from_millis(50));
+    }
+    // Leave a quarter of a backup free (at most 48 MiB): less than the disks need.
+    let avail = cmd_stdout("df", &["--output=avail", "-B1", &mnt.to_string_lossy()]);
+    let avail: u64 = avail.lines().nth(1).unwrap().trim().parse().unwrap();
+    let filler = mnt.join("filler.bin");
+    let fill = avail.saturating_sub((one / 4).min(48 << 20)).to_string();
+    cmd_stdout("fallocate", &["-l", &fill, &filler.to_string_lossy()]);
+    let (out, json) = finish(child);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{json:#}\n{}",
+        text(&out.stderr)
+    );
+    let err = json["error"].as_str().unwrap_or_default();
+    eprintln!(
+        "RESULT share filled during the copy ({size} share, {one} bytes a backup): exit 2: {err}"
+    );
+    assert_eq!(json["failed_phase"], "copy", "{json:#}");
+    assert!(
+        err.to_lowercase().contains("no space"),
+        "not the full-share error: {err}"
+    );
+    assert!(
+        !err.to_lowercase().contains("cancel"),
+        "the cancellation of the other disk was reported instead of the real error: {err}"
+    );
+    assert!(env.partials(&d).is_empty(), "{:?}", env.partials(&d));
+    assert_vm_intact(&d, &before);
+    let whole: Vec<String> = env
+        .folders(&d)
+        .into_iter()
+        .filter(|f| !f.ends_with(".partial") && !f.starts_with('.'))
+        .collect();
+    assert_eq!(whole, vec![good.clone()]);
+    env.verify_ok(&d, &good);
+    fs::remove_file(&filler).unwrap();
+    drop(env);
+    drop(share);
+}
+
+/// Runs a program, panics unless it succeeds; returns its stdout.
+fn cmd_stdout(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}

@@ -37,7 +37,7 @@ pub const PLUGIN_NAME: &str = "vm-backup";
 pub const VIRTUAL_ROOT: &str = "/@vm-backup";
 
 /// The keys the plugin string accepts.
-pub const KEYS: [&str; 5] = ["vm", "method", "target", "mode", "config"];
+pub const KEYS: [&str; 6] = ["vm", "method", "target", "mode", "config", "disk_parallel"];
 
 /// The date of this version of the plugin, shown by the File Daemon (`status client`) next to
 /// the version; changed with the version.
@@ -278,6 +278,8 @@ pub struct PluginArgs {
     pub mode: Mode,
     /// The configuration file (default `/etc/vm-backup/vm-backup.conf` when present).
     pub config: Option<PathBuf>,
+    /// Disks copied at once in direct mode, overriding `[copy] disk_parallel`.
+    pub disk_parallel: Option<usize>,
 }
 
 impl PluginArgs {
@@ -289,6 +291,7 @@ impl PluginArgs {
         let mut target = None;
         let mut mode = None;
         let mut config = None;
+        let mut disk_parallel = None;
         for word in rest.split_whitespace() {
             let (key, value) = word
                 .split_once('=')
@@ -311,6 +314,7 @@ impl PluginArgs {
                     .is_none(),
                 "target" => target.replace(absolute(key, value)?).is_none(),
                 "mode" => mode.replace(parse_mode(value)?).is_none(),
+                "disk_parallel" => disk_parallel.replace(parse_disk_parallel(value)?).is_none(),
                 _ => config.replace(absolute(key, value)?).is_none(),
             };
             if !fresh {
@@ -323,7 +327,20 @@ impl PluginArgs {
             target,
             mode: mode.unwrap_or_default(),
             config,
+            disk_parallel,
         })
+    }
+}
+
+fn parse_disk_parallel(value: &str) -> Result<usize, PluginError> {
+    let max = crate::config::MAX_DISK_PARALLEL;
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(bad(
+            "disk_parallel",
+            value,
+            &format!("a number of disks from 1 to {max}"),
+        )),
     }
 }
 
@@ -419,12 +436,14 @@ impl VirtualPath {
 }
 
 /// The effective site settings of a job: the configuration file named by `config=` (or the
-/// default one), with `target=` applied.
+/// default one), with `target=` and `disk_parallel=` applied.
 pub fn settings_for(args: &PluginArgs) -> Result<crate::config::Settings, PluginError> {
-    Ok(crate::config::Settings::load_with_target(
-        args.config.as_deref(),
-        args.target.as_deref(),
-    )?)
+    let mut settings =
+        crate::config::Settings::load_with_target(args.config.as_deref(), args.target.as_deref())?;
+    if let Some(n) = args.disk_parallel {
+        settings.copy.disk_parallel = n;
+    }
+    Ok(settings)
 }
 
 /// The name under which a VM restored with a non-empty `where` is defined.
@@ -490,14 +509,16 @@ mod tests {
         assert_eq!(a.mode, Mode::Direct);
         assert_eq!(a.target, None);
         assert_eq!(a.config, None);
+        assert_eq!(a.disk_parallel, None);
     }
 
     #[test]
     fn every_key_parses() {
         let a = PluginArgs::parse(
-            "vm-backup: vm=asa1 method=snapshot target=/mnt/backup mode=stream config=/etc/vb.conf",
+            "vm-backup: vm=asa1 method=snapshot target=/mnt/backup mode=stream config=/etc/vb.conf disk_parallel=3",
         )
         .unwrap();
+        assert_eq!(a.disk_parallel, Some(3));
         assert_eq!(a.method, Some(Method::Snapshot));
         assert_eq!(a.mode, Mode::Stream);
         assert_eq!(a.target.as_deref(), Some(Path::new("/mnt/backup")));
@@ -522,6 +543,11 @@ mod tests {
             ),
             ("vm-backup: vm=a target=/mnt/../etc", "target="),
             ("vm-backup: vm=a config=", "config=\"\": empty value"),
+            (
+                "vm-backup: vm=a disk_parallel=0",
+                "disk_parallel=\"0\": a number",
+            ),
+            ("vm-backup: vm=a disk_parallel=two", "disk_parallel=\"two\""),
             ("vm-backup: vm=a vm=b", "key \"vm\" given twice"),
             ("vm-backup: method=quiesce", "vm=<name> is required"),
             ("vm-backup: vm=a junk", "\"junk\" is not key=value"),
@@ -577,7 +603,7 @@ mod tests {
         assert!(!is_virtual_path("/etc/passwd"));
         assert_eq!(
             plugin_description(),
-            "vm-backup: KVM/libvirt virtual machine backups (vm=<name> method= target= mode= config=)"
+            "vm-backup: KVM/libvirt virtual machine backups (vm=<name> method= target= mode= config= disk_parallel=)"
         );
     }
 

@@ -33,6 +33,10 @@ pub struct Args {
     /// When quiesce is impossible, take a crash-consistent snapshot instead of failing.
     #[arg(long)]
     allow_crash_consistent: bool,
+    /// Disks of the VM copied at once, sharing one queue of buffers (1: one after the other;
+    /// overrides `[copy] disk_parallel`, default 2).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=vm_backup::config::MAX_DISK_PARALLEL as i64))]
+    disk_parallel: Option<u16>,
     /// Write the Prometheus textfile here after the run (overrides `metrics_file`).
     #[arg(long, value_name = "FILE")]
     metrics_file: Option<PathBuf>,
@@ -50,6 +54,9 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     let mut settings = settings(&args.common)?;
     if let Some(path) = &args.metrics_file {
         settings.metrics_file = Some(path.clone());
+    }
+    if let Some(n) = args.disk_parallel {
+        settings.copy.disk_parallel = usize::from(n);
     }
     // An explicit --inventory must exist; the configured one may be absent (no inventory).
     let inventory = match &args.inventory {

@@ -9,24 +9,21 @@
 //! failure, so nothing that failed is ever listed, counted by prune or restored.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::Local;
 
-use crate::copier::ChunkManifest;
-use crate::copier::{self, CopyOptions, HashMode, IoPath};
 use crate::format::layout::{self, VmDir};
-use crate::format::metadata::{self, BackingRecord, BackupMetadata, DiskRecord};
+use crate::format::metadata::{self, BackupMetadata, DiskRecord};
 use crate::progress::Level;
 use crate::store::{FolderStore, PartialBackup};
 use crate::ExitStatus;
 
-use super::chain::{self, BackingImage};
 use super::checks;
 use super::guards::PartialFolder;
 use super::{
-    ApplianceFailure, BackupError, BackupEvent, BackupSession, Cause, Phase, DEBUG_PAUSE_ENV,
+    ApplianceFailure, BackupError, BackupSession, Cause, Phase, DEBUG_PAUSE_ENV,
     DEBUG_PAUSE_POSTCHECK_ENV,
 };
 
@@ -166,175 +163,6 @@ impl BackupSession<'_> {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
-    }
-
-    fn copy_disks(&mut self) -> Result<(), BackupError> {
-        self.phase_started(Phase::Copy);
-        let t = Instant::now();
-        for d in self.plan.disks.clone() {
-            self.log(
-                Level::Info,
-                &format!(
-                    "copying {} ({}, {} bytes allocated, {} virtual) to {}",
-                    d.target,
-                    d.source.display(),
-                    d.allocated_size,
-                    d.virtual_size,
-                    d.file_name
-                ),
-            );
-            let below = chain::layer_below(&d.backing_chain, 0, &d.format);
-            let top = self.copy_image(&d.source, &d.file_name, &d.target, below)?;
-            let mut backing_chain = Vec::new();
-            for b in &d.backing_chain {
-                self.log(
-                    Level::Info,
-                    &format!(
-                        "copying {}'s backing image {} ({}, depth {}, {} bytes allocated) to {}",
-                        d.target,
-                        b.path.display(),
-                        b.format,
-                        b.depth,
-                        b.allocated_size,
-                        b.file_name
-                    ),
-                );
-                let label = format!("{} backing image {}", d.target, b.depth);
-                let below = chain::layer_below(&d.backing_chain, b.depth, &b.format);
-                let c = self.copy_image(&b.path, &b.file_name, &label, below)?;
-                backing_chain.push(BackingRecord {
-                    depth: b.depth,
-                    file: b.file_name.clone(),
-                    source: b.path.to_string_lossy().into_owned(),
-                    format: b.format.clone(),
-                    backing_named_as: b.named_as.clone(),
-                    virtual_size: b.virtual_size,
-                    allocated_size: b.allocated_size,
-                    file_size: c.logical_size,
-                    sha256: c.sha256,
-                    manifest: c.manifest,
-                    copy_seconds: c.seconds,
-                    backing_rewrite: c.rewrite,
-                });
-            }
-            self.copied.push(DiskRecord {
-                target: d.target.clone(),
-                source: d.source.to_string_lossy().into_owned(),
-                format: d.format.clone(),
-                file: d.file_name.clone(),
-                virtual_size: d.virtual_size,
-                allocated_size: d.allocated_size,
-                file_size: top.logical_size,
-                sha256: top.sha256,
-                manifest: top.manifest,
-                copy_seconds: top.seconds,
-                bytes_per_sec: top.bytes_per_sec,
-                io_path: top.io_path.to_string(),
-                backing_chain,
-                backing_rewrite: top.rewrite,
-            });
-        }
-        self.phase_finished(Phase::Copy, t.elapsed().as_secs_f64());
-        Ok(())
-    }
-
-    /// Copies one image into the `.partial` folder as `file_name` with both hashes; a qcow2
-    /// image on a backing chain is pointed at `below`'s copy in the folder (see [`chain`]).
-    fn copy_image(
-        &mut self,
-        src: &Path,
-        file_name: &str,
-        label: &str,
-        below: Option<&BackingImage>,
-    ) -> Result<CopiedImage, BackupError> {
-        if self.run.cancel.is_cancelled() {
-            return Err(self.failed(Phase::Copy, Cause::Cancelled));
-        }
-        let options = CopyOptions {
-            hash: HashMode::Both,
-            ..self.run.request.copy_options.clone()
-        };
-        let sink = self
-            .partial_backup(Phase::Copy)?
-            .create_file(file_name, options.direct_write)
-            .map_err(|e| self.failed(Phase::Copy, e))?;
-        let report = match below.map(chain::rename_for) {
-            Some(rename) => copier::copy_into_renaming_backing(
-                src,
-                Box::new(sink),
-                &options,
-                &rename,
-                self.progress(),
-                &self.run.cancel,
-            ),
-            None => copier::copy_into(
-                src,
-                Box::new(sink),
-                &options,
-                self.progress(),
-                &self.run.cancel,
-            ),
-        }
-        .map_err(|source| {
-            self.failed(
-                Phase::Copy,
-                Cause::Copy {
-                    label: label.to_string(),
-                    source,
-                },
-            )
-        })?;
-        for note in &report.notes {
-            self.log(Level::Info, &format!("copier: {note}"));
-        }
-        let (Some(mut sha256), Some(mut manifest)) =
-            (report.sha256.clone(), report.manifest.clone())
-        else {
-            return Err(self.failed(
-                Phase::Copy,
-                Cause::NoDigests {
-                    label: label.to_string(),
-                },
-            ));
-        };
-        let mut rewrite = None;
-        if let (Some(below), Some(outcome)) = (below, &report.header_rewrite) {
-            let copy = self.partial_backup(Phase::Copy)?.path().join(file_name);
-            let settled = chain::settle_rewrite(&copy, below, outcome, &manifest, &self.run.cancel)
-                .map_err(|e| self.failed(Phase::Copy, e))?;
-            self.log(Level::Info, &format!("{label}: {}", settled.note));
-            if let Some((s, m)) = settled.rehashed {
-                (sha256, manifest) = (s, m);
-            }
-            rewrite = Some(settled.record);
-        }
-        self.log(
-            Level::Info,
-            &format!(
-                "{label} copied: {} bytes in {:.2} s ({:.1} MiB/s, {}), sha256 {}",
-                report.logical_size,
-                report.duration.as_secs_f64(),
-                report.bytes_per_sec / (1 << 20) as f64,
-                io_name(report.io_path),
-                sha256
-            ),
-        );
-        self.run.observer.emit(BackupEvent::DiskCopied {
-            label,
-            file: file_name,
-            bytes: report.logical_size,
-            seconds: report.duration.as_secs_f64(),
-            sha256: &sha256,
-        });
-        Ok(CopiedImage {
-            logical_size: report.logical_size,
-            sha256,
-            manifest,
-            seconds: report.duration.as_secs_f64(),
-            bytes_per_sec: report.bytes_per_sec,
-            io_path: io_name(report.io_path),
-            rewrite,
-        })
     }
 
     /// XML, NVRAM and appliance configs; returns (relative name, sha256) of each.
@@ -529,25 +357,6 @@ impl BackupSession<'_> {
     }
 }
 
-/// What [`BackupSession::copy_image`] produced.
-struct CopiedImage {
-    logical_size: u64,
-    sha256: String,
-    manifest: ChunkManifest,
-    seconds: f64,
-    bytes_per_sec: f64,
-    io_path: &'static str,
-    rewrite: Option<metadata::BackingRewrite>,
-}
-
-fn io_name(io: IoPath) -> &'static str {
-    match io {
-        IoPath::Auto => "auto",
-        IoPath::Uring => "uring",
-        IoPath::Threads => "threads",
-    }
-}
-
 fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(bytes))
@@ -555,7 +364,7 @@ fn hex_sha256(bytes: &[u8]) -> String {
 
 impl BackupSession<'_> {
     /// The `.partial` folder being written.
-    fn partial_backup(&self, phase: Phase) -> Result<&PartialBackup, BackupError> {
+    pub(super) fn partial_backup(&self, phase: Phase) -> Result<&PartialBackup, BackupError> {
         self.held
             .partial
             .as_ref()

@@ -4,11 +4,13 @@
 //! The engine does no reporting of its own (no Slack, no catalog, no metrics textfile): the
 //! command line and the Bacula plugin hand [`super::run_backup`] an observer that does
 //! (`ops::report::Reporter`), a test hands it a recorder, and [`NoObserver`] ignores
-//! everything. Observers are called on the backup's own thread, in the order below, and must
-//! not fail the backup: whatever goes wrong inside one is its own business (log it).
+//! everything. Observers are called in the order below, and must not fail the backup:
+//! whatever goes wrong inside one is its own business (log it). They are `Send + Sync`: the
+//! events of the copy phase come from the threads that copy the disks (up to `[copy]
+//! disk_parallel` at once), each naming its disk.
 //!
 //! ```text
-//! Started ─► (PhaseStarted ─► [FrozenWindow] [DiskCopied…] [CommitPaused…] [Warning…] ─► PhaseFinished)… ─► Finished
+//! Started ─► (PhaseStarted ─► [FrozenWindow] [DiskCopyStarted… DiskCopied…] [CommitPaused…] [Warning…] ─► PhaseFinished)… ─► Finished
 //! ```
 
 use std::sync::Arc;
@@ -43,6 +45,16 @@ pub enum BackupEvent<'e> {
     FrozenWindow {
         /// Milliseconds frozen.
         ms: f64,
+    },
+    /// The copy of a disk (its image, then its backing chain) begins. With several disks
+    /// copied at once (`[copy] disk_parallel`), the events of different disks interleave:
+    /// each names its disk, and a disk's `DiskCopyStarted` before another's `DiskCopied`
+    /// means they were copied at the same time.
+    DiskCopyStarted {
+        /// The disk (`vda`).
+        label: &'e str,
+        /// The file name of its image in the backup folder.
+        file: &'e str,
     },
     /// One image (a disk or an image of its backing chain) was copied and hashed.
     DiskCopied {

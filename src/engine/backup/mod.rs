@@ -86,6 +86,7 @@ pub mod chain;
 pub mod checks;
 mod commit;
 mod direct;
+mod disks;
 mod error;
 mod events;
 mod guards;
@@ -505,6 +506,7 @@ mod tests {
                 BackupEvent::PhaseStarted { phase } => format!("{phase} started"),
                 BackupEvent::PhaseFinished { phase, .. } => format!("{phase} finished"),
                 BackupEvent::FrozenWindow { .. } => "frozen".to_string(),
+                BackupEvent::DiskCopyStarted { file, .. } => format!("copying {file}"),
                 BackupEvent::DiskCopied { file, .. } => format!("copied {file}"),
                 BackupEvent::Warning { .. } => "warning".to_string(),
                 BackupEvent::CommitPaused { target, .. } => format!("commit of {target} paused"),
