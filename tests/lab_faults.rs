@@ -794,6 +794,9 @@ enum ShareFault {
     Full,
     /// The share disappears (unmounted, FUSE server killed) while a disk is being copied.
     Vanishes,
+    /// Once 1 MiB of the copy is written, the share acknowledges writes but stores other bytes
+    /// (silent data loss): the copy's read-back must catch it.
+    StoresOtherBytes,
 }
 
 /// The size of the biggest temporary file (a disk being copied) below `dir`.
@@ -836,6 +839,7 @@ fn share_faults_during_a_backup_fail_it_cleanly_and_keep_the_earlier_backup() {
         ShareFault::FsyncFails,
         ShareFault::Full,
         ShareFault::Vanishes,
+        ShareFault::StoresOtherBytes,
     ] {
         eprintln!("--- share fault {fault:?}");
         let mut child = env.spawn_backup(&d, &[("VMB_DEBUG_PAUSE_BEFORE_COPY_MS", "4000")]);
@@ -852,6 +856,7 @@ fn share_faults_during_a_backup_fail_it_cleanly_and_keep_the_earlier_backup() {
             ShareFault::PublishEio => share.set_fault(&["--fail-op", r"rename=\.partial$"]),
             ShareFault::FsyncFails => share.set_fault(&["--fail-fsync"]),
             ShareFault::Full => share.set_fault(&["--fail-after", "1048576", "--errno", "ENOSPC"]),
+            ShareFault::StoresOtherBytes => share.set_fault(&["--corrupt-after", "1048576"]),
             ShareFault::Vanishes => {
                 // A slow share, so that the copy is caught under way.
                 share.set_fault(&["--write-delay-ms", "30"]);
@@ -875,6 +880,10 @@ fn share_faults_during_a_backup_fail_it_cleanly_and_keep_the_earlier_backup() {
             err.contains(&mnt_text),
             "{fault:?}: the error does not name the target: {err}"
         );
+        if fault == ShareFault::StoresOtherBytes {
+            // Caught while the disk was copied, by reading it back from the share.
+            assert!(err.contains("read-back"), "{fault:?}: {err}");
+        }
         if fault == ShareFault::Vanishes {
             // Nothing went to the empty mount point on the local disk.
             assert!(

@@ -271,11 +271,30 @@ impl BackupSession<'_> {
     /// problem fails the run (nothing is published).
     fn check_partial(&mut self, md: &BackupMetadata) -> Result<(), BackupError> {
         let dir = self.partial_backup(Phase::PostChecks)?.path().to_owned();
+        let images = md
+            .disks
+            .iter()
+            .map(|d| 1 + d.backing_chain.len())
+            .sum::<usize>();
+        let proven = self.read_back.len();
         self.log(
             Level::Info,
-            "post-checks: re-reading the copy from the share (page cache dropped) before publishing",
+            &if proven == 0 {
+                "post-checks: re-reading the copy from the share (page cache dropped) before publishing".to_string()
+            } else {
+                format!(
+                    "post-checks before publishing: {proven} of {images} image(s) already read back \
+                     from the share during the copy; re-reading the rest (page cache dropped)"
+                )
+            },
         );
-        let problems = checks::post_check_folder(&dir, md, self.progress(), &self.run.cancel);
+        let problems = checks::post_check_folder_after_copy(
+            &dir,
+            md,
+            &self.read_back,
+            self.progress(),
+            &self.run.cancel,
+        );
         if self.run.cancel.is_cancelled() {
             return Err(self.failed(Phase::PostChecks, Cause::Cancelled));
         }

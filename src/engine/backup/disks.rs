@@ -23,7 +23,7 @@
 //! Incremental and differential backups go through here too: `take_increment` points each
 //! disk's source at its scratch file of changed blocks before the copy phase.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
@@ -81,6 +81,7 @@ impl BackupSession<'_> {
             partial: self.partial_backup(Phase::Copy)?,
             options,
             cancel: if parallel > 1 { &own } else { &self.run.cancel },
+            read_back: Mutex::new(BTreeSet::new()),
         };
         let copied = if parallel > 1 {
             group.concurrently(&disks, parallel, &self.run.cancel)
@@ -93,6 +94,10 @@ impl BackupSession<'_> {
                 })
                 .collect()
         };
+        self.read_back = group
+            .read_back
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
         match copied {
             Ok(records) => self.copied = records,
             Err(e) => {
@@ -153,6 +158,9 @@ struct CopyGroup<'s> {
     /// Cancels this group: the driver's token with one worker, the group's own (which the
     /// driver's token cancels too) with several.
     cancel: &'s CancelToken,
+    /// The image files whose every written block the copier read back from the share and
+    /// found equal (and that nothing changed after their copy).
+    read_back: Mutex<BTreeSet<String>>,
 }
 
 impl CopyGroup<'_> {
@@ -396,6 +404,8 @@ impl CopyGroup<'_> {
             }));
         };
         let mut rewrite = None;
+        let mut proven =
+            report.settings.read_back && report.bytes_read_back == report.bytes_written;
         if let (Some(below), Some(outcome)) = (below, &report.header_rewrite) {
             let copy = self.partial.path().join(file_name);
             let settled = chain::settle_rewrite(&copy, below, outcome, &manifest, self.cancel)
@@ -403,18 +413,33 @@ impl CopyGroup<'_> {
             self.log(Level::Info, &format!("{label}: {}", settled.note));
             if let Some((s, m)) = settled.rehashed {
                 (sha256, manifest) = (s, m);
+                // The header was changed after the copy: its read-back proves nothing now.
+                proven = false;
             }
             rewrite = Some(settled.record);
+        }
+        if proven {
+            if let Ok(mut set) = self.read_back.lock() {
+                set.insert(file_name.to_string());
+            }
         }
         self.log(
             Level::Info,
             &format!(
-                "{label} copied: {} bytes in {:.2} s ({:.1} MiB/s, {}), sha256 {}",
+                "{label} copied: {} bytes in {:.2} s ({:.1} MiB/s, {}), sha256 {}{}",
                 report.logical_size,
                 report.duration.as_secs_f64(),
                 report.bytes_per_sec / (1 << 20) as f64,
                 io_name(report.io_path),
-                sha256
+                sha256,
+                if proven {
+                    format!(
+                        ", every written byte read back from the share ({} bytes)",
+                        report.bytes_read_back
+                    )
+                } else {
+                    String::new()
+                }
             ),
         );
         self.observer.on_event(&BackupEvent::DiskCopied {
@@ -595,6 +620,7 @@ mod tests {
             partial: &partial,
             options: CopyOptions::default(),
             cancel: &cancel,
+            read_back: Mutex::default(),
         };
         let cancelled = || group.fail(Cause::Cancelled);
         let full = group.fail(Cause::Copy {
@@ -680,6 +706,7 @@ mod tests {
             partial: &partial,
             options: shared_options(&CopyOptions::default(), 2),
             cancel: &cancel,
+            read_back: Mutex::default(),
         };
         let records = group.concurrently(&disks, 2, &driver).unwrap();
         let targets: Vec<&str> = records.iter().map(|r| r.target.as_str()).collect();
@@ -726,6 +753,7 @@ mod tests {
             partial: &partial,
             options: shared_options(&CopyOptions::default(), 2),
             cancel: &cancel,
+            read_back: Mutex::default(),
         };
         let e = group.concurrently(&disks, 2, &driver).unwrap_err();
         assert_ne!(e.kind(), ErrorKind::Cancelled, "{e}");
@@ -756,6 +784,7 @@ mod tests {
             partial: &partial,
             options: shared_options(&CopyOptions::default(), 2),
             cancel: &cancel,
+            read_back: Mutex::default(),
         };
         driver.cancel();
         let e = group.concurrently(&disks, 2, &driver).unwrap_err();

@@ -207,6 +207,21 @@ pub struct BackupRequest {
     pub appliance: Option<Arc<dyn ApplianceHook>>,
 }
 
+/// The copier settings of a backup: O_DIRECT on both ends (the frozen base is read without
+/// filling this host's page cache, the share is written without dirtying it), and every
+/// written block read back from the share as soon as its write completes and compared with
+/// what was hashed, so that the post-checks need not read the images a second time
+/// (docs/performance.md, section 8). Where a filesystem refuses O_DIRECT the copier falls back
+/// and says so, and the post-checks then re-read that image as before.
+pub fn backup_copy_options() -> CopyOptions {
+    CopyOptions {
+        direct_read: true,
+        direct_write: true,
+        read_back: true,
+        ..CopyOptions::default()
+    }
+}
+
 impl BackupRequest {
     /// A request with the defaults: method auto, no shutdown, no fallback.
     pub fn new(vm: &str, settings: Settings) -> Self {
@@ -217,7 +232,7 @@ impl BackupRequest {
             vm_entry: None,
             shutdown: false,
             crash_consistent_fallback: false,
-            copy_options: CopyOptions::default(),
+            copy_options: backup_copy_options(),
             level: BackupLevel::Full,
             checkpoint_full: false,
             appliance: None,

@@ -184,6 +184,9 @@ pub struct BackupSession<'a> {
     pub(super) held: Held,
     /// Direct mode: what the copy phase wrote.
     pub(super) copied: Vec<DiskRecord>,
+    /// Direct mode: the image files the copy read back from the share block by block
+    /// (`CopyOptions::read_back`), which the post-checks need not re-read.
+    pub(super) read_back: std::collections::BTreeSet<String>,
     /// Direct mode: the published metadata and folder.
     pub(super) published: Option<(BackupMetadata, PathBuf)>,
     closed: bool,
@@ -411,6 +414,7 @@ impl<'a> BackupSession<'a> {
                 ..Held::default()
             },
             copied: Vec::new(),
+            read_back: Default::default(),
             published: None,
             closed: false,
         };
