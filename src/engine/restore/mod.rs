@@ -40,16 +40,16 @@
 //!    metadata as it copies ([`crate::engine::verify::check_copy`]): a mismatch stops the
 //!    restore before anything is renamed into place or defined ([`RestoreError::Damaged`],
 //!    naming the file and the chunk), or with `force` is a warning and the restore goes on.
-//!    Then the NVRAM and `configs/`
-//!    (appliances: copied beside the disks as `<name>-configs/`). Only when everything is
-//!    copied are the files renamed into place.
+//!    Then the NVRAM and `configs/` (appliances: copied beside the disks as
+//!    `<name>-configs/`). Only when everything is copied are the files renamed into place.
 //!    A disk's backing chain (`backing_chain` in the metadata) is copied the same way: in
 //!    place to each layer's original path (a layer already there with the backup's SHA-256 is
-//!    left untouched and not read from the backup), otherwise beside the restored disk under new names that collide with
-//!    nothing (`<name>-<target>.backing-<depth>.<ext>`, suffixed `-2`, `-3`, … when taken), so
-//!    a backing file the original or another domain uses is never overwritten. The headers are
-//!    then rebased top-down onto the restored layers ([`rebase_plan`], `qemu-img rebase -u`)
-//!    and `qemu-img info --backing-chain` must list exactly the restored files.
+//!    left untouched and not read from the backup), otherwise beside the restored disk under
+//!    new names that collide with nothing (`<name>-<target>.backing-<depth>.<ext>`, suffixed
+//!    `-2`, `-3`, … when taken), so a backing file the original or another domain uses is
+//!    never overwritten. The headers are then rebased top-down onto the restored layers
+//!    ([`rebase_plan`], `qemu-img rebase -u`) and `qemu-img info --backing-chain` must list
+//!    exactly the restored files.
 //! 5. Rewrites the XML ([`crate::hv::xml_edit`]): with `--as` a new name, UUID and MAC
 //!    addresses, and file paths for disks, NVRAM and file-backed consoles; always without
 //!    `<backingStore>`.
