@@ -317,18 +317,51 @@ pub fn manifest_check(file: &str, report: &crate::copier::VerifyFileReport) -> F
     check
 }
 
+/// What is wrong with a chunk manifest ([`manifest_shape`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManifestShapeError {
+    /// The digests do not cover the recorded size in the recorded chunks.
+    #[error(
+        "the manifest lists {listed} digests; a file of {file_size} bytes in chunks of \
+         {chunk_size} has {expected}"
+    )]
+    Count {
+        /// Digests listed.
+        listed: usize,
+        /// The recorded file size.
+        file_size: u64,
+        /// The recorded chunk size.
+        chunk_size: u64,
+        /// Digests such a file has.
+        expected: u64,
+    },
+    /// A digest is not 32 bytes of hex.
+    #[error("a manifest digest is not hex: {0}")]
+    NotHex(#[from] hex::FromHexError),
+    /// The root does not match the digests.
+    #[error("the manifest's root digest does not match its chunks")]
+    Root,
+}
+
+impl ManifestShapeError {
+    /// What kind of failure this is: the backup's record is damaged.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Corrupt
+    }
+}
+
 /// Whether a manifest is well formed: a chunk size, one hex digest per chunk of the recorded
-/// size, and a root over those digests. Returns the number of chunks, or what is wrong.
-pub fn manifest_shape(manifest: &crate::copier::ChunkManifest) -> Result<u64, String> {
+/// size, and a root over those digests. Returns the number of chunks.
+pub fn manifest_shape(manifest: &crate::copier::ChunkManifest) -> Result<u64, ManifestShapeError> {
     use crate::copier::ChunkManifest;
     let count = ChunkManifest::chunk_count(manifest.file_size, manifest.chunk_size);
     if manifest.chunk_size == 0 || manifest.digests.len() as u64 != count {
-        return Err(format!(
-            "the manifest lists {} digests; a file of {} bytes in chunks of {} has {count}",
-            manifest.digests.len(),
-            manifest.file_size,
-            manifest.chunk_size
-        ));
+        return Err(ManifestShapeError::Count {
+            listed: manifest.digests.len(),
+            file_size: manifest.file_size,
+            chunk_size: manifest.chunk_size,
+            expected: count,
+        });
     }
     let digests: Vec<[u8; 32]> = manifest
         .digests
@@ -337,10 +370,9 @@ pub fn manifest_shape(manifest: &crate::copier::ChunkManifest) -> Result<u64, St
             let mut out = [0u8; 32];
             hex::decode_to_slice(d, &mut out).map(|()| out)
         })
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("a manifest digest is not hex: {e}"))?;
+        .collect::<Result<_, _>>()?;
     if hex::encode(crate::copier::root_digest(&digests)) != manifest.root {
-        return Err("the manifest's root digest does not match its chunks".into());
+        return Err(ManifestShapeError::Root);
     }
     Ok(count)
 }
@@ -366,7 +398,7 @@ fn check_manifest_shape(
             );
         }
         Ok(_) => match manifest_shape(manifest) {
-            Err(e) => check.detail = e,
+            Err(e) => check.detail = e.to_string(),
             Ok(chunks) => {
                 check.ok = true;
                 check.detail = format!(
@@ -980,13 +1012,22 @@ mod tests {
     fn a_manifest_of_the_wrong_shape_is_named() {
         let (mut m, _) = manifest_of(&[7u8; 9000], 4096);
         m.digests.pop();
-        assert!(manifest_shape(&m).unwrap_err().contains("lists 2 digests"));
+        assert!(manifest_shape(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("lists 2 digests"));
         let (mut m, _) = manifest_of(&[7u8; 9000], 4096);
         m.digests[0] = "zz".into();
-        assert!(manifest_shape(&m).unwrap_err().contains("not hex"));
+        assert!(manifest_shape(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("not hex"));
         let (mut m, _) = manifest_of(&[7u8; 9000], 4096);
         m.root = "00".repeat(32);
-        assert!(manifest_shape(&m).unwrap_err().contains("root digest"));
+        assert!(manifest_shape(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("root digest"));
     }
 
     #[test]
