@@ -190,7 +190,7 @@ impl Method {
             Method::Sha256Memory => "SHA-256, 1 stream, memory",
             Method::Verify => "(v) verify the backup copy",
             Method::Sha256sumCopy => "(v2) sha256sum of the backup copy",
-            Method::Restore => "(r) restore it (copy checked in one read)",
+            Method::Restore => "(r) restore it, one checked read",
         }
     }
 }
