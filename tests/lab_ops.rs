@@ -128,6 +128,75 @@ fn restore_as_a_copy_beside_the_running_original() {
 }
 
 #[test]
+fn a_flipped_byte_stops_restore_naming_the_chunk_and_force_restores_with_a_warning() {
+    if !lab_enabled(
+        "a_flipped_byte_stops_restore_naming_the_chunk_and_force_restores_with_a_warning",
+    ) {
+        return;
+    }
+    let orig = agent_dom();
+    let copy = format!("{orig}-damaged");
+    let mut s = scratch("damaged");
+    s.owns(&copy);
+    let _ = virsh(&["destroy", &copy]);
+    let _ = virsh(&["undefine", &copy, "--nvram"]);
+    let backup = s.backup(&orig);
+    let meta = BackupMetadata::read(&backup).unwrap();
+    let disk = &meta.disks[0];
+    let img = backup.join(&disk.file);
+    let mut bytes = fs::read(&img).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&img, &bytes).unwrap();
+    let chunk = at as u64 / disk.manifest.chunk_size;
+    let named = format!(
+        "{}: chunk {chunk} (offset {}) does not match the manifest",
+        disk.file,
+        chunk * disk.manifest.chunk_size
+    );
+    let disk_dir = s.dir.join("damaged-disks");
+    let dd = disk_dir.display().to_string();
+
+    // Found as the image is copied (one read): refused, nothing left, no domain.
+    let out = s.vmb(&["restore", &orig, "latest", "--as", &copy, "--disk-dir", &dd]);
+    let (o, e) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    assert!(e.contains("is damaged") && e.contains(&named), "{e}");
+    assert!(e.contains("--force"), "{e}");
+    assert!(!disk_dir.exists(), "nothing left at the destination");
+    assert!(!domain_exists(&copy));
+
+    // With --force: restored as it is, with the warning naming the chunk.
+    let out = s.vmb(&[
+        "restore",
+        &orig,
+        "latest",
+        "--as",
+        &copy,
+        "--disk-dir",
+        &dd,
+        "--force",
+    ]);
+    let (o, e) = texts(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(
+        e.contains("restoring anyway (--force)") && e.contains(&named),
+        "{e}"
+    );
+    assert!(
+        o.contains("WARNING: restored from a damaged backup (--force)") && o.contains(&named),
+        "{o}"
+    );
+    assert!(domain_exists(&copy));
+    let restored = disk_dir.join(format!("{copy}-vda.qcow2"));
+    assert_eq!(
+        fs::read(&restored).unwrap(),
+        bytes,
+        "restored as the backup has it"
+    );
+}
+
+#[test]
 fn uefi_restore_brings_back_the_nvram() {
     if !lab_enabled("uefi_restore_brings_back_the_nvram") {
         return;

@@ -14,8 +14,9 @@
 //! - on a backup copy of each image (made once, before the rounds, by the copier): (v) the
 //!   verify data path (`verify_file` against the copy's manifest, what `vm-backup verify` runs
 //!   per disk) beside (v2) `sha256sum` of the copy, and (r) the restore data path (what
-//!   `vm-backup restore` runs per disk: verify, then copy with chunk hashes compared with the
-//!   manifest) beside (d) `qemu-img convert` and (a) the backup copy.
+//!   `vm-backup restore` runs per disk, `engine::restore::apply::copy_checked`: one read, the
+//!   copy with both hashes compared with the manifest and the metadata's SHA-256) beside (d)
+//!   `qemu-img convert` and (a) the backup copy.
 //!
 //! Caches are dropped before each run when possible (root), otherwise reads use O_DIRECT, and
 //! the report says which. Every method ends with its output on disk (`sync FILE` after the
@@ -33,6 +34,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use vm_backup::copier::{self, CopyOptions, HashMode, IoPath};
+use vm_backup::engine::restore;
 use vm_backup::progress::{CancelToken, Level, NoProgress, Progress};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -188,7 +190,7 @@ impl Method {
             Method::Sha256Memory => "SHA-256, 1 stream, memory",
             Method::Verify => "(v) verify the backup copy",
             Method::Sha256sumCopy => "(v2) sha256sum of the backup copy",
-            Method::Restore => "(r) restore it (verify + copy)",
+            Method::Restore => "(r) restore it, one checked read",
         }
     }
 }
@@ -904,6 +906,7 @@ fn measure_peak_rss(exe: &Path, src: &Path, dst: &Path) -> Result<Option<u64>, B
 struct BackupCopy {
     path: PathBuf,
     manifest: copier::ChunkManifest,
+    sha256: String,
 }
 
 /// Makes the backup copy of `image` in `dir` (the copier, both hashes; not timed).
@@ -920,10 +923,17 @@ fn make_backup_copy(
         &NoProgress,
         cancel,
     )?;
-    let manifest = report.manifest.ok_or_else(|| {
-        BenchError::BadSettings(format!("the copy of {} has no manifest", image.name))
-    })?;
-    Ok(BackupCopy { path, manifest })
+    let (Some(manifest), Some(sha256)) = (report.manifest, report.sha256) else {
+        return Err(BenchError::BadSettings(format!(
+            "the copy of {} has no manifest or no SHA-256",
+            image.name
+        )));
+    };
+    Ok(BackupCopy {
+        path,
+        manifest,
+        sha256,
+    })
 }
 
 /// Whether a verify report found the file intact.
@@ -956,9 +966,10 @@ fn measure_sha256sum(path: &Path, policy: CachePolicy) -> Result<f64, BenchError
     timed(policy, || run_tool(Command::new("sha256sum").arg(path)))
 }
 
-/// (r): the data path of `vm-backup restore` for one disk (`engine::restore`): verify the
-/// backup's image against its manifest, then copy it with chunk hashes, comparing them with the
-/// manifest. The libvirt part of a restore (define the domain) is not in it.
+/// (r): the data path of `vm-backup restore` for one disk, the very function it runs
+/// (`engine::restore::apply::copy_checked`): one read of the backup's image, copied with both
+/// hashes, every chunk compared with the manifest and the whole file with the recorded
+/// SHA-256. The libvirt part of a restore (define the domain) is not in it.
 fn measure_restore(
     backup: &BackupCopy,
     dst: &Path,
@@ -966,21 +977,27 @@ fn measure_restore(
     cancel: &CancelToken,
 ) -> Result<f64, BenchError> {
     let seconds = timed(policy, || {
-        let report = copier::verify_file(&backup.path, &backup.manifest, &NoProgress, cancel)?;
-        verified(&report, &backup.path)?;
-        let options = CopyOptions {
-            hash: HashMode::Chunks,
-            chunk_size: backup.manifest.chunk_size,
-            ..CopyOptions::default()
-        };
-        let report = copier::copy_file(&backup.path, dst, &options, &NoProgress, cancel)?;
-        match report.manifest {
-            Some(m) if m.digests == backup.manifest.digests => Ok(()),
-            _ => Err(BenchError::Tool {
+        let copied = restore::apply::copy_checked(
+            &backup.path,
+            dst,
+            "backup",
+            &backup.manifest,
+            &backup.sha256,
+            &NoProgress,
+            cancel,
+        )
+        .map_err(|e| BenchError::Tool {
+            tool: "restore".into(),
+            detail: e.to_string(),
+        })?;
+        match copied.check {
+            Some(c) if c.ok => Ok(()),
+            c => Err(BenchError::Tool {
                 tool: "restore".into(),
                 detail: format!(
-                    "the copy of {} differs from its manifest",
-                    backup.path.display()
+                    "the copy of {} differs from its manifest: {}",
+                    backup.path.display(),
+                    c.map(|c| c.detail).unwrap_or_default()
                 ),
             }),
         }

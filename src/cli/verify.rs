@@ -77,6 +77,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     };
     let options = VerifyOptions {
         qemu_img_check: !args.no_qemu_img,
+        ..VerifyOptions::default()
     };
     let cancel = common::cancel_on_signals();
     let progress = Lines::default();

@@ -5,7 +5,11 @@
 //!
 //! [`verify_backup`] reads and judges; [`record_verdict`] writes the verdict into the backup's
 //! `backup-metadata.json` (`verify` field) and the catalog. `vm-backup verify` does both and
-//! alerts on a fault; restore calls [`verify_backup`] before it copies anything back.
+//! alerts on a fault. A restore reads each image once: it runs [`verify_backup`] without the
+//! disk data ([`VerifyOptions::disk_data`] off: metadata, small files, `qemu-img check`, the
+//! manifests) before it writes anything, then judges each image as it copies it
+//! ([`check_copy`]: every chunk against the manifest, the whole-file SHA-256 against the
+//! metadata).
 
 use std::fs;
 use std::io::{self, Read};
@@ -126,12 +130,17 @@ impl VerifyReport {
 pub struct VerifyOptions {
     /// Also run `qemu-img check` on qcow2 images.
     pub qemu_img_check: bool,
+    /// Re-hash the disk images against their manifests. Without it only the cheap checks run
+    /// on each image (present, a regular file of the manifest's size, the manifest well
+    /// formed): a restore checks the data as it copies it ([`check_copy`]), in one read.
+    pub disk_data: bool,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
         Self {
             qemu_img_check: true,
+            disk_data: true,
         }
     }
 }
@@ -153,28 +162,35 @@ pub fn verify_backup(
     // Disk images and every layer of their backing chains against their manifests, all in
     // parallel (the copier parallelises each one too).
     let images = images_of(&meta);
-    let disk_checks: Vec<FileCheck> = std::thread::scope(|scope| {
-        let handles: Vec<_> = images
+    let disk_checks: Vec<FileCheck> = if !options.disk_data {
+        images
             .iter()
-            .map(|image| {
-                scope.spawn(move || {
-                    check_manifest(dir, &image.file, image.manifest, progress, cancel)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| FileCheck {
-                    file: String::new(),
-                    check: "manifest".into(),
-                    ok: false,
-                    detail: "the verifying thread panicked".into(),
-                    bad_chunk: None,
-                })
-            })
+            .map(|image| check_manifest_shape(dir, &image.file, image.manifest))
             .collect()
-    });
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = images
+                .iter()
+                .map(|image| {
+                    scope.spawn(move || {
+                        check_manifest(dir, &image.file, image.manifest, progress, cancel)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| FileCheck {
+                        file: String::new(),
+                        check: "manifest".into(),
+                        ok: false,
+                        detail: "the verifying thread panicked".into(),
+                        bad_chunk: None,
+                    })
+                })
+                .collect()
+        })
+    };
     if cancel.is_cancelled() {
         return Err(VerifyError::Cancelled(dir.to_path_buf()));
     }
@@ -202,7 +218,11 @@ pub fn verify_backup(
         vm: meta.vm_name.clone(),
         stamp: meta.stamp.clone(),
         ok,
-        bytes: images.iter().map(|i| i.file_size).sum(),
+        bytes: if options.disk_data {
+            images.iter().map(|i| i.file_size).sum()
+        } else {
+            0
+        },
         seconds: started.elapsed().as_secs_f64(),
         checks,
     })
@@ -249,41 +269,215 @@ fn check_manifest(
     cancel: &CancelToken,
 ) -> FileCheck {
     let path = dir.join(file);
-    let mut check = FileCheck {
+    if !path.is_file() {
+        return manifest_fault(file, "missing".into());
+    }
+    match crate::copier::verify_file(&path, manifest, progress, cancel) {
+        Err(e) => manifest_fault(file, format!("cannot be verified: {e}")),
+        Ok(report) => manifest_check(file, &report),
+    }
+}
+
+fn manifest_fault(file: &str, detail: String) -> FileCheck {
+    FileCheck {
         file: file.to_string(),
         check: "manifest".into(),
         ok: false,
-        detail: String::new(),
+        detail,
         bad_chunk: None,
+    }
+}
+
+/// The verdict on one image from the copier's report of it against its manifest, worded for
+/// the operator: the first bad chunk (index and byte offset) and how many there are, or the
+/// size, or the manifest's root.
+pub fn manifest_check(file: &str, report: &crate::copier::VerifyFileReport) -> FileCheck {
+    let mut check = manifest_fault(file, String::new());
+    if report.ok {
+        check.ok = true;
+        check.detail = format!("{} chunks match the manifest", report.chunks);
+    } else if let Some(bad) = &report.first_bad {
+        check.bad_chunk = Some((bad.index, bad.offset));
+        check.detail = format!(
+            "chunk {} (offset {}) does not match the manifest ({} bad chunk(s))",
+            bad.index,
+            bad.offset,
+            report.bad_chunks.len()
+        );
+    } else if report.file_size != report.expected_size {
+        check.detail = format!(
+            "size is {} bytes, the manifest says {}",
+            report.file_size, report.expected_size
+        );
+    } else if !report.root_ok {
+        check.detail = "the manifest's root digest does not match its chunks".into();
+    } else {
+        check.detail = "does not match the manifest".into();
+    }
+    check
+}
+
+/// What is wrong with a chunk manifest ([`manifest_shape`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManifestShapeError {
+    /// The digests do not cover the recorded size in the recorded chunks.
+    #[error(
+        "the manifest lists {listed} digests; a file of {file_size} bytes in chunks of \
+         {chunk_size} has {expected}"
+    )]
+    Count {
+        /// Digests listed.
+        listed: usize,
+        /// The recorded file size.
+        file_size: u64,
+        /// The recorded chunk size.
+        chunk_size: u64,
+        /// Digests such a file has.
+        expected: u64,
+    },
+    /// A digest is not 32 bytes of hex.
+    #[error("a manifest digest is not hex: {0}")]
+    NotHex(#[from] hex::FromHexError),
+    /// The root does not match the digests.
+    #[error("the manifest's root digest does not match its chunks")]
+    Root,
+}
+
+impl ManifestShapeError {
+    /// What kind of failure this is: the backup's record is damaged.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Corrupt
+    }
+}
+
+/// Whether a manifest is well formed: a chunk size, one hex digest per chunk of the recorded
+/// size, and a root over those digests. Returns the number of chunks.
+pub fn manifest_shape(manifest: &crate::copier::ChunkManifest) -> Result<u64, ManifestShapeError> {
+    use crate::copier::ChunkManifest;
+    let count = ChunkManifest::chunk_count(manifest.file_size, manifest.chunk_size);
+    if manifest.chunk_size == 0 || manifest.digests.len() as u64 != count {
+        return Err(ManifestShapeError::Count {
+            listed: manifest.digests.len(),
+            file_size: manifest.file_size,
+            chunk_size: manifest.chunk_size,
+            expected: count,
+        });
+    }
+    let digests: Vec<[u8; 32]> = manifest
+        .digests
+        .iter()
+        .map(|d| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(d, &mut out).map(|()| out)
+        })
+        .collect::<Result<_, _>>()?;
+    if hex::encode(crate::copier::root_digest(&digests)) != manifest.root {
+        return Err(ManifestShapeError::Root);
+    }
+    Ok(count)
+}
+
+/// The cheap checks of one image, its data not read: a regular file (not a symlink) of the
+/// manifest's size, and the manifest well formed.
+fn check_manifest_shape(
+    dir: &Path,
+    file: &str,
+    manifest: &crate::copier::ChunkManifest,
+) -> FileCheck {
+    let mut check = manifest_fault(file, String::new());
+    check.check = "manifest (data not read)".into();
+    match fs::symlink_metadata(dir.join(file)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => check.detail = "missing".into(),
+        Err(e) => check.detail = format!("cannot be read: {e}"),
+        Ok(m) if !m.file_type().is_file() => check.detail = "is not a regular file".into(),
+        Ok(m) if m.len() != manifest.file_size => {
+            check.detail = format!(
+                "size is {} bytes, the manifest says {}",
+                m.len(),
+                manifest.file_size
+            );
+        }
+        Ok(_) => match manifest_shape(manifest) {
+            Err(e) => check.detail = e.to_string(),
+            Ok(chunks) => {
+                check.ok = true;
+                check.detail = format!(
+                    "present, {chunks} chunks in a well-formed manifest; data not read here"
+                );
+            }
+        },
+    }
+    check
+}
+
+/// The verdict on one image checked as it was copied (a restore's single read): the chunk
+/// digests the copy computed (`copied`) against the backup's `manifest`, worded as
+/// [`manifest_check`] words a verify, then the copy's whole-file SHA-256 (`copied_sha256`)
+/// against the one the metadata records (`sha256`, when it records one).
+pub fn check_copy(
+    file: &str,
+    manifest: &crate::copier::ChunkManifest,
+    sha256: &str,
+    copied: &crate::copier::ChunkManifest,
+    copied_sha256: Option<&str>,
+) -> FileCheck {
+    use crate::copier::{BadChunk, VerifyFileReport};
+    let count = crate::copier::ChunkManifest::chunk_count(manifest.file_size, manifest.chunk_size);
+    let bad_chunks: Vec<u64> = (0..count)
+        .filter(|&i| {
+            let i = i as usize;
+            copied.digests.get(i) != manifest.digests.get(i)
+        })
+        .collect();
+    let first_bad = bad_chunks.first().map(|&index| BadChunk {
+        index,
+        offset: index * manifest.chunk_size,
+        expected: manifest
+            .digests
+            .get(index as usize)
+            .cloned()
+            .unwrap_or_default(),
+        actual: copied
+            .digests
+            .get(index as usize)
+            .cloned()
+            .unwrap_or_default(),
+    });
+    let root_ok = manifest_shape(manifest).is_ok();
+    let report = VerifyFileReport {
+        file: PathBuf::from(file),
+        file_size: copied.file_size,
+        expected_size: manifest.file_size,
+        chunks: count,
+        ok: bad_chunks.is_empty() && root_ok && copied.file_size == manifest.file_size,
+        bad_chunks,
+        first_bad,
+        root_ok,
+        bytes_read: 0,
+        duration: std::time::Duration::ZERO,
     };
-    if !path.is_file() {
-        check.detail = "missing".into();
+    let mut check = manifest_check(file, &report);
+    if !check.ok {
         return check;
     }
-    match crate::copier::verify_file(&path, manifest, progress, cancel) {
-        Err(e) => check.detail = format!("cannot be verified: {e}"),
-        Ok(report) => {
-            if report.ok {
-                check.ok = true;
-                check.detail = format!("{} chunks match the manifest", report.chunks);
-            } else if let Some(bad) = &report.first_bad {
-                check.bad_chunk = Some((bad.index, bad.offset));
-                check.detail = format!(
-                    "chunk {} (offset {}) does not match the manifest ({} bad chunk(s))",
-                    bad.index,
-                    bad.offset,
-                    report.bad_chunks.len()
-                );
-            } else if report.file_size != report.expected_size {
-                check.detail = format!(
-                    "size is {} bytes, the manifest says {}",
-                    report.file_size, report.expected_size
-                );
-            } else if !report.root_ok {
-                check.detail = "the manifest's root digest does not match its chunks".into();
-            } else {
-                check.detail = "does not match the manifest".into();
-            }
+    match copied_sha256 {
+        _ if sha256.is_empty() => {
+            check.detail = format!("{} (checked as copied)", check.detail);
+        }
+        Some(actual) if actual.eq_ignore_ascii_case(sha256) => {
+            check.detail = format!(
+                "{} and the whole-file SHA-256 matches the metadata (checked as copied)",
+                check.detail
+            );
+        }
+        Some(actual) => {
+            check.ok = false;
+            check.detail =
+                format!("whole-file SHA-256 of the copy is {actual}, the metadata says {sha256}");
+        }
+        None => {
+            check.ok = false;
+            check.detail = "the copy computed no whole-file SHA-256".into();
         }
     }
     check
@@ -755,5 +949,105 @@ fn opened_chain_verdict(
             ),
         ),
         Err(e) => (false, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copier::{root_digest, ChunkManifest};
+
+    /// The manifest of `data` in chunks of `chunk` bytes, and its whole-file SHA-256.
+    fn manifest_of(data: &[u8], chunk: usize) -> (ChunkManifest, String) {
+        let digests: Vec<[u8; 32]> = data
+            .chunks(chunk)
+            .map(|c| Sha256::digest(c).into())
+            .collect();
+        let manifest = ChunkManifest {
+            chunk_size: chunk as u64,
+            file_size: data.len() as u64,
+            digests: digests.iter().map(hex::encode).collect(),
+            zero_chunks: Vec::new(),
+            root: hex::encode(root_digest(&digests)),
+        };
+        (manifest, hex::encode(Sha256::digest(data)))
+    }
+
+    #[test]
+    fn a_copy_checked_against_its_manifest_names_the_first_bad_chunk() {
+        let good: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let (manifest, sha) = manifest_of(&good, 4096);
+        assert_eq!(manifest_shape(&manifest), Ok(3));
+
+        let c = check_copy("a.raw", &manifest, &sha, &manifest, Some(&sha));
+        assert!(c.ok, "{c:?}");
+        assert!(c.detail.contains("3 chunks match the manifest"), "{c:?}");
+        assert!(c.detail.contains("whole-file SHA-256 matches"), "{c:?}");
+
+        let mut bad = good.clone();
+        bad[5000] ^= 0xff;
+        let (copied, copied_sha) = manifest_of(&bad, 4096);
+        let c = check_copy("a.raw", &manifest, &sha, &copied, Some(&copied_sha));
+        assert!(!c.ok);
+        assert_eq!(c.bad_chunk, Some((1, 4096)));
+        assert_eq!(
+            c.detail,
+            "chunk 1 (offset 4096) does not match the manifest (1 bad chunk(s))"
+        );
+
+        // Chunks that match a manifest whose whole-file digest the metadata contradicts.
+        let c = check_copy("a.raw", &manifest, &copied_sha, &manifest, Some(&sha));
+        assert!(!c.ok && c.detail.contains("whole-file SHA-256"), "{c:?}");
+
+        // A shorter copy: the tail chunks differ, the first of them is named.
+        let (short, short_sha) = manifest_of(&good[..4096], 4096);
+        let c = check_copy("a.raw", &manifest, &sha, &short, Some(&short_sha));
+        assert!(
+            !c.ok && c.detail.starts_with("chunk 1 (offset 4096)"),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_manifest_of_the_wrong_shape_is_named() {
+        let (mut m, _) = manifest_of(&[7u8; 9000], 4096);
+        m.digests.pop();
+        assert!(manifest_shape(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("lists 2 digests"));
+        let (mut m, _) = manifest_of(&[7u8; 9000], 4096);
+        m.digests[0] = "zz".into();
+        assert!(manifest_shape(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("not hex"));
+        let (mut m, _) = manifest_of(&[7u8; 9000], 4096);
+        m.root = "00".repeat(32);
+        assert!(manifest_shape(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("root digest"));
+    }
+
+    #[test]
+    fn up_front_checks_read_no_data_but_catch_a_cut_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![3u8; 9000];
+        let (m, _) = manifest_of(&data, 4096);
+        fs::write(dir.path().join("a.raw"), &data).unwrap();
+        let c = check_manifest_shape(dir.path(), "a.raw", &m);
+        assert!(c.ok && c.detail.contains("data not read"), "{c:?}");
+        // Another byte flipped is not seen here (the copy sees it) …
+        fs::write(dir.path().join("a.raw"), vec![4u8; 9000]).unwrap();
+        assert!(check_manifest_shape(dir.path(), "a.raw", &m).ok);
+        // … a size that differs is.
+        fs::write(dir.path().join("a.raw"), vec![3u8; 8000]).unwrap();
+        let c = check_manifest_shape(dir.path(), "a.raw", &m);
+        assert!(!c.ok && c.detail.contains("size is 8000 bytes"), "{c:?}");
+        assert_eq!(
+            check_manifest_shape(dir.path(), "b.raw", &m).detail,
+            "missing"
+        );
     }
 }

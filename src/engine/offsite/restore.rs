@@ -571,12 +571,16 @@ impl BackupSource for OffsiteSource<'_> {
         tmp: &Path,
         _dest: &Path,
         manifest: &crate::copier::ChunkManifest,
+        _sha256: &str,
         force: bool,
         progress: &dyn Progress,
         cancel: &CancelToken,
-    ) -> Result<u64, RestoreError> {
-        self.stream_image(from, tmp, manifest, force, progress, cancel)
-            .map_err(into_restore)
+    ) -> Result<apply::CopiedImage, RestoreError> {
+        // The stream checks every chunk and the whole file itself, and fails on damage.
+        let size = self
+            .stream_image(from, tmp, manifest, force, progress, cancel)
+            .map_err(into_restore)?;
+        Ok(apply::CopiedImage { size, check: None })
     }
 
     fn file(&self, from: &Path, to: &Path) -> Result<(), RestoreError> {

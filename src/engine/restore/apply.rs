@@ -1,8 +1,12 @@
 //! The acting half of a restore: carries out a [`RestorePlan`]. Every file is copied under a
-//! temporary name first and checked against the backup's chunk manifest; the copied headers
-//! are rebased onto the restored layers; only when everything is copied are the files renamed
-//! into place; then the restored chains are checked, the domain defined (replacing a shut-off
-//! definition when the plan says so) and started if asked.
+//! temporary name first; the copy is the check of the backup's data (one read of each image):
+//! every chunk is compared with the backup's chunk manifest and the whole-file SHA-256 with
+//! the metadata's ([`crate::engine::verify::check_copy`]), and a mismatch stops the restore
+//! with [`RestoreError::Damaged`] naming the file and the chunk (with `force`: a warning, and
+//! the restore goes on). The copied headers are rebased onto the restored layers; only when
+//! everything is copied and checked are the files renamed into place; then the restored
+//! chains are checked, the domain defined (replacing a shut-off definition when the plan says
+//! so) and started if asked.
 //!
 //! On any failure, files this restore created are removed (a guard), and a definition it
 //! replaced is put back.
@@ -10,15 +14,17 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use super::plan::{normalize, RestorePlan};
 use super::{RestoreError, RestoredDisk};
 use crate::copier::{self, CopyOptions, HashMode};
+use crate::engine::verify::{self, FileCheck};
 use crate::hv::{qemu_img, xml, xml_edit, Hypervisor, Nvram};
 use crate::progress::{CancelToken, Level, Progress};
 
 /// What [`apply`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
     /// The UUID of the defined domain.
     pub uuid: String,
@@ -28,6 +34,24 @@ pub struct Applied {
     pub replaced: bool,
     /// Whether the domain was started.
     pub started: bool,
+    /// The checks of the images' data made while copying them, and of the layers left in
+    /// place (not read), in copy order; `file` as the metadata names it.
+    pub checks: Vec<FileCheck>,
+    /// Bytes of images checked as they were copied.
+    pub bytes_checked: u64,
+    /// Wall time of those copies, seconds.
+    pub copy_seconds: f64,
+}
+
+/// One image a [`BackupSource`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopiedImage {
+    /// Its logical size.
+    pub size: u64,
+    /// The verdict on its data, checked as it was copied, when the source reports one
+    /// ([`copy_checked`]); [`apply`] stops on a fault unless `force`. `None` when the source
+    /// refuses damaged data itself (the off-site store).
+    pub check: Option<FileCheck>,
 }
 
 /// Where a restore reads the backup's files from. The plan names them by their path in the
@@ -35,8 +59,9 @@ pub struct Applied {
 /// that [`apply`] renames into place once every file is written and checked.
 pub trait BackupSource {
     /// Writes the image `from` into `tmp` (created by the source, mode 0600), checking every
-    /// chunk against `manifest` (unless `force`); `dest` names the final file in errors.
-    /// Returns the image's logical size.
+    /// chunk against `manifest` and the whole file against `sha256` (the metadata's) as it
+    /// goes: the source either returns the verdict ([`CopiedImage::check`]) or fails on
+    /// damage itself (unless `force`). `dest` names the final file in errors.
     #[allow(clippy::too_many_arguments)]
     fn image(
         &self,
@@ -44,17 +69,19 @@ pub trait BackupSource {
         tmp: &Path,
         dest: &Path,
         manifest: &crate::copier::ChunkManifest,
+        sha256: &str,
         force: bool,
         progress: &dyn Progress,
         cancel: &CancelToken,
-    ) -> Result<u64, RestoreError>;
+    ) -> Result<CopiedImage, RestoreError>;
     /// Copies the small file `from` (the NVRAM) to `to` (created with mode 0600).
     fn file(&self, from: &Path, to: &Path) -> Result<(), RestoreError>;
     /// Copies the folder `from` (appliance configurations) to `to`.
     fn tree(&self, from: &Path, to: &Path) -> Result<(), RestoreError>;
 }
 
-/// The backup folder on the target, read with the copier.
+/// The backup folder on the target, read once with the copier, which checks the data as it
+/// copies it ([`copy_checked`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FolderSource;
 
@@ -63,13 +90,18 @@ impl BackupSource for FolderSource {
         &self,
         from: &Path,
         tmp: &Path,
-        dest: &Path,
+        _dest: &Path,
         manifest: &crate::copier::ChunkManifest,
-        force: bool,
+        sha256: &str,
+        _force: bool,
         progress: &dyn Progress,
         cancel: &CancelToken,
-    ) -> Result<u64, RestoreError> {
-        copy_image(from, tmp, dest, manifest, force, progress, cancel)
+    ) -> Result<CopiedImage, RestoreError> {
+        let file = from
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        copy_checked(from, tmp, &file, manifest, sha256, progress, cancel)
     }
 
     fn file(&self, from: &Path, to: &Path) -> Result<(), RestoreError> {
@@ -119,6 +151,7 @@ pub fn apply_from(
     };
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut restored = Vec::new();
+    let mut checked = Checked::default();
     for disk in &plan.disks {
         let tmp = staging_path(&disk.dest);
         ensure_dir(&disk.dest, &mut created)?;
@@ -127,15 +160,26 @@ pub fn apply_from(
             Level::Info,
             &format!("copying {} to {}", disk.record.file, disk.dest.display()),
         );
-        let bytes = source.image(
+        let started = Instant::now();
+        let copied = source.image(
             &disk.from,
             &tmp,
             &disk.dest,
             &disk.record.manifest,
+            &disk.record.sha256,
             plan.force,
             progress,
             cancel,
         )?;
+        checked.judge(
+            plan,
+            &disk.record.file,
+            copied.check,
+            copied.size,
+            started,
+            progress,
+        )?;
+        let bytes = copied.size;
         hand_to_qemu(&tmp)?;
         drop_our_bitmaps(&tmp, &disk.record.format, progress);
         staged.push((tmp, disk.dest.clone()));
@@ -148,6 +192,16 @@ pub fn apply_from(
                         layer.dest.display()
                     ),
                 );
+                checked.checks.push(FileCheck {
+                    file: layer.record.file.clone(),
+                    check: "in place".into(),
+                    ok: true,
+                    detail: format!(
+                        "already at {} with the backup's SHA-256: kept, not read from the backup",
+                        layer.dest.display()
+                    ),
+                    bad_chunk: None,
+                });
                 continue;
             }
             let tmp = staging_path(&layer.dest);
@@ -157,14 +211,24 @@ pub fn apply_from(
                 Level::Info,
                 &format!("copying {} to {}", layer.record.file, layer.dest.display()),
             );
-            source.image(
+            let started = Instant::now();
+            let copied = source.image(
                 &layer.from,
                 &tmp,
                 &layer.dest,
                 &layer.record.manifest,
+                &layer.record.sha256,
                 plan.force,
                 progress,
                 cancel,
+            )?;
+            checked.judge(
+                plan,
+                &layer.record.file,
+                copied.check,
+                copied.size,
+                started,
+                progress,
             )?;
             hand_to_qemu(&tmp)?;
             drop_our_bitmaps(&tmp, &layer.record.format, progress);
@@ -275,7 +339,57 @@ pub fn apply_from(
         disks: restored,
         replaced: existing.is_some(),
         started,
+        checks: checked.checks,
+        bytes_checked: checked.bytes,
+        copy_seconds: checked.seconds,
     })
+}
+
+/// The checks of a restore's copies so far.
+#[derive(Default)]
+struct Checked {
+    checks: Vec<FileCheck>,
+    bytes: u64,
+    seconds: f64,
+}
+
+impl Checked {
+    /// Records the verdict on the image `file` (the metadata's name, `size` bytes), copied
+    /// since `started`:
+    /// a fault stops the restore ([`RestoreError::Damaged`], naming the file and the chunk),
+    /// or with `force` is a warning.
+    fn judge(
+        &mut self,
+        plan: &RestorePlan,
+        file: &str,
+        check: Option<FileCheck>,
+        size: u64,
+        started: Instant,
+        progress: &dyn Progress,
+    ) -> Result<(), RestoreError> {
+        self.seconds += started.elapsed().as_secs_f64();
+        let Some(mut check) = check else {
+            return Ok(());
+        };
+        check.file = file.to_string();
+        if check.ok {
+            self.bytes += size;
+        } else {
+            let detail = format!("{}: {}", check.file, check.detail);
+            if !plan.force {
+                return Err(RestoreError::Damaged {
+                    dir: plan.backup_dir.clone(),
+                    detail,
+                });
+            }
+            progress.message(
+                Level::Warning,
+                &format!("backup is damaged ({detail}); restoring anyway (--force)"),
+            );
+        }
+        self.checks.push(check);
+        Ok(())
+    }
 }
 
 /// Checks with `qemu-img info -U --backing-chain` that the chain under `top` is exactly
@@ -304,25 +418,33 @@ fn check_chain(top: &Path, layers: &[PathBuf]) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Copies one image of the backup to `tmp` with the copier, checking each chunk against the
-/// backup's manifest (unless `force`). Returns the logical size.
-fn copy_image(
+/// Copies one image of the backup (`src`, named `file` in the verdict) to `tmp` with the
+/// copier, in one read that is also its check: the chunk digests the copier computes are
+/// compared with `manifest` and its whole-file SHA-256 with `sha256`
+/// ([`verify::check_copy`]). A mismatch is a verdict in [`CopiedImage::check`], not an error.
+///
+/// The copier hashes in the manifest's chunks when their size is a multiple of 4096 (its
+/// buffers are then sized to divide them). A manifest of other chunks is judged by the
+/// whole-file SHA-256, and only when that differs is the backup's image read a second time
+/// ([`copier::verify_file`]) to name the bad chunk.
+pub fn copy_checked(
     src: &Path,
     tmp: &Path,
-    dest: &Path,
+    file: &str,
     manifest: &crate::copier::ChunkManifest,
-    force: bool,
+    sha256: &str,
     progress: &dyn Progress,
     cancel: &CancelToken,
-) -> Result<u64, RestoreError> {
+) -> Result<CopiedImage, RestoreError> {
     let mut options = CopyOptions {
-        hash: HashMode::Chunks,
+        hash: HashMode::Both,
         ..CopyOptions::default()
     };
-    let comparable =
-        manifest.chunk_size > 0 && manifest.chunk_size % options.buffer_size as u64 == 0;
+    let buffer = gcd(manifest.chunk_size, options.buffer_size as u64);
+    let comparable = manifest.chunk_size > 0 && buffer % 4096 == 0;
     if comparable {
         options.chunk_size = manifest.chunk_size;
+        options.buffer_size = usize::try_from(buffer).unwrap_or(options.buffer_size);
     }
     if fs::symlink_metadata(src).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(RestoreError::Io {
@@ -332,25 +454,43 @@ fn copy_image(
         });
     }
     let report = copier::copy_file(src, tmp, &options, progress, cancel)?;
-    if comparable {
-        if let Some(m) = &report.manifest {
-            if let Some(chunk) = m
-                .digests
-                .iter()
-                .zip(&manifest.digests)
-                .position(|(a, b)| a != b)
-                .or((m.digests.len() != manifest.digests.len()).then_some(0))
-            {
-                if !force {
-                    return Err(RestoreError::Mismatch {
-                        path: dest.to_path_buf(),
-                        chunk,
-                    });
-                }
+    let check = match (&report.manifest, comparable) {
+        (Some(copied), true) => {
+            verify::check_copy(file, manifest, sha256, copied, report.sha256.as_deref())
+        }
+        _ if !sha256.is_empty()
+            && report
+                .sha256
+                .as_deref()
+                .is_some_and(|a| a.eq_ignore_ascii_case(sha256)) =>
+        {
+            FileCheck {
+                file: file.to_string(),
+                check: "manifest".into(),
+                ok: true,
+                detail: "the whole-file SHA-256 matches the metadata (checked as copied)".into(),
+                bad_chunk: None,
             }
         }
+        _ => {
+            // Not comparable chunk by chunk and the whole file differs (or is not recorded):
+            // name the chunk as `vm-backup verify` would, reading the backup again.
+            let found = copier::verify_file(src, manifest, progress, cancel)?;
+            verify::manifest_check(file, &found)
+        }
+    };
+    Ok(CopiedImage {
+        size: report.logical_size,
+        check: Some(check),
+    })
+}
+
+/// Greatest common divisor (0 with 0 is 0).
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
     }
-    Ok(report.logical_size)
+    a
 }
 
 /// A restored qcow2 image drops the checkpoint bitmaps (`vmb-*`) the backup copied from the
@@ -511,6 +651,102 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backup image of `len` bytes and its manifest and SHA-256, made by the copier.
+    fn backup_image(dir: &Path, len: usize) -> (PathBuf, copier::ChunkManifest, String) {
+        let src = dir.join("src.raw");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        fs::write(&src, data).unwrap();
+        let backup = dir.join("backup.raw");
+        let r = copier::copy_file(
+            &src,
+            &backup,
+            &CopyOptions::default(),
+            &crate::progress::NoProgress,
+            &CancelToken::new(),
+        )
+        .unwrap();
+        (backup, r.manifest.unwrap(), r.sha256.unwrap())
+    }
+
+    #[test]
+    fn one_read_copy_names_the_flipped_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backup, manifest, sha) = backup_image(dir.path(), 9 << 20);
+        let copy = |name: &str| {
+            copy_checked(
+                &backup,
+                &dir.path().join(name),
+                "web-vda.raw",
+                &manifest,
+                &sha,
+                &crate::progress::NoProgress,
+                &CancelToken::new(),
+            )
+            .unwrap()
+        };
+        let good = copy("good");
+        assert_eq!(good.size, 9 << 20);
+        let check = good.check.unwrap();
+        assert!(check.ok, "{check:?}");
+        assert!(check.detail.contains("3 chunks match"), "{check:?}");
+
+        let mut bytes = fs::read(&backup).unwrap();
+        bytes[(9 << 20) / 2] ^= 0xff;
+        fs::write(&backup, &bytes).unwrap();
+        let check = copy("bad").check.unwrap();
+        assert!(!check.ok);
+        assert_eq!(check.bad_chunk, Some((1, 4 << 20)));
+        assert_eq!(
+            check.detail,
+            "chunk 1 (offset 4194304) does not match the manifest (1 bad chunk(s))"
+        );
+        // The copy is there (the caller's guard removes it).
+        assert_eq!(fs::read(dir.path().join("bad")).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_manifest_of_odd_chunks_is_judged_by_the_whole_file_then_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backup, _, sha) = backup_image(dir.path(), 3000);
+        let data = fs::read(&backup).unwrap();
+        // A manifest in 1000-byte chunks, which the copier cannot hash in.
+        let digests: Vec<[u8; 32]> = data
+            .chunks(1000)
+            .map(|c| {
+                use sha2::Digest;
+                sha2::Sha256::digest(c).into()
+            })
+            .collect();
+        let manifest = copier::ChunkManifest {
+            chunk_size: 1000,
+            file_size: 3000,
+            digests: digests.iter().map(hex::encode).collect(),
+            zero_chunks: Vec::new(),
+            root: hex::encode(copier::root_digest(&digests)),
+        };
+        let run = |name: &str| {
+            copy_checked(
+                &backup,
+                &dir.path().join(name),
+                "odd.raw",
+                &manifest,
+                &sha,
+                &crate::progress::NoProgress,
+                &CancelToken::new(),
+            )
+            .unwrap()
+            .check
+            .unwrap()
+        };
+        assert!(run("good").ok);
+        let mut bad = data.clone();
+        bad[2500] ^= 1;
+        fs::write(&backup, &bad).unwrap();
+        let check = run("bad");
+        assert!(!check.ok);
+        assert_eq!(check.bad_chunk, Some((2, 2000)));
+    }
 
     #[test]
     fn staging_names_are_hidden_beside_the_destination() {

@@ -25,24 +25,31 @@
 //! ## What it does, in order
 //!
 //! 1. Reads the backup's metadata and domain XML.
-//! 2. Verifies the backup ([`crate::engine::verify::verify_backup`]: every disk against its chunk
-//!    manifest in parallel, the other files against `checksums.sha256`, `qemu-img check`), and
-//!    refuses a damaged backup, naming the file and chunk, unless `force`.
+//! 2. Checks the backup without reading its disk data
+//!    ([`crate::engine::verify::verify_backup`] with [`VerifyOptions::disk_data`] off, on the
+//!    backup and every parent of an incremental: the metadata, the other files against
+//!    `checksums.sha256`, `qemu-img check` (qcow2 metadata only), each image present with a
+//!    well-formed manifest of its size), and refuses a damaged backup unless `force`. The
+//!    data itself is checked in step 4, as it is copied: each image is read once.
 //! 3. Checks libvirt: a running domain of that name is never touched, even with `force`; a
 //!    defined one is replaced only with `force`; no destination may be a disk of another
 //!    domain; existing files are overwritten only with `force`.
 //! 4. Copies the images back with the copier (to their original paths, or beside them under
 //!    the new name with `--as`, or into `--disk-dir`), each into a temporary name first, and
-//!    checks every copied chunk against the backup's manifest; then the NVRAM and `configs/`
-//!    (appliances: copied beside the disks as `<name>-configs/`). Only when everything is
-//!    copied are the files renamed into place.
+//!    checks every chunk against the backup's manifest and the whole-file SHA-256 against the
+//!    metadata as it copies ([`crate::engine::verify::check_copy`]): a mismatch stops the
+//!    restore before anything is renamed into place or defined ([`RestoreError::Damaged`],
+//!    naming the file and the chunk), or with `force` is a warning and the restore goes on.
+//!    Then the NVRAM and `configs/` (appliances: copied beside the disks as
+//!    `<name>-configs/`). Only when everything is copied are the files renamed into place.
 //!    A disk's backing chain (`backing_chain` in the metadata) is copied the same way: in
 //!    place to each layer's original path (a layer already there with the backup's SHA-256 is
-//!    left untouched), otherwise beside the restored disk under new names that collide with
-//!    nothing (`<name>-<target>.backing-<depth>.<ext>`, suffixed `-2`, `-3`, … when taken), so
-//!    a backing file the original or another domain uses is never overwritten. The headers are
-//!    then rebased top-down onto the restored layers ([`rebase_plan`], `qemu-img rebase -u`)
-//!    and `qemu-img info --backing-chain` must list exactly the restored files.
+//!    left untouched and not read from the backup), otherwise beside the restored disk under
+//!    new names that collide with nothing (`<name>-<target>.backing-<depth>.<ext>`, suffixed
+//!    `-2`, `-3`, … when taken), so a backing file the original or another domain uses is
+//!    never overwritten. The headers are then rebased top-down onto the restored layers
+//!    ([`rebase_plan`], `qemu-img rebase -u`) and `qemu-img info --backing-chain` must list
+//!    exactly the restored files.
 //! 5. Rewrites the XML ([`crate::hv::xml_edit`]): with `--as` a new name, UUID and MAC
 //!    addresses, and file paths for disks, NVRAM and file-backed consoles; always without
 //!    `<backingStore>`.
@@ -56,7 +63,8 @@
 //! Steps 3 to 5 are decided first, without changing anything: [`plan::plan`] returns a
 //! [`plan::RestorePlan`] (every destination, the backing layers kept or renamed, the rebases,
 //! the XML edits), asking the host only read-only questions through [`plan::HostView`].
-//! [`apply::apply`] then carries it out. [`restore`] verifies, plans and applies.
+//! [`apply::apply`] then carries it out. [`restore`] checks, plans and applies; its
+//! [`RestoreOutcome::verify`] lists the checks made up front and those made by the copy.
 
 pub mod apply;
 pub mod chain;
@@ -188,7 +196,8 @@ pub struct RestoreOutcome {
     pub replaced: bool,
     /// Whether the domain was started.
     pub started: bool,
-    /// The verification made before copying.
+    /// What was checked: the up-front checks (data not read), then each image's data as it
+    /// was copied (`bytes`: the images checked that way) and the layers left in place.
     pub verify: VerifyReport,
 }
 
@@ -216,7 +225,7 @@ pub enum RestoreError {
     /// The domain XML cannot be used.
     #[error(transparent)]
     Xml(#[from] XmlError),
-    /// The backup failed verification.
+    /// The backup failed verification (up front, or an image as it was copied).
     #[error("backup {dir} is damaged: {detail} (use --force to restore it anyway)")]
     Damaged {
         /// The backup folder.
@@ -503,14 +512,16 @@ pub fn restore(
         );
     }
 
-    // 1. Verify (the whole chain).
-    let mut report = verify::verify_backup(dir, &VerifyOptions::default(), progress, cancel)?;
+    // 1. Check what is cheap (the whole chain), before anything is written; the disk data is
+    //    checked as it is copied, in one read.
+    let upfront = VerifyOptions {
+        disk_data: false,
+        ..VerifyOptions::default()
+    };
+    let mut report = verify::verify_backup(dir, &upfront, progress, cancel)?;
     for p in &parents {
-        progress.message(
-            Level::Info,
-            &format!("verifying the parent {}", p.display()),
-        );
-        let r = verify::verify_backup(p, &VerifyOptions::default(), progress, cancel)?;
+        progress.message(Level::Info, &format!("checking the parent {}", p.display()));
+        let r = verify::verify_backup(p, &upfront, progress, cancel)?;
         if !r.ok {
             report = r;
             break;
@@ -549,8 +560,12 @@ pub fn restore(
         progress.message(Level::Info, note);
     }
 
-    // 3. Apply.
+    // 3. Apply: copy (checking each image's data), rename, define.
     let applied = apply::apply(&plan, &backup.xml_text, &hv, progress, cancel)?;
+    report.checks.extend(applied.checks.iter().cloned());
+    report.ok = report.checks.iter().all(|c| c.ok);
+    report.bytes += applied.bytes_checked;
+    report.seconds += applied.copy_seconds;
     progress.message(
         Level::Info,
         &format!(
