@@ -1,7 +1,7 @@
 //! Pre-checks (before the VM is touched: failure means exit 1) and post-checks (of a
 //! published backup and of the domain: failure means exit 3), also behind `vm-backup check`.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -695,18 +695,43 @@ pub fn post_check_folder(
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Problems {
-    post_check_folder_after_copy(dir, md, &BTreeSet::new(), progress, cancel)
+    post_check_folder_after_copy(dir, md, &BTreeMap::new(), progress, cancel)
+}
+
+/// What a file looked like when its copy was read back: size, inode and change times. A file
+/// written to since (by anything) has another modification or change time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of `path` now.
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path)?;
+        Ok(Self {
+            len: m.len(),
+            ino: m.ino(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 /// [`post_check_folder`] right after this process copied the images: the image files named in
 /// `read_back` were already read back from the share block by block during their copy
 /// (O_DIRECT, after each write completed, compared with the bytes hashed into the manifest;
-/// see `CopyOptions::read_back`) and are not re-hashed; every other check runs on them, and
-/// every other image is re-read as usual.
+/// see `CopyOptions::read_back`) and are not re-hashed as long as nothing wrote to them since
+/// (their [`FileStamp`] is unchanged); every other check runs on them, and every other image,
+/// or one written to after its copy, is re-read as usual.
 pub fn post_check_folder_after_copy(
     dir: &Path,
     md: &BackupMetadata,
-    read_back: &BTreeSet<String>,
+    read_back: &BTreeMap<String, FileStamp>,
     progress: &dyn Progress,
     cancel: &CancelToken,
 ) -> Problems {
@@ -828,7 +853,10 @@ pub fn post_check_folder_after_copy(
                             "checksums.sha256 does not list the recorded SHA-256",
                         ));
                     }
-                    let verified = if read_back.contains(d.file) {
+                    let untouched = read_back
+                        .get(d.file)
+                        .is_some_and(|stamp| FileStamp::of(&path).ok().as_ref() == Some(stamp));
+                    let verified = if untouched {
                         Ok(None) // proven block by block during the copy
                     } else {
                         crate::copier::verify_file(&path, d.manifest, progress, cancel).map(Some)

@@ -23,7 +23,7 @@
 //! Incremental and differential backups go through here too: `take_increment` points each
 //! disk's source at its scratch file of changed blocks before the copy phase.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
@@ -37,6 +37,7 @@ use crate::progress::{CancelToken, Level, Progress, Transfer};
 use crate::store::PartialBackup;
 
 use super::chain::{self, BackingImage};
+use super::checks::FileStamp;
 use super::{
     BackupError, BackupEvent, BackupObserver, BackupSession, Cause, Phase, RunLog, SessionDisk,
 };
@@ -81,7 +82,7 @@ impl BackupSession<'_> {
             partial: self.partial_backup(Phase::Copy)?,
             options,
             cancel: if parallel > 1 { &own } else { &self.run.cancel },
-            read_back: Mutex::new(BTreeSet::new()),
+            read_back: Mutex::new(BTreeMap::new()),
         };
         let copied = if parallel > 1 {
             group.concurrently(&disks, parallel, &self.run.cancel)
@@ -159,8 +160,8 @@ struct CopyGroup<'s> {
     /// driver's token cancels too) with several.
     cancel: &'s CancelToken,
     /// The image files whose every written block the copier read back from the share and
-    /// found equal (and that nothing changed after their copy).
-    read_back: Mutex<BTreeSet<String>>,
+    /// found equal (and that nothing changed after their copy), with their stamp then.
+    read_back: Mutex<BTreeMap<String, FileStamp>>,
 }
 
 impl CopyGroup<'_> {
@@ -419,8 +420,14 @@ impl CopyGroup<'_> {
             rewrite = Some(settled.record);
         }
         if proven {
-            if let Ok(mut set) = self.read_back.lock() {
-                set.insert(file_name.to_string());
+            match FileStamp::of(&self.partial.path().join(file_name)) {
+                Ok(stamp) => {
+                    if let Ok(mut set) = self.read_back.lock() {
+                        set.insert(file_name.to_string(), stamp);
+                    }
+                }
+                // Without a stamp the post-checks re-read the image, as without read-back.
+                Err(_) => proven = false,
             }
         }
         self.log(

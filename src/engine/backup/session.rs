@@ -185,8 +185,9 @@ pub struct BackupSession<'a> {
     /// Direct mode: what the copy phase wrote.
     pub(super) copied: Vec<DiskRecord>,
     /// Direct mode: the image files the copy read back from the share block by block
-    /// (`CopyOptions::read_back`), which the post-checks need not re-read.
-    pub(super) read_back: std::collections::BTreeSet<String>,
+    /// (`CopyOptions::read_back`), with their stamp then: the post-checks need not re-read
+    /// them while the stamp is unchanged.
+    pub(super) read_back: std::collections::BTreeMap<String, super::checks::FileStamp>,
     /// Direct mode: the published metadata and folder.
     pub(super) published: Option<(BackupMetadata, PathBuf)>,
     closed: bool,
