@@ -542,6 +542,27 @@ impl Progress for AllDisks<'_> {
 mod tests {
     use super::*;
 
+    /// A copy group of the VM "vm" for the tests, its queue split `parallel` ways.
+    fn test_group<'s>(
+        log: &'s RunLog,
+        progress: &'s dyn Progress,
+        observer: &'s dyn BackupObserver,
+        partial: &'s PartialBackup,
+        cancel: &'s CancelToken,
+        parallel: usize,
+    ) -> CopyGroup<'s> {
+        CopyGroup {
+            vm: "vm",
+            log,
+            progress,
+            observer,
+            partial,
+            options: shared_options(&CopyOptions::default(), parallel),
+            cancel,
+            read_back: Mutex::default(),
+        }
+    }
+
     #[test]
     fn workers_never_exceed_the_disks_and_the_queue_is_split() {
         assert_eq!(workers(2, 3), 2);
@@ -619,16 +640,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let partial =
             PartialBackup::create(dir.path().join("s.partial"), dir.path().join("s")).unwrap();
-        let group = CopyGroup {
-            vm: "vm",
-            log: &log,
-            progress: &progress,
-            observer: &super::super::NoObserver,
-            partial: &partial,
-            options: CopyOptions::default(),
-            cancel: &cancel,
-            read_back: Mutex::default(),
-        };
+        let group = test_group(
+            &log,
+            &progress,
+            &super::super::NoObserver,
+            &partial,
+            &cancel,
+            1,
+        );
         let cancelled = || group.fail(Cause::Cancelled);
         let full = group.fail(Cause::Copy {
             label: "vdb".into(),
@@ -705,16 +724,7 @@ mod tests {
         );
         let sink = crate::progress::NoProgress;
         let all = AllDisks::new(&sink, planned_bytes(&disks));
-        let group = CopyGroup {
-            vm: "vm",
-            log: &log,
-            progress: &all,
-            observer: &events,
-            partial: &partial,
-            options: shared_options(&CopyOptions::default(), 2),
-            cancel: &cancel,
-            read_back: Mutex::default(),
-        };
+        let group = test_group(&log, &all, &events, &partial, &cancel, 2);
         let records = group.concurrently(&disks, 2, &driver).unwrap();
         let targets: Vec<&str> = records.iter().map(|r| r.target.as_str()).collect();
         assert_eq!(targets, ["vda", "vdb", "vdc"]);
@@ -752,16 +762,7 @@ mod tests {
             CancelToken::new(),
         );
         let progress = crate::progress::NoProgress;
-        let group = CopyGroup {
-            vm: "vm",
-            log: &log,
-            progress: &progress,
-            observer: &events,
-            partial: &partial,
-            options: shared_options(&CopyOptions::default(), 2),
-            cancel: &cancel,
-            read_back: Mutex::default(),
-        };
+        let group = test_group(&log, &progress, &events, &partial, &cancel, 2);
         let e = group.concurrently(&disks, 2, &driver).unwrap_err();
         assert_ne!(e.kind(), ErrorKind::Cancelled, "{e}");
         assert!(e.to_string().contains("vdb"), "{e}");
@@ -783,16 +784,14 @@ mod tests {
             PartialBackup::create(dir.path().join("s.partial"), dir.path().join("s")).unwrap();
         let (log, cancel, driver) = (RunLog::new(), CancelToken::new(), CancelToken::new());
         let progress = crate::progress::NoProgress;
-        let group = CopyGroup {
-            vm: "vm",
-            log: &log,
-            progress: &progress,
-            observer: &super::super::NoObserver,
-            partial: &partial,
-            options: shared_options(&CopyOptions::default(), 2),
-            cancel: &cancel,
-            read_back: Mutex::default(),
-        };
+        let group = test_group(
+            &log,
+            &progress,
+            &super::super::NoObserver,
+            &partial,
+            &cancel,
+            2,
+        );
         driver.cancel();
         let e = group.concurrently(&disks, 2, &driver).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
