@@ -284,7 +284,12 @@ impl BackupSession<'_> {
             } else {
                 format!(
                     "post-checks before publishing: {proven} of {images} image(s) already read back \
-                     from the share during the copy; re-reading the rest (page cache dropped)"
+                     from the share during the copy{}",
+                    if proven < images {
+                        "; re-reading the rest (page cache dropped)"
+                    } else {
+                        ""
+                    }
                 )
             },
         );
