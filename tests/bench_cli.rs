@@ -51,6 +51,7 @@ fn quick_bench_reports_every_measurement_as_json() {
             "copy-both",
             "copy-threads",
             "copy-chunks",
+            "copy-backup",
             "cp-sha256sum",
             "qemu-img",
             "verify",
@@ -100,6 +101,13 @@ fn quick_bench_reports_every_measurement_as_json() {
     }
     assert!(ratios.contains(&("dense".into(), "a/min(read,write,hash)".into())));
     assert!(ratios.contains(&("dense".into(), "v/read".into())));
+    assert!(ratios.contains(&("dense".into(), "a3/min(read,write,hash)".into())));
+    for image in ["dense", "sparse", "qcow2"] {
+        assert!(
+            ratios.contains(&(image.into(), "a3/d".into())),
+            "{ratios:?}"
+        );
+    }
 
     assert!(
         report["peak_rss_kib"].as_u64().unwrap() > 0,

@@ -6,7 +6,8 @@
 //! and interleaved so that drifting machine load hits every method alike:
 //!
 //! - (a) the copier with both hashes, (b) the same on the thread pool instead of io_uring,
-//!   (b2) with chunk hashes only,
+//!   (b2) with chunk hashes only, (a3) as a backup copies (O_DIRECT on both ends, every block
+//!   read back from the destination: `engine::backup::backup_copy_options`),
 //! - (c) `cp --sparse=always` then `sha256sum` (the reference site's method),
 //! - (d) `qemu-img convert -m 16 -W -O raw` (no hash),
 //! - the limits of the machine: a read-only pass, a write-only pass of the same size, and
@@ -144,6 +145,8 @@ pub enum Method {
     CopyThreads,
     /// (b2) the copier, chunk hashes only.
     CopyChunks,
+    /// (a3) the copier as a backup runs it: O_DIRECT on both ends, every block read back.
+    CopyBackup,
     /// (c) `cp --sparse=always` + `sha256sum`.
     CpSha256sum,
     /// (d) `qemu-img convert -m 16 -W -O raw`.
@@ -164,10 +167,11 @@ pub enum Method {
 
 impl Method {
     /// The methods run on every image.
-    pub const ON_IMAGES: [Method; 8] = [
+    pub const ON_IMAGES: [Method; 9] = [
         Method::CopyBoth,
         Method::CopyThreads,
         Method::CopyChunks,
+        Method::CopyBackup,
         Method::CpSha256sum,
         Method::QemuImg,
         Method::Verify,
@@ -183,6 +187,7 @@ impl Method {
             Method::CopyBoth => "(a) vm-backup copy, both hashes",
             Method::CopyThreads => "(b) (a) on the thread pool",
             Method::CopyChunks => "(b2) (a) with --hash chunks",
+            Method::CopyBackup => "(a3) (a) as a backup: O_DIRECT, read-back",
             Method::CpSha256sum => "(c) cp --sparse=always + sha256sum",
             Method::QemuImg => "(d) qemu-img convert -m 16 -W",
             Method::ReadOnly => "read only",
@@ -348,6 +353,12 @@ pub fn compute_ratios(measurements: &[Measurement]) -> Vec<Ratio> {
         let a = find(image, Method::CopyBoth);
         push(image, "a/c", a, find(image, Method::CpSha256sum));
         push(image, "a/d", a, find(image, Method::QemuImg));
+        push(
+            image,
+            "a3/d",
+            find(image, Method::CopyBackup),
+            find(image, Method::QemuImg),
+        );
         let v = find(image, Method::Verify);
         push(image, "v/v2", v, find(image, Method::Sha256sumCopy));
         let r = find(image, Method::Restore);
@@ -361,6 +372,12 @@ pub fn compute_ratios(measurements: &[Measurement]) -> Vec<Ratio> {
             "dense",
             "a/min(read,write,hash)",
             find("dense", Method::CopyBoth),
+            Some(bound),
+        );
+        push(
+            "dense",
+            "a3/min(read,write,hash)",
+            find("dense", Method::CopyBackup),
             Some(bound),
         );
         push(
@@ -751,7 +768,7 @@ fn remove(path: &Path) {
 // ---------------------------------------------------------------------------------------------
 // One function per measurement. Each returns seconds and leaves no output behind.
 
-/// The copier's options for (a), (b) and (b2).
+/// The copier's options for (a), (b), (b2) and (a3).
 fn copy_options(method: Method, policy: CachePolicy) -> CopyOptions {
     let mut options = CopyOptions {
         direct_read: policy == CachePolicy::Direct,
@@ -760,6 +777,7 @@ fn copy_options(method: Method, policy: CachePolicy) -> CopyOptions {
     match method {
         Method::CopyThreads => options.io = IoPath::Threads,
         Method::CopyChunks => options.hash = HashMode::Chunks,
+        Method::CopyBackup => options = vm_backup::engine::backup::backup_copy_options(),
         _ => {}
     }
     options
@@ -1020,7 +1038,7 @@ fn measure_on_image(
         Method::Verify => Ok((measure_verify(backup, policy, cancel)?, None)),
         Method::Sha256sumCopy => Ok((measure_sha256sum(&backup.path, policy)?, None)),
         Method::Restore => Ok((measure_restore(backup, dst, policy, cancel)?, None)),
-        Method::CopyBoth | Method::CopyThreads | Method::CopyChunks => {
+        Method::CopyBoth | Method::CopyThreads | Method::CopyChunks | Method::CopyBackup => {
             let options = copy_options(method, policy);
             let (t, io) = measure_copy(&image.path, dst, &options, policy, cancel)?;
             Ok((t, Some(io)))
