@@ -15,6 +15,7 @@
 //! shutdown_seconds = 300           # clean shutdown for offline --shutdown
 //! [copy]
 //! disk_parallel = 2                # disks of one VM copied at once (1: one after the other)
+//! max_rate = "200M"                # optional bandwidth limit of a backup's copy, bytes/s
 //! [slack]
 //! alerts_webhook = "https://hooks.slack.com/services/…"
 //! reports_webhook = "https://hooks.slack.com/services/…"
@@ -194,6 +195,33 @@ pub struct CopySettings {
     /// Disks of one VM copied at once, sharing one queue of buffers (1: one after the
     /// other; default [`DEFAULT_DISK_PARALLEL`]).
     pub disk_parallel: usize,
+    /// Bandwidth limit of a direct-mode backup's copy, bytes per second read from the disks,
+    /// shared by the disks copied at once (`None`: no limit). Written `"200M"`, `"1G/s"` or
+    /// a number of bytes; `--max-rate` and the plugin's `max_rate=` override it.
+    #[serde(deserialize_with = "rate::deserialize")]
+    pub max_rate: Option<u64>,
+}
+
+/// `[copy] max_rate`: a rate as [`crate::copier::parse_rate`] reads it, or a plain number.
+mod rate {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let rate = match Raw::deserialize(d)? {
+            Raw::Bytes(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        crate::copier::parse_rate(&rate)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Most disks copied at once (the queue of buffers is split between them).
@@ -206,6 +234,7 @@ impl Default for CopySettings {
     fn default() -> Self {
         Self {
             disk_parallel: DEFAULT_DISK_PARALLEL,
+            max_rate: None,
         }
     }
 }
@@ -494,6 +523,29 @@ mod tests {
         let s = Settings::parse("", Path::new("x.conf")).unwrap();
         assert_eq!(s.target, PathBuf::from("/mnt/backup"));
         assert_eq!(s.timeouts.agent_seconds, 10);
+    }
+
+    #[test]
+    fn max_rate_reads_sizes_per_second_and_refuses_zero() {
+        let s = Settings::parse("", Path::new("x.conf")).unwrap();
+        assert_eq!(s.copy.max_rate, None);
+        for (text, want) in [
+            ("\"200M\"", 200 << 20),
+            ("\"1G/s\"", 1 << 30),
+            ("4096", 4096),
+        ] {
+            let s = Settings::parse(&format!("[copy]\nmax_rate = {text}\n"), Path::new("x.conf"))
+                .unwrap();
+            assert_eq!(s.copy.max_rate, Some(want), "{text}");
+        }
+        for bad in ["\"0\"", "0", "\"fast\"", "\"10X\""] {
+            let e = Settings::parse(&format!("[copy]\nmax_rate = {bad}\n"), Path::new("x.conf"))
+                .unwrap_err();
+            // The file, line and what is wrong with the value.
+            let e = e.to_string();
+            assert!(e.starts_with("x.conf:2:"), "{bad}: {e}");
+            assert!(e.contains("bandwidth") || e.contains("size"), "{bad}: {e}");
+        }
     }
 
     #[test]

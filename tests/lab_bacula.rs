@@ -21,6 +21,11 @@ use std::time::{Duration, Instant};
 const LAB: &str = "/var/lib/vm-backup-lab/bacula";
 /// The host name the stream-mode test configures.
 const STREAM_HOST: &str = "vmb-stream-host";
+/// The bandwidth limit of [`Lab::slow_job`] (the plugin's `max_rate=`), and its value in MiB/s.
+const SLOW_RATE: &str = "60M";
+const SLOW_MIB_S: f64 = 60.0;
+/// The job [`Lab::slow_job`] defines.
+const SLOW_JOB: &str = "vm-slow";
 static AGENT: Domain = Domain("agent", OnceLock::new());
 static NOAGENT: Domain = Domain("noagent", OnceLock::new());
 
@@ -221,6 +226,24 @@ impl Lab {
         std::fs::write(format!("{LAB}/etc/dir.d/{name}.conf"), text).expect("write drop-in");
         let out = self.bconsole("reload\n");
         assert!(!out.contains("rror"), "reload: {out}");
+    }
+
+    /// A job of the agent guest whose copy is held to [`SLOW_RATE`] by the plugin's
+    /// `max_rate=`, for the tests that act while the copy runs (cancel, kill -9, live
+    /// progress): however fast the machine, its 600 MiB take about ten seconds. The drop-in
+    /// stays for the rest of the run (jobs of JobDefs VmBackup are Full).
+    fn slow_job(&self) -> &'static str {
+        let conf = format!("{LAB}/etc/dir.d/zz-slow.conf");
+        if !Path::new(&conf).exists() {
+            self.drop_in(
+                "zz-slow",
+                &format!(
+                    "FileSet {{\n Name = \"slow-set\"\n Include {{\n  Plugin = \"vm-backup: vm={AGENT} config={LAB}/etc/vm-backup.conf max_rate={SLOW_RATE}\"\n }}\n}}\n\
+                     Job {{\n Name = \"{SLOW_JOB}\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"slow-set\"\n}}\n"
+                ),
+            );
+        }
+        SLOW_JOB
     }
 }
 
@@ -612,7 +635,7 @@ fn cancel_during_copy_ends_a_and_leaves_nothing() {
     let Some(lab) = lab("cancel_during_copy_ends_a_and_leaves_nothing", true) else {
         return;
     };
-    let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
+    let id = lab.queue(&[lab.slow_job()])[0];
     assert!(
         wait_copy(&AGENT, Duration::from_secs(60)),
         "the copy did not start"
@@ -623,7 +646,7 @@ fn cancel_during_copy_ends_a_and_leaves_nothing() {
     assert_eq!(status, 'A', "cancel: {out}\nlog: {log}");
     assert!(
         !log.contains("backup published"),
-        "the copy finished before the cancel (make the disk bigger: --fill): {log}"
+        "the copy finished before the cancel (lower SLOW_RATE): {log}"
     );
     // The Director ends the job as soon as it has told the FD; the FD's job thread then stops
     // the copy, commits the snapshot and removes the partial folder.
@@ -648,7 +671,7 @@ fn kill_9_of_the_fd_mid_backup_is_repaired_by_the_next_job() {
     ) else {
         return;
     };
-    let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
+    let id = lab.queue(&[lab.slow_job()])[0];
     assert!(
         wait_copy(&AGENT, Duration::from_secs(60)),
         "the copy did not start"
@@ -850,7 +873,7 @@ fn progress_reaches_messages_and_status_client_while_the_copy_runs() {
         return;
     };
     lab.bconsole("messages\n"); // drain what earlier jobs left
-    let id = lab.queue(&[&format!("vm-{AGENT}")])[0];
+    let id = lab.queue(&[lab.slow_job()])[0];
     let deadline = Instant::now() + Duration::from_secs(600);
     // Copy lines (`…vda.qcow2: 42% (…`, not yet 100 %) seen in `messages` while the job ran,
     // and the byte counts `status client` showed meanwhile.
@@ -915,9 +938,23 @@ fn progress_reaches_messages_and_status_client_while_the_copy_runs() {
         "publishing the backup folder",
         "post-checks",
         "job report: VM",
+        &format!("bandwidth limit: {SLOW_MIB_S:.1} MiB/s"),
     ] {
         assert!(log.contains(want), "{want:?} not in the job log: {log}");
     }
+    // The plugin's max_rate= held the copy: the report's rate is the limit's, give or take the
+    // pacer's burst window (unlimited, this copy runs at several times the limit).
+    let report_rate: f64 = log
+        .split("job report: VM")
+        .nth(1)
+        .and_then(|r| r.split(" s (").nth(1))
+        .and_then(|r| r.split(" MiB/s").next())
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in the job report: {log}"));
+    assert!(
+        report_rate <= SLOW_MIB_S * 1.1,
+        "the copy ran at {report_rate} MiB/s, over max_rate={SLOW_RATE}: {log}"
+    );
     discard(&folder_of(&lab.files(id), &AGENT));
 }
 

@@ -37,7 +37,15 @@ pub const PLUGIN_NAME: &str = "vm-backup";
 pub const VIRTUAL_ROOT: &str = "/@vm-backup";
 
 /// The keys the plugin string accepts.
-pub const KEYS: [&str; 6] = ["vm", "method", "target", "mode", "config", "disk_parallel"];
+pub const KEYS: [&str; 7] = [
+    "vm",
+    "method",
+    "target",
+    "mode",
+    "config",
+    "disk_parallel",
+    "max_rate",
+];
 
 /// The date of this version of the plugin, shown by the File Daemon (`status client`) next to
 /// the version; changed with the version.
@@ -280,6 +288,8 @@ pub struct PluginArgs {
     pub config: Option<PathBuf>,
     /// Disks copied at once in direct mode, overriding `[copy] disk_parallel`.
     pub disk_parallel: Option<usize>,
+    /// Bandwidth limit of a direct-mode copy, bytes per second, overriding `[copy] max_rate`.
+    pub max_rate: Option<u64>,
 }
 
 impl PluginArgs {
@@ -292,6 +302,7 @@ impl PluginArgs {
         let mut mode = None;
         let mut config = None;
         let mut disk_parallel = None;
+        let mut max_rate = None;
         for word in rest.split_whitespace() {
             let (key, value) = word
                 .split_once('=')
@@ -315,6 +326,12 @@ impl PluginArgs {
                 "target" => target.replace(absolute(key, value)?).is_none(),
                 "mode" => mode.replace(parse_mode(value)?).is_none(),
                 "disk_parallel" => disk_parallel.replace(parse_disk_parallel(value)?).is_none(),
+                "max_rate" => max_rate
+                    .replace(
+                        crate::copier::parse_rate(value)
+                            .map_err(|e| bad(key, value, &e.to_string()))?,
+                    )
+                    .is_none(),
                 _ => config.replace(absolute(key, value)?).is_none(),
             };
             if !fresh {
@@ -328,6 +345,7 @@ impl PluginArgs {
             mode: mode.unwrap_or_default(),
             config,
             disk_parallel,
+            max_rate,
         })
     }
 }
@@ -436,12 +454,15 @@ impl VirtualPath {
 }
 
 /// The effective site settings of a job: the configuration file named by `config=` (or the
-/// default one), with `target=` and `disk_parallel=` applied.
+/// default one), with `target=`, `disk_parallel=` and `max_rate=` applied.
 pub fn settings_for(args: &PluginArgs) -> Result<crate::config::Settings, PluginError> {
     let mut settings =
         crate::config::Settings::load_with_target(args.config.as_deref(), args.target.as_deref())?;
     if let Some(n) = args.disk_parallel {
         settings.copy.disk_parallel = n;
+    }
+    if let Some(rate) = args.max_rate {
+        settings.copy.max_rate = Some(rate);
     }
     Ok(settings)
 }
@@ -510,15 +531,17 @@ mod tests {
         assert_eq!(a.target, None);
         assert_eq!(a.config, None);
         assert_eq!(a.disk_parallel, None);
+        assert_eq!(a.max_rate, None);
     }
 
     #[test]
     fn every_key_parses() {
         let a = PluginArgs::parse(
-            "vm-backup: vm=asa1 method=snapshot target=/mnt/backup mode=stream config=/etc/vb.conf disk_parallel=3",
+            "vm-backup: vm=asa1 method=snapshot target=/mnt/backup mode=stream config=/etc/vb.conf disk_parallel=3 max_rate=200M/s",
         )
         .unwrap();
         assert_eq!(a.disk_parallel, Some(3));
+        assert_eq!(a.max_rate, Some(200 << 20));
         assert_eq!(a.method, Some(Method::Snapshot));
         assert_eq!(a.mode, Mode::Stream);
         assert_eq!(a.target.as_deref(), Some(Path::new("/mnt/backup")));
@@ -548,6 +571,8 @@ mod tests {
                 "disk_parallel=\"0\": a number",
             ),
             ("vm-backup: vm=a disk_parallel=two", "disk_parallel=\"two\""),
+            ("vm-backup: vm=a max_rate=0", "max_rate=\"0\""),
+            ("vm-backup: vm=a max_rate=fast", "max_rate=\"fast\""),
             ("vm-backup: vm=a vm=b", "key \"vm\" given twice"),
             ("vm-backup: method=quiesce", "vm=<name> is required"),
             ("vm-backup: vm=a junk", "\"junk\" is not key=value"),
@@ -603,7 +628,7 @@ mod tests {
         assert!(!is_virtual_path("/etc/passwd"));
         assert_eq!(
             plugin_description(),
-            "vm-backup: KVM/libvirt virtual machine backups (vm=<name> method= target= mode= config= disk_parallel=)"
+            "vm-backup: KVM/libvirt virtual machine backups (vm=<name> method= target= mode= config= disk_parallel= max_rate=)"
         );
     }
 

@@ -37,6 +37,10 @@ pub struct Args {
     /// overrides `[copy] disk_parallel`, default 2).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=vm_backup::config::MAX_DISK_PARALLEL as i64))]
     disk_parallel: Option<u16>,
+    /// Bandwidth limit of the copy, bytes read per second from the disks, shared by the
+    /// disks copied at once (e.g. 200M; overrides `[copy] max_rate`; default no limit).
+    #[arg(long, value_name = "RATE", value_parser = vm_backup::copier::parse_rate)]
+    max_rate: Option<u64>,
     /// Write the Prometheus textfile here after the run (overrides `metrics_file`).
     #[arg(long, value_name = "FILE")]
     metrics_file: Option<PathBuf>,
@@ -57,6 +61,9 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
     }
     if let Some(n) = args.disk_parallel {
         settings.copy.disk_parallel = usize::from(n);
+    }
+    if let Some(rate) = args.max_rate {
+        settings.copy.max_rate = Some(rate);
     }
     // An explicit --inventory must exist; the configured one may be absent (no inventory).
     let inventory = match &args.inventory {

@@ -46,6 +46,10 @@ pub struct Args {
     /// was written (needs --direct-write; off with a note otherwise).
     #[arg(long)]
     read_back: bool,
+    /// Bandwidth limit: read at most this many bytes per second from the source (e.g. 100M;
+    /// holes are free). Default: no limit.
+    #[arg(long, value_name = "RATE", value_parser = copier::parse_rate)]
+    max_rate: Option<u64>,
     /// Write the chunk manifest as JSON to this file.
     #[arg(long, value_name = "FILE")]
     manifest: Option<PathBuf>,
@@ -146,6 +150,7 @@ pub fn run(args: Args) -> Result<i32, vm_backup::Error> {
         direct_write: args.direct_write,
         zero_as_holes: args.zero_as_holes,
         read_back: args.read_back,
+        max_rate: args.max_rate,
     };
     if args.manifest.is_some() && matches!(options.hash, HashMode::File | HashMode::None) {
         return Err(vm_backup::Error::Other(

@@ -51,6 +51,8 @@ pub(crate) struct Job<'a> {
     /// The destination opened again with O_DIRECT, and the buffers to read into, when every
     /// written block is to be read back and compared (`CopyOptions::read_back`).
     pub read_back: Option<ReadBack<'a>>,
+    /// Bandwidth limit of the source's reads, bytes per second (`CopyOptions::max_rate`).
+    pub max_rate: Option<u64>,
 }
 
 /// What reading written blocks back needs: an O_DIRECT reader of the destination and one
@@ -103,6 +105,9 @@ pub(crate) fn validate(options: &CopyOptions) -> Result<CopyOptions, CopyError> 
             "chunk size {} is not a multiple of the buffer size {}",
             o.chunk_size, o.buffer_size
         ));
+    }
+    if o.max_rate == Some(0) {
+        return bad("a bandwidth limit of 0 bytes/s would never finish".to_string());
     }
     if o.hash_workers == 0 {
         o.hash_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -285,6 +290,7 @@ fn fill(
             .as_ref()
             .zip(back_pool.as_ref())
             .map(|(file, pool)| ReadBack { file, pool }),
+        max_rate: settings.max_rate,
     };
     let hash = HashSettings {
         mode: settings.hash,

@@ -46,6 +46,7 @@ mod dest;
 mod hashing;
 pub mod header;
 mod job;
+mod pace;
 mod plan;
 mod threads;
 mod ticker;
@@ -122,6 +123,10 @@ pub struct CopyOptions {
     /// it, or where the destination refuses an O_DIRECT reader, it is off and a note says so.
     #[serde(default)]
     pub read_back: bool,
+    /// Bandwidth limit: at most this many bytes read from the source per second, on average
+    /// (`None`: as fast as the devices go). Holes are free.
+    #[serde(default)]
+    pub max_rate: Option<u64>,
 }
 
 impl Default for CopyOptions {
@@ -137,6 +142,7 @@ impl Default for CopyOptions {
             direct_write: false,
             zero_as_holes: false,
             read_back: false,
+            max_rate: None,
         }
     }
 }
@@ -435,6 +441,9 @@ pub enum SizeError {
     /// The size does not fit in 64 bits.
     #[error("`{0}` is too large")]
     TooLarge(String),
+    /// A bandwidth limit of zero (see [`parse_rate`]).
+    #[error("`{0}`: a bandwidth limit must be more than 0 bytes per second")]
+    ZeroRate(String),
 }
 
 impl SizeError {
@@ -471,6 +480,17 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| SizeError::TooLarge(text.to_string()))
+}
+
+/// Parses a bandwidth limit in bytes per second: a size as [`parse_size`] reads it, with an
+/// optional `/s` (`100M`, `100M/s`, `1G`); 0 is refused.
+pub fn parse_rate(text: &str) -> Result<u64, SizeError> {
+    let t = text.trim();
+    let size = t.strip_suffix("/s").unwrap_or(t);
+    match parse_size(size)? {
+        0 => Err(SizeError::ZeroRate(text.to_string())),
+        n => Ok(n),
+    }
 }
 
 /// A chunk manifest file that [`ChunkManifest::read_json`] could not read.

@@ -6,13 +6,14 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
 use super::buffer::{Buffer, Filled, ALIGN};
 use super::hashing::{is_zero, Item};
 use super::job::{IoStats, Job};
+use super::pace::Pacer;
 use super::plan::{Kind, Planner};
 use super::CopyError;
 
@@ -75,6 +76,7 @@ pub(crate) fn run(
         bytes_read_back: AtomicU64::new(0),
     };
     let mut holes = 0u64;
+    let mut pacer = job.max_rate.map(Pacer::new);
     let (task_tx, task_rx) = crossbeam_channel::bounded::<Task>(job.pool.count());
     std::thread::scope(|s| {
         for _ in 0..job.io_threads {
@@ -122,6 +124,11 @@ pub(crate) fn run(
                 });
                 continue;
             }
+            if let Some(p) = pacer.as_mut() {
+                if !wait_for_pace(p, block.len, job, &shared) {
+                    continue; // failed or cancelled: the loop head reports it
+                }
+            }
             let Some(buf) = wait_for_buffer(job, &shared) else {
                 continue; // failed or cancelled: the loop head reports it
             };
@@ -151,6 +158,18 @@ pub(crate) fn run(
 /// A free buffer, or `None` once the copy failed or was cancelled.
 fn wait_for_buffer(job: &Job<'_>, shared: &Shared) -> Option<Buffer> {
     wait_for(job.pool, job, shared)
+}
+
+/// Waits until the bandwidth limit admits a read of `len` bytes: `true`, or `false` once the
+/// copy failed or was cancelled.
+fn wait_for_pace(pacer: &mut Pacer, len: u64, job: &Job<'_>, shared: &Shared) -> bool {
+    while let Some(wait) = pacer.admit(Instant::now(), len) {
+        if shared.failed() || job.cancel.is_cancelled() {
+            return false;
+        }
+        std::thread::sleep(wait.min(POLL));
+    }
+    true
 }
 
 /// A free buffer of `pool`, or `None` once the copy failed or was cancelled.

@@ -11,7 +11,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
@@ -19,6 +19,7 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use super::buffer::{Buffer, Filled, ALIGN};
 use super::hashing::{is_zero, Item};
 use super::job::{IoStats, Job};
+use super::pace::Pacer;
 use super::plan::{Block, Kind, Planner};
 use super::CopyError;
 
@@ -109,6 +110,8 @@ struct Engine<'j, 'a> {
     failure: Option<CopyError>,
     out: Sender<Item>,
     stats: IoStats,
+    /// The bandwidth limit, if any: reads start no faster than it allows.
+    pacer: Option<Pacer>,
 }
 
 /// Copies the planned blocks through one io_uring instance.
@@ -131,6 +134,7 @@ pub(crate) fn run(
         failure: None,
         out,
         stats: IoStats::default(),
+        pacer: job.max_rate.map(Pacer::new),
     };
     match engine.run(&mut planner) {
         Ok(()) => {}
@@ -273,6 +277,21 @@ impl Engine<'_, '_> {
                 *pending = Some(block);
                 return Ok(false);
             };
+            if let Some(wait) = self
+                .pacer
+                .as_mut()
+                .and_then(|p| p.admit(Instant::now(), block.len))
+            {
+                // Over the bandwidth limit: keep the block for later. With operations in flight
+                // the main loop waits for their completions; with none, wait here (briefly, so
+                // that the cancel flag is looked at).
+                self.job.pool.put(buf);
+                *pending = Some(block);
+                if self.inflight == 0 {
+                    std::thread::sleep(wait.min(POLL));
+                }
+                return Ok(false);
+            }
             let idx = buf.index();
             self.slots[idx] = Slot::Reading {
                 buf,

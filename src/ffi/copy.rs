@@ -189,8 +189,9 @@ fn options_from_c(c: &vmb_copy_options) -> Result<CopyOptions, FfiError> {
         direct_read: c.direct_read,
         direct_write: c.direct_write,
         zero_as_holes: c.zero_as_holes,
-        // Not in the C struct (its layout is the ABI): the engine's backups ask for it.
+        // Not in the C struct (its layout is the ABI): the engine's backups ask for them.
         read_back: false,
+        max_rate: None,
     })
 }
 

@@ -56,7 +56,24 @@ impl BackupSession<'_> {
         let t = Instant::now();
         let disks = self.plan.disks.clone();
         let parallel = workers(self.run.request.settings.copy.disk_parallel, disks.len());
-        let options = shared_options(&self.run.request.copy_options, parallel);
+        let base = CopyOptions {
+            max_rate: self.run.request.settings.copy.max_rate.or(self
+                .run
+                .request
+                .copy_options
+                .max_rate),
+            ..self.run.request.copy_options.clone()
+        };
+        let options = shared_options(&base, parallel);
+        if let Some(rate) = base.max_rate {
+            self.log(
+                Level::Info,
+                &format!(
+                    "bandwidth limit: {:.1} MiB/s for the whole copy ([copy] max_rate)",
+                    rate as f64 / (1u64 << 20) as f64
+                ),
+            );
+        }
         if parallel > 1 {
             self.log(
                 Level::Info,
@@ -121,6 +138,7 @@ fn workers(setting: usize, disks: usize) -> usize {
 /// split between them (at least one buffer each) so the buffers in flight stay those of one
 /// copy. The chunk hashers are split the same way when the copier would pick their number
 /// (one per core): the copies share the cores instead of each starting a worker per core.
+/// A bandwidth limit is split too, so the copies together stay within it.
 fn shared_options(base: &CopyOptions, parallel: usize) -> CopyOptions {
     let parallel = parallel.max(1);
     let hash_workers = if base.hash_workers == 0 && parallel > 1 {
@@ -133,6 +151,7 @@ fn shared_options(base: &CopyOptions, parallel: usize) -> CopyOptions {
         hash: HashMode::Both,
         queue_depth: (base.queue_depth / parallel).max(1),
         hash_workers,
+        max_rate: base.max_rate.map(|r| (r / parallel as u64).max(1)),
         ..base.clone()
     }
 }
@@ -592,6 +611,13 @@ mod tests {
             ..base
         };
         assert_eq!(shared_options(&tiny, 4).queue_depth, 1);
+        let limited = CopyOptions {
+            max_rate: Some(100),
+            ..CopyOptions::default()
+        };
+        assert_eq!(shared_options(&limited, 1).max_rate, Some(100));
+        assert_eq!(shared_options(&limited, 3).max_rate, Some(33));
+        assert_eq!(shared_options(&CopyOptions::default(), 2).max_rate, None);
     }
 
     /// Records the transfers it is told.
