@@ -314,16 +314,27 @@ fn fill(
     };
     let planner = Planner::new(&source.file, size, settings.buffer_size);
     let (tx, rx) = crossbeam_channel::unbounded::<Item>();
-    let (stats, hashes) = std::thread::scope(|s| {
+    let (stats, hashes, flushed) = std::thread::scope(|s| {
         let hasher = s.spawn(|| hashing::consume(rx, hash, reread, &ticker));
         let stats = engine(&job, planner, tx, &mut notes);
+        // Every write has completed; the hashers may still be behind (on a sparse image the
+        // whole-file digest of the holes outlasts the copy). Flush the written data to the
+        // device meanwhile, rather than after them: the commit's fsync then finds it clean.
+        let flush =
+            (stats.is_ok() && !settings.direct_write).then(|| s.spawn(|| dst_file.sync_data()));
         let hashes = match hasher.join() {
             Ok(h) => h,
             Err(panic) => std::panic::resume_unwind(panic),
         };
-        (stats, hashes)
+        let flushed = match flush.map(|f| f.join()) {
+            None => Ok(()),
+            Some(Ok(r)) => r,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+        };
+        (stats, hashes, flushed)
     });
     let stats = stats?;
+    flushed.map_err(|e| CopyError::write(&dst, size, e))?;
     if let Some(e) = hashes.error {
         return Err(e);
     }
