@@ -167,9 +167,12 @@ const STREAM_QUEUE: usize = 1 << 18;
 /// Three stages run side by side: the in-order stage (this thread: reorders, routes pieces to
 /// the chunk workers, ticks), the whole-file SHA-256 on a thread of its own, and the chunk
 /// workers. The whole-file hasher must see every byte in order, holes as zeros, so on a sparse
-/// image it spends most of its time on zeros; it keeps at most `settings.hold` buffers, and
-/// past that the blocks go to it as weak references, read again from the destination when it
-/// gets there. The copy therefore never waits for it: the run costs max(hash of the virtual
+/// image it spends most of its time on zeros. Given a way to read the destination again
+/// (`reread`: the copy writes through the page cache), it keeps at most `settings.hold`
+/// buffers, and past that the blocks go to it as weak references, read again from the
+/// destination when it gets there, so the copy never waits for it. Without one (O_DIRECT
+/// writes, where that read would go to the device) it keeps every block it is handed and the
+/// pool's back-pressure paces the copy to it. Either way the run costs max(hash of the virtual
 /// size, copy of the allocated data), not their sum.
 pub(crate) fn consume(
     rx: Receiver<Item>,
