@@ -12,9 +12,11 @@
 //!                                   │  threads: pread/pwrite workers
 //!                                   ▼ every block, as soon as it is read (any order)
 //!                    in-order stage: reorders, progress ──► whole-file SHA-256 (own thread,
-//!                                   │                         holes as zeros, holds ≤ half the
-//!                                   │                         buffers, reads let-go blocks back
-//!                                   │                         from the destination)
+//!                                   │                         holes as zeros; over buffered
+//!                                   │                         writes holds ≤ half the buffers
+//!                                   │                         and reads let-go blocks back from
+//!                                   │                         the page cache; over O_DIRECT
+//!                                   │                         ones keeps them, pacing the copy)
 //!                                   │ pieces routed by chunk (chunk % workers)
 //!                                   ▼
 //!                    chunk workers: per-chunk SHA-256, zero chunks from a precomputed digest
@@ -26,6 +28,7 @@
 //! | `buffer` | the fixed pool of aligned buffers that bounds memory |
 //! | `uring` | the io_uring engine and the runtime probe (the only `unsafe` here) |
 //! | `threads` | the pread/pwrite fallback engine |
+//! | `pace` | the bandwidth limit (`max_rate`): when the next read may start |
 //! | `hashing` | the in-order stage and the chunk-hashing pool |
 //! | `header` | the qcow2 backing-name rewrite of the first block, when asked |
 //! | `dest` | opening the source; the [`Sink`] a copy writes into, and the copier's own temporary file for a copy to a path |
