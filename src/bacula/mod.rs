@@ -328,7 +328,7 @@ impl PluginArgs {
                 "disk_parallel" => disk_parallel.replace(parse_disk_parallel(value)?).is_none(),
                 "max_rate" => max_rate
                     .replace(
-                        crate::copier::parse_rate(value)
+                        crate::config::parse_rate(value)
                             .map_err(|e| bad(key, value, &e.to_string()))?,
                     )
                     .is_none(),

@@ -39,7 +39,7 @@ pub struct Args {
     disk_parallel: Option<u16>,
     /// Bandwidth limit of the copy, bytes read per second from the disks, shared by the
     /// disks copied at once (e.g. 200M; overrides `[copy] max_rate`; default no limit).
-    #[arg(long, value_name = "RATE", value_parser = vm_backup::copier::parse_rate)]
+    #[arg(long, value_name = "RATE", value_parser = vm_backup::config::parse_rate)]
     max_rate: Option<u64>,
     /// Write the Prometheus textfile here after the run (overrides `metrics_file`).
     #[arg(long, value_name = "FILE")]

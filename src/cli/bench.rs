@@ -48,8 +48,8 @@ enum CacheArg {
     Warm,
 }
 
-fn parse_size(text: &str) -> Result<u64, vm_backup::copier::SizeError> {
-    vm_backup::copier::parse_size(text)
+fn parse_size(text: &str) -> Result<u64, vm_backup::config::SizeError> {
+    vm_backup::config::parse_size(text)
 }
 
 /// Progress lines on stderr (the table or JSON goes to stdout).

@@ -48,7 +48,7 @@ pub struct Args {
     read_back: bool,
     /// Bandwidth limit: read at most this many bytes per second from the source (e.g. 100M;
     /// holes are free). Default: no limit.
-    #[arg(long, value_name = "RATE", value_parser = copier::parse_rate)]
+    #[arg(long, value_name = "RATE", value_parser = vm_backup::config::parse_rate)]
     max_rate: Option<u64>,
     /// Write the chunk manifest as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -76,8 +76,8 @@ enum HashArg {
 }
 
 /// Parses sizes such as `4M`, `1MiB`, `64k`.
-pub fn parse_size(text: &str) -> Result<u64, copier::SizeError> {
-    copier::parse_size(text)
+pub fn parse_size(text: &str) -> Result<u64, vm_backup::config::SizeError> {
+    vm_backup::config::parse_size(text)
 }
 
 /// Renders progress as an indicatif bar on a terminal, and not at all otherwise.

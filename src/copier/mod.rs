@@ -427,75 +427,6 @@ pub fn hash_file(
     verify::hash_whole(file, chunk_size, cancel)
 }
 
-/// A byte size that [`parse_size`] refused; the message quotes the text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SizeError {
-    /// No digits, or too many of them.
-    #[error("`{0}` is not a size (e.g. 4096, 64k, 4M, 1MiB)")]
-    NotASize(String),
-    /// A suffix other than b, k, m, g, t (with optional `b`/`ib`).
-    #[error("unknown size suffix `{suffix}` in `{text}`")]
-    UnknownSuffix {
-        /// The suffix, lower-cased.
-        suffix: String,
-        /// The whole text.
-        text: String,
-    },
-    /// The size does not fit in 64 bits.
-    #[error("`{0}` is too large")]
-    TooLarge(String),
-    /// A bandwidth limit of zero (see [`parse_rate`]).
-    #[error("`{0}`: a bandwidth limit must be more than 0 bytes per second")]
-    ZeroRate(String),
-}
-
-impl SizeError {
-    /// What kind of failure this is (always bad input).
-    pub fn kind(&self) -> crate::error::ErrorKind {
-        crate::error::ErrorKind::InvalidInput
-    }
-}
-
-/// Parses a byte size with an optional suffix: `4096`, `64k`, `4M`, `1MiB`, `2G`, `1T`
-/// (powers of 1024; `KB`/`MB`… are accepted as the same).
-pub fn parse_size(text: &str) -> Result<u64, SizeError> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    if digits.is_empty() {
-        return Err(SizeError::NotASize(text.to_string()));
-    }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| SizeError::NotASize(text.to_string()))?;
-    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => {
-            return Err(SizeError::UnknownSuffix {
-                suffix: other.to_string(),
-                text: text.to_string(),
-            })
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| SizeError::TooLarge(text.to_string()))
-}
-
-/// Parses a bandwidth limit in bytes per second: a size as [`parse_size`] reads it, with an
-/// optional `/s` (`100M`, `100M/s`, `1G`); 0 is refused.
-pub fn parse_rate(text: &str) -> Result<u64, SizeError> {
-    let t = text.trim();
-    let size = t.strip_suffix("/s").unwrap_or(t);
-    match parse_size(size)? {
-        0 => Err(SizeError::ZeroRate(text.to_string())),
-        n => Ok(n),
-    }
-}
-
 /// A chunk manifest file that [`ChunkManifest::read_json`] could not read.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -670,16 +601,5 @@ mod tests {
             CopyError::write(p, 4096, e(libc::EIO)).to_string(),
             "I/O error (EIO) writing destination /x at offset 4096"
         );
-    }
-
-    #[test]
-    fn sizes_with_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert_eq!(parse_size("4M"), Ok(4 << 20));
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert!(parse_size("4Q").is_err());
-        assert!(parse_size("M").is_err());
     }
 }
