@@ -1340,3 +1340,61 @@ fn multi_disks_are_copied_two_at_a_time_and_listed_in_plan_order() {
     assert_eq!(overlapping_copies(&log), None, "{log}");
     assert_on_original_images(&d, &before);
 }
+
+#[test]
+fn max_rate_holds_the_copy_to_the_limit() {
+    if !lab_enabled("max_rate_holds_the_copy_to_the_limit") {
+        return;
+    }
+    let _g = serial();
+    let env = Env::new();
+    let d = agent_dom();
+    wait_agent(&d, Duration::from_secs(60));
+    let before = disk_sources(&d);
+    const MIB: f64 = 1048576.0;
+    let (out, json) = env.backup(&d, &["--method", "quiesce", "--max-rate", "1M"]);
+    let json = json.unwrap_or_else(|| panic!("no JSON: {}", text(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{json:#}");
+    let dir = check_outcome(&json, &d, "quiesce");
+    assert_on_original_images(&d, &before);
+    let log = fs::read_to_string(dir.join("backup.log")).unwrap();
+    assert!(
+        log.contains("bandwidth limit: 1.0 MiB/s"),
+        "no bandwidth line in the log:\n{log}"
+    );
+    // The data the copy read (the allocated bytes of every image, backing images included)
+    // could not have gone faster than 1 MiB/s, less the pacer's burst window (100 ms) and one
+    // buffer per image. The lab guest is tiny (a few MiB), hence the low limit.
+    let md = &json["metadata"];
+    let allocated: u64 = md["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| {
+            let chain = x["backing_chain"].as_array().cloned().unwrap_or_default();
+            std::iter::once(x.clone()).chain(chain)
+        })
+        .map(|x| x["allocated_size"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        allocated > 2 << 20,
+        "too little data to see the limit: {allocated}"
+    );
+    let copy_s = md["phases"]["copy"].as_f64().unwrap();
+    let images: usize = md["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| 1 + x["backing_chain"].as_array().map_or(0, Vec::len))
+        .sum();
+    let floor = allocated as f64 / MIB - 0.1 - images as f64;
+    eprintln!(
+        "MEASURE --max-rate 1M: {:.1} MiB allocated copied in {copy_s:.2} s (floor {floor:.2} s)",
+        allocated as f64 / MIB
+    );
+    assert!(
+        copy_s >= floor * 0.9,
+        "{:.1} MiB copied in {copy_s:.2} s: faster than 1 MiB/s",
+        allocated as f64 / MIB
+    );
+}

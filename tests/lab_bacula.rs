@@ -774,7 +774,7 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     lab.drop_in(
         "zz-stream",
         &format!(
-            "FileSet {{\n Name = \"stream-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} mode=stream config={stream_conf}\"\n }}\n}}\n\
+            "FileSet {{\n Name = \"stream-set\"\n Include {{\n  Plugin = \"vm-backup: vm={NOAGENT} mode=stream config={stream_conf} max_rate=1G\"\n }}\n}}\n\
              Job {{\n Name = \"vm-stream\"\n JobDefs = \"VmBackup\"\n Client = \"vmb-fd\"\n FileSet = \"stream-set\"\n}}\n"
         ),
     );
@@ -782,6 +782,8 @@ fn stream_mode_backs_up_through_bacula_and_restores_byte_exact() {
     let (id, status) = lab.run("vm-stream");
     let log = lab.joblog(id);
     assert_eq!(status, 'T', "{log}");
+    // A direct-mode option in a stream job is said to do nothing there.
+    assert!(log.contains("max_rate= applies to mode=direct"), "{log}");
     let files = lab.files(id);
     let names: Vec<&str> = files
         .iter()

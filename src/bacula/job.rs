@@ -342,6 +342,12 @@ impl Job {
                 ),
             );
         }
+        if args.mode == Mode::Stream && args.max_rate.is_some() {
+            self.say(
+                MessageLevel::Info,
+                "vm-backup: max_rate= applies to mode=direct; in mode=stream the disks go through Bacula, whose Maximum Bandwidth Per Job is the limit to set",
+            );
+        }
         self.say(
             MessageLevel::Info,
             &format!(
